@@ -1,0 +1,202 @@
+"""The job configuration: one dataclass per TOML section.
+
+Key names follow torchtitan's TOML where one exists and Megatron-Core's MoE flags (without the
+``moe_`` prefix, since they live in ``[moe]``) so users can move recipes over unchanged. Each field
+carries its help text and its allowed range, which the loader checks and ``--help`` prints.
+Keys marked "from the flavor" are filled by ``model.flavor`` unless the recipe or CLI sets them.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None) -> Any:
+    """A config field with its help text and the range the loader enforces."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    dump_folder: str = opt("./outputs", "Folder for checkpoints, metrics and TensorBoard logs.")
+    description: str = opt("", "Free text, printed at start.")
+
+
+@dataclass
+class Model:
+    name: str = opt("deepseek_v3", "Model family (see torchmoe/models/registry.py).")
+    flavor: str = opt("debug", "Named size of the family; its values fill every key not set.")
+    tokenizer_path: str = opt(
+        "bundled", "'bundled' (the BPE shipped in the repo), a tiktoken ranks file, or a "
+        "tiktoken encoding name such as cl100k_base (needs the network once).")
+    vocab_size: int = opt(4096, "Embedding rows; must be >= the tokenizer's vocabulary.", gt=0)
+    dim: int = opt(256, "Hidden size.", gt=0)
+    n_layers: int = opt(3, "Transformer blocks.", gt=0)
+    n_dense_layers: int = opt(1, "The first n blocks use a dense SwiGLU instead of MoE.", ge=0)
+    n_heads: int = opt(4, "Attention heads.", gt=0)
+    inter_dim: int = opt(512, "Hidden size of the dense SwiGLU layers.", gt=0)
+    q_lora_rank: int = opt(0, "MLA query low-rank dim; 0 projects queries directly.", ge=0)
+    kv_lora_rank: int = opt(64, "MLA compressed key/value dim.", gt=0)
+    qk_nope_head_dim: int = opt(32, "Per-head query/key dim without rotary embedding.", gt=0)
+    qk_rope_head_dim: int = opt(16, "Per-head query/key dim with rotary embedding (even).", gt=0)
+    v_head_dim: int = opt(32, "Per-head value dim.", gt=0)
+    norm_eps: float = opt(1e-6, "RMSNorm epsilon.", gt=0)
+    rope_theta: float = opt(10000.0, "RoPE base.", gt=0)
+    rope_factor: float = opt(1.0, "YaRN context-extension factor; 1 disables YaRN.", ge=1)
+    rope_original_seq_len: int = opt(4096, "YaRN: the context length of pre-training.", gt=0)
+    rope_beta_fast: float = opt(32.0, "YaRN: fast correction boundary (rotations).", gt=0)
+    rope_beta_slow: float = opt(1.0, "YaRN: slow correction boundary (rotations).", gt=0)
+    rope_mscale: float = opt(1.0, "YaRN: attention temperature coefficient.", ge=0)
+    init_std: float = opt(0.02, "Std of the truncated-normal init of input projections.", gt=0)
+
+
+@dataclass
+class MoE:
+    num_experts: int = opt(8, "Routed experts per MoE layer.", gt=0)
+    router_topk: int = opt(2, "Experts each token is sent to.", gt=0)
+    ffn_hidden_size: int = opt(128, "Hidden size of each routed expert.", gt=0)
+    shared_expert_intermediate_size: int = opt(
+        128, "Total hidden size of the shared experts (e.g. 2 x 1408); 0 = none.", ge=0)
+    router_score_function: str = opt("sigmoid", "Router scores.", choices=("softmax", "sigmoid"))
+    router_norm_topk_prob: bool = opt(True, "Renormalise the top-k weights to sum to 1.")
+    router_topk_scaling_factor: float = opt(1.0, "Routed scaling factor on the top-k weights.",
+                                            gt=0)
+    router_num_groups: int = opt(0, "Group-limited routing: expert groups (0 = off).", ge=0)
+    router_group_topk: int = opt(0, "Group-limited routing: groups each token may use.", ge=0)
+    router_dtype: str = opt("fp32", "Precision of the router math.", choices=("fp32", "fp64"))
+    load_balancing_type: str = opt(
+        "none", "Auxiliary balance loss: Switch-style over the batch, DeepSeek's per sequence, "
+        "or none.", choices=("aux_loss", "seq_aux_loss", "none"))
+    aux_loss_coeff: float = opt(0.0, "Weight of the balance loss in the total loss.", ge=0)
+    enable_expert_bias: bool = opt(
+        True, "Aux-loss-free balancing: a per-expert bias that only affects expert selection.")
+    bias_update_rate: float = opt(1e-3, "Expert-bias step after each optimizer step.", ge=0)
+    grouped_mm: str = opt(
+        "auto", "Expert GEMMs: torch._grouped_mm, a per-expert loop, or auto (grouped_mm on "
+        "CUDA sm90+, loop elsewhere).", choices=("auto", "grouped_mm", "loop"))
+
+
+@dataclass
+class Training:
+    steps: int = opt(300, "Optimizer steps to train.", gt=0)
+    seed: int = opt(42, "Seed for init, data order and everything random.", ge=0)
+    seq_len: int = opt(128, "Tokens per sequence.", gt=0)
+    local_batch_size: int = opt(8, "Sequences per micro-batch on each rank.", gt=0)
+    global_batch_size: int = opt(
+        -1, "Sequences per optimizer step over all ranks; more than local x data-parallel "
+        "ranks means gradient accumulation. -1 = no accumulation.", ge=-1)
+    max_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0)
+    mixed_precision_param: str = opt(
+        "auto", "Compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU.",
+        choices=("auto", "bfloat16", "float32"))
+    deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU).")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer.", choices=("AdamW",))
+    lr: float = opt(3e-3, "Peak learning rate.", gt=0)
+    beta1: float = opt(0.9, "Adam beta1.", ge=0, le=1)
+    beta2: float = opt(0.95, "Adam beta2.", ge=0, le=1)
+    eps: float = opt(1e-8, "Adam epsilon.", gt=0)
+    weight_decay: float = opt(0.1, "Decoupled weight decay (never on norms or biases).", ge=0)
+    implementation: str = opt("auto", "auto = fused on CUDA, foreach elsewhere.",
+                              choices=("auto", "fused", "foreach", "for-loop"))
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(20, "Linear warm-up steps.", ge=0)
+    decay_type: str = opt("cosine", "Decay after warm-up.",
+                          choices=("cosine", "linear", "constant"))
+    decay_ratio: float = opt(
+        -1.0, "Fraction of steps that decay (the rest after warm-up stays at peak, WSD style); "
+        "-1 = all steps after warm-up.", ge=-1, le=1)
+    min_lr_factor: float = opt(0.1, "Final LR as a fraction of the peak.", ge=0, le=1)
+
+
+@dataclass
+class Data:
+    dataset: str = opt(
+        "stdlib_docs", "'stdlib_docs' (offline, generated from Python's standard library), "
+        "c4, fineweb, an HF hub name, or a local .txt/.json/.jsonl/.parquet file or folder.")
+    dataset_config: str = opt("", "HF dataset config name (e.g. 'en' for c4).")
+    split: str = opt("train", "Dataset split.")
+    text_field: str = opt("text", "Column holding the document text.")
+    streaming: bool = opt(True, "Stream HF hub datasets instead of downloading them whole.")
+    cache_dir: str = opt("", "Where generated data is cached; '' = ~/.cache/torchmoe.")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "Save checkpoints and resume from the latest one.")
+    folder: str = opt("checkpoint", "Checkpoint folder, relative to job.dump_folder.")
+    interval: int = opt(500, "Save every n steps (and at the last step).", gt=0)
+    load_step: int = opt(-1, "Resume from this step; -1 = the latest checkpoint, if any.",
+                         ge=-1)
+    keep_latest_k: int = opt(0, "Keep only the newest k checkpoints; 0 = keep all.", ge=0)
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "Log every n steps.", gt=0)
+    enable_tensorboard: bool = opt(False, "Write TensorBoard scalars (needs tensorboard).")
+    save_tb_folder: str = opt("tb", "TensorBoard folder, relative to job.dump_folder.")
+    save_jsonl: bool = opt(True, "Append each log line to job.dump_folder/metrics.jsonl.")
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = opt(1, "Data-parallel replicas (HSDP outer dimension).", gt=0)
+    dp_shard: int = opt(-1, "FSDP shard degree; -1 = the ranks left over.", ge=-1)
+    tp: int = opt(1, "Tensor-parallel degree.", gt=0)
+    pp: int = opt(1, "Pipeline-parallel degree.", gt=0)
+    ep: int = opt(1, "Expert-parallel degree.", gt=0)
+    etp: int = opt(1, "Expert tensor-parallel degree.", gt=0)
+    cp: int = opt(1, "Context-parallel degree (reserved).", gt=0)
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "Recompute activations in backward: none, or full (every block).",
+                    choices=("none", "full"))
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each transformer block.")
+
+
+@dataclass
+class Quantize:
+    float8_linear: bool = opt(False, "Train dense linears in float8 through torchao "
+                                     "(needs an sm89+ GPU to be fast).")
+    float8_recipe: str = opt("tensorwise", "torchao float8 scaling recipe.",
+                             choices=("tensorwise", "rowwise"))
+    float8_exclude: list = opt(["output", "router"],
+                               "Modules whose name contains one of these stay in high precision.")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    moe: MoE = field(default_factory=MoE)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    data: Data = field(default_factory=Data)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    quantize: Quantize = field(default_factory=Quantize)
+
+
+def section_types() -> dict[str, type]:
+    """Section name -> its dataclass, in the order the TOML prints them."""
+    return {f.name: f.default_factory for f in fields(JobConfig)}

@@ -1,0 +1,82 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3).
+
+Shapes: B batch, S sequence, D model dim, H heads, N = qk_nope_head_dim, R = qk_rope_head_dim,
+V = v_head_dim, C = kv_lora_rank, Q = q_lora_rank.
+
+Keys and values are rebuilt from a C-dim latent; one R-dim rotary key is shared by all heads.
+Training runs the "naive" form (materialised per-head keys) through scaled_dot_product_attention.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.rope import apply_rope
+
+
+@dataclass
+class MLAArgs:
+    dim: int
+    n_heads: int
+    q_lora_rank: int  # 0 = project queries directly from x
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    norm_eps: float
+    softmax_scale: float
+
+
+class MLA(nn.Module):
+    def __init__(self, args: MLAArgs):
+        super().__init__()
+        self.args = args
+        a = args
+        self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank == 0:
+            self.wq = nn.Linear(a.dim, a.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(a.dim, a.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(a.q_lora_rank, eps=a.norm_eps)
+            self.wq_b = nn.Linear(a.q_lora_rank, a.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(a.kv_lora_rank, eps=a.norm_eps)
+        self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim),
+                               bias=False)
+        self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        B, S, _ = x_BSD.shape
+        if a.q_lora_rank == 0:
+            q = self.wq(x_BSD)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q_BSHK = q.view(B, S, -1, self.qk_head_dim)  # H may be a TP shard of n_heads
+        q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+
+        latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+
+        # Flash kernels want equal q/k/v head dims: pad V up to K and slice the output back.
+        pad = self.qk_head_dim - a.v_head_dim
+        v_BSHK = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
+        out = F.scaled_dot_product_attention(
+            q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHK.transpose(1, 2),
+            is_causal=True, scale=a.softmax_scale)
+        out_BSHV = out.transpose(1, 2)[..., : a.v_head_dim]
+        return self.wo(out_BSHV.flatten(2))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for name, module in self.named_children():
+            if isinstance(module, nn.RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, out_std if name == "wo" else std)

@@ -1,0 +1,61 @@
+"""Routed experts as 3-D weights, computed with one grouped GEMM per projection.
+
+Legend: M routed token copies (grouped by expert), D model dim, E experts, F expert hidden dim.
+
+Weights are stored like a stack of nn.Linear weights (out x in): w1, w3 [E, F, D], w2 [E, D, F].
+That layout matches Hugging Face's per-expert linears (conversion is a stack) and gives
+``torch._grouped_mm`` the column-major right operand it wants (``w.transpose(-2, -1)``).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchmoe.models.common.init import trunc_normal_
+
+
+def grouped_mm_supported(device: torch.device) -> bool:
+    """torch._grouped_mm has fast kernels on Hopper (sm90) and newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend  # "auto" | "grouped_mm" | "loop"
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if torch.is_autocast_enabled(x_MD.device.type):  # autocast does not cover _grouped_mm
+            dtype = torch.get_autocast_dtype(x_MD.device.type)
+            x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))
+        use_grouped = self.backend == "grouped_mm" or (
+            self.backend == "auto" and grouped_mm_supported(x_MD.device))
+        if use_grouped:
+            return _grouped_swiglu(x_MD, counts_E, w1, w2, w3)
+        return _looped_swiglu(x_MD, counts_E, w1, w2, w3)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        trunc_normal_(self.w1, std)
+        trunc_normal_(self.w3, std)
+        trunc_normal_(self.w2, out_std)
+
+
+def _grouped_swiglu(x_MD, counts_E, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+    offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    h_MF = F.silu(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets))
+    h_MF = h_MF * torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
+
+
+def _looped_swiglu(x_MD, counts_E, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+    """Reference path: one dense matmul chain per expert (syncs once for the counts)."""
+    outs = []
+    for e, x_mD in enumerate(torch.split(x_MD, counts_E.tolist())):
+        h = F.silu(x_mD @ w1_EFD[e].T) * (x_mD @ w3_EFD[e].T)
+        outs.append(h @ w2_EDF[e].T)
+    return torch.cat(outs)

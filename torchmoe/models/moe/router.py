@@ -1,0 +1,94 @@
+"""Top-k token-choice router.
+
+Legend: T tokens, D model dim, E experts, K experts per token, G expert groups.
+
+The router math (gate matmul, scores, selection, weights) runs in ``router_dtype`` with autocast
+off, so bf16 training does not perturb which experts are chosen. The expert bias (aux-loss-free
+balancing, DeepSeek-V3) is added only to the scores used for *selecting* experts; the weights
+that scale expert outputs come from the unbiased scores.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchmoe.models.common.init import trunc_normal_
+
+
+@dataclass
+class RouterArgs:
+    dim: int
+    num_experts: int
+    topk: int
+    score_function: str = "softmax"  # "softmax" | "sigmoid"
+    norm_topk_prob: bool = False
+    scaling_factor: float = 1.0
+    num_groups: int = 0  # group-limited routing off when 0
+    group_topk: int = 0
+    enable_expert_bias: bool = False
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class Routing:
+    topk_idx_TK: torch.Tensor  # int64 expert ids
+    topk_weight_TK: torch.Tensor  # router dtype, differentiable
+    probs_TE: torch.Tensor  # per-token distribution over experts (sums to 1), for balance losses
+
+
+class TopKRouter(nn.Module):
+    def __init__(self, args: RouterArgs):
+        super().__init__()
+        self.args = args
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        if args.enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        a = self.args
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = nn.functional.linear(x_TD.to(a.dtype), self.gate.weight.to(a.dtype))
+            if a.score_function == "softmax":
+                scores_TE = logits_TE.softmax(dim=-1)
+                probs_TE = scores_TE
+            else:
+                scores_TE = logits_TE.sigmoid()
+                probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+            choice_TE = scores_TE.detach()
+            if self.expert_bias is not None:
+                choice_TE = choice_TE + self.expert_bias.to(a.dtype)
+            if a.num_groups > 0:
+                choice_TE = self._mask_to_top_groups(choice_TE)
+            topk_idx_TK = choice_TE.topk(a.topk, dim=-1).indices
+
+            weight_TK = scores_TE.gather(1, topk_idx_TK)
+            if a.norm_topk_prob:
+                weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+            weight_TK = weight_TK * a.scaling_factor
+        return Routing(topk_idx_TK, weight_TK, probs_TE)
+
+    def _mask_to_top_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Keep only experts of the ``group_topk`` best groups; the rest get -inf.
+
+        A group's score is its best expert's score, or - with an expert bias, as DeepSeek-V3
+        does - the sum of its two best, so a group with one lucky expert does not win.
+        """
+        a = self.args
+        T, E = choice_TE.shape
+        grouped_TGe = choice_TE.view(T, a.num_groups, E // a.num_groups)
+        if self.expert_bias is not None:
+            group_score_TG = grouped_TGe.topk(min(2, grouped_TGe.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group_score_TG = grouped_TGe.amax(dim=-1)
+        top_groups = group_score_TG.topk(a.group_topk, dim=-1).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups, True)
+        return grouped_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
+
+    def init_weights(self, std: float) -> None:
+        trunc_normal_(self.gate.weight, std)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()

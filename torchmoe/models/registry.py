@@ -1,0 +1,32 @@
+"""Model families by name: how to build each, its flavors and its config checks."""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import JobConfig
+from torchmoe.models.deepseek_v3.flavors import FLAVORS as DEEPSEEK_V3_FLAVORS
+from torchmoe.models.deepseek_v3.model import build_deepseek_v3, validate as validate_deepseek_v3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    flavors: dict[str, dict[str, dict]]  # flavor -> {section: {key: value}}
+    build: Callable[[JobConfig], nn.Module]  # builds on the current default device
+    validate: Callable[[JobConfig], None]  # raises ConfigError for inconsistent keys
+
+
+_SPECS = {
+    "deepseek_v3": ModelSpec("deepseek_v3", DEEPSEEK_V3_FLAVORS, build_deepseek_v3,
+                             validate_deepseek_v3),
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in _SPECS:
+        raise ConfigError(f"model.name = {name!r} is not a model family; choose one of: "
+                          f"{', '.join(_SPECS)}")
+    return _SPECS[name]
