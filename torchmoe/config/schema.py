@@ -32,7 +32,7 @@ class Model:
     tokenizer_path: str = opt(
         "bundled", "'bundled' (the BPE shipped in the repo), a tiktoken ranks file, or a "
         "tiktoken encoding name such as cl100k_base (needs the network once).")
-    vocab_size: int = opt(4096, "Embedding rows; must be >= the tokenizer's vocabulary.", gt=0)
+    vocab_size: int = opt(4224, "Embedding rows; must be >= the tokenizer's vocabulary.", gt=0)
     dim: int = opt(256, "Hidden size.", gt=0)
     n_layers: int = opt(3, "Transformer blocks.", gt=0)
     n_dense_layers: int = opt(1, "The first n blocks use a dense SwiGLU instead of MoE.", ge=0)
@@ -126,8 +126,10 @@ class Data:
     dataset_config: str = opt("", "HF dataset config name (e.g. 'en' for c4).")
     split: str = opt("train", "Dataset split.")
     text_field: str = opt("text", "Column holding the document text.")
-    streaming: bool = opt(True, "Stream HF hub datasets instead of downloading them whole.")
-    cache_dir: str = opt("", "Where generated data is cached; '' = ~/.cache/torchmoe.")
+    streaming: bool = opt(True, "Stream HF hub datasets instead of downloading them whole "
+                                "(local files are always read whole).")
+    cache_dir: str = opt("", "Where generated data (and, when set, HF datasets' cache under "
+                             "<cache_dir>/huggingface) is kept; '' = ~/.cache/torchmoe.")
 
 
 @dataclass

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Launch a torchmoe training job through torchrun.
+#
+#   ./run_train.sh [--config FILE] [--section.key value ...]
+#
+# Environment:
+#   NGPU       processes on this node (default: the CUDA device count, or 1 without CUDA)
+#   LOG_RANK   the rank whose log is shown (default 0)
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
+# The config is checked once before any rank starts, so a bad key costs one line and exit 2.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+args=("$@")
+has_config=0
+for a in "${args[@]}"; do
+  case "$a" in --config|--config=*) has_config=1 ;; esac
+done
+if [ "$has_config" = 0 ]; then
+  args=(--config "$here/train_configs/debug_model.toml" "${args[@]}")
+fi
+
+NGPU="${NGPU:-$(python3 -c 'import torch; print(torch.cuda.device_count() or 1)')}"
+NNODES="${NNODES:-1}"
+LOG_RANK="${LOG_RANK:-0}"
+export LOG_RANK
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
+WORLD_SIZE=$((NGPU * NNODES)) python3 -m torchmoe.train "${args[@]}" --print-config >/dev/null
+
+if [ "$NNODES" = 1 ]; then
+  rdzv=(--standalone)
+else
+  rdzv=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK for multi-node runs}"
+        --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
+fi
+exec torchrun "${rdzv[@]}" --nproc_per_node "$NGPU" --local-ranks-filter "$LOG_RANK" \
+  --role rank -m torchmoe.train "${args[@]}"

@@ -1,0 +1,94 @@
+"""Config loading: precedence, typed overrides, round trip, and every error class."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import build_config, load_config, read_toml, to_toml
+from torchmoe.models.deepseek_v3.flavors import FLAVORS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> str:
+    p = tmp_path / "job.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_flavor_fills_unset_keys_and_overrides_win(tmp_path):
+    path = write(tmp_path, '[model]\nflavor = "16B"\ndim = 512\n')
+    cfg, _ = load_config(["--config", path, "--model.n_layers", "4", "--moe.router_topk=3"])
+    assert cfg.model.dim == 512  # recipe beats flavor
+    assert cfg.model.n_layers == 4  # CLI beats flavor
+    assert cfg.moe.router_topk == 3
+    assert cfg.model.n_heads == FLAVORS["16B"]["model"]["n_heads"]  # from the flavor
+    assert cfg.moe.num_experts == 64
+
+
+def test_cli_overrides_recipe_and_types_are_converted(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 10\n[checkpoint]\nenable = false\n")
+    cfg, _ = load_config(["--config", path, "--training.steps", "20", "--checkpoint.enable",
+                          "--optimizer.lr", "1e-4", "--quantize.float8_exclude", "output,gate"])
+    assert cfg.training.steps == 20
+    assert cfg.checkpoint.enable is True
+    assert cfg.optimizer.lr == 1e-4
+    assert cfg.quantize.float8_exclude == ["output", "gate"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("*.toml")))
+def test_print_config_round_trips(tmp_path, recipe):
+    cfg, _ = load_config(["--config", str(REPO / "train_configs" / recipe),
+                          "--training.seed", "7", "--job.description", 'say "hi"\n\\ é'])
+    again = build_config(read_toml(write(tmp_path, to_toml(cfg))), [])
+    assert again == cfg
+
+
+def test_help_lists_every_key_with_its_range():
+    text = to_toml(build_config({}, []), with_help=True)
+    assert "# Router scores. (one of softmax, sigmoid)" in text
+    assert "steps = 300" in text
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--modle.dim", "3"], "unknown section [modle]; did you mean 'model'?"),
+    (["--model.dimm", "3"], "unknown key 'model.dimm'; did you mean 'dim'?"),
+    (["--model.dim", "big"], "model.dim = 'big' is not a valid int"),
+    (["--checkpoint.enable", "maybe"], "checkpoint.enable = 'maybe' is not a valid bool"),
+    (["--model.dim", "0"], "model.dim = 0 is out of range; it must be > 0"),
+    (["--optimizer.beta1", "1.5"], "optimizer.beta1 = 1.5 is out of range; it must be <= 1"),
+    (["--moe.router_score_function", "relu"], "choose one of: softmax, sigmoid"),
+    (["--model.flavor", "17B"], "model.flavor = '17B' is not a flavor of deepseek_v3"),
+    (["--model.name", "gpt"], "model.name = 'gpt' is not a model family"),
+    (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
+    (["--model.dim"], "--model.dim needs a value"),
+    (["model.dim", "3"], "unexpected argument 'model.dim'"),
+    (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),
+    (["--moe.router_num_groups", "3"], "must divide moe.num_experts"),
+    (["--training.global_batch_size", "12"], "must be a multiple of training.local_batch_size"),
+])
+def test_errors_are_one_clear_line(argv, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_toml_type_and_syntax_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"training.steps = 'ten' is not a valid int"):
+        load_config(["--config", write(tmp_path, '[training]\nsteps = "ten"\n')])
+    with pytest.raises(ConfigError, match=r"malformed TOML: .*line 2"):
+        load_config(["--config", write(tmp_path, "[training]\nsteps = = 3\n")])
+    with pytest.raises(ConfigError, match=r"'training' must be a \[training\] table"):
+        load_config(["--config", write(tmp_path, "training = 3\n")])
+
+
+def test_entry_point_exits_2_with_one_line_and_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "torchmoe.train", "--training.stepz", "3"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --training.stepz: unknown key 'training.stepz'; did you mean 'steps'?"]

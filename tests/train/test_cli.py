@@ -1,0 +1,47 @@
+"""The launcher and the entry point, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from torchmoe.config.load import build_config, read_toml
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--training.steps", "3", "--training.seq_len", "32", "--training.local_batch_size", "2",
+        "--metrics.log_freq", "1"]
+
+
+def run(cmd, tmp_path, data_cache, **env):
+    full_env = {**os.environ, "NGPU": "1", **env}
+    return subprocess.run(cmd + FAST + ["--job.dump_folder", str(tmp_path),
+                                        "--data.cache_dir", data_cache],
+                          capture_output=True, text=True, cwd=REPO, env=full_env, timeout=300)
+
+
+def test_run_train_sh_trains_the_default_recipe_through_torchrun(tmp_path, data_cache):
+    proc = run(["./run_train.sh"], tmp_path, data_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [1, 2, 3]
+    assert "step     3 | loss" in proc.stdout + proc.stderr
+
+
+def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):
+    cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
+           "--model.n_layers", "2", "--model.dim", "256", "--moe.num_experts", "16",
+           "--checkpoint.enable", "false"]
+    proc = run(cmd, tmp_path, data_cache)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model deepseek_v3/16B" in proc.stderr
+
+
+def test_print_config_output_loads_back(tmp_path):
+    cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
+           "--model.n_layers", "4", "--print-config"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "resolved.toml").write_text(proc.stdout)
+    cfg = build_config(read_toml(str(tmp_path / "resolved.toml")), [])
+    assert cfg.model.n_layers == 4 and cfg.model.dim == 2048 and cfg.moe.num_experts == 64

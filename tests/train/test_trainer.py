@@ -1,0 +1,70 @@
+"""End-to-end training: loss goes down, accumulation is exact, resume is bit-exact, NaN stops."""
+
+import pytest
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.train.trainer import NonFiniteLossError, Trainer
+
+
+def test_loss_decreases(tiny_config):
+    cfg = tiny_config(**{"training.steps": 40, "optimizer.lr": 3e-3})
+    losses = Trainer(cfg).train()
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_config):
+    big = Trainer(tiny_config(**{"training.local_batch_size": 8, "training.steps": 3}))
+    acc = Trainer(tiny_config(**{"training.local_batch_size": 4,
+                                 "training.global_batch_size": 8, "training.steps": 3}))
+    assert acc.accum_steps == 2
+    torch.testing.assert_close(big.train(), acc.train(), rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(big.model.named_parameters(), acc.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_is_bit_exact(tiny_config):
+    ckpt = {"checkpoint.enable": "true", "checkpoint.interval": 3, "training.steps": 6}
+    full = Trainer(tiny_config(**ckpt)).train()
+    resumed = Trainer(tiny_config(**ckpt, **{"checkpoint.load_step": 3}))
+    tail = resumed.train()
+    assert tail == full[3:]
+    assert resumed.checkpoint.saved_steps() == [3, 6]
+    assert not list(resumed.checkpoint.folder.glob("*.tmp"))
+
+
+def test_keep_latest_k_and_missing_step(tiny_config):
+    cfg = tiny_config(**{"checkpoint.enable": "true", "checkpoint.interval": 1,
+                         "checkpoint.keep_latest_k": 2, "training.steps": 4})
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert trainer.checkpoint.saved_steps() == [3, 4]
+    with pytest.raises(ConfigError, match=r"checkpoint.load_step = 1: no checkpoint step-1"):
+        Trainer(tiny_config(**{"checkpoint.enable": "true", "checkpoint.load_step": 1})).train()
+
+
+def test_nonfinite_loss_stops_with_the_step(tiny_config):
+    trainer = Trainer(tiny_config(**{"training.steps": 5}))
+    trainer.train_step()
+    trainer.state.step = 1
+    trainer.model.output.register_forward_hook(lambda m, i, out: out * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at step 2"):
+        trainer.train()
+
+
+def test_expert_bias_follows_the_steps_token_counts(tiny_config):
+    trainer = Trainer(tiny_config(**{"moe.bias_update_rate": 0.01}))
+    trainer.train_step()
+    counts = trainer.after_step()[0]
+    assert counts.sum().item() == 4 * 32 * trainer.cfg.moe.router_topk
+    expected = 0.01 * torch.sign(counts.mean() - counts)
+    torch.testing.assert_close(trainer.moe_layers[0].router.expert_bias, expected)
+    assert trainer.moe_layers[0].tokens_per_expert.sum().item() == 0  # reset for the next step
+
+
+def test_model_too_large_is_refused_before_allocation(tiny_config):
+    cfg = tiny_config(**{"model.flavor": "671B", "model.dim": 7168, "model.inter_dim": 18432,
+                         "moe.ffn_hidden_size": 2048, "moe.shared_expert_intermediate_size": 2048})
+    with pytest.raises(ConfigError, match=r"need ~\d+ GiB for weights, gradients and AdamW"):
+        Trainer(cfg)

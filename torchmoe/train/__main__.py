@@ -1,0 +1,51 @@
+"""Entry point: ``python -m torchmoe.train [--config FILE] [--section.key value ...]``.
+
+``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints every key with
+its default, range and meaning. Configuration errors print one line and exit with status 2; a
+non-finite loss prints one line and exits with status 1.
+"""
+
+import logging
+import os
+import sys
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import load_config, to_toml
+from torchmoe.config.schema import JobConfig
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    log_rank = int(os.environ.get("LOG_RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == log_rank else logging.WARNING,
+                        format="[torchmoe %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, flags = load_config(argv)
+        if "help" in flags:
+            print(to_toml(JobConfig(), with_help=True))
+            return 0
+        if "print-config" in flags:
+            print(to_toml(cfg))
+            return 0
+        _setup_logging()
+        from torchmoe.train.trainer import NonFiniteLossError, Trainer
+
+        if cfg.job.description:
+            logging.getLogger(__name__).info(cfg.job.description)
+        try:
+            Trainer(cfg).train()
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

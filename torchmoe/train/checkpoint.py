@@ -1,0 +1,136 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, LR schedule, data
+position, RNG and step, so a resumed run continues exactly where the saved one stood.
+
+Each checkpoint is written to ``step-<k>.tmp`` and renamed to ``step-<k>`` once complete, so a
+crash mid-save never leaves a folder that looks loadable. Model and optimizer states are keyed by
+parameter name (``get_model_state_dict``), which lets DCP reshard them into other layouts.
+"""
+
+import logging
+import pickle
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import Checkpoint
+
+logger = logging.getLogger(__name__)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# DCP warns on every save/load without a process group; single-process use is intended here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class _ModelAndOptimizer:
+    """Stateful view of model + optimizer, keyed by fully qualified parameter names."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_model_state_dict(self.model, sd["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
+
+
+class _Pickled:
+    """Stateful holder for small Python state (data position, step) saved as one blob, since
+    its shape (e.g. a token buffer's length) is not known before loading."""
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def state_dict(self) -> dict:
+        return {"blob": pickle.dumps(self.obj.state_dict())}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.obj.load_state_dict(pickle.loads(sd["blob"]))
+
+
+class _RNG:
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, sd: dict) -> None:
+        torch.set_rng_state(sd["cpu"])
+        if "cuda" in sd:
+            torch.cuda.set_rng_state(sd["cuda"])
+
+
+class TrainState:
+    """The loop's own counters."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step = sd["step"]
+
+
+class CheckpointManager:
+    def __init__(self, cfg: Checkpoint, folder: Path, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any,
+                 train_state: TrainState):
+        self.cfg, self.folder = cfg, folder
+        self.states = {"train": _ModelAndOptimizer(model, optimizer),
+                       "lr_scheduler": lr_scheduler, "dataloader": _Pickled(dataloader),
+                       "rng": _RNG(), "train_state": _Pickled(train_state)}
+
+    def saved_steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir()
+                      if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+    def load(self) -> int | None:
+        """Load the requested (or latest) checkpoint; returns its step, or None for a fresh
+        start when no checkpoint exists and none was asked for."""
+        if not self.cfg.enable:
+            return None
+        steps = self.saved_steps()
+        step = self.cfg.load_step
+        if step == -1:
+            if not steps:
+                return None
+            step = steps[-1]
+        elif step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise ConfigError(f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
+                              f"{self.folder} (saved steps: {have})")
+        dcp.load(self.states, checkpoint_id=str(self.folder / f"step-{step}"))
+        logger.info("resumed from %s", self.folder / f"step-{step}")
+        return step
+
+    def maybe_save(self, step: int, last_step: int) -> None:
+        if not self.cfg.enable or (step % self.cfg.interval and step != last_step):
+            return
+        final = self.folder / f"step-{step}"
+        tmp = self.folder / f"step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        dcp.save(self.states, checkpoint_id=str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        logger.info("saved checkpoint %s", final)
+        if self.cfg.keep_latest_k:
+            for old in self.saved_steps()[: -self.cfg.keep_latest_k]:
+                shutil.rmtree(self.folder / f"step-{old}")

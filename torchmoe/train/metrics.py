@@ -1,0 +1,153 @@
+"""Throughput, FLOPs/MFU, memory and expert-load metrics, and where they are written.
+
+Model FLOPs follow the convention of torchtitan's MoE models so numbers compare across trainers:
+6 x (active non-embedding parameters) per token for the matmuls (forward + backward), plus
+6 x layers x heads x seq_len x (qk_head_dim + v_head_dim) for attention scores and values
+(no causal discount). Only the routed experts a token actually uses count as active.
+"""
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchmoe.config.schema import JobConfig
+from torchmoe.models.moe.moe import MoE
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment.
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "B200": 2250e12}
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def flops_per_token(model: nn.Module, cfg: JobConfig) -> float:
+    active = 0.0
+    for name, p in model.named_parameters():
+        if "tok_embeddings" in name:
+            continue
+        active += p.numel()
+    for _, moe in moe_layers(model):
+        routed = sum(p.numel() for p in moe.experts.parameters())
+        active -= routed * (1 - moe.args.router.topk / moe.args.router.num_experts)
+    m = cfg.model
+    attention = (6 * m.n_layers * m.n_heads * cfg.training.seq_len
+                 * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim))
+    return 6 * active + attention
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's dense peak for the compute dtype, or None when unknown (e.g. CPU)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def expert_load_stats(counts_LE: torch.Tensor) -> dict:
+    """Per-layer load summary from tokens per expert [layers, experts] over a window."""
+    counts = counts_LE.double()
+    mean = counts.mean(dim=1).clamp_min(1e-12)
+    max_over_mean = counts.max(dim=1).values / mean
+    cv = counts.std(dim=1, correction=0) / mean
+    dead = (counts == 0).sum(dim=1)
+    return {"load_max_over_mean": max_over_mean.max().item(), "load_cv": cv.mean().item(),
+            "dead_experts": int(dead.sum().item()),
+            "per_layer": {"max_over_mean": max_over_mean.tolist(), "cv": cv.tolist(),
+                          "dead": dead.tolist(), "tokens": counts_LE.tolist()}}
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    tokens: int = 0
+    loss: float = 0.0
+    aux_loss: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+    load: torch.Tensor | None = None
+
+
+class MetricsLogger:
+    def __init__(self, cfg: JobConfig, model: nn.Module, device: torch.device,
+                 dtype: torch.dtype):
+        self.cfg = cfg
+        self.device = device
+        self.flops_per_token = flops_per_token(model, cfg)
+        self.peak = peak_flops(device, dtype)
+        self.window = Window()
+        dump = Path(cfg.job.dump_folder)
+        self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl else None
+        self.tb = None
+        if cfg.metrics.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(dump / cfg.metrics.save_tb_folder))
+        if self.jsonl:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def record_step(self, tokens: int, loss: float, aux_loss: float, load_LE: torch.Tensor
+                    ) -> None:
+        w = self.window
+        w.steps += 1
+        w.tokens += tokens
+        w.loss += loss
+        w.aux_loss += aux_loss
+        w.load = load_LE if w.load is None else w.load + load_LE
+
+    def log(self, step: int, grad_norm: float, lr: float) -> dict:
+        w = self.window
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - w.start
+        tps = w.tokens / elapsed
+        tflops = tps * self.flops_per_token / 1e12
+        row = {"step": step, "loss": w.loss / w.steps, "aux_loss": w.aux_loss / w.steps,
+               "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps, "tflops": tflops,
+               "mfu": tflops * 1e12 / self.peak if self.peak else None,
+               "memory_gib": memory_gib(self.device)}
+        if w.load is not None:
+            row.update(expert_load_stats(w.load))
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        line = (f"step {step:5d} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f} | "
+                f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
+                f"tflops {tflops:.3g} | mfu {mfu} | mem {row['memory_gib']:.2f}GiB")
+        if w.load is not None:
+            line += (f" | load max/mean {row['load_max_over_mean']:.2f} "
+                     f"cv {row['load_cv']:.2f} dead {row['dead_experts']}")
+        logger.info(line)
+        self._write(row)
+        self.window = Window()
+        return row
+
+    def _write(self, row: dict) -> None:
+        if self.jsonl:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tb:
+            step = row["step"]
+            for key, value in row.items():
+                if isinstance(value, float):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            for key, values in row.get("per_layer", {}).items():
+                if key != "tokens":
+                    for layer, v in enumerate(values):
+                        self.tb.add_scalar(f"moe/{key}/layer{layer}", v, step)
+            self.tb.flush()
