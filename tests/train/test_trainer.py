@@ -1,10 +1,17 @@
-"""End-to-end training: loss goes down, accumulation is exact, resume is bit-exact, NaN stops."""
+"""End-to-end training: loss goes down, accumulation is exact, resume is bit-exact, NaN stops.
+
+These run on the CPU in float32 even where a GPU exists: exactness is the point."""
+
+import functools
 
 import pytest
 import torch
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.train.trainer import NonFiniteLossError, Trainer
+from torchmoe.train import trainer as trainer_module
+from torchmoe.train.trainer import NonFiniteLossError
+
+Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
 
 
 def test_loss_decreases(tiny_config):
