@@ -75,3 +75,22 @@ def test_model_too_large_is_refused_before_allocation(tiny_config):
                          "moe.ffn_hidden_size": 2048, "moe.shared_expert_intermediate_size": 2048})
     with pytest.raises(ConfigError, match=r"need ~\d+ GiB for weights, gradients and AdamW"):
         Trainer(cfg)
+
+
+def test_full_activation_checkpointing_changes_nothing_but_memory(tiny_config):
+    plain = Trainer(tiny_config(**{"training.steps": 3}))
+    ac = Trainer(tiny_config(**{"training.steps": 3, "activation_checkpoint.mode": "full"}))
+    assert type(ac.model.layers["1"]).__name__ == "CheckpointWrapper"
+    torch.testing.assert_close(plain.train(), ac.train(), rtol=1e-6, atol=1e-6)
+    # recomputation must not count tokens twice: the expert bias moved identically
+    for a, b in zip(plain.moe_layers, ac.moe_layers):
+        torch.testing.assert_close(a.router.expert_bias, b.router.expert_bias)
+
+
+def test_tensorboard_and_jsonl_get_the_log_rows(tiny_config, tmp_path):
+    cfg = tiny_config(**{"metrics.enable_tensorboard": "true", "training.steps": 2})
+    Trainer(cfg).train()
+    run = tmp_path / "run"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and '"dead_experts"' in rows[0]

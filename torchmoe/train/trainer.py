@@ -6,6 +6,7 @@ compile -> materialise + init -> optimizer/LR -> data -> resume.
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torchmoe.config.schema import JobConfig
 from torchmoe.data.loader import build_dataloader
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.moe.balance import set_aux_loss_scale, update_expert_bias
+from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import apply_ac
 from torchmoe.parallel.compile import apply_compile
@@ -32,6 +34,13 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; training stops rather than continue on garbage."""
 
 
+def default_device() -> torch.device:
+    """This rank's GPU (``LOCAL_RANK`` under torchrun), or the CPU without CUDA."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def compute_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype:
     choice = cfg.training.mixed_precision_param
     if choice == "auto":
@@ -43,7 +52,7 @@ class Trainer:
     def __init__(self, cfg: JobConfig, device: torch.device | None = None):
         self.cfg = cfg
         t = cfg.training
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = compute_dtype(cfg, self.device)
@@ -67,8 +76,11 @@ class Trainer:
         self.model = model
         self.moe_layers = [m for _, m in moe_layers(model)]
         n_params = sum(p.numel() for p in model.parameters())
-        logger.info("model %s/%s: %.3fB parameters on %s, compute %s", cfg.model.name,
-                    cfg.model.flavor, n_params / 1e9, self.device, self.dtype)
+        experts = ("torch._grouped_mm" if use_grouped_mm(cfg.moe.grouped_mm, self.device)
+                   else "per-expert loop")
+        logger.info("model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s",
+                    cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
+                    experts)
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)

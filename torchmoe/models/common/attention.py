@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
 
 
@@ -40,10 +41,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(a.dim, a.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(a.dim, a.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(a.q_lora_rank, eps=a.norm_eps)
+            self.q_norm = RMSNorm(a.q_lora_rank, eps=a.norm_eps)
             self.wq_b = nn.Linear(a.q_lora_rank, a.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(a.kv_lora_rank, eps=a.norm_eps)
+        self.kv_norm = RMSNorm(a.kv_lora_rank, eps=a.norm_eps)
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim),
                                bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
@@ -76,7 +77,7 @@ class MLA(nn.Module):
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name, module in self.named_children():
-            if isinstance(module, nn.RMSNorm):
+            if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, out_std if name == "wo" else std)

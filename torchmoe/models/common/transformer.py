@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import RopeArgs, rope_cos_sin
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, attention: nn.Module, feed_forward: nn.Module, dim: int, norm_eps: float):
         super().__init__()
-        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
         self.attention = attention
-        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.feed_forward = feed_forward  # dense FeedForward or MoE
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ class Decoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleDict({str(i): block for i, block in enumerate(blocks)})
-        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.norm = RMSNorm(dim, eps=norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         self.register_buffer("rope_cos_sin", rope_cos_sin(rope, max_seq_len), persistent=False)
 

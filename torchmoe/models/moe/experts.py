@@ -14,8 +14,11 @@ from torch import nn
 from torchmoe.models.common.init import trunc_normal_
 
 
-def grouped_mm_supported(device: torch.device) -> bool:
-    """torch._grouped_mm has fast kernels on Hopper (sm90) and newer."""
+def use_grouped_mm(backend: str, device: torch.device) -> bool:
+    """``moe.grouped_mm``: "auto" picks torch._grouped_mm where it has fast kernels (CUDA sm90+)
+    and the per-expert loop elsewhere."""
+    if backend != "auto":
+        return backend == "grouped_mm"
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -33,9 +36,7 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x_MD.device.type):  # autocast does not cover _grouped_mm
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))
-        use_grouped = self.backend == "grouped_mm" or (
-            self.backend == "auto" and grouped_mm_supported(x_MD.device))
-        if use_grouped:
+        if use_grouped_mm(self.backend, x_MD.device):
             return _grouped_swiglu(x_MD, counts_E, w1, w2, w3)
         return _looped_swiglu(x_MD, counts_E, w1, w2, w3)
 
