@@ -58,6 +58,7 @@ class Trainer:
         self.dtype = compute_dtype(cfg, self.device)
         torch.manual_seed(t.seed)
         if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
             torch.use_deterministic_algorithms(True)
 
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
