@@ -74,6 +74,10 @@ class MoE:
     enable_expert_bias: bool = opt(
         True, "Aux-loss-free balancing: a per-expert bias that only affects expert selection.")
     bias_update_rate: float = opt(1e-3, "Expert-bias step after each optimizer step.", ge=0)
+    dispatcher: str = opt(
+        "alltoall", "Expert-parallel token exchange: all-to-all of the routed copies, or "
+        "all-gather of all tokens + reduce-scatter (small groups, large top-k).",
+        choices=("alltoall", "allgather"))
     grouped_mm: str = opt(
         "auto", "Expert GEMMs: torch._grouped_mm, a per-expert loop, or auto (grouped_mm on "
         "CUDA sm90+, loop elsewhere).", choices=("auto", "grouped_mm", "loop"))
@@ -90,8 +94,10 @@ class Training:
         "ranks means gradient accumulation. -1 = no accumulation.", ge=-1)
     max_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0)
     mixed_precision_param: str = opt(
-        "auto", "Compute dtype: auto = bfloat16 autocast on CUDA, float32 on CPU.",
-        choices=("auto", "bfloat16", "float32"))
+        "auto", "Compute dtype (autocast on one rank, FSDP parameter dtype on several): "
+        "auto = bfloat16 on CUDA, float32 on CPU.", choices=("auto", "bfloat16", "float32"))
+    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype.",
+                                      choices=("float32", "bfloat16"))
     deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU).")
 
 
@@ -140,6 +146,9 @@ class Checkpoint:
     load_step: int = opt(-1, "Resume from this step; -1 = the latest checkpoint, if any.",
                          ge=-1)
     keep_latest_k: int = opt(0, "Keep only the newest k checkpoints; 0 = keep all.", ge=0)
+    create_seed_checkpoint: bool = opt(
+        False, "Initialise the model on one rank, save it as step-0 and exit. Runs that find "
+        "only step-0 load its weights, so every parallel layout starts from the same model.")
 
 
 @dataclass
@@ -159,6 +168,14 @@ class Parallelism:
     ep: int = opt(1, "Expert-parallel degree.", gt=0)
     etp: int = opt(1, "Expert tensor-parallel degree.", gt=0)
     cp: int = opt(1, "Context-parallel degree (reserved).", gt=0)
+    plan: str = opt("", "Parallelize function 'package.module:function' with the signature of "
+                        "torchmoe.parallel.plans.parallelize; '' = the model's own plan.")
+    fsdp_reshard_after_forward: str = opt(
+        "default", "Free gathered FSDP weights after forward: default (all but the last "
+        "block), always, or never (keeps them for backward, ZeRO-2 style).",
+        choices=("default", "always", "never"))
+    fsdp_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and optimizer "
+                                        "state in CPU memory (FSDP CPUOffloadPolicy).")
 
 
 @dataclass

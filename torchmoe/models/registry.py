@@ -9,6 +9,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.deepseek_v3.flavors import FLAVORS as DEEPSEEK_V3_FLAVORS
 from torchmoe.models.deepseek_v3.model import build_deepseek_v3, validate as validate_deepseek_v3
+from torchmoe.parallel.plans import ParallelizeFn, parallelize
 
 
 @dataclass(frozen=True)
@@ -17,11 +18,12 @@ class ModelSpec:
     flavors: dict[str, dict[str, dict]]  # flavor -> {section: {key: value}}
     build: Callable[[JobConfig], nn.Module]  # builds on the current default device
     validate: Callable[[JobConfig], None]  # raises ConfigError for inconsistent keys
+    parallelize: ParallelizeFn  # default plan; [parallelism] plan overrides it
 
 
 _SPECS = {
     "deepseek_v3": ModelSpec("deepseek_v3", DEEPSEEK_V3_FLAVORS, build_deepseek_v3,
-                             validate_deepseek_v3),
+                             validate_deepseek_v3, parallelize),
 }
 
 

@@ -4,6 +4,8 @@ position, RNG and step, so a resumed run continues exactly where the saved one s
 Each checkpoint is written to ``step-<k>.tmp`` and renamed to ``step-<k>`` once complete, so a
 crash mid-save never leaves a folder that looks loadable. Model and optimizer states are keyed by
 parameter name (``get_model_state_dict``), which lets DCP reshard them into other layouts.
+``step-0`` is a seed checkpoint: model weights only, written by one process, so runs of any
+layout start from identical weights.
 """
 
 import logging
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
@@ -30,6 +33,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 # DCP warns on every save/load without a process group; single-process use is intended here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+class _ModelOnly:
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return {"model": get_model_state_dict(self.model)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        set_model_state_dict(self.model, sd["model"])
 
 
 class _ModelAndOptimizer:
@@ -49,16 +63,18 @@ class _ModelAndOptimizer:
 
 class _Pickled:
     """Stateful holder for small Python state (data position, step) saved as one blob, since
-    its shape (e.g. a token buffer's length) is not known before loading."""
+    its shape (e.g. a token buffer's length) is not known before loading. ``key`` tells apart
+    values that differ per rank (each data-parallel rank has its own data position); equal
+    keys on several ranks are saved once."""
 
-    def __init__(self, obj: Any):
-        self.obj = obj
+    def __init__(self, obj: Any, key: str = "blob"):
+        self.obj, self.key = obj, key
 
     def state_dict(self) -> dict:
-        return {"blob": pickle.dumps(self.obj.state_dict())}
+        return {self.key: pickle.dumps(self.obj.state_dict())}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.obj.load_state_dict(pickle.loads(sd["blob"]))
+        self.obj.load_state_dict(pickle.loads(sd[self.key]))
 
 
 class _RNG:
@@ -90,10 +106,12 @@ class TrainState:
 class CheckpointManager:
     def __init__(self, cfg: Checkpoint, folder: Path, model: nn.Module,
                  optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any,
-                 train_state: TrainState):
+                 train_state: TrainState, dp_rank: int = 0):
         self.cfg, self.folder = cfg, folder
+        self.model = model
         self.states = {"train": _ModelAndOptimizer(model, optimizer),
-                       "lr_scheduler": lr_scheduler, "dataloader": _Pickled(dataloader),
+                       "lr_scheduler": lr_scheduler,
+                       "dataloader": _Pickled(dataloader, f"dp_rank_{dp_rank}"),
                        "rng": _RNG(), "train_state": _Pickled(train_state)}
 
     def saved_steps(self) -> list[int]:
@@ -117,20 +135,47 @@ class CheckpointManager:
             have = ", ".join(map(str, steps)) or "none"
             raise ConfigError(f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                               f"{self.folder} (saved steps: {have})")
-        dcp.load(self.states, checkpoint_id=str(self.folder / f"step-{step}"))
-        logger.info("resumed from %s", self.folder / f"step-{step}")
+        path = self.folder / f"step-{step}"
+        if step == 0:
+            dcp.load({"train": _ModelOnly(self.model)}, checkpoint_id=str(path))
+            logger.info("loaded seed weights from %s", path)
+        else:
+            dcp.load(self.states, checkpoint_id=str(path))
+            logger.info("resumed from %s", path)
         return step
+
+    def save_seed(self) -> None:
+        """Write the freshly initialised weights as step-0 (see module docstring)."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ConfigError("checkpoint.create_seed_checkpoint: run it on one rank (NGPU=1), "
+                              "then start the parallel run from the same checkpoint.folder")
+        self._save(0, {"train": _ModelOnly(self.model)})
 
     def maybe_save(self, step: int, last_step: int) -> None:
         if not self.cfg.enable or (step % self.cfg.interval and step != last_step):
             return
+        self._save(step, self.states)
+
+    def _save(self, step: int, states: dict) -> None:
+        """All ranks write their shards into ``.tmp``; rank 0 renames and prunes after all are
+        done."""
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        lead = not distributed or dist.get_rank() == 0
         final = self.folder / f"step-{step}"
         tmp = self.folder / f"step-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        dcp.save(self.states, checkpoint_id=str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        logger.info("saved checkpoint %s", final)
-        if self.cfg.keep_latest_k:
-            for old in self.saved_steps()[: -self.cfg.keep_latest_k]:
-                shutil.rmtree(self.folder / f"step-{old}")
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if distributed:
+            dist.barrier()
+        dcp.save(states, checkpoint_id=str(tmp))
+        if distributed:
+            dist.barrier()
+        if lead:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            logger.info("saved checkpoint %s", final)
+            if self.cfg.keep_latest_k:
+                for old in self.saved_steps()[: -self.cfg.keep_latest_k]:
+                    shutil.rmtree(self.folder / f"step-{old}")
+        if distributed:
+            dist.barrier()

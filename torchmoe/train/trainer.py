@@ -1,7 +1,12 @@
 """The training loop: build everything from a JobConfig, then step, log and checkpoint.
 
-Order of construction (see DESIGN.md): model on meta -> float8 -> activation checkpointing ->
-compile -> materialise + init -> optimizer/LR -> data -> resume.
+Order of construction (see DESIGN.md): process group -> ParallelDims + meshes -> model on meta
+-> parallelize plan (float8, EP, AC, compile, FSDP) -> materialise + init -> optimizer/LR ->
+data for this data-parallel rank -> resume.
+
+Loss normalisation: every rank divides its summed token losses by the number of tokens in the
+whole optimizer step (all data-parallel ranks, all micro-batches), and gradients are summed
+across ranks. That is the single-process gradient whatever the layout.
 """
 
 import logging
@@ -10,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from torchmoe.config.errors import ConfigError
@@ -19,9 +25,9 @@ from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.moe.balance import set_aux_loss_scale, update_expert_bias
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.activation_checkpoint import apply_ac
-from torchmoe.parallel.compile import apply_compile
-from torchmoe.quant.float8 import apply_float8_linears
+from torchmoe.parallel.dims import ParallelDims
+from torchmoe.parallel.grad_norm import clip_grad_norm_
+from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.memory import check_model_fits
 from torchmoe.train.metrics import MetricsLogger, moe_layers
@@ -41,11 +47,12 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype:
-    choice = cfg.training.mixed_precision_param
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if choice == "bfloat16" else torch.float32
+def init_distributed(device: torch.device) -> int:
+    """Join the process group torchrun describes (if any); returns the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class Trainer:
@@ -55,7 +62,12 @@ class Trainer:
         self.device = device or default_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.dtype = compute_dtype(cfg, self.device)
+        self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
+        self.dims.check_model(cfg)
+        self.dims.build_meshes(self.device.type)
+        self.dtype = resolve_dtype(t.mixed_precision_param, self.device.type)
+        # One rank: autocast. Several: FSDP's mixed-precision policy casts the parameters.
+        self.autocast = self.dtype != torch.float32 and self.dims.dp == 1
         torch.manual_seed(t.seed)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
@@ -66,83 +78,96 @@ class Trainer:
             raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's {self.tokenizer.vocab_size} tokens; raise it")
 
+        spec = get_model_spec(cfg.model.name)
         with torch.device("meta"):
-            model = get_model_spec(cfg.model.name).build(cfg)
-        check_model_fits(model, self.device)
-        apply_float8_linears(model, cfg.quantize)
-        apply_ac(model, cfg.activation_checkpoint)
-        apply_compile(model, cfg.compile)
+            model = spec.build(cfg)
+        check_model_fits(model, self.device, shards=self.dims.dp)
+        plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
+        model = plan(model, self.dims, cfg)
         model.to_empty(device=self.device)
         model.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=self.device)
         self.model = model
         self.moe_layers = [m for _, m in moe_layers(model)]
-        n_params = sum(p.numel() for p in model.parameters())
-        experts = ("torch._grouped_mm" if use_grouped_mm(cfg.moe.grouped_mm, self.device)
-                   else "per-expert loop")
-        logger.info("model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s",
-                    cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
-                    experts)
+        self._log_model()
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len,
-                                           t.local_batch_size, dp_rank=0, dp_world=1,
-                                           seed=t.seed)
-        self.batches = iter(self.dataloader)
-        self.accum_steps = 1 if t.global_batch_size == -1 else (
-            t.global_batch_size // t.local_batch_size)
+                                           t.local_batch_size, dp_rank=self.dims.dp_rank(),
+                                           dp_world=self.dims.dp, seed=t.seed)
+        self.batches = iter(self.dataloader)  # the loader itself: a resume moves it in place
+        self.accum_steps = self._accumulation_steps()
+        self.global_tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.accum_steps
         self.state = TrainState()
         self.checkpoint = CheckpointManager(
             cfg.checkpoint, Path(cfg.job.dump_folder) / cfg.checkpoint.folder, model,
-            self.optimizer, self.lr_scheduler, self.dataloader, self.state)
+            self.optimizer, self.lr_scheduler, self.dataloader, self.state, self.dims.dp_rank())
         self.metrics = MetricsLogger(cfg, model, self.device, self.dtype)
+
+    def _accumulation_steps(self) -> int:
+        """Micro-batches per step; validate() checked that they divide evenly."""
+        t = self.cfg.training
+        if t.global_batch_size == -1:
+            return 1
+        return t.global_batch_size // (t.local_batch_size * self.dims.dp)
+
+    def _log_model(self) -> None:
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.model.parameters())  # global sizes of DTensors
+        experts = ("torch._grouped_mm" if use_grouped_mm(cfg.moe.grouped_mm, self.device)
+                   else "per-expert loop")
+        d = self.dims
+        logger.info("model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s; "
+                    "%d ranks: dp_replicate %d dp_shard %d tp %d pp %d ep %d (edp %d)",
+                    cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
+                    experts, d.world_size, d.dp_replicate, d.dp_shard, d.tp, d.pp, d.ep, d.edp)
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (loss, aux, grad
-        norm). The LM loss of each micro-batch is its mean over tokens, divided by the number of
-        micro-batches; balance losses get the same factor."""
+        norm), the loss being the mean over every token of the step on every rank."""
         self.optimizer.zero_grad(set_to_none=True)
-        set_aux_loss_scale(1.0 / self.accum_steps)
+        set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp))
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.accum_steps):
             inputs, labels = next(self.batches)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype,
-                                enabled=self.dtype != torch.float32):
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-            (loss / self.accum_steps).backward()
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                   reduction="sum")
+            (loss / self.global_tokens).backward()
             loss_sum += loss.detach()
-        max_norm = self.cfg.training.max_norm
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf,
-                                                   foreach=True)
-        loss_value = loss_sum.item() / self.accum_steps
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm)
+        aux = torch.stack([m.aux_loss_sum for m in self.moe_layers]).sum() if self.moe_layers \
+            else torch.zeros((), device=self.device)
+        stats = torch.stack([loss_sum / self.global_tokens, aux / self.accum_steps])
+        if self.dims.meshes:
+            dist.all_reduce(stats, group=self.dims.meshes.dp.get_group())
+            stats[1] /= self.dims.dp
+        loss_value, aux_value = stats.tolist()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"loss is {loss_value} at step {self.state.step + 1}; stopping. Try a lower "
                 "optimizer.lr, more lr_scheduler.warmup_steps or training.max_norm > 0")
         self.optimizer.step()
         self.lr_scheduler.step()
-        aux = 0.0
-        if self.moe_layers:
-            aux = torch.stack([m.aux_loss_sum for m in self.moe_layers]).sum().item()
-        aux /= self.accum_steps
-        return loss_value, aux, grad_norm.item()
+        return loss_value, aux_value, grad_norm.item()
 
     def after_step(self) -> torch.Tensor:
-        """Expert-bias update from this step's token counts; returns the counts [layers, E]
-        and resets the per-step buffers."""
+        """Expert-bias update from this step's token counts, summed over every rank so all
+        ranks apply the same bias; returns the counts [layers, E] and resets the buffers."""
         if not self.moe_layers:
             return torch.zeros(0, 0)
+        counts = torch.stack([m.tokens_per_expert for m in self.moe_layers])
+        if self.dims.meshes:
+            dist.all_reduce(counts)
         rate = self.cfg.moe.bias_update_rate
-        counts = torch.stack([m.tokens_per_expert for m in self.moe_layers]).cpu()
-        for m in self.moe_layers:
+        for m, layer_counts in zip(self.moe_layers, counts):
             if m.router.expert_bias is not None and rate > 0:
-                update_expert_bias(m.router.expert_bias, m.tokens_per_expert, rate)
+                update_expert_bias(m.router.expert_bias, layer_counts, rate)
             m.tokens_per_expert.zero_()
             m.aux_loss_sum.zero_()
-        return counts
+        return counts.cpu()
 
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
@@ -150,14 +175,16 @@ class Trainer:
         resumed = self.checkpoint.load()
         if resumed is not None:
             self.state.step = resumed
-        self.batches = iter(self.dataloader)  # after load: the loader may have moved on
-        tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * self.accum_steps
+        if cfg.checkpoint.create_seed_checkpoint:
+            self.checkpoint.save_seed()
+            return []
+        local_tokens = self.global_tokens // self.dims.dp
         losses = []
         while self.state.step < cfg.training.steps:
             loss, aux, grad_norm = self.train_step()
             self.state.step += 1
             losses.append(loss)
-            self.metrics.record_step(tokens_per_step, loss, aux, self.after_step())
+            self.metrics.record_step(local_tokens, loss, aux, self.after_step())
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
                 self.metrics.log(step, grad_norm, self.lr_scheduler.get_last_lr()[0])

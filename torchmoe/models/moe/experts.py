@@ -32,7 +32,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
-        w1, w2, w3 = self.w1, self.w2, self.w3
+        return self.compute(x_MD, counts_E, self.w1, self.w2, self.w3)
+
+    def compute(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU experts on given weights (a parallel plan may pass local shards)."""
         if torch.is_autocast_enabled(x_MD.device.type):  # autocast does not cover _grouped_mm
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))

@@ -1,0 +1,64 @@
+"""Run a function on N forked ranks joined in a gloo process group (CPU), inside pytest."""
+
+import os
+import pickle
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, conn) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # Plain pickle: tensors go by value, not as shared-memory handles that die with the child.
+        conn.send(("ok", pickle.dumps(fn(rank, *args))))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        conn.close()
+        os._exit(0)  # never run pytest's teardown in a forked child
+
+
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
+    """``fn(rank, *args)`` on every rank; returns the results by rank, or raises with the
+    first failing rank's traceback."""
+    ctx = mp.get_context("fork")
+    port = _free_port()
+    pipes, procs = [], []
+    for rank in range(world_size):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_entry, args=(rank, world_size, port, fn, args, child))
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    results = []
+    try:
+        for rank, pipe in enumerate(pipes):
+            if not pipe.poll(timeout):
+                raise TimeoutError(f"rank {rank} gave no result within {timeout} s")
+            status, value = pipe.recv()
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results.append(pickle.loads(value))
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    return results

@@ -1,0 +1,88 @@
+"""Each parallel layout trains like the single process: same losses over 3 steps, same final
+parameters (float32, gloo, forked CPU ranks). All runs start from one seed checkpoint, and two
+experts are biased out of the routing so some experts get no tokens (uneven routing)."""
+
+import shutil
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from tests.distributed.launcher import run_ranks
+from torchmoe.config.load import build_config
+from torchmoe.data.stdlib_docs import load_stdlib_docs
+from torchmoe.train.trainer import Trainer
+
+GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
+LAYOUTS = {
+    "fsdp2": (2, {}),
+    "hsdp_2x2": (4, {"parallelism.dp_replicate": 2, "parallelism.dp_shard": 2}),
+    "ep2": (2, {"parallelism.ep": 2}),
+    "ep4": (4, {"parallelism.ep": 4}),
+    "fsdp2_x_ep2": (4, {"parallelism.ep": 2}),
+    "hsdp_x_ep2": (4, {"parallelism.dp_replicate": 2, "parallelism.ep": 2}),
+    "ep2_allgather": (2, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
+    "fsdp4_x_ep2_allgather": (4, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
+}
+
+
+def config(folder, cache, dp=1, **overrides):
+    values = {"job.dump_folder": str(folder), "data.cache_dir": cache,
+              "checkpoint.enable": "true", "checkpoint.folder": "ckpt",
+              "checkpoint.interval": "1000", "training.seq_len": str(SEQ),
+              "training.local_batch_size": str(GLOBAL_BATCH // dp), "training.steps": str(STEPS),
+              "metrics.log_freq": "1", "model.dim": "64", "model.inter_dim": "128",
+              "moe.ffn_hidden_size": "32", "moe.shared_expert_intermediate_size": "32",
+              "moe.bias_update_rate": "0.01", "lr_scheduler.warmup_steps": "1",
+              "optimizer.lr": "1e-2"}
+    values.update({k: str(v) for k, v in overrides.items()})
+    return build_config({}, list(values.items()))
+
+
+def batches(seed=0):
+    """The same global batches for every layout: random tokens (fresh per test session seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
+
+
+def train_and_collect(rank, cfg, data):
+    trainer = Trainer(cfg, device=torch.device("cpu"))
+    dp, r = trainer.dims.dp, trainer.dims.dp_rank()
+    rows = GLOBAL_BATCH // dp
+    trainer.batches = iter((b[r * rows:(r + 1) * rows, :-1], b[r * rows:(r + 1) * rows, 1:])
+                           for b in data)
+    losses = trainer.train()
+    full = get_model_state_dict(trainer.model,
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return losses, full if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def seed_and_reference(tmp_path_factory, data_cache):
+    load_stdlib_docs(data_cache)  # generate once, before ranks fork
+    root = tmp_path_factory.mktemp("layouts")
+    seed_cfg = config(root / "seed", data_cache, **{"checkpoint.create_seed_checkpoint": "true"})
+    trainer = Trainer(seed_cfg, device=torch.device("cpu"))
+    for moe in trainer.moe_layers:
+        moe.router.expert_bias[:2] = -10.0  # experts 0 and 1 receive no tokens
+    trainer.checkpoint.save_seed()
+    data = batches()
+    shutil.copytree(root / "seed", root / "reference")
+    [(losses, params)] = run_ranks(1, train_and_collect, config(root / "reference", data_cache),
+                                   data)
+    return root, data, losses, params
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, seed_and_reference, data_cache):
+    root, data, ref_losses, ref_params = seed_and_reference
+    world, overrides = LAYOUTS[layout]
+    shutil.copytree(root / "seed", root / layout)
+    cfg = config(root / layout, data_cache, dp=world, **overrides)  # every rank is data-parallel
+    results = run_ranks(world, train_and_collect, cfg, data)
+    losses, params = results[0]
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    assert params.keys() == ref_params.keys()
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(r[0] == losses for r in results)  # every rank logs the global loss

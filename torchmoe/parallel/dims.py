@@ -1,0 +1,139 @@
+"""ParallelDims: parallelism degrees -> validated device meshes.
+
+One world, two views of it (Megatron's "parallel folding"):
+
+- the dense view, dims ``(pp, dp_replicate, dp_shard, cp, tp)``: attention, dense MLPs,
+  embeddings; FSDP shards over ``dp_replicate x dp_shard``, TP splits over ``tp``;
+- the expert view, dims ``(pp, dp_replicate, edp, ep, etp)``: routed experts; ``ep x etp``
+  borrows its ranks from the dense view's ``dp_shard x cp x tp`` block and ``edp`` is what is
+  left of that block, over which FSDP shards the experts.
+
+Both views lay ranks out row-major, so the innermost dims (``tp``; ``etp`` then ``ep``) are
+neighbouring ranks - inside one node - and ``pp``/``dp_replicate`` span nodes.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import JobConfig, Parallelism
+
+DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "etp")
+# Degrees this version implements; the others are validated but refused with a clear message.
+_AVAILABLE = {"tp": 1, "cp": 1, "pp": 1, "etp": 1}
+
+
+@dataclass
+class Meshes:
+    dense: DeviceMesh
+    expert: DeviceMesh
+    dp: DeviceMesh  # dense dp_replicate x dp_shard flattened: ranks that read different data
+
+    def dp_mesh(self) -> DeviceMesh:
+        """FSDP mesh of dense parameters: 2-D (HSDP) when replicated."""
+        if self.dense["dp_replicate"].size() > 1:
+            return self.dense["dp_replicate", "dp_shard"]
+        return self.dense["dp_shard"]
+
+    def expert_dp_mesh(self) -> DeviceMesh:
+        if self.expert["dp_replicate"].size() > 1:
+            return self.expert["dp_replicate", "edp"]
+        return self.expert["edp"]
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    world_size: int
+    meshes: Meshes | None = None  # set by build_meshes when world_size > 1
+
+    @classmethod
+    def from_config(cls, p: Parallelism, world_size: int) -> "ParallelDims":
+        """Resolve ``dp_shard = -1`` and check the degrees multiply to the world size."""
+        others = p.dp_replicate * p.cp * p.tp * p.pp
+        dp_shard = p.dp_shard
+        if dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"parallelism: dp_replicate x cp x tp x pp = {others} does not divide the "
+                    f"{world_size} ranks; change the degrees or NGPU")
+            dp_shard = world_size // others
+        if dp_shard == 0 or others * dp_shard != world_size:
+            raise ConfigError(
+                f"parallelism: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} "
+                f"x tp {p.tp} x pp {p.pp} = {others * dp_shard} but there are {world_size} "
+                "ranks; make the product equal NGPU x NNODES (dp_shard = -1 takes the rest)")
+        dims = cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, p.ep, p.etp, world_size)
+        dims._check_expert_folding()
+        return dims
+
+    def _check_expert_folding(self) -> None:
+        block = self.dp_shard * self.cp * self.tp
+        if block % (self.ep * self.etp):
+            raise ConfigError(
+                f"parallelism.ep = {self.ep} x parallelism.etp = {self.etp} must divide "
+                f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from")
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: each reads different batches."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def edp(self) -> int:
+        """Ranks over which FSDP shards each expert (per data-parallel replica)."""
+        return self.dp_shard * self.cp * self.tp // (self.ep * self.etp)
+
+    def check_model(self, cfg: JobConfig) -> None:
+        """Degrees against the model's shape; one ConfigError per problem, before allocation."""
+        for key, available in _AVAILABLE.items():
+            if getattr(self, key) > available:
+                raise ConfigError(f"parallelism.{key} = {getattr(self, key)} is not available "
+                                  f"yet; use {available}")
+        experts = cfg.moe.num_experts
+        if experts % self.ep:
+            raise ConfigError(f"moe.num_experts = {experts} is not divisible by "
+                              f"parallelism.ep = {self.ep}; pick an ep that divides it")
+        if cfg.model.n_heads % self.tp:
+            raise ConfigError(f"model.n_heads = {cfg.model.n_heads} is not divisible by "
+                              f"parallelism.tp = {self.tp}")
+        if cfg.training.seq_len % self.tp:
+            raise ConfigError(f"training.seq_len = {cfg.training.seq_len} is not divisible by "
+                              f"parallelism.tp = {self.tp} (sequence parallel splits it)")
+        if cfg.moe.ffn_hidden_size % self.etp:
+            raise ConfigError(f"moe.ffn_hidden_size = {cfg.moe.ffn_hidden_size} is not divisible "
+                              f"by parallelism.etp = {self.etp}")
+        if cfg.model.n_layers < self.pp:
+            raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
+                              f"parallelism.pp = {self.pp} pipeline stages")
+
+    def build_meshes(self, device_type: str) -> None:
+        if self.world_size > 1:
+            self.meshes = build_meshes(self, device_type)
+
+    def dp_rank(self) -> int:
+        """This rank's data shard index in [0, dp)."""
+        return self.meshes.dp.get_local_rank() if self.meshes else 0
+
+    def shape(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
+                 "cp": self.cp, "tp": self.tp, "edp": self.edp, "ep": self.ep, "etp": self.etp}
+        return tuple(sizes[n] for n in names)
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
+    """Both views over the initialised default process group."""
+    assert math.prod(dims.shape(DENSE_DIMS)) == dims.world_size == dist.get_world_size()
+    dense = init_device_mesh(device_type, dims.shape(DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
+    expert = init_device_mesh(device_type, dims.shape(EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
+    return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"))

@@ -1,0 +1,134 @@
+"""apply_ep: the expert-parallel wrapper. Experts are sharded over the ``ep`` mesh dimension and
+each MoE layer's dispatcher is swapped for one that moves tokens between ranks.
+
+Legend: T local tokens, D model dim, K experts per token, E experts, L = E / ep local experts,
+S = ep ranks of the group, M routed copies.
+
+Two dispatchers, same contract as ``LocalDispatcher`` (``dispatch`` -> grouped tokens + counts
+for this rank's experts; ``combine`` -> [T, D]):
+
+- ``AllToAllDispatcher``: sort copies by expert, exchange per-expert counts, then one
+  variable-size ``all_to_all_single`` of tokens; regroup the received blocks per local expert.
+  Combine runs the same steps backwards. Traffic: only the routed copies.
+- ``AllGatherDispatcher``: all-gather every rank's tokens, keep the copies routed to local
+  experts, and reduce-scatter the weighted outputs. More traffic but no count exchange: the
+  better choice for small groups or large top-k.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._functional_collectives import (all_gather_tensor_autograd,
+                                                       all_to_all_single_autograd,
+                                                       reduce_scatter_tensor_autograd)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from torchmoe.models.moe.dispatch import DispatchState, LocalDispatcher
+from torchmoe.models.moe.experts import GroupedExperts
+from torchmoe.models.moe.moe import MoE
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+@dataclass
+class AllToAllState:
+    local: DispatchState
+    regroup: torch.Tensor  # received order -> per-local-expert order
+    send_splits: list[int]
+    recv_splits: list[int]
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    def __init__(self, num_experts: int, ep_mesh: DeviceMesh):
+        super().__init__(num_experts)
+        self.group = ep_mesh.get_group()
+        self.ep = ep_mesh.size()
+
+    def dispatch(self, x_TD, topk_idx_TK):
+        x_MD, counts_E, local = super().dispatch(x_TD, topk_idx_TK)
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        recv_SL = recv_counts.view(self.ep, -1)  # tokens from source rank s for local expert l
+        send_splits = counts_E.view(self.ep, -1).sum(1).tolist()
+        recv_splits = recv_SL.sum(1).tolist()
+        x_recv = all_to_all_single_autograd(x_MD, recv_splits, send_splits, self.group)
+        # Received blocks are ordered (source, local expert); experts want (local expert, source).
+        S, L = recv_SL.shape
+        block = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device),
+                                        recv_SL.flatten())
+        regroup = torch.argsort((block % L) * S + block // L, stable=True)
+        state = AllToAllState(local, regroup, send_splits, recv_splits)
+        return x_recv[regroup], recv_SL.sum(0), state
+
+    def combine(self, y_MD, topk_weight_TK, state: AllToAllState):
+        y_recv = y_MD[_inverse(state.regroup)]
+        y_back = all_to_all_single_autograd(y_recv, state.send_splits, state.recv_splits,
+                                            self.group)
+        return super().combine(y_back, topk_weight_TK, state.local)
+
+
+@dataclass
+class AllGatherState:
+    kept: torch.Tensor  # positions, among all gathered copies, routed to local experts
+    num_copies: int
+    weights_TK: torch.Tensor | None = None
+
+
+class AllGatherDispatcher(nn.Module):
+    def __init__(self, num_experts: int, ep_mesh: DeviceMesh):
+        super().__init__()
+        self.group = ep_mesh.get_group()
+        self.ep = ep_mesh.size()
+        self.local_experts = num_experts // self.ep
+        self.first = ep_mesh.get_local_rank() * self.local_experts
+
+    def dispatch(self, x_TD, topk_idx_TK):
+        x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
+        idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
+        K = idx_all.shape[1]
+        local = idx_all.flatten() - self.first
+        L = self.local_experts
+        local = torch.where((local >= 0) & (local < L), local, L)  # L = "not mine"
+        order = torch.argsort(local, stable=True)
+        counts = torch.zeros(L + 1, dtype=torch.int64, device=local.device)
+        counts.scatter_add_(0, local, torch.ones_like(local))
+        kept = order[: int(counts[:L].sum())]
+        return x_all[kept // K], counts[:L], AllGatherState(kept, local.numel())
+
+    def combine(self, y_MD, topk_weight_TK, state: AllGatherState):
+        w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
+        y_all = y_MD.new_zeros(state.num_copies, y_MD.shape[-1]).index_copy(0, state.kept, y_MD)
+        y_TKD = y_all.view(w_all.shape[0], -1, y_MD.shape[-1])
+        out = torch.bmm(w_all.to(y_MD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
+
+
+class LocalShardExperts(GroupedExperts):
+    """GroupedExperts whose weights are DTensors sharded over experts: compute with the local
+    shard (this rank's experts). Swapped in by class, like fully_shard does, so parameter
+    names - and checkpoints - stay those of the plain model."""
+
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        local = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        return self.compute(x_MD, counts_E, *local)
+
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, dispatcher: str) -> None:
+    """Shard every MoE layer's experts on dim 0 over ``ep_mesh`` (the expert view's ``ep``
+    dimension) and give the layer an all-to-all or all-gather dispatcher. Touches
+    ``MoE.experts`` (parameters become DTensors) and ``MoE.dispatcher``; nothing else."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        experts = moe.experts
+        for name, param in list(experts.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
+        experts.__class__ = LocalShardExperts
+        cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
+        moe.dispatcher = cls(moe.args.router.num_experts, ep_mesh)

@@ -1,0 +1,47 @@
+"""apply_fsdp: FSDP2 (``fully_shard``) over the data-parallel mesh dimensions."""
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
+                                    fully_shard)
+
+from torchmoe.models.moe.moe import MoE
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
+               param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: str = "default", cpu_offload: bool = False) -> None:
+    """Shard ``model`` with fully_shard: each MoE layer's experts on ``expert_dp_mesh`` (the
+    expert view's ``dp_replicate x edp``; given when experts are expert-parallel), then each
+    transformer block, the embedding, final norm + output head together, and the root, all on
+    ``dp_mesh`` (the dense view's ``dp_replicate x dp_shard``; 2-D means HSDP).
+
+    Gradients are summed, not averaged, across ranks: the training loop normalises the loss by
+    the global token count, which makes the sum the true gradient for dense and expert
+    parameters alike (experts also receive gradients from other ranks' tokens).
+
+    ``reshard_after_forward``: "default" (free gathered weights after forward except for the
+    last block, which backward needs at once), "always" or "never" (ZeRO-2 style).
+    """
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        reshard = {"always": True, "never": False}.get(reshard_after_forward,
+                                                      i < len(blocks) - 1)
+        moe = getattr(block, "feed_forward", None)
+        if isinstance(moe, MoE) and expert_dp_mesh is not None:
+            fully_shard(moe.experts, mesh=expert_dp_mesh, reshard_after_forward=reshard, **kw)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **kw)
+    if model.tok_embeddings is not None:
+        fully_shard(model.tok_embeddings, mesh=dp_mesh, **kw)
+    head = [m for m in (model.norm, model.output) if m is not None]
+    if head:
+        fully_shard(head, mesh=dp_mesh, reshard_after_forward=False, **kw)
+    fully_shard(model, mesh=dp_mesh, **kw)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)

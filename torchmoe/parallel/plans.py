@@ -1,0 +1,66 @@
+"""The default parallelize plan, and loading a user's plan from ``parallelism.plan``.
+
+A plan is any function ``(model, parallel_dims, job_config) -> model`` that transforms a model
+built on the meta device. Swap it without touching torchmoe:
+
+    [parallelism]
+    plan = "my_pkg.plans:my_parallelize"
+"""
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import JobConfig
+from torchmoe.parallel.activation_checkpoint import apply_ac
+from torchmoe.parallel.compile import apply_compile
+from torchmoe.parallel.dims import ParallelDims
+from torchmoe.parallel.expert_parallel import apply_ep
+from torchmoe.parallel.fsdp import apply_fsdp
+from torchmoe.quant.float8 import apply_float8_linears
+
+ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
+    """float8 -> expert parallel -> activation checkpointing -> compile -> FSDP. Each step is a
+    public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    apply_float8_linears(model, cfg.quantize)
+    if dims.ep > 1:
+        apply_ep(model, dims.meshes.expert["ep"], cfg.moe.dispatcher)
+    apply_ac(model, cfg.activation_checkpoint)
+    apply_compile(model, cfg.compile)
+    if dims.dp > 1:
+        meshes = dims.meshes
+        device_type = meshes.dense.device_type
+        apply_fsdp(model, meshes.dp_mesh(), meshes.expert_dp_mesh() if dims.ep > 1 else None,
+                   param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
+                   reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
+                   reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+                   cpu_offload=cfg.parallelism.fsdp_cpu_offload)
+    return model
+
+
+def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+    """A dtype config value; 'auto' = bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        name = "bfloat16" if device_type == "cuda" else "float32"
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def load_plan(spec: str) -> ParallelizeFn:
+    """'package.module:function' -> the function, or a one-line ConfigError."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"parallelism.plan = {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"parallelism.plan = {spec!r}: cannot import {module_name!r} ({e})")
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"parallelism.plan = {spec!r}: {module_name} has no function {attr!r}")
+    return fn
