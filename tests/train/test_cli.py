@@ -28,6 +28,15 @@ def test_run_train_sh_trains_the_default_recipe_through_torchrun(tmp_path, data_
     assert "step     3 | loss" in proc.stdout + proc.stderr
 
 
+def test_fsdp2_x_ep2_on_four_cpu_ranks(tmp_path, data_cache):
+    proc = run(["./run_train.sh", "--parallelism.dp_shard", "2", "--parallelism.ep", "2"],
+               tmp_path, data_cache, NGPU="4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "4 ranks: dp_replicate 1 dp_shard 4 tp 1 pp 1 ep 2 (edp 2)" in out
+    assert "step     3 | loss" in out
+
+
 def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):
     cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
            "--model.n_layers", "2", "--model.dim", "256", "--moe.num_experts", "16",

@@ -59,7 +59,13 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int) -> "ParallelDims":
-        """Resolve ``dp_shard = -1`` and check the degrees multiply to the world size."""
+        """Resolve ``dp_shard`` and check that the degrees multiply to the world size.
+
+        ``dp_shard = -1`` takes the ranks left over. An explicit ``dp_shard`` is the dense FSDP
+        degree, which ``ep`` borrows from; if instead ``dp_shard x ep`` (times the rest) fills
+        the world, ``dp_shard`` is read as the experts' FSDP degree and EP multiplies it:
+        "FSDP2 x EP2" on 4 ranks. Either way every rank is used once.
+        """
         others = p.dp_replicate * p.cp * p.tp * p.pp
         dp_shard = p.dp_shard
         if dp_shard == -1:
@@ -68,7 +74,9 @@ class ParallelDims:
                     f"parallelism: dp_replicate x cp x tp x pp = {others} does not divide the "
                     f"{world_size} ranks; change the degrees or NGPU")
             dp_shard = world_size // others
-        if dp_shard == 0 or others * dp_shard != world_size:
+        elif others * dp_shard != world_size and others * dp_shard * p.ep == world_size:
+            dp_shard *= p.ep
+        if others * dp_shard != world_size:
             raise ConfigError(
                 f"parallelism: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} "
                 f"x tp {p.tp} x pp {p.pp} = {others * dp_shard} but there are {world_size} "
@@ -95,27 +103,26 @@ class ParallelDims:
         return self.dp_shard * self.cp * self.tp // (self.ep * self.etp)
 
     def check_model(self, cfg: JobConfig) -> None:
-        """Degrees against the model's shape; one ConfigError per problem, before allocation."""
+        """Degrees against the model's shape, then against what this version implements; one
+        ConfigError per problem, before anything is allocated."""
+        shape_rules = [  # (key, value, degree key, degree, why)
+            ("moe.num_experts", cfg.moe.num_experts, "ep", self.ep, ""),
+            ("model.n_heads", cfg.model.n_heads, "tp", self.tp, ""),
+            ("training.seq_len", cfg.training.seq_len, "tp", self.tp,
+             " (sequence parallel splits it)"),
+            ("moe.ffn_hidden_size", cfg.moe.ffn_hidden_size, "etp", self.etp, ""),
+        ]
+        for key, value, degree_key, degree, why in shape_rules:
+            if value % degree:
+                raise ConfigError(f"{key} = {value} is not divisible by parallelism.{degree_key}"
+                                  f" = {degree}{why}; pick degrees that divide it")
+        if cfg.model.n_layers < self.pp:
+            raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
+                              f"parallelism.pp = {self.pp} pipeline stages")
         for key, available in _AVAILABLE.items():
             if getattr(self, key) > available:
                 raise ConfigError(f"parallelism.{key} = {getattr(self, key)} is not available "
                                   f"yet; use {available}")
-        experts = cfg.moe.num_experts
-        if experts % self.ep:
-            raise ConfigError(f"moe.num_experts = {experts} is not divisible by "
-                              f"parallelism.ep = {self.ep}; pick an ep that divides it")
-        if cfg.model.n_heads % self.tp:
-            raise ConfigError(f"model.n_heads = {cfg.model.n_heads} is not divisible by "
-                              f"parallelism.tp = {self.tp}")
-        if cfg.training.seq_len % self.tp:
-            raise ConfigError(f"training.seq_len = {cfg.training.seq_len} is not divisible by "
-                              f"parallelism.tp = {self.tp} (sequence parallel splits it)")
-        if cfg.moe.ffn_hidden_size % self.etp:
-            raise ConfigError(f"moe.ffn_hidden_size = {cfg.moe.ffn_hidden_size} is not divisible "
-                              f"by parallelism.etp = {self.etp}")
-        if cfg.model.n_layers < self.pp:
-            raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
-                              f"parallelism.pp = {self.pp} pipeline stages")
 
     def build_meshes(self, device_type: str) -> None:
         if self.world_size > 1:

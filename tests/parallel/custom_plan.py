@@ -1,0 +1,10 @@
+"""A user's plan, as the README's example shows: reuse the default, then adjust."""
+
+from torchmoe.parallel.plans import parallelize
+
+CALLS = []
+
+
+def my_parallelize(model, parallel_dims, job_config):
+    CALLS.append(parallel_dims.world_size)
+    return parallelize(model, parallel_dims, job_config)

@@ -1,0 +1,61 @@
+"""ParallelDims: degree resolution and one test per validation error class."""
+
+import re
+
+import pytest
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import build_config
+from torchmoe.parallel.dims import DENSE_DIMS, EXPERT_DIMS, ParallelDims
+
+
+def dims_for(world, **parallelism):
+    cfg = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()])
+    return ParallelDims.from_config(cfg.parallelism, world), cfg
+
+
+def test_dp_shard_takes_the_rest_and_ep_borrows_from_it():
+    dims, _ = dims_for(8, dp_replicate=2, ep=2)
+    assert (dims.dp_shard, dims.dp, dims.edp) == (4, 8, 2)
+    assert dims.shape(DENSE_DIMS) == (1, 2, 4, 1, 1)
+    assert dims.shape(EXPERT_DIMS) == (1, 2, 2, 2, 1)
+
+
+def test_explicit_dp_shard_times_ep_fills_the_world():
+    dims, _ = dims_for(4, dp_shard=2, ep=2)  # "FSDP2 x EP2" on 4 ranks
+    assert (dims.dp_shard, dims.edp, dims.ep) == (4, 2, 2)
+    dims, _ = dims_for(4, dp_shard=4, ep=2)  # the same layout, dense degree given
+    assert (dims.dp_shard, dims.edp) == (4, 2)
+
+
+@pytest.mark.parametrize("world,parallelism,model,fragment", [
+    (4, dict(dp_shard=3), {}, "= 3 but there are 4 ranks"),
+    (6, dict(dp_replicate=4), {}, "= 4 does not divide the 6 ranks"),
+    (4, dict(ep=3), {}, "parallelism.ep = 3 x parallelism.etp = 1 must divide"),
+    (4, dict(ep=4), {"moe.num_experts": "6", "moe.router_num_groups": "0",
+                     "moe.router_group_topk": "0"}, "moe.num_experts = 6 is not divisible"),
+    (2, dict(tp=2), {}, "parallelism.tp = 2 is not available yet"),
+    (2, dict(pp=2), {}, "parallelism.pp = 2 is not available yet"),
+])
+def test_validation_errors(world, parallelism, model, fragment):
+    cfg = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()]
+                       + list(model.items()))
+    with pytest.raises(ConfigError, match=fragment):
+        ParallelDims.from_config(cfg.parallelism, world).check_model(cfg)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("model.n_heads", "3", "model.n_heads = 3 is not divisible by parallelism.tp = 2"),
+    ("training.seq_len", "33", "training.seq_len = 33 is not divisible by parallelism.tp = 2 "
+                               "(sequence parallel splits it)"),
+    ("moe.ffn_hidden_size", "33", "moe.ffn_hidden_size = 33 is not divisible by "
+                                  "parallelism.etp = 2"),
+    ("model.n_layers", "1", "model.n_layers = 1 is fewer than the parallelism.pp = 2"),
+])
+def test_shape_checks_come_first_and_name_both_keys(key, value, fragment):
+    """Checked against the degrees before any is refused as not yet available."""
+    cfg = build_config({}, [(key, value), ("model.n_dense_layers", "0")] + [
+        (f"parallelism.{k}", "2") for k in ("tp", "pp", "etp")])
+    dims = ParallelDims.from_config(cfg.parallelism, 4)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        dims.check_model(cfg)
