@@ -5,7 +5,7 @@
 #
 # Environment:
 #   NGPU       processes on this node (default: the CUDA device count, or 1 without CUDA)
-#   LOG_RANK   the rank whose log is shown (default 0)
+#   LOG_RANK   the global rank whose log is shown (default 0)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 # The config is checked once before any rank starts, so a bad key costs one line and exit 2.
 set -euo pipefail
@@ -34,5 +34,5 @@ else
   rdzv=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK for multi-node runs}"
         --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
 fi
-exec torchrun "${rdzv[@]}" --nproc_per_node "$NGPU" --local-ranks-filter "$LOG_RANK" \
+exec torchrun "${rdzv[@]}" --nproc_per_node "$NGPU" --local-ranks-filter "$((LOG_RANK % NGPU))" \
   --role rank -m torchmoe.train "${args[@]}"

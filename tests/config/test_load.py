@@ -1,5 +1,7 @@
 """Config loading: precedence, typed overrides, round trip, and every error class."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ import pytest
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config, load_config, read_toml, to_toml
+from torchmoe.config.schema import section_types
 from torchmoe.models.deepseek_v3.flavors import FLAVORS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,15 +45,20 @@ def test_cli_overrides_recipe_and_types_are_converted(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "train_configs").glob("*.toml")))
 def test_print_config_round_trips(tmp_path, recipe):
     cfg, _ = load_config(["--config", str(REPO / "train_configs" / recipe),
-                          "--training.seed", "7", "--job.description", 'say "hi"\n\\ é'])
+                          "--training.seed", "7", "--job.description", 'say "hi"\n\\ é \x7f'])
     again = build_config(read_toml(write(tmp_path, to_toml(cfg))), [])
     assert again == cfg
 
 
-def test_help_lists_every_key_with_its_range():
-    text = to_toml(build_config({}, []), with_help=True)
+def test_help_is_the_resolved_config_with_every_key_explained():
+    cfg = build_config({}, [("model.flavor", "16B")])
+    text = to_toml(cfg, with_help=True)
     assert "# Router scores. (one of softmax, sigmoid)" in text
-    assert "steps = 300" in text
+    assert 'router_score_function = "softmax"' in text  # the flavor's value, not the default
+    comments = [line for line in text.splitlines() if line.startswith("# ")]
+    keys = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
+    n_fields = sum(len(dataclasses.fields(t)) for t in section_types().values())
+    assert len(comments) == len(keys) == n_fields
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -66,6 +74,11 @@ def test_help_lists_every_key_with_its_range():
     (["--config", "/nonexistent.toml"], "--config /nonexistent.toml: no such file"),
     (["--model.dim"], "--model.dim needs a value"),
     (["model.dim", "3"], "unexpected argument 'model.dim'"),
+    (["--config="], "--config takes one recipe file"),
+    (["--config", "a.toml", "--config", "b.toml"], "--config takes one recipe file"),
+    (["--checkpoint.load_step", "5"], "checkpoint.load_step = 5 needs checkpoint.enable = true"),
+    (["--moe.load_balancing_type", "none", "--moe.aux_loss_coeff", "0.01"],
+     "has no effect with moe.load_balancing_type = 'none'"),
     (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),
     (["--moe.router_num_groups", "3"], "must divide moe.num_experts"),
     (["--training.global_batch_size", "12"], "must be a multiple of training.local_batch_size"),
@@ -77,9 +90,24 @@ def test_errors_are_one_clear_line(argv, fragment):
     assert "\n" not in str(err.value)
 
 
-def test_toml_type_and_syntax_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"training.steps = 'ten' is not a valid int"):
-        load_config(["--config", write(tmp_path, '[training]\nsteps = "ten"\n')])
+@pytest.mark.parametrize("line,fragment", [
+    ('[training]\nsteps = "ten"', "training.steps = 'ten' is not a valid int"),
+    ('[training]\nsteps = "10"', "training.steps = '10' is not a valid int"),
+    ('[training]\nsteps = 1.5', "training.steps = 1.5 is not a valid int"),
+    ('[checkpoint]\nenable = "yes"', "checkpoint.enable = 'yes' is not a valid bool"),
+    ('[quantize]\nfloat8_exclude = "a,b"', "quantize.float8_exclude = 'a,b' is not a valid list"),
+    ('[optimizer]\nlr = true', "optimizer.lr = True is not a valid float"),
+])
+def test_toml_values_are_not_converted_like_cli_strings(tmp_path, line, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(["--config", write(tmp_path, line + "\n")])
+
+
+def test_toml_file_errors(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('[job]\ndescription = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(["--config", str(bad)])
     with pytest.raises(ConfigError, match=r"malformed TOML: .*line 2"):
         load_config(["--config", write(tmp_path, "[training]\nsteps = = 3\n")])
     with pytest.raises(ConfigError, match=r"'training' must be a \[training\] table"):

@@ -60,6 +60,23 @@ def test_nonfinite_loss_stops_with_the_step(tiny_config):
         trainer.train()
 
 
+def test_nonfinite_gradient_stops_before_the_update(tiny_config):
+    trainer = Trainer(tiny_config(**{"training.steps": 2}))
+    weight = trainer.model.output.weight
+    before = weight.detach().clone()
+    weight.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteLossError, match="gradient norm is (nan|inf) at step 1"):
+        trainer.train()
+    assert torch.equal(weight.detach(), before)
+
+
+def test_resuming_into_another_model_is_one_clear_error(tiny_config):
+    Trainer(tiny_config(**{"checkpoint.enable": "true", "training.steps": 1})).train()
+    with pytest.raises(ConfigError, match=r"does not fit this job .*checkpoint.folder"):
+        Trainer(tiny_config(**{"checkpoint.enable": "true", "training.steps": 2,
+                               "model.dim": 96})).train()
+
+
 def test_expert_bias_follows_the_steps_token_counts(tiny_config):
     trainer = Trainer(tiny_config(**{"moe.bias_update_rate": 0.01}))
     trainer.train_step()

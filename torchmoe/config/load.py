@@ -43,44 +43,35 @@ def _check_name(section: str, key: str | None, where: str) -> dataclasses.Field 
     return fmap[key]
 
 
-def _typed(f: dataclasses.Field, name: str, value: Any, where: str) -> Any:
+def _typed(f: dataclasses.Field, name: str, value: Any, where: str, from_cli: bool) -> Any:
     """Check a TOML value's type, or convert a command-line string, for field ``f``."""
     kind = type(f.default) if f.default is not dataclasses.MISSING else list
-    from_cli = isinstance(value, str) and kind is not str
     bad = ConfigError(f"{where}: {name} = {value!r} is not a valid {kind.__name__}")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if from_cli and value.lower() in _TRUE | _FALSE:
+    if from_cli and kind is not str:
+        if kind is bool:
+            if value.lower() not in _TRUE | _FALSE:
+                raise bad
             return value.lower() in _TRUE
-        raise bad
-    if kind is int:
-        if from_cli:
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if kind is float:
-        if from_cli:
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise bad
-    if kind is list:
-        if from_cli:
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise bad
-    if isinstance(value, str):
+        if kind is list:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        try:
+            return kind(value)
+        except ValueError:
+            raise bad from None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is float and number:
+        return float(value)
+    if kind is int and number and isinstance(value, int):
+        return value
+    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if kind in (bool, str) and isinstance(value, kind):
         return value
     raise bad
+
+
+_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+           ("le", "<=", lambda v, b: v <= b))
 
 
 def _check_range(f: dataclasses.Field, name: str, value: Any) -> None:
@@ -91,10 +82,9 @@ def _check_range(f: dataclasses.Field, name: str, value: Any) -> None:
                           f"{', '.join(map(str, choices))}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} = {value!r} must be a finite number")
-    for bound, test, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                              ("le", lambda v, b: v <= b, "<=")):
+    for bound, word, holds in _BOUNDS:
         b = meta.get(bound)
-        if b is not None and not test(value, b):
+        if b is not None and not holds(value, b):
             raise ConfigError(f"{name} = {value!r} is out of range; it must be {word} {b:g}")
 
 
@@ -104,9 +94,12 @@ def read_toml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file; recipes live in train_configs/")
     try:
-        return tomli.loads(p.read_text())
+        return tomli.loads(p.read_text(encoding="utf-8"))
     except tomli.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: malformed TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); save the recipe "
+                          "as UTF-8") from None
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[str]]:
@@ -139,6 +132,8 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[s
                 i += 1
         i += 1
         if name == "config":
+            if not value or config_path is not None:
+                raise ConfigError("--config takes one recipe file: --config FILE")
             config_path = value
         else:
             overrides.append((name, value))
@@ -164,11 +159,12 @@ def build_config(toml: dict, overrides: list[tuple[str, str]], where: str = "rec
             raise ConfigError(f"{where}: '{section}' must be a [{section}] table")
         for key, value in table.items():
             f = _check_name(section, key, where)
-            values.setdefault(section, {})[key] = _typed(f, f"{section}.{key}", value, where)
+            values.setdefault(section, {})[key] = _typed(f, f"{section}.{key}", value, where,
+                                                         from_cli=False)
     for name, raw in overrides:
         section, _, key = name.partition(".")
         f = _check_name(section, key, f"--{name}")
-        values.setdefault(section, {})[key] = _typed(f, name, raw, f"--{name}")
+        values.setdefault(section, {})[key] = _typed(f, name, raw, f"--{name}", from_cli=True)
 
     cfg = JobConfig()
     model_sec = values.get("model", {})
@@ -204,8 +200,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # JSON escapes are TOML escapes, except DEL, which TOML forbids
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return str(value)
 
 
@@ -220,8 +216,7 @@ def to_toml(cfg: JobConfig, with_help: bool = False) -> str:
             if with_help:
                 meta = f.metadata
                 extra = [f"one of {', '.join(map(str, meta['choices']))}"] if meta["choices"] else []
-                extra += [f"{w} {meta[b]:g}" for b, w in (("ge", ">="), ("gt", ">"), ("le", "<="))
-                          if meta[b] is not None]
+                extra += [f"{w} {meta[b]:g}" for b, w, _ in _BOUNDS if meta[b] is not None]
                 lines.append(f"# {meta['help']}" + (f" ({'; '.join(extra)})" if extra else ""))
             lines.append(f"{f.name} = {_toml_value(getattr(sec, f.name))}")
         lines.append("")

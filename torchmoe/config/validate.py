@@ -1,5 +1,6 @@
 """Checks that span several keys, run once the whole config is known."""
 
+import importlib.util
 import os
 
 from torchmoe.config.errors import ConfigError
@@ -9,8 +10,18 @@ from torchmoe.parallel.dims import ParallelDims
 
 
 def validate(cfg: JobConfig) -> None:
+    """Raise a ConfigError for the first inconsistency; WORLD_SIZE gives the rank count."""
     get_model_spec(cfg.model.name).validate(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.checkpoint.load_step != -1 and not cfg.checkpoint.enable:
+        raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step} needs "
+                          "checkpoint.enable = true")
+    if cfg.moe.aux_loss_coeff > 0 and cfg.moe.load_balancing_type == "none":
+        raise ConfigError(f"moe.aux_loss_coeff = {cfg.moe.aux_loss_coeff} has no effect with "
+                          "moe.load_balancing_type = 'none'; pick aux_loss or seq_aux_loss")
+    if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("metrics.enable_tensorboard = true but tensorboard is not installed; "
+                          "pip install tensorboard")
     dims = ParallelDims.from_config(cfg.parallelism, world)
     dims.check_model(cfg)
     t = cfg.training

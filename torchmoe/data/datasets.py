@@ -83,8 +83,8 @@ class ShuffledDocuments:
 
 
 class StreamedDocuments:
-    """A streamed HF dataset, restarted when it runs out (the next epoch visits its shards in a
-    new order); resumption uses the dataset's own state_dict."""
+    """A streamed HF dataset, restarted when it runs out (``set_epoch`` reshuffles the next
+    epoch only if the dataset was ``.shuffle()``d); resumption uses its own state_dict."""
 
     def __init__(self, dataset: datasets.IterableDataset, name: str, text_field: str,
                  dp_rank: int, dp_world: int) -> None:

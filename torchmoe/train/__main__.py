@@ -11,7 +11,6 @@ import sys
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config, to_toml
-from torchmoe.config.schema import JobConfig
 
 
 def _setup_logging() -> None:
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, flags = load_config(argv)
         if "help" in flags:
-            print(to_toml(JobConfig(), with_help=True))
+            print(to_toml(cfg, with_help=True))
             return 0
         if "print-config" in flags:
             print(to_toml(cfg))

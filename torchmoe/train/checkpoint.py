@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -104,6 +105,8 @@ class TrainState:
 
 
 class CheckpointManager:
+    """Saves and restores the whole training state under ``folder``."""
+
     def __init__(self, cfg: Checkpoint, folder: Path, model: nn.Module,
                  optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any,
                  train_state: TrainState, dp_rank: int = 0):
@@ -136,12 +139,16 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                               f"{self.folder} (saved steps: {have})")
         path = self.folder / f"step-{step}"
-        if step == 0:
-            dcp.load({"train": _ModelOnly(self.model)}, checkpoint_id=str(path))
-            logger.info("loaded seed weights from %s", path)
-        else:
-            dcp.load(self.states, checkpoint_id=str(path))
-            logger.info("resumed from %s", path)
+        states = {"train": _ModelOnly(self.model)} if step == 0 else self.states
+        try:
+            dcp.load(states, checkpoint_id=str(path))
+        except (CheckpointException, ValueError, RuntimeError, KeyError) as e:  # mismatches
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            reason = lines[-1] if isinstance(e, CheckpointException) else lines[0]
+            raise ConfigError(f"checkpoint {path} does not fit this job ({reason[:200]}); "
+                              "resume with the config that saved it, or use a new "
+                              "checkpoint.folder") from e
+        logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
         return step
 
     def save_seed(self) -> None:

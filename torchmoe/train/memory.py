@@ -12,14 +12,15 @@ BYTES_PER_PARAM = 4 + 4 + 8
 
 
 def device_memory_bytes(device: torch.device) -> int:
+    """GPU memory, or the machine's RAM for the CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_model_fits(model: nn.Module, device: torch.device, shards: int = 1) -> int:
-    """Raise a ConfigError when parameters + gradients + AdamW state exceed the device's
-    memory; returns the estimate in bytes. Activations come on top and are not counted."""
+def check_model_fits(model: nn.Module, device: torch.device, shards: int = 1) -> None:
+    """Raise a ConfigError when parameters + gradients + AdamW state, split over ``shards``
+    data-parallel ranks, exceed the device's memory. Activations come on top, uncounted."""
     n_params = sum(p.numel() for p in model.parameters())
     need = n_params * BYTES_PER_PARAM // shards
     have = device_memory_bytes(device)
@@ -28,4 +29,3 @@ def check_model_fits(model: nn.Module, device: torch.device, shards: int = 1) ->
             f"model.flavor: {n_params / 1e9:.1f}B parameters need ~{need / 2**30:.0f} GiB for "
             f"weights, gradients and AdamW state, but {device} has {have / 2**30:.0f} GiB; pick "
             "a smaller flavor, fewer --model.n_layers, or more GPUs with [parallelism]")
-    return need

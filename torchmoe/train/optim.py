@@ -30,7 +30,8 @@ def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
     decay_steps = total_steps - cfg.warmup_steps
     if cfg.decay_ratio >= 0:
         decay_steps = round(total_steps * cfg.decay_ratio)
-    decay_start = total_steps - decay_steps
+    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)  # never decay during warm-up
+    decay_steps = total_steps - decay_start
     if cfg.decay_type == "constant" or step < decay_start or decay_steps <= 0:
         return 1.0
     progress = min((step - decay_start) / decay_steps, 1.0)
@@ -43,5 +44,6 @@ def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int
                        ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` as a scheduler, so its position is saved with checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, cfg))

@@ -122,9 +122,9 @@ class Trainer:
                     cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
                     experts, d.world_size, d.dp_replicate, d.dp_shard, d.tp, d.pp, d.ep, d.edp)
 
-    def train_step(self) -> tuple[float, float, float]:
+    def train_step(self) -> tuple[float, float, float, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (loss, aux, grad
-        norm), the loss being the mean over every token of the step on every rank."""
+        norm, lr used), the loss being the mean over every token of the step on every rank."""
         self.optimizer.zero_grad(set_to_none=True)
         set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp))
         loss_sum = torch.zeros((), device=self.device)
@@ -145,13 +145,16 @@ class Trainer:
             dist.all_reduce(stats, group=self.dims.meshes.dp.get_group())
             stats[1] /= self.dims.dp
         loss_value, aux_value = stats.tolist()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at step {self.state.step + 1}; stopping. Try a lower "
-                "optimizer.lr, more lr_scheduler.warmup_steps or training.max_norm > 0")
+        for what, value in (("loss", loss_value), ("gradient norm", grad_norm.item())):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{what} is {value} at step {self.state.step + 1}; stopping before the "
+                    "update. Try a lower optimizer.lr, more lr_scheduler.warmup_steps or "
+                    "training.max_norm > 0")
+        lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
-        return loss_value, aux_value, grad_norm.item()
+        return loss_value, aux_value, grad_norm.item(), lr
 
     def after_step(self) -> torch.Tensor:
         """Expert-bias update from this step's token counts, summed over every rank so all
@@ -172,21 +175,19 @@ class Trainer:
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
         cfg = self.cfg
-        resumed = self.checkpoint.load()
-        if resumed is not None:
-            self.state.step = resumed
+        self.checkpoint.load()  # restores self.state.step, unless starting fresh or from a seed
         if cfg.checkpoint.create_seed_checkpoint:
             self.checkpoint.save_seed()
             return []
         local_tokens = self.global_tokens // self.dims.dp
         losses = []
         while self.state.step < cfg.training.steps:
-            loss, aux, grad_norm = self.train_step()
+            loss, aux, grad_norm, lr = self.train_step()
             self.state.step += 1
             losses.append(loss)
             self.metrics.record_step(local_tokens, loss, aux, self.after_step())
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
-                self.metrics.log(step, grad_norm, self.lr_scheduler.get_last_lr()[0])
+                self.metrics.log(step, grad_norm, lr)
             self.checkpoint.maybe_save(step, cfg.training.steps)
         return losses
