@@ -51,23 +51,26 @@ class AllToAllDispatcher(LocalDispatcher):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
 
-    def dispatch(self, x_TD, topk_idx_TK):
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         x_MD, counts_E, local = super().dispatch(x_TD, topk_idx_TK)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_SL = recv_counts.view(self.ep, -1)  # tokens from source rank s for local expert l
-        send_splits = counts_E.view(self.ep, -1).sum(1).tolist()
-        recv_splits = recv_SL.sum(1).tolist()
+        # One host sync for both split lists (all_to_all_single needs them on the host).
+        send_splits, recv_splits = torch.stack(
+            [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]).tolist()
         x_recv = all_to_all_single_autograd(x_MD, recv_splits, send_splits, self.group)
         # Received blocks are ordered (source, local expert); experts want (local expert, source).
         S, L = recv_SL.shape
         block = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device),
-                                        recv_SL.flatten())
+                                        recv_SL.flatten(), output_size=sum(recv_splits))
         regroup = torch.argsort((block % L) * S + block // L, stable=True)
         state = AllToAllState(local, regroup, send_splits, recv_splits)
         return x_recv[regroup], recv_SL.sum(0), state
 
-    def combine(self, y_MD, topk_weight_TK, state: AllToAllState):
+    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
+                ) -> torch.Tensor:
         y_recv = y_MD[_inverse(state.regroup)]
         y_back = all_to_all_single_autograd(y_recv, state.send_splits, state.recv_splits,
                                             self.group)
@@ -78,7 +81,6 @@ class AllToAllDispatcher(LocalDispatcher):
 class AllGatherState:
     kept: torch.Tensor  # positions, among all gathered copies, routed to local experts
     num_copies: int
-    weights_TK: torch.Tensor | None = None
 
 
 class AllGatherDispatcher(nn.Module):
@@ -89,7 +91,8 @@ class AllGatherDispatcher(nn.Module):
         self.local_experts = num_experts // self.ep
         self.first = ep_mesh.get_local_rank() * self.local_experts
 
-    def dispatch(self, x_TD, topk_idx_TK):
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
         x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         K = idx_all.shape[1]
@@ -102,7 +105,8 @@ class AllGatherDispatcher(nn.Module):
         kept = order[: int(counts[:L].sum())]
         return x_all[kept // K], counts[:L], AllGatherState(kept, local.numel())
 
-    def combine(self, y_MD, topk_weight_TK, state: AllGatherState):
+    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState
+                ) -> torch.Tensor:
         w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
         y_all = y_MD.new_zeros(state.num_copies, y_MD.shape[-1]).index_copy(0, state.kept, y_MD)
         y_TKD = y_all.view(w_all.shape[0], -1, y_MD.shape[-1])

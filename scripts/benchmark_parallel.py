@@ -1,0 +1,119 @@
+"""Throughput of a recipe under a parallel layout, and its expert-parallel all-to-all time
+against a plain NCCL all_to_all_single of the same bytes, measured in the same run.
+
+    torchrun --nproc_per_node 2 scripts/benchmark_parallel.py \\
+        --config train_configs/deepseek_v3.toml --model.n_layers 4 --parallelism.ep 2
+
+Prints one table row (rank 0): tokens/s per GPU, model TFLOP/s per GPU, MFU, peak memory,
+then per optimizer step the time of the EP all-to-all kernels (forward and backward, from the
+profiler) and of a replay of the same all_to_all_single calls after a barrier.
+"""
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
+
+import torchmoe.parallel.expert_parallel as ep_module
+from torchmoe.config.load import load_config
+from torchmoe.train.metrics import peak_flops
+from torchmoe.train.trainer import Trainer
+
+
+def record_all_to_all_calls(calls: list) -> None:
+    """Wrap the dispatcher's all-to-all to note (row shape, dtype, splits) of every call."""
+    original = ep_module.all_to_all_single_autograd
+
+    def recording(x, output_splits, input_splits, group):
+        calls.append((x.shape[1:], x.dtype, output_splits, input_splits, group))
+        return original(x, output_splits, input_splits, group)
+
+    ep_module.all_to_all_single_autograd = recording
+
+
+def replay_all_to_all(calls: list, repeats: int) -> float:
+    """Seconds per step to run the recorded forward calls plain, twice (forward + backward
+    move the same bytes), after a barrier so no rank waits for another's compute."""
+    buffers = [(torch.empty(sum(i), *row, dtype=dtype, device="cuda"),
+                torch.empty(sum(o), *row, dtype=dtype, device="cuda"), o, i, g)
+               for row, dtype, o, i, g in calls]
+    dist.barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        for send, recv, out_splits, in_splits, group in buffers:
+            for _ in range(2):
+                dist.all_to_all_single(recv, send, out_splits, in_splits, group=group)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
+def kernel_seconds(prof, fragment: str, steps: int) -> float:
+    total_us = sum(e.device_time_total for e in prof.key_averages()
+                   if fragment in e.key and e.device_time_total > 0)
+    return total_us / 1e6 / steps
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    args, rest = parser.parse_known_args(argv)
+    cfg, _ = load_config(rest + ["--checkpoint.enable", "false", "--metrics.save_jsonl",
+                                 "false"])
+    logging.basicConfig(level=logging.WARNING)
+    trainer = Trainer(cfg)
+    calls: list = []
+    record_all_to_all_calls(calls)
+
+    def step():
+        trainer.train_step()
+        trainer.after_step()
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+
+    calls.clear()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    a2a_kernels = kernel_seconds(prof, "SendRecv", 2) + kernel_seconds(prof, "AllToAll", 2)
+    fsdp_kernels = kernel_seconds(prof, "AllGather", 2) + kernel_seconds(prof, "ReduceScatter", 2)
+    step_calls = calls[: len(calls) // 2]
+    plain = replay_all_to_all(step_calls, repeats=5) if step_calls else 0.0
+    moved = sum(torch.Size(row).numel() * dtype.itemsize * sum(i)
+                for row, dtype, _, i, _ in step_calls) * 2 / 2**20
+
+    tokens = cfg.training.local_batch_size * cfg.training.seq_len * trainer.accum_steps
+    tps = tokens / seconds
+    tflops = tps * trainer.metrics.flops_per_token / 1e12
+    peak = peak_flops(trainer.device, trainer.dtype)
+    mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "n/a"
+    if dist.get_rank() == 0:
+        d = trainer.dims
+        print(f"| layout | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | step ms | "
+              f"EP a2a kernels ms/step | plain a2a same bytes ms/step | a2a MiB/step/rank | "
+              f"FSDP comm kernels ms/step |")
+        print(f"| dp_shard {d.dp_shard} ep {d.ep} ({cfg.moe.dispatcher}) | {tps:,.0f} | "
+              f"{tflops:.0f} | {mfu} | "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {seconds * 1e3:.0f} | "
+              f"{a2a_kernels * 1e3:.1f} | {plain * 1e3:.1f} | {moved:.0f} | "
+              f"{fsdp_kernels * 1e3:.1f} |", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
