@@ -6,7 +6,8 @@
 # Environment:
 #   NGPU       processes on this node (default: the CUDA device count, or 1 without CUDA)
 #   LOG_RANK   the global rank whose log is shown (default 0)
-#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
+#   NNODES     nodes (default 1); for several, each node runs this script with its NODE_RANK
+#              and either MASTER_ADDR [MASTER_PORT] (static) or RDZV_ENDPOINT host:port (c10d)
 # The config is checked once before any rank starts, so a bad key costs one line and exit 2.
 set -euo pipefail
 
@@ -30,9 +31,13 @@ WORLD_SIZE=$((NGPU * NNODES)) python3 -m torchmoe.train "${args[@]}" --print-con
 
 if [ "$NNODES" = 1 ]; then
   rdzv=(--standalone)
+elif [ -n "${RDZV_ENDPOINT:-}" ]; then
+  rdzv=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
+        --rdzv_id "${RDZV_ID:-torchmoe}")
 else
   rdzv=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK for multi-node runs}"
-        --rdzv_backend c10d --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
+        --master_addr "${MASTER_ADDR:?set MASTER_ADDR or RDZV_ENDPOINT}"
+        --master_port "${MASTER_PORT:-29500}")
 fi
 exec torchrun "${rdzv[@]}" --nproc_per_node "$NGPU" --local-ranks-filter "$((LOG_RANK % NGPU))" \
   --role rank -m torchmoe.train "${args[@]}"

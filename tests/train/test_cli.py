@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,26 @@ def test_fsdp2_x_ep2_on_four_cpu_ranks(tmp_path, data_cache):
     assert "step     3 | loss" in out
 
 
+def test_two_nodes_with_static_rendezvous(tmp_path, data_cache):
+    """Two 'nodes' on this machine, one rank each, as a SLURM job would start them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "NGPU": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    cmd = ["./run_train.sh"] + FAST + ["--data.cache_dir", data_cache]
+    nodes = [subprocess.Popen(cmd + ["--job.dump_folder", str(tmp_path / f"node{i}")], cwd=REPO,
+                              env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 ranks: dp_replicate 1 dp_shard 2" in outs[0]
+
+
 def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):
     cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
            "--model.n_layers", "2", "--model.dim", "256", "--moe.num_experts", "16",
+           "--parallelism.ep", "1",
            "--checkpoint.enable", "false"]
     proc = run(cmd, tmp_path, data_cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -49,7 +67,8 @@ def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):
 def test_print_config_output_loads_back(tmp_path):
     cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
            "--model.n_layers", "4", "--print-config"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "WORLD_SIZE": "8"})
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "resolved.toml").write_text(proc.stdout)
     cfg = build_config(read_toml(str(tmp_path / "resolved.toml")), [])

@@ -90,7 +90,8 @@ class ParallelDims:
         if block % (self.ep * self.etp):
             raise ConfigError(
                 f"parallelism.ep = {self.ep} x parallelism.etp = {self.etp} must divide "
-                f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from")
+                f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from; "
+                "on fewer GPUs lower parallelism.ep")
 
     @property
     def dp(self) -> int:
