@@ -23,6 +23,10 @@ LAYOUTS = {
     "hsdp_x_ep2": (4, {"parallelism.dp_replicate": 2, "parallelism.ep": 2}),
     "ep2_allgather": (2, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
     "fsdp4_x_ep2_allgather": (4, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
+    "etp2": (2, {"parallelism.etp": 2}),
+    "ep2_x_etp2": (4, {"parallelism.ep": 2, "parallelism.etp": 2}),
+    "ep2_x_etp2_allgather": (4, {"parallelism.ep": 2, "parallelism.etp": 2,
+                                 "moe.dispatcher": "allgather"}),
 }
 
 

@@ -36,6 +36,7 @@ def test_explicit_dp_shard_times_ep_fills_the_world():
                      "moe.router_group_topk": "0"}, "moe.num_experts = 6 is not divisible"),
     (2, dict(tp=2), {}, "parallelism.tp = 2 is not available yet"),
     (2, dict(pp=2), {}, "parallelism.pp = 2 is not available yet"),
+    (4, dict(ep=2, etp=4), {}, "parallelism.ep = 2 x parallelism.etp = 4 must divide"),
 ])
 def test_validation_errors(world, parallelism, model, fragment):
     cfg = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()]

@@ -24,7 +24,7 @@ from torchmoe.config.schema import JobConfig, Parallelism
 DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "etp")
 # Degrees this version implements; the others are validated but refused with a clear message.
-_AVAILABLE = {"tp": 1, "cp": 1, "pp": 1, "etp": 1}
+_AVAILABLE = {"tp": 1, "cp": 1, "pp": 1}
 
 
 @dataclass

@@ -114,6 +114,28 @@ class AllGatherDispatcher(nn.Module):
         return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
 
 
+class ExpertTensorParallelDispatcher(nn.Module):
+    """Expert tensor parallelism around another dispatcher: the ``etp`` ranks each hold a slice
+    of every local expert's hidden dim, so they must see the same tokens. Gather the group's
+    tokens, let ``inner`` route them, and reduce-scatter the combined outputs, which sums the
+    hidden-dim slices and hands every rank back its own tokens."""
+
+    def __init__(self, inner: nn.Module, etp_mesh: DeviceMesh):
+        super().__init__()
+        self.inner = inner
+        self.group = etp_mesh.get_group()
+
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor):
+        x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
+        idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
+        return self.inner.dispatch(x_all, idx_all)
+
+    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state) -> torch.Tensor:
+        w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
+        out = self.inner.combine(y_MD, w_all, state)
+        return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
+
+
 class LocalShardExperts(GroupedExperts):
     """GroupedExperts whose weights are DTensors sharded over experts: compute with the local
     shard (this rank's experts). Swapped in by class, like fully_shard does, so parameter
@@ -124,15 +146,28 @@ class LocalShardExperts(GroupedExperts):
         return self.compute(x_MD, counts_E, *local)
 
 
-def apply_ep(model: nn.Module, ep_mesh: DeviceMesh, dispatcher: str) -> None:
-    """Shard every MoE layer's experts on dim 0 over ``ep_mesh`` (the expert view's ``ep``
-    dimension) and give the layer an all-to-all or all-gather dispatcher. Touches
-    ``MoE.experts`` (parameters become DTensors) and ``MoE.dispatcher``; nothing else."""
+def apply_ep(model: nn.Module, expert_mesh: DeviceMesh, dispatcher: str) -> None:
+    """Expert parallelism over the expert view's ``ep`` dimension and expert tensor
+    parallelism over its ``etp`` dimension, for every MoE layer.
+
+    Experts are sharded on dim 0 (which experts) over ``ep`` and on their hidden dim over
+    ``etp``; the layer's dispatcher becomes an all-to-all or all-gather one over ``ep``, wrapped
+    in an ``etp`` gather/reduce-scatter when ``etp`` > 1. Touches ``MoE.experts`` (parameters
+    become DTensors) and ``MoE.dispatcher``; nothing else.
+    """
+    names = [n for n in ("ep", "etp") if expert_mesh[n].size() > 1]
+    weight_mesh = expert_mesh[tuple(names)]
+    hidden_dim = {"w1": 1, "w3": 1, "w2": 2}  # F's position in each weight
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):
-            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+            placements = [Shard(0) if n == "ep" else Shard(hidden_dim[name]) for n in names]
+            sharded = distribute_tensor(param.data, weight_mesh, placements)
             experts.register_parameter(name, nn.Parameter(sharded, param.requires_grad))
         experts.__class__ = LocalShardExperts
-        cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
-        moe.dispatcher = cls(moe.args.router.num_experts, ep_mesh)
+        num_experts = moe.args.router.num_experts
+        if "ep" in names:
+            cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
+            moe.dispatcher = cls(num_experts, expert_mesh["ep"])
+        if "etp" in names:
+            moe.dispatcher = ExpertTensorParallelDispatcher(moe.dispatcher, expert_mesh["etp"])

@@ -29,14 +29,15 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
     """float8 -> expert parallel -> activation checkpointing -> compile -> FSDP. Each step is a
     public ``apply_*`` a custom plan can reuse, reorder or replace."""
     apply_float8_linears(model, cfg.quantize)
-    if dims.ep > 1:
-        apply_ep(model, dims.meshes.expert["ep"], cfg.moe.dispatcher)
+    if dims.ep * dims.etp > 1:
+        apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile)
     if dims.dp > 1:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
-        apply_fsdp(model, meshes.dp_mesh(), meshes.expert_dp_mesh() if dims.ep > 1 else None,
+        expert_dp = meshes.expert_dp_mesh() if dims.ep * dims.etp > 1 else None
+        apply_fsdp(model, meshes.dp_mesh(), expert_dp,
                    param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
                    reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
                    reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
