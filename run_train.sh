@@ -6,6 +6,7 @@
 # Environment:
 #   NGPU       processes on this node (default: the CUDA device count, or 1 without CUDA)
 #   LOG_RANK   the global rank whose log is shown (default 0)
+#   COMM_MODE=fake   dry run: plan the layout for NGPU x NNODES ranks on the meta device
 #   NNODES     nodes (default 1); for several, each node runs this script with its NODE_RANK
 #              and either MASTER_ADDR [MASTER_PORT] (static) or RDZV_ENDPOINT host:port (c10d)
 # The config is checked once before any rank starts, so a bad key costs one line and exit 2.
@@ -28,6 +29,10 @@ export LOG_RANK
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 
 WORLD_SIZE=$((NGPU * NNODES)) python3 -m torchmoe.train "${args[@]}" --print-config >/dev/null
+
+if [ "${COMM_MODE:-}" = fake ]; then  # dry run: one process plans the layout for all ranks
+  WORLD_SIZE=$((NGPU * NNODES)) RANK=0 LOCAL_RANK=0 exec python3 -m torchmoe.train "${args[@]}"
+fi
 
 if [ "$NNODES" = 1 ]; then
   rdzv=(--standalone)

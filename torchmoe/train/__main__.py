@@ -1,7 +1,8 @@
 """Entry point: ``python -m torchmoe.train [--config FILE] [--section.key value ...]``.
 
-``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints every key with
-its default, range and meaning. Configuration errors print one line and exit with status 2; a
+``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints it with every
+key's meaning and range. With ``COMM_MODE=fake`` and ``WORLD_SIZE=N`` it plans the layout for N
+ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors print one line and exit with status 2; a
 non-finite loss prints one line and exits with status 1.
 """
 
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if "print-config" in flags:
             print(to_toml(cfg))
+            return 0
+        if os.environ.get("COMM_MODE") == "fake":
+            from torchmoe.parallel.dry_run import dry_run
+
+            dry_run(cfg)
             return 0
         _setup_logging()
         from torchmoe.train.trainer import NonFiniteLossError, Trainer

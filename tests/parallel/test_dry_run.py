@@ -1,0 +1,48 @@
+"""COMM_MODE=fake plans a layout for many ranks in one CPU process."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dry_run(ngpu: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COMM_MODE": "fake", "NGPU": str(ngpu)}
+    return subprocess.run(["./run_train.sh", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300)
+
+
+def gib(table: str, row: str) -> float:
+    return float(re.search(rf"^{re.escape(row)}\s+([\d.]+)$", table, re.M).group(1))
+
+
+def test_671b_on_256_ranks_with_ep64():
+    proc = dry_run(256, "--config", "train_configs/deepseek_v3_671b.toml",
+                   "--parallelism.ep", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "256 ranks: dp_replicate 1 dp_shard 256 tp 1 pp 1 ep 64 etp 1" in out
+    assert "experts sharded over edp 4" in out
+    total = float(re.search(r"([\d.]+)B parameters", out).group(1)) * 1e9
+    per_rank = gib(out, "parameters (fp32)") * 2**30
+    assert abs(per_rank - 4 * total / 256) / per_rank < 0.02  # every weight sharded 256 ways
+    assert abs(gib(out, "AdamW state (fp32 x2)") - 2 * gib(out, "parameters (fp32)")) < 0.02
+
+
+def test_fewer_experts_per_rank_means_smaller_fsdp_buffers():
+    base = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "1")
+    ep8 = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")
+    assert base.returncode == ep8.returncode == 0, base.stderr[-2000:] + ep8.stderr[-2000:]
+    row = "FSDP gathered weights (bf16, 2 blocks)"
+    assert gib(ep8.stdout, row) < gib(base.stdout, row) / 4
+
+
+def test_invalid_layout_is_the_usual_one_line_error():
+    proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml",
+                   "--parallelism.ep", "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: parallelism.ep = 3 x parallelism.etp = 1 must divide dp_shard x cp x tp = 1024, "
+        "the ranks expert parallelism borrows from; on fewer GPUs lower parallelism.ep"]
