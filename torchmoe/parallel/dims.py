@@ -24,7 +24,7 @@ from torchmoe.config.schema import JobConfig, Parallelism
 DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "etp")
 # Degrees this version implements; the others are validated but refused with a clear message.
-_AVAILABLE = {"tp": 1, "cp": 1, "pp": 1}
+_AVAILABLE = {"cp": 1, "pp": 1}
 
 
 @dataclass
@@ -38,6 +38,13 @@ class Meshes:
         if self.dense["dp_replicate"].size() > 1:
             return self.dense["dp_replicate", "dp_shard"]
         return self.dense["dp_shard"]
+
+    def token_mesh(self) -> DeviceMesh:
+        """FSDP mesh of modules replicated over tp that see each tp rank's own tokens (router,
+        shared experts): data-parallel x tp, so their gradient reduction sums over tp too."""
+        if self.dense["dp_replicate"].size() > 1:
+            return self.dense["dp_replicate", "dp_shard_tp"]
+        return self.dense["dp_shard_tp"]
 
     def expert_dp_mesh(self) -> DeviceMesh:
         if self.expert["dp_replicate"].size() > 1:
@@ -144,4 +151,5 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     assert math.prod(dims.shape(DENSE_DIMS)) == dims.world_size == dist.get_world_size()
     dense = init_device_mesh(device_type, dims.shape(DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
     expert = init_device_mesh(device_type, dims.shape(EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
+    dense["dp_shard", "tp"]._flatten("dp_shard_tp")
     return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"))

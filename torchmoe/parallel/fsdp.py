@@ -11,11 +11,15 @@ from torchmoe.models.moe.moe import MoE
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
                param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               reshard_after_forward: str = "default", cpu_offload: bool = False) -> None:
+               reshard_after_forward: str = "default", cpu_offload: bool = False,
+               token_mesh: DeviceMesh | None = None) -> None:
     """Shard ``model`` with fully_shard: each MoE layer's experts on ``expert_dp_mesh`` (the
-    expert view's ``dp_replicate x edp``; given when experts are expert-parallel), then each
-    transformer block, the embedding, final norm + output head together, and the root, all on
-    ``dp_mesh`` (the dense view's ``dp_replicate x dp_shard``; 2-D means HSDP).
+    expert view's ``dp_replicate x edp``; given when experts are split by ep/etp or replicated
+    over tp), its router and shared experts on ``token_mesh`` (given under tensor parallelism:
+    data-parallel x tp ranks, which each route their own tokens), then each transformer block,
+    the embedding, final norm + output head together, and the root, all on ``dp_mesh`` (the
+    dense view's ``dp_replicate x dp_shard``; 2-D means HSDP; size 1 without data parallelism,
+    which still gives the per-token modules' units the single root FSDP needs).
 
     Gradients are summed, not averaged, across ranks: the training loop normalises the loss by
     the global token count, which makes the sum the true gradient for dense and expert
@@ -34,6 +38,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
         moe = getattr(block, "feed_forward", None)
         if isinstance(moe, MoE) and expert_dp_mesh is not None:
             fully_shard(moe.experts, mesh=expert_dp_mesh, reshard_after_forward=reshard, **kw)
+        if isinstance(moe, MoE) and token_mesh is not None:
+            per_token = [m for m in (moe.router, moe.shared_experts) if m is not None]
+            fully_shard(per_token, mesh=token_mesh, reshard_after_forward=reshard, **kw)
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, **kw)
     if model.tok_embeddings is not None:
         fully_shard(model.tok_embeddings, mesh=dp_mesh, **kw)
@@ -41,6 +48,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
     if head:
         fully_shard(head, mesh=dp_mesh, reshard_after_forward=False, **kw)
     fully_shard(model, mesh=dp_mesh, **kw)
+    _sum_gradients(model)
+
+
+def _sum_gradients(model: nn.Module) -> None:
+    """Every FSDP unit sums gradients instead of averaging (see apply_fsdp)."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

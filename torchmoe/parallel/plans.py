@@ -20,28 +20,36 @@ from torchmoe.parallel.compile import apply_compile
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.expert_parallel import apply_ep
 from torchmoe.parallel.fsdp import apply_fsdp
+from torchmoe.parallel.tensor_parallel import apply_tp
 from torchmoe.quant.float8 import apply_float8_linears
 
 ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
-    """float8 -> expert parallel -> activation checkpointing -> compile -> FSDP. Each step is a
-    public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    """float8 -> tensor parallel -> expert parallel -> activation checkpointing -> compile ->
+    FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    if cfg.quantize.float8_linear and dims.tp > 1:
+        raise ConfigError("quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
+                          "use tp = 1 or turn float8 off")
     apply_float8_linears(model, cfg.quantize)
+    if dims.tp > 1:
+        apply_tp(model, dims.meshes.dense["tp"])
     if dims.ep * dims.etp > 1:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile)
-    if dims.dp > 1:
+    if dims.world_size // dims.pp > 1:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
-        expert_dp = meshes.expert_dp_mesh() if dims.ep * dims.etp > 1 else None
-        apply_fsdp(model, meshes.dp_mesh(), expert_dp,
+        split_experts = dims.ep * dims.etp * dims.tp > 1  # experts' FSDP mesh differs from dp's
+        apply_fsdp(model, meshes.dp_mesh(),
+                   meshes.expert_dp_mesh() if split_experts else None,
                    param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
                    reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
                    reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
-                   cpu_offload=cfg.parallelism.fsdp_cpu_offload)
+                   cpu_offload=cfg.parallelism.fsdp_cpu_offload,
+                   token_mesh=meshes.token_mesh() if dims.tp > 1 else None)
     return model
 
 

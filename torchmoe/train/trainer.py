@@ -12,11 +12,14 @@ across ranks. That is the single-process gradient whatever the layout.
 import logging
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
@@ -126,16 +129,20 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches; returns (loss, aux, grad
         norm, lr used), the loss being the mean over every token of the step on every rank."""
         self.optimizer.zero_grad(set_to_none=True)
-        set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp))
+        # Balance losses are computed per token shard: one per micro-batch, dp and tp rank.
+        set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp * self.dims.tp))
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.accum_steps):
             inputs, labels = next(self.batches)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                   reduction="sum")
-            (loss / self.global_tokens).backward()
+            with loss_parallel() if self.dims.tp > 1 else nullcontext():
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                       reduction="sum")
+                (loss / self.global_tokens).backward()
+            if isinstance(loss, DTensor):  # vocabulary-parallel loss: the same on every tp rank
+                loss = loss.full_tensor()
             loss_sum += loss.detach()
         grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm)
         aux = torch.stack([m.aux_loss_sum for m in self.moe_layers]).sum() if self.moe_layers \
@@ -143,7 +150,7 @@ class Trainer:
         stats = torch.stack([loss_sum / self.global_tokens, aux / self.accum_steps])
         if self.dims.meshes:
             dist.all_reduce(stats, group=self.dims.meshes.dp.get_group())
-            stats[1] /= self.dims.dp
+            stats[1] /= self.dims.dp  # aux: tp ranks report their own shard's value
         loss_value, aux_value = stats.tolist()
         for what, value in (("loss", loss_value), ("gradient norm", grad_norm.item())):
             if not math.isfinite(value):

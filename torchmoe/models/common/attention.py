@@ -18,6 +18,27 @@ from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
 
 
+class ScaledDotProductAttention(nn.Module):
+    """Causal attention over per-head q, k [B, S, H, K] and v [B, S, H, V] -> [B, S, H, V].
+
+    A module of its own so parallel plans can hand it local heads (tensor parallel) or swap the
+    kernel; flash kernels want equal q/k/v head dims, so V is padded up to K and sliced back.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, q_BSHK: torch.Tensor, k_BSHK: torch.Tensor, v_BSHV: torch.Tensor
+                ) -> torch.Tensor:
+        v_dim = v_BSHV.shape[-1]
+        pad = q_BSHK.shape[-1] - v_dim
+        v = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
+        out = F.scaled_dot_product_attention(q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2),
+                                             v.transpose(1, 2), is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)[..., :v_dim]
+
+
 @dataclass
 class MLAArgs:
     dim: int
@@ -48,6 +69,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim),
                                bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+        self.inner_attention = ScaledDotProductAttention(a.softmax_scale)
 
     def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -56,7 +78,7 @@ class MLA(nn.Module):
             q = self.wq(x_BSD)
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        q_BSHK = q.view(B, S, -1, self.qk_head_dim)  # H may be a TP shard of n_heads
+        q_BSHK = q.view(B, S, -1, self.qk_head_dim)
         q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
 
@@ -66,14 +88,7 @@ class MLA(nn.Module):
         k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
 
-        # Flash kernels want equal q/k/v head dims: pad V up to K and slice the output back.
-        pad = self.qk_head_dim - a.v_head_dim
-        v_BSHK = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
-        out = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHK.transpose(1, 2),
-            is_causal=True, scale=a.softmax_scale)
-        out_BSHV = out.transpose(1, 2)[..., : a.v_head_dim]
-        return self.wo(out_BSHV.flatten(2))
+        return self.wo(self.inner_attention(q_BSHK, k_BSHK, v_BSHV).flatten(2))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name, module in self.named_children():

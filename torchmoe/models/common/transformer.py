@@ -48,8 +48,8 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] int64 (or hidden states [B, S, D] on a later pipeline stage)."""
+        cos_sin = self.rope_cos_sin[: tokens.shape[1]]  # before a plan may shard the sequence
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos_sin = self.rope_cos_sin[: h.shape[1]]
         for layer in self.layers.values():
             h = layer(h, cos_sin)
         h = self.norm(h) if self.norm is not None else h
