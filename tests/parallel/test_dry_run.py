@@ -31,6 +31,19 @@ def test_671b_on_256_ranks_with_ep64():
     assert abs(gib(out, "AdamW state (fp32 x2)") - 2 * gib(out, "parameters (fp32)")) < 0.02
 
 
+def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
+    proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.tp",
+                   "2", "--parallelism.pp", "16", "--parallelism.ep", "64")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "1024 ranks: dp_replicate 1 dp_shard 32 tp 2 pp 16 ep 64 etp 1" in out
+    assert re.search(r"^GiB per rank\s+stage 0\s+stage 15$", out, re.M)
+    first, last = (float(v) for v in re.search(
+        r"^parameters \(fp32\)\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups())
+    assert last < first  # the last stage holds 1 of the 61 layers, the first 4 + embeddings
+    assert "UserWarning" not in proc.stderr
+
+
 def test_fewer_experts_per_rank_means_smaller_fsdp_buffers():
     base = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "1")
     ep8 = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")

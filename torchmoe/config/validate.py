@@ -23,7 +23,7 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("metrics.enable_tensorboard = true but tensorboard is not installed; "
                           "pip install tensorboard")
     dims = ParallelDims.from_config(cfg.parallelism, world)
-    dims.check_model(cfg)
+    dims.check_model(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     t = cfg.training
     per_step = t.local_batch_size * dims.dp
     if t.global_batch_size != -1 and t.global_batch_size % per_step:

@@ -110,9 +110,10 @@ class ParallelDims:
         """Ranks over which FSDP shards each expert (per data-parallel replica)."""
         return self.dp_shard * self.cp * self.tp // (self.ep * self.etp)
 
-    def check_model(self, cfg: JobConfig) -> None:
+    def check_model(self, cfg: JobConfig, planning: bool = False) -> None:
         """Degrees against the model's shape, then against what this version implements; one
-        ConfigError per problem, before anything is allocated."""
+        ConfigError per problem, before anything is allocated. ``planning`` (the dry run) also
+        accepts degrees that can be planned but not yet trained."""
         shape_rules = [  # (key, value, degree key, degree, why)
             ("moe.num_experts", cfg.moe.num_experts, "ep", self.ep, ""),
             ("model.n_heads", cfg.model.n_heads, "tp", self.tp, ""),
@@ -128,7 +129,7 @@ class ParallelDims:
             raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
                               f"parallelism.pp = {self.pp} pipeline stages")
         for key, available in _AVAILABLE.items():
-            if getattr(self, key) > available:
+            if getattr(self, key) > available and not (planning and key == "pp"):
                 raise ConfigError(f"parallelism.{key} = {getattr(self, key)} is not available "
                                   f"yet; use {available}")
 

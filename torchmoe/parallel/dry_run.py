@@ -2,9 +2,12 @@
 
 ``COMM_MODE=fake NGPU=1024 ./run_train.sh --config ...`` joins a fake process group of that
 size as rank 0, builds the real meshes, builds the model on the meta device, applies the
-parallelize plan, and prints what rank 0 would hold: parameter, gradient and optimizer-state
+parallelize plan, and prints what a rank would hold: parameter, gradient and optimizer-state
 bytes (from the actual shard shapes), FSDP's gathered-weight buffers, and an activation
-estimate. Validation errors are the same one-liners as a real run's.
+estimate. With ``pp`` > 1 it does so for the first and the last pipeline stage (layers split
+evenly; the first stage keeps the embedding, the last the norm and output head), counting the
+``pp - stage`` micro-batches a 1F1B schedule keeps in flight. Validation errors are the same
+one-liners as a real run's.
 """
 
 import os
@@ -47,8 +50,21 @@ def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
     return attention + mlp
 
 
-def estimate(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> dict[str, float]:
-    """Bytes rank 0 holds, by kind."""
+def keep_stage(model: nn.Module, stage: int, stages: int) -> None:
+    """Drop every layer, embedding or head that pipeline stage ``stage`` does not own."""
+    names = list(model.layers.keys())
+    per_stage = -(-len(names) // stages)
+    for name in names[:stage * per_stage] + names[(stage + 1) * per_stage:]:
+        del model.layers[name]
+    if stage > 0:
+        model.tok_embeddings = None
+    if stage < stages - 1:
+        model.norm = model.output = None
+
+
+def estimate(model: nn.Module, dims: ParallelDims, cfg: JobConfig, stage: int
+             ) -> dict[str, float]:
+    """Bytes a rank of pipeline stage ``stage`` holds, by kind."""
     params = [p for p in model.parameters()]
     numel = sum(_local_numel(p) for p in params)
     def unsharded_by_fsdp(block: nn.Module) -> int:
@@ -57,14 +73,16 @@ def estimate(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> dict[str, 
                    for name, p in block.named_parameters())
 
     gathered = max((unsharded_by_fsdp(b) for b in model.layers.values()), default=0)
-    tokens = cfg.training.local_batch_size * cfg.training.seq_len
+    tokens = cfg.training.local_batch_size * cfg.training.seq_len / dims.tp  # sequence parallel
     blocks = list(model.layers.values())
     per_layer = [activation_bytes_per_token(cfg, b) * tokens for b in blocks]
     if cfg.activation_checkpoint.mode == "full":
         acts = FP32 * cfg.model.dim * tokens * len(blocks) + max(per_layer, default=0)
     else:
         acts = sum(per_layer)
-    acts += tokens * cfg.model.vocab_size * (BF16 + 2 * FP32) / dims.tp  # logits, loss
+    if model.output is not None:
+        acts += tokens * cfg.model.vocab_size * (BF16 + 2 * FP32)  # logits and loss, vocab / tp
+    acts *= dims.pp - stage  # micro-batches in flight on this stage under 1F1B
     return {"parameters (fp32)": numel * FP32, "gradients (fp32)": numel * FP32,
             "AdamW state (fp32 x2)": numel * 2 * FP32,
             "FSDP gathered weights (bf16, 2 blocks)": 2 * gathered * BF16 if dims.dp > 1 else 0,
@@ -79,15 +97,19 @@ def dry_run(cfg: JobConfig) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         dims = ParallelDims.from_config(cfg.parallelism, world)
-        dims.check_model(cfg)
+        dims.check_model(cfg, planning=True)
         dims.build_meshes("cpu")
         spec = get_model_spec(cfg.model.name)
-        with torch.device("meta"):
-            model = spec.build(cfg)
-        total_params = sum(p.numel() for p in model.parameters())
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
-        model = plan(model, dims, cfg)
-        rows = estimate(model, dims, cfg)
+        columns = {}
+        for stage in sorted({0, dims.pp - 1}):
+            with torch.device("meta"):
+                model = spec.build(cfg)
+            total_params = sum(p.numel() for p in model.parameters())
+            keep_stage(model, stage, dims.pp)
+            model = plan(model, dims, cfg)
+            columns[f"stage {stage}" if dims.pp > 1 else "rank 0"] = estimate(model, dims, cfg,
+                                                                                stage)
     finally:
         dist.destroy_process_group()
     d = dims
@@ -96,7 +118,8 @@ def dry_run(cfg: JobConfig) -> None:
           f"pp {d.pp} ep {d.ep} etp {d.etp} (experts sharded over edp {d.edp}); "
           f"local batch {cfg.training.local_batch_size} x seq {cfg.training.seq_len}, "
           f"activation checkpointing {cfg.activation_checkpoint.mode}")
-    print(f"{'per rank (rank 0)':<42}{'GiB':>10}")
-    for name, value in rows.items():
-        print(f"{name:<42}{value / GiB:>10.2f}")
-    print(f"{'total':<42}{sum(rows.values()) / GiB:>10.2f}")
+    print(f"{'GiB per rank':<42}" + "".join(f"{c:>10}" for c in columns))
+    rows = next(iter(columns.values())).keys()
+    for name in list(rows) + ["total"]:
+        values = [sum(col.values()) if name == "total" else col[name] for col in columns.values()]
+        print(f"{name:<42}" + "".join(f"{v / GiB:>10.2f}" for v in values))

@@ -37,12 +37,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Tensor + sequence parallelism over ``tp_mesh`` (the dense view's ``tp`` dimension) for
     the embedding, every block's attention, norms and dense SwiGLU, the MoE layers' input and
     output layouts, the final norm and the output head."""
-    parallelize_module(model, tp_mesh, {
+    outer = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
                                   use_local_output=False),
-    })
+    }  # a pipeline stage may lack some of these
+    parallelize_module(model, tp_mesh, {k: v for k, v in outer.items()
+                                        if getattr(model, k) is not None})
     local_heads = PrepareModuleInput(input_layouts=(Shard(2),) * 3,
                                      desired_input_layouts=(Shard(2),) * 3,
                                      use_local_output=True)
