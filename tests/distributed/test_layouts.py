@@ -30,6 +30,7 @@ LAYOUTS = {
     "tp2": (2, {"parallelism.tp": 2}),
     "tp2_q_lora": (2, {"parallelism.tp": 2, "model.q_lora_rank": 32}),
     "fsdp2_x_tp2": (4, {"parallelism.tp": 2}),
+    "replicate2_x_tp2": (4, {"parallelism.dp_replicate": 2, "parallelism.tp": 2}),
     "tp2_x_ep2": (2, {"parallelism.tp": 2, "parallelism.ep": 2}),
     "fsdp2_x_tp2_x_ep2": (4, {"parallelism.tp": 2, "parallelism.ep": 2}),
     "tp2_x_ep2_allgather": (2, {"parallelism.tp": 2, "parallelism.ep": 2,

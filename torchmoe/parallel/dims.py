@@ -32,19 +32,16 @@ class Meshes:
     dense: DeviceMesh
     expert: DeviceMesh
     dp: DeviceMesh  # dense dp_replicate x dp_shard flattened: ranks that read different data
+    # dense dp_replicate x dp_shard x tp flattened: ranks that route different tokens. FSDP over
+    # it shards the modules replicated over tp (router, shared experts) and sums their
+    # gradients over tp too.
+    dp_tp: DeviceMesh
 
     def dp_mesh(self) -> DeviceMesh:
         """FSDP mesh of dense parameters: 2-D (HSDP) when replicated."""
         if self.dense["dp_replicate"].size() > 1:
             return self.dense["dp_replicate", "dp_shard"]
         return self.dense["dp_shard"]
-
-    def token_mesh(self) -> DeviceMesh:
-        """FSDP mesh of modules replicated over tp that see each tp rank's own tokens (router,
-        shared experts): data-parallel x tp, so their gradient reduction sums over tp too."""
-        if self.dense["dp_replicate"].size() > 1:
-            return self.dense["dp_replicate", "dp_shard_tp"]
-        return self.dense["dp_shard_tp"]
 
     def expert_dp_mesh(self) -> DeviceMesh:
         if self.expert["dp_replicate"].size() > 1:
@@ -152,5 +149,5 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     assert math.prod(dims.shape(DENSE_DIMS)) == dims.world_size == dist.get_world_size()
     dense = init_device_mesh(device_type, dims.shape(DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
     expert = init_device_mesh(device_type, dims.shape(EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
-    dense["dp_shard", "tp"]._flatten("dp_shard_tp")
-    return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"))
+    return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"),
+                  dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"))

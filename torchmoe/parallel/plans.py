@@ -49,7 +49,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
                    reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
                    reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
                    cpu_offload=cfg.parallelism.fsdp_cpu_offload,
-                   token_mesh=meshes.token_mesh() if dims.tp > 1 else None)
+                   token_mesh=meshes.dp_tp if dims.tp > 1 else None)
     return model
 
 
