@@ -47,6 +47,7 @@ def test_validation_errors(world, parallelism, model, fragment):
 
 @pytest.mark.parametrize("key,value,fragment", [
     ("model.n_heads", "3", "model.n_heads = 3 is not divisible by parallelism.tp = 2"),
+    ("model.name", "mixtral", "model.n_kv_heads = 2 is not divisible by parallelism.tp = 4"),
     ("training.seq_len", "33", "training.seq_len = 33 is not divisible by parallelism.tp = 2 "
                                "(sequence parallel splits it)"),
     ("moe.ffn_hidden_size", "33", "moe.ffn_hidden_size = 33 is not divisible by "
@@ -55,8 +56,9 @@ def test_validation_errors(world, parallelism, model, fragment):
 ])
 def test_shape_checks_come_first_and_name_both_keys(key, value, fragment):
     """Checked against the degrees before any is refused as not yet available."""
+    tp = 4 if value == "mixtral" else 2
     cfg = build_config({}, [(key, value), ("model.n_dense_layers", "0")] + [
-        (f"parallelism.{k}", "2") for k in ("tp", "pp", "etp")])
-    dims = ParallelDims.from_config(cfg.parallelism, 4)
+        (f"parallelism.{k}", str(d)) for k, d in (("tp", tp), ("pp", 2), ("etp", 2))])
+    dims = ParallelDims.from_config(cfg.parallelism, 2 * tp)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         dims.check_model(cfg)

@@ -37,6 +37,8 @@ class Model:
     n_layers: int = opt(3, "Transformer blocks.", gt=0)
     n_dense_layers: int = opt(1, "The first n blocks use a dense SwiGLU instead of MoE.", ge=0)
     n_heads: int = opt(4, "Attention heads.", gt=0)
+    n_kv_heads: int = opt(4, "GQA key/value heads (GQA families; divides n_heads).", gt=0)
+    head_dim: int = opt(64, "GQA per-head dim (GQA families).", gt=0)
     inter_dim: int = opt(512, "Hidden size of the dense SwiGLU layers.", gt=0)
     q_lora_rank: int = opt(0, "MLA query low-rank dim; 0 projects queries directly.", ge=0)
     kv_lora_rank: int = opt(64, "MLA compressed key/value dim.", gt=0)

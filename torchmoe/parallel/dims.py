@@ -111,9 +111,12 @@ class ParallelDims:
         """Degrees against the model's shape, then against what this version implements; one
         ConfigError per problem, before anything is allocated. ``planning`` (the dry run) also
         accepts degrees that can be planned but not yet trained."""
+        from torchmoe.models.registry import get_model_spec  # the registry imports the plans
+
         shape_rules = [  # (key, value, degree key, degree, why)
             ("moe.num_experts", cfg.moe.num_experts, "ep", self.ep, ""),
-            ("model.n_heads", cfg.model.n_heads, "tp", self.tp, ""),
+            *((f"model.{key}", getattr(cfg.model, key), "tp", self.tp, "")
+              for key in get_model_spec(cfg.model.name).heads_keys),
             ("training.seq_len", cfg.training.seq_len, "tp", self.tp,
              " (sequence parallel splits it)"),
             ("moe.ffn_hidden_size", cfg.moe.ffn_hidden_size, "etp", self.etp, ""),

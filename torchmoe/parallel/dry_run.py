@@ -34,12 +34,11 @@ def _local_numel(p: torch.Tensor) -> int:
 def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
     """Tensors one block saves for backward, per token, with bf16 compute (an estimate:
     residual-stream inputs in fp32, every matmul input and output in bf16)."""
-    m = cfg.model
-    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    attention = (FP32 * m.dim + BF16 * m.dim + BF16 * 4 * m.n_heads * qk
-                 + BF16 * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
-                 + BF16 * m.n_heads * (m.qk_nope_head_dim + 2 * m.v_head_dim)
-                 + FP32 * m.n_heads * m.qk_rope_head_dim)
+    m, a = cfg.model, block.attention
+    # norm input (fp32), projection input, q, k, v (repeated per head), rotary parts in fp32,
+    # attention output and the output projection's input
+    attention = (FP32 * m.dim + BF16 * m.dim + BF16 * a.n_heads * (3 * a.qk_head_dim
+                 + 2 * a.v_head_dim) + FP32 * a.n_heads * a.qk_head_dim)
     ffn = block.feed_forward
     if isinstance(ffn, MoE):
         e, k = cfg.moe, cfg.moe.router_topk

@@ -5,7 +5,7 @@ as a plain tensor); norms run on their shard (``SequenceParallel``). Attention a
 values for its local heads (column-parallel ``wq``/``wq_b``/``wkv_b``; the small shared
 projections ``wq_a``/``wkv_a`` and their norms stay replicated as DTensors so their gradients
 sum over heads), runs the attention kernel on local heads, and reduce-scatters through the
-row-parallel ``wo``. Dense SwiGLUs are column/row parallel the same way. The output head is
+row-parallel ``wo``; GQA splits query and key/value heads alike. Dense SwiGLUs are column/row parallel the same way. The output head is
 column parallel and the loss runs vocabulary-parallel (``loss_parallel``).
 
 MoE layers keep their sequence shard: each tp rank routes only its own tokens, so experts never
@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
                                                RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
+from torchmoe.models.common.attention import GQA
 from torchmoe.models.moe.moe import MoE
 
 
@@ -31,6 +32,21 @@ class ReplicateParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(module, device_mesh)  # default: replicate every parameter
+
+
+def _attention_projections(attention: nn.Module) -> dict[str, ParallelStyle]:
+    """Head-parallel projections of MLA or GQA; outputs stay DTensors until the kernel."""
+    heads = ColwiseParallel(use_local_output=False)
+    if isinstance(attention, GQA):
+        return {f"attention.{n}": heads for n in ("wq", "wk", "wv")}
+    plan = {"attention.wkv_a": ReplicateParallel(), "attention.kv_norm": ReplicateParallel(),
+            "attention.wkv_b": heads}
+    if attention.args.q_lora_rank == 0:
+        plan["attention.wq"] = heads
+    else:
+        plan.update({"attention.wq_a": ReplicateParallel(),
+                     "attention.q_norm": ReplicateParallel(), "attention.wq_b": heads})
+    return plan
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -49,24 +65,15 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                                      desired_input_layouts=(Shard(2),) * 3,
                                      use_local_output=True)
     for block in model.layers.values():
-        attention = block.attention
         plan = {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), Replicate()),
                                             desired_input_layouts=(Replicate(), Replicate())),
-            "attention.wkv_a": ReplicateParallel(),
-            "attention.kv_norm": ReplicateParallel(),
-            "attention.wkv_b": ColwiseParallel(use_local_output=False),
             "attention.inner_attention": local_heads,
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
+            **_attention_projections(block.attention),
         }
-        if attention.args.q_lora_rank == 0:
-            plan["attention.wq"] = ColwiseParallel(use_local_output=False)
-        else:
-            plan.update({"attention.wq_a": ReplicateParallel(),
-                         "attention.q_norm": ReplicateParallel(),
-                         "attention.wq_b": ColwiseParallel(use_local_output=False)})
         if isinstance(block.feed_forward, MoE):
             plan["feed_forward"] = PrepareModuleInputOutput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),

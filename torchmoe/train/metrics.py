@@ -31,6 +31,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
 
 
 def flops_per_token(model: nn.Module, cfg: JobConfig) -> float:
+    """Training FLOPs per token (see the module docstring) of the model as built, before any
+    parallel plan shards it."""
     active = 0.0
     for name, p in model.named_parameters():
         if "tok_embeddings" in name:
@@ -39,9 +41,8 @@ def flops_per_token(model: nn.Module, cfg: JobConfig) -> float:
     for _, moe in moe_layers(model):
         routed = sum(p.numel() for p in moe.experts.parameters())
         active -= routed * (1 - moe.args.router.topk / moe.args.router.num_experts)
-    m = cfg.model
-    attention = (6 * m.n_layers * m.n_heads * cfg.training.seq_len
-                 * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim))
+    attention = sum(6 * a.n_heads * cfg.training.seq_len * (a.qk_head_dim + a.v_head_dim)
+                    for a in (block.attention for block in model.layers.values()))
     return 6 * active + attention
 
 

@@ -1,10 +1,13 @@
-"""Multi-head latent attention (MLA, DeepSeek-V2/V3).
+"""Attention: multi-head latent attention (MLA, DeepSeek-V2/V3) and grouped-query attention
+(GQA: Mixtral, Qwen3, Llama).
 
-Shapes: B batch, S sequence, D model dim, H heads, N = qk_nope_head_dim, R = qk_rope_head_dim,
-V = v_head_dim, C = kv_lora_rank, Q = q_lora_rank.
+Shapes: B batch, S sequence, D model dim, H heads, G key/value heads, K/V per-head query-key /
+value dims; for MLA N = qk_nope_head_dim, R = qk_rope_head_dim, C = kv_lora_rank,
+Q = q_lora_rank.
 
-Keys and values are rebuilt from a C-dim latent; one R-dim rotary key is shared by all heads.
+MLA rebuilds keys and values from a C-dim latent; one R-dim rotary key is shared by all heads.
 Training runs the "naive" form (materialised per-head keys) through scaled_dot_product_attention.
+Both modules expose ``n_heads``, ``qk_head_dim`` and ``v_head_dim`` for FLOP and memory counts.
 """
 
 from dataclasses import dataclass
@@ -29,8 +32,11 @@ class ScaledDotProductAttention(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, q_BSHK: torch.Tensor, k_BSHK: torch.Tensor, v_BSHV: torch.Tensor
+    def forward(self, q_BSHK: torch.Tensor, k_BSGK: torch.Tensor, v_BSGV: torch.Tensor
                 ) -> torch.Tensor:
+        groups = q_BSHK.shape[2] // k_BSGK.shape[2]  # GQA: each key/value head serves a group
+        k_BSHK = k_BSGK.repeat_interleave(groups, dim=2) if groups > 1 else k_BSGK
+        v_BSHV = v_BSGV.repeat_interleave(groups, dim=2) if groups > 1 else v_BSGV
         v_dim = v_BSHV.shape[-1]
         pad = q_BSHK.shape[-1] - v_dim
         v = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
@@ -57,7 +63,9 @@ class MLA(nn.Module):
         super().__init__()
         self.args = args
         a = args
+        self.n_heads = a.n_heads
         self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+        self.v_head_dim = a.v_head_dim
         if a.q_lora_rank == 0:
             self.wq = nn.Linear(a.dim, a.n_heads * self.qk_head_dim, bias=False)
         else:
@@ -96,3 +104,41 @@ class MLA(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, out_std if name == "wo" else std)
+
+
+@dataclass
+class GQAArgs:
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    softmax_scale: float
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with rotary embeddings over the whole head dim."""
+
+    def __init__(self, args: GQAArgs):
+        super().__init__()
+        self.args = args
+        a = args
+        self.n_heads = a.n_heads
+        self.qk_head_dim = self.v_head_dim = a.head_dim
+        self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.inner_attention = ScaledDotProductAttention(a.softmax_scale)
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        hd = self.args.head_dim
+        q_BSHK = apply_rope(self.wq(x_BSD).view(B, S, -1, hd), cos_sin)
+        k_BSGK = apply_rope(self.wk(x_BSD).view(B, S, -1, hd), cos_sin)
+        v_BSGV = self.wv(x_BSD).view(B, S, -1, hd)
+        return self.wo(self.inner_attention(q_BSHK, k_BSGK, v_BSGV).flatten(2))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for name in ("wq", "wk", "wv"):
+            trunc_normal_(getattr(self, name).weight, std)
+        trunc_normal_(self.wo.weight, out_std)
