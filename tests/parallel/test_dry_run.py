@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -42,6 +44,18 @@ def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
         r"^parameters \(fp32\)\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups())
     assert last < first  # the last stage holds 1 of the 61 layers, the first 4 + embeddings
     assert "UserWarning" not in proc.stderr
+
+
+@pytest.mark.parametrize("ngpu,extra,layout", [
+    (8, [], "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8"),
+    (64, ["--parallelism.pp", "4", "--parallelism.dp_replicate", "2"],
+     "64 ranks: dp_replicate 2 dp_shard 8 tp 1 pp 4 ep 8"),
+])
+def test_mixtral_8x7b_seed_layouts(ngpu, extra, layout):
+    proc = dry_run(ngpu, "--config", "train_configs/mixtral_8x7b.toml", *extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert layout in proc.stdout
+    assert "mixtral/8x7B, 46.7B parameters" in proc.stdout
 
 
 def test_fewer_experts_per_rank_means_smaller_fsdp_buffers():
