@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config, load_config, read_toml, to_toml
@@ -78,6 +79,8 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     (["--config="], "--config takes one recipe file"),
     (["--config", "a.toml", "--config", "b.toml"], "--config takes one recipe file"),
     (["--checkpoint.load_step", "5"], "checkpoint.load_step = 5 needs checkpoint.enable = true"),
+    pytest.param(["--parallelism.fsdp_cpu_offload"], "needs CUDA; this machine has none",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")),
     (["--moe.load_balancing_type", "none", "--moe.aux_loss_coeff", "0.01"],
      "has no effect with moe.load_balancing_type = 'none'"),
     (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),

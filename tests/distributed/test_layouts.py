@@ -16,6 +16,7 @@ from torchmoe.train.trainer import Trainer
 GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
 LAYOUTS = {
     "fsdp2": (2, {}),
+    "fsdp2_reshard_never": (2, {"parallelism.fsdp_reshard_after_forward": "never"}),
     "hsdp_2x2": (4, {"parallelism.dp_replicate": 2, "parallelism.dp_shard": 2}),
     "ep2": (2, {"parallelism.ep": 2}),
     "ep4": (4, {"parallelism.ep": 4}),
@@ -57,6 +58,7 @@ def config(folder, cache, dp=1, **overrides):
               "moe.ffn_hidden_size": "32", "moe.shared_expert_intermediate_size": "32",
               "moe.bias_update_rate": "0.01", "lr_scheduler.warmup_steps": "1",
               "optimizer.lr": "1e-2",
+              "training.max_norm": "0.1",  # below the gradient norm: clipping is exercised
               # Adam's eps bounds how much it magnifies float32 noise in near-zero gradients.
               "optimizer.eps": "1e-6"}
     values.update({k: str(v) for k, v in overrides.items()})

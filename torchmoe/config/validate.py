@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import torch
+
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.registry import get_model_spec
@@ -22,6 +24,9 @@ def validate(cfg: JobConfig) -> None:
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("metrics.enable_tensorboard = true but tensorboard is not installed; "
                           "pip install tensorboard")
+    if cfg.parallelism.fsdp_cpu_offload and not torch.cuda.is_available():
+        raise ConfigError("parallelism.fsdp_cpu_offload = true offloads GPU memory to pinned "
+                          "host memory and needs CUDA; this machine has none")
     dims = ParallelDims.from_config(cfg.parallelism, world)
     dims.check_model(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     t = cfg.training
