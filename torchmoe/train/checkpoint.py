@@ -81,7 +81,7 @@ class _Pickled:
 class _RNG:
     def state_dict(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if torch.cuda.is_initialized():  # a CPU run never touches CUDA (nor may forked ranks)
             state["cuda"] = torch.cuda.get_rng_state()
         return state
 
