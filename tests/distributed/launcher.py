@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing.connection import wait
 
 
 def _free_port() -> int:
@@ -47,18 +48,21 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -
         child.close()
         pipes.append(parent)
         procs.append(proc)
-    results = []
+    results: dict[int, Any] = {}
+    waiting = dict(enumerate(pipes))
     try:
-        for rank, pipe in enumerate(pipes):
-            if not pipe.poll(timeout):
-                raise TimeoutError(f"rank {rank} gave no result within {timeout} s")
-            status, value = pipe.recv()
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results.append(pickle.loads(value))
+        while waiting:  # fail fast: a rank that dies leaves the others blocked in collectives
+            ready = wait(list(waiting.values()), timeout=timeout)
+            if not ready:
+                raise TimeoutError(f"ranks {sorted(waiting)} gave no result within {timeout} s")
+            for rank in [r for r, pipe in waiting.items() if pipe in ready]:
+                status, value = waiting.pop(rank).recv()
+                if status != "ok":
+                    raise RuntimeError(f"rank {rank} failed:\n{value}")
+                results[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
-    return results
+    return [results[rank] for rank in range(world_size)]

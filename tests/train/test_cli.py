@@ -14,8 +14,12 @@ FAST = ["--training.steps", "3", "--training.seq_len", "32", "--training.local_b
         "--metrics.log_freq", "1"]
 
 
+# These run the CPU path even on a GPU machine (ranks would otherwise share its GPUs).
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run(cmd, tmp_path, data_cache, **env):
-    full_env = {**os.environ, "NGPU": "1", **env}
+    full_env = {**CPU_ENV, "NGPU": "1", **env}
     return subprocess.run(cmd + FAST + ["--job.dump_folder", str(tmp_path),
                                         "--data.cache_dir", data_cache],
                           capture_output=True, text=True, cwd=REPO, env=full_env, timeout=300)
@@ -43,7 +47,7 @@ def test_two_nodes_with_static_rendezvous(tmp_path, data_cache):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**os.environ, "NGPU": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+    env = {**CPU_ENV, "NGPU": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port}
     cmd = ["./run_train.sh"] + FAST + ["--data.cache_dir", data_cache]
     nodes = [subprocess.Popen(cmd + ["--job.dump_folder", str(tmp_path / f"node{i}")], cwd=REPO,
