@@ -1,4 +1,4 @@
-"""Run a function on N forked ranks joined in a gloo process group (CPU), inside pytest."""
+"""Run a function on N ranks joined in a gloo process group (CPU), inside pytest."""
 
 import os
 import pickle
@@ -38,7 +38,13 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, con
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -> list[Any]:
     """``fn(rank, *args)`` on every rank; returns the results by rank, or raises with the
     first failing rank's traceback."""
-    ctx = mp.get_context("fork")
+    # fork is cheap (torch already imported) but a child of a process that used CUDA must not
+    # touch it, and torch's optimizers do; then start ranks from a clean fork server instead.
+    method = os.environ.get("TORCHMOE_TEST_START_METHOD") or (
+        "forkserver" if torch.cuda.is_initialized() else "fork")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torchmoe.train.trainer"])  # import torch once, not per rank
     port = _free_port()
     pipes, procs = [], []
     for rank in range(world_size):
