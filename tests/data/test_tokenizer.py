@@ -1,4 +1,5 @@
 import base64
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def test_bundled_vocabulary(bundled: Tokenizer) -> None:
 def test_tiktoken_splits_text_where_our_regex_does(random_text: Callable[[int], str]) -> None:
     """The trainer splits with Python's `regex`, tiktoken with Rust's fancy-regex. Give every
     piece our regex finds its own rank: tiktoken then returns exactly those pieces only if it
-    splits the text identically."""
-    text = random_text(400)
+    splits the text identically. Code points unassigned in this Python's Unicode tables are
+    dropped: the two engines may know different Unicode versions, whose categories differ."""
+    text = "".join(c for c in random_text(400) if unicodedata.category(c) != "Cn")
     pieces = [p.encode() for p in regex.findall(PRETOKENIZE_PATTERN, text)]
     ranks = {bytes([b]): b for b in range(256)}
     for piece in pieces:

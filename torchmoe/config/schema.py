@@ -197,7 +197,7 @@ class Quantize:
                                      "(needs an sm89+ GPU to be fast).")
     float8_recipe: str = opt("tensorwise", "torchao float8 scaling recipe.",
                              choices=("tensorwise", "rowwise"))
-    float8_exclude: list = opt(["output", "router"],
+    float8_exclude: list[str] = opt(["output", "router"],
                                "Modules whose name contains one of these stay in high precision.")
 
 

@@ -33,6 +33,7 @@ _SPECS = {
 
 
 def get_model_spec(name: str) -> ModelSpec:
+    """The family called ``name``, or a ConfigError listing the families."""
     if name not in _SPECS:
         raise ConfigError(f"model.name = {name!r} is not a model family; choose one of: "
                           f"{', '.join(_SPECS)}")

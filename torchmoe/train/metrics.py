@@ -27,6 +27,7 @@ _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, module) of every MoE layer, in model order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 

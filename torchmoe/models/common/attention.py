@@ -59,6 +59,8 @@ class MLAArgs:
 
 
 class MLA(nn.Module):
+    """Multi-head latent attention; see the module docstring."""
+
     def __init__(self, args: MLAArgs):
         super().__init__()
         self.args = args

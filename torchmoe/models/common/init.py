@@ -15,4 +15,5 @@ from torch import nn
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> None:
+    """Normal(0, std) cut at +-3 std, in place."""
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)

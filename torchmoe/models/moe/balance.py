@@ -48,12 +48,14 @@ def set_aux_loss_scale(scale: float) -> None:
 
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, aux: torch.Tensor
+                ) -> torch.Tensor:
         ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         grad_aux = torch.full(ctx.aux_shape, _aux_loss_scale, dtype=ctx.aux_dtype,
                               device=grad_out.device)
         return grad_out, grad_aux

@@ -23,6 +23,8 @@ def use_grouped_mm(backend: str, device: torch.device) -> bool:
 
 
 class GroupedExperts(nn.Module):
+    """E SwiGLU experts applied to tokens already grouped by expert."""
+
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, backend: str = "auto"):
         super().__init__()
         self.backend = backend  # "auto" | "grouped_mm" | "loop"
@@ -50,14 +52,17 @@ class GroupedExperts(nn.Module):
         trunc_normal_(self.w2, out_std)
 
 
-def _grouped_swiglu(x_MD, counts_E, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+def _grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
+                    w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
+    """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
     offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
     h_MF = F.silu(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets))
     h_MF = h_MF * torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets)
     return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
 
 
-def _looped_swiglu(x_MD, counts_E, w1_EFD, w2_EDF, w3_EFD) -> torch.Tensor:
+def _looped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
+                   w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
     """Reference path: one dense matmul chain per expert (syncs once for the counts)."""
     outs = []
     for e, x_mD in enumerate(torch.split(x_MD, counts_E.tolist())):

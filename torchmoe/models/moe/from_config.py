@@ -11,6 +11,7 @@ _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 def validate_moe(cfg: JobConfig) -> None:
+    """Cross-key checks of [moe]: top-k and group-limited routing must be satisfiable."""
     e = cfg.moe
     if e.router_topk > e.num_experts:
         raise ConfigError(f"moe.router_topk = {e.router_topk} exceeds moe.num_experts = "
@@ -34,6 +35,7 @@ def validate_moe(cfg: JobConfig) -> None:
 
 
 def moe_args(cfg: JobConfig) -> MoEArgs:
+    """The MoE layer arguments the [moe] section (and model.dim) describe."""
     e = cfg.moe
     return MoEArgs(
         router=RouterArgs(dim=cfg.model.dim, num_experts=e.num_experts, topk=e.router_topk,

@@ -37,6 +37,8 @@ def _in_backward() -> bool:
 
 
 class MoE(nn.Module):
+    """Routed experts plus optional shared experts; see the module docstring."""
+
     def __init__(self, args: MoEArgs):
         super().__init__()
         self.args = args
@@ -71,7 +73,9 @@ class MoE(nn.Module):
             out_TD = attach_aux_loss(out_TD, aux)
         return out_TD.view(B, S, D)
 
-    def _balance_loss(self, probs_TE, topk_idx_TK, batch: int) -> torch.Tensor | None:
+    def _balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: int
+                      ) -> torch.Tensor | None:
+        """The weighted balance loss of this forward, or None when balancing by loss is off."""
         a = self.args
         if a.load_balancing_type == "none" or a.aux_loss_coeff == 0:
             return None

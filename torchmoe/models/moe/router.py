@@ -38,6 +38,8 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
+    """Scores every expert for every token and picks each token's top-k (see module docstring)."""
+
     def __init__(self, args: RouterArgs):
         super().__init__()
         self.args = args
