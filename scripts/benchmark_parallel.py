@@ -97,7 +97,8 @@ def main(argv: list[str]) -> None:
     moved = sum(torch.Size(row).numel() * dtype.itemsize * sum(i)
                 for row, dtype, _, i, _ in step_calls) * 2 / 2**20
 
-    tokens = cfg.training.local_batch_size * cfg.training.seq_len * trainer.accum_steps
+    # tokens per GPU: the ranks of a tensor-parallel group work on one batch together
+    tokens = trainer.global_tokens / trainer.dims.world_size
     tps = tokens / seconds
     tflops = tps * trainer.metrics.flops_per_token / 1e12
     peak = peak_flops(trainer.device, trainer.dtype)

@@ -186,13 +186,13 @@ class Trainer:
         if cfg.checkpoint.create_seed_checkpoint:
             self.checkpoint.save_seed()
             return []
-        local_tokens = self.global_tokens // self.dims.dp
+        tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
         while self.state.step < cfg.training.steps:
             loss, aux, grad_norm, lr = self.train_step()
             self.state.step += 1
             losses.append(loss)
-            self.metrics.record_step(local_tokens, loss, aux, self.after_step())
+            self.metrics.record_step(tokens_per_gpu, loss, aux, self.after_step())
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
                 self.metrics.log(step, grad_norm, lr)
