@@ -83,6 +83,10 @@ class MoE:
     grouped_mm: str = opt(
         "auto", "Expert GEMMs: torch._grouped_mm, a per-expert loop, or auto (grouped_mm on "
         "CUDA sm90+, loop elsewhere).", choices=("auto", "grouped_mm", "loop"))
+    permute_backend: str = opt(
+        "auto", "Token permutation (dispatch gather, combine weighted sum): fused Triton "
+        "kernels, plain torch ops, or auto (Triton on CUDA, torch elsewhere).",
+        choices=("auto", "triton", "torch"))
 
 
 @dataclass
@@ -182,13 +186,21 @@ class Parallelism:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = opt("none", "Recompute activations in backward: none, or full (every block).",
-                    choices=("none", "full"))
+    mode: str = opt(
+        "none", "Recompute activations in backward: none; full (whole blocks); selective "
+        "(op-level policy, or the modules in recompute_modules).",
+        choices=("none", "full", "selective"))
+    every_n_layers: int = opt(
+        1, "Checkpoint one block of every n (1 = all); the rest keep their activations.", gt=0)
+    recompute_modules: list[str] = opt(
+        [], "mode = selective: recompute only these modules (Megatron names: core_attn, "
+        "mla_up_proj, layernorm, mlp, moe, moe_act). Empty = op-level policy that saves "
+        "matmul, attention, top-k and communication outputs and recomputes the rest.")
 
 
 @dataclass
 class Compile:
-    enable: bool = opt(False, "torch.compile each transformer block.")
+    enable: bool = opt(False, "torch.compile each transformer block and the loss.")
 
 
 @dataclass
@@ -197,6 +209,9 @@ class Quantize:
                                      "(needs an sm89+ GPU to be fast).")
     float8_recipe: str = opt("tensorwise", "torchao float8 scaling recipe.",
                              choices=("tensorwise", "rowwise"))
+    float8_experts: bool = opt(
+        False, "Train the routed experts' grouped GEMMs in float8 (torchao, rowwise scales; "
+        "needs CUDA sm90+).")
     float8_exclude: list[str] = opt(["output", "router"],
                                "Modules whose name contains one of these stay in high precision.")
 

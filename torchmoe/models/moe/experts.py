@@ -63,9 +63,12 @@ def _grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Te
 
 def _looped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
                    w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
-    """Reference path: one dense matmul chain per expert (syncs once for the counts)."""
+    """Reference path: one dense matmul chain per expert (syncs once for the counts). Rows past
+    the last group (a dispatcher's static-size padding) come out as zeros."""
+    counts = counts_E.tolist()
     outs = []
-    for e, x_mD in enumerate(torch.split(x_MD, counts_E.tolist())):
+    for e, x_mD in enumerate(torch.split(x_MD[: sum(counts)], counts)):
         h = F.silu(x_mD @ w1_EFD[e].T) * (x_mD @ w3_EFD[e].T)
         outs.append(h @ w2_EDF[e].T)
+    outs.append(x_MD.new_zeros(x_MD.shape[0] - sum(counts), w2_EDF.shape[1]))
     return torch.cat(outs)
