@@ -1,15 +1,23 @@
 """apply_compile: torch.compile per transformer block."""
 
+import logging
+
 import torch
 from torch import nn
 
 from torchmoe.config.schema import Compile
 
+logger = logging.getLogger(__name__)
 
-def apply_compile(model: nn.Module, cfg: Compile) -> None:
-    """Compile each block of ``model.layers`` separately: blocks share one compiled graph shape,
-    so compile time does not grow with depth."""
+
+def apply_compile(model: nn.Module, cfg: Compile, fullgraph: bool) -> None:
+    """Compile each block of ``model.layers`` separately: blocks of one kind share a compiled
+    graph, so compile time does not grow with depth. ``fullgraph`` (the MoE layer has no host
+    sync: local dispatcher and grouped GEMM experts) turns any graph break into an error
+    instead of a silent slowdown; expert-parallel dispatchers need the token counts on the host
+    and compile with a break there."""
     if not cfg.enable:
         return
     for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block))
+        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
+    logger.info("compiled %d blocks (fullgraph=%s)", len(model.layers), fullgraph)

@@ -15,6 +15,7 @@ from torch import nn
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
+from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import apply_ac
 from torchmoe.parallel.compile import apply_compile
 from torchmoe.parallel.dims import ParallelDims
@@ -38,7 +39,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
     if dims.ep * dims.etp > 1:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     apply_ac(model, cfg.activation_checkpoint)
-    apply_compile(model, cfg.compile)
+    apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
     if dims.world_size // dims.pp > 1:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
@@ -51,6 +52,13 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
                    cpu_offload=cfg.parallelism.fsdp_cpu_offload,
                    token_mesh=meshes.dp_tp if dims.tp > 1 else None)
     return model
+
+
+def _sync_free_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:
+    """Blocks trace into one graph when no MoE layer needs its token counts on the host: no
+    expert or tensor parallelism, and experts on torch._grouped_mm rather than the loop."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dims.ep * dims.etp * dims.tp == 1 and use_grouped_mm(cfg.moe.grouped_mm, device)
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -32,6 +31,7 @@ from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
+from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
 from torchmoe.train.metrics import MetricsLogger, moe_layers
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
@@ -106,6 +106,7 @@ class Trainer:
             cfg.checkpoint, Path(cfg.job.dump_folder) / cfg.checkpoint.folder, model,
             self.optimizer, self.lr_scheduler, self.dataloader, self.state, self.dims.dp_rank())
         self.metrics = MetricsLogger(cfg, model, self.device, self.dtype)
+        self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
 
     def _accumulation_steps(self) -> int:
         """Micro-batches per step; validate() checked that they divide evenly."""
@@ -138,8 +139,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
                 logits = self.model(inputs)
             with loss_parallel() if self.dims.tp > 1 else nullcontext():
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                       reduction="sum")
+                loss = self.loss_fn(logits, labels)
                 (loss / self.global_tokens).backward()
             if isinstance(loss, DTensor):  # vocabulary-parallel loss: the same on every tp rank
                 loss = loss.full_tensor()

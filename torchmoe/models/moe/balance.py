@@ -50,20 +50,20 @@ class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, aux: torch.Tensor
                 ) -> torch.Tensor:
-        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        ctx.aux_dtype = aux.dtype
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_aux = torch.full(ctx.aux_shape, _aux_loss_scale, dtype=ctx.aux_dtype,
-                              device=grad_out.device)
-        return grad_out, grad_aux
+        return grad_out, torch.ones((), dtype=ctx.aux_dtype, device=grad_out.device)
 
 
 def attach_aux_loss(out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-    """Return ``out`` unchanged, such that backward through it also backpropagates ``aux``."""
-    return _AttachAuxLoss.apply(out, aux)
+    """Return ``out`` unchanged, such that backward through it also backpropagates ``aux``
+    times the current scale. The scale is applied here, in forward, so a compiled graph
+    guards on it instead of baking a stale value into its backward."""
+    return _AttachAuxLoss.apply(out, aux * _aux_loss_scale)
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ That layout matches Hugging Face's per-expert linears (conversion is a stack) an
 ``torch._grouped_mm`` the column-major right operand it wants (``w.transpose(-2, -1)``).
 """
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,12 +16,21 @@ from torch import nn
 from torchmoe.models.common.init import trunc_normal_
 
 
+@torch.compiler.assume_constant_result
 def use_grouped_mm(backend: str, device: torch.device) -> bool:
     """``moe.grouped_mm``: "auto" picks torch._grouped_mm where it has fast kernels (CUDA sm90+)
     and the per-expert loop elsewhere."""
     if backend != "auto":
         return backend == "grouped_mm"
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+class SwiGLUActivation(nn.Module):
+    """silu(h1) * h3. Parameter-free; a module of its own so activation checkpointing can
+    recompute it in backward instead of saving silu(h1) (``recompute_modules = ["moe_act"]``)."""
+
+    def forward(self, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
+        return F.silu(h1) * h3
 
 
 class GroupedExperts(nn.Module):
@@ -31,6 +42,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.activation = SwiGLUActivation()
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
@@ -43,8 +55,8 @@ class GroupedExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))
         if use_grouped_mm(self.backend, x_MD.device):
-            return _grouped_swiglu(x_MD, counts_E, w1, w2, w3)
-        return _looped_swiglu(x_MD, counts_E, w1, w2, w3)
+            return _grouped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
+        return _looped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
 
     def init_weights(self, std: float, out_std: float) -> None:
         trunc_normal_(self.w1, std)
@@ -53,22 +65,24 @@ class GroupedExperts(nn.Module):
 
 
 def _grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                    w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
+                    w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
+                    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
     offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-    h_MF = F.silu(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets))
-    h_MF = h_MF * torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets)
+    h_MF = act(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
+               torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets))
     return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
 
 
 def _looped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                   w2_EDF: torch.Tensor, w3_EFD: torch.Tensor) -> torch.Tensor:
+                   w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
+                   act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Reference path: one dense matmul chain per expert (syncs once for the counts). Rows past
     the last group (a dispatcher's static-size padding) come out as zeros."""
     counts = counts_E.tolist()
     outs = []
     for e, x_mD in enumerate(torch.split(x_MD[: sum(counts)], counts)):
-        h = F.silu(x_mD @ w1_EFD[e].T) * (x_mD @ w3_EFD[e].T)
+        h = act(x_mD @ w1_EFD[e].T, x_mD @ w3_EFD[e].T)
         outs.append(h @ w2_EDF[e].T)
     outs.append(x_MD.new_zeros(x_MD.shape[0] - sum(counts), w2_EDF.shape[1]))
     return torch.cat(outs)
