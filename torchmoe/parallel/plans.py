@@ -22,18 +22,19 @@ from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.expert_parallel import apply_ep
 from torchmoe.parallel.fsdp import apply_fsdp
 from torchmoe.parallel.tensor_parallel import apply_tp
-from torchmoe.quant.float8 import apply_float8_linears
+from torchmoe.quant.float8 import apply_float8_experts, apply_float8_linears
 
 ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
-    """float8 -> tensor parallel -> expert parallel -> activation checkpointing -> compile ->
+    """float8 (linears, experts) -> tensor parallel -> expert parallel -> activation checkpointing -> compile ->
     FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
     if cfg.quantize.float8_linear and dims.tp > 1:
         raise ConfigError("quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
                           "use tp = 1 or turn float8 off")
     apply_float8_linears(model, cfg.quantize)
+    apply_float8_experts(model, cfg.quantize)
     if dims.tp > 1:
         apply_tp(model, dims.meshes.dense["tp"])
     if dims.ep * dims.etp > 1:

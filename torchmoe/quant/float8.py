@@ -1,8 +1,13 @@
-"""Float8 training of dense linears through torchao."""
+"""Float8 training through torchao: dense linears, and the routed experts' grouped GEMMs."""
 
 from torch import nn
 
 from torchmoe.config.schema import Quantize
+from torchmoe.models.moe.experts import GroupedExperts
+from torchmoe.models.moe.moe import MoE
+
+# torchao's float8 grouped GEMM wants every expert's row count padded to a multiple of this.
+FLOAT8_GROUP_ALIGNMENT = 16
 
 
 def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
@@ -20,3 +25,20 @@ def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
 
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(cfg.float8_recipe),
                                module_filter_fn=eligible)
+
+
+def apply_float8_experts(model: nn.Module, cfg: Quantize) -> None:
+    """Wrap every routed expert weight in torchao's float8 training tensor, which turns each
+    ``torch._grouped_mm`` on it into a float8 grouped GEMM with rowwise scales (inputs and
+    weights quantized on the fly; master weights and gradients stay in high precision). The
+    dispatcher pads each expert's rows to 16, as that GEMM needs. Touches ``MoE.experts``
+    parameters and ``MoE.dispatcher.pad_multiple``; run it before expert parallelism."""
+    if not cfg.float8_experts:
+        return
+    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+    from torchao.quantization import quantize_
+
+    quantize_(model, Float8TrainingOpConfig(),
+              filter_fn=lambda module, _fqn: isinstance(module, GroupedExperts))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.dispatcher.pad_multiple = FLOAT8_GROUP_ALIGNMENT

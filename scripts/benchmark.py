@@ -1,0 +1,217 @@
+"""Single-GPU speed of a recipe under each speed variant, and where one MoE layer spends its time.
+
+    python scripts/benchmark.py --config train_configs/deepseek_v3.toml \\
+        --model.n_layers 4 --parallelism.ep 1 --training.local_batch_size 2 \\
+        --training.seq_len 4096 [--variants eager,compiled,...] [--warmup 10 --steps 30]
+
+Each variant runs in a fresh process (own compile caches and memory peak) for ``--warmup``
+then ``--steps`` optimizer steps and prints one table row: tokens/s, model TFLOP/s (the
+trainer's FLOP count), MFU, peak allocated memory, the last loss. Then one MoE layer of the
+recipe's shape is timed forward + backward with CUDA events, phase by phase (router, dispatch,
+experts, combine, shared experts), against a dense bf16 SwiGLU of the same FLOPs.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+VARIANTS = {
+    "eager": [],
+    "compiled": ["--compile.enable", "true"],
+    "compiled+full_ac": ["--compile.enable", "true", "--activation_checkpoint.mode", "full"],
+    "compiled+selective_ac": ["--compile.enable", "true",
+                              "--activation_checkpoint.mode", "selective"],
+    "compiled+recompute_moe_act,layernorm": [
+        "--compile.enable", "true", "--activation_checkpoint.mode", "selective",
+        "--activation_checkpoint.recompute_modules", "moe_act,layernorm"],
+    "compiled+float8": ["--compile.enable", "true", "--quantize.float8_linear", "true",
+                        "--quantize.float8_experts", "true"],
+    "compiled+float8+selective_ac": [
+        "--compile.enable", "true", "--quantize.float8_linear", "true",
+        "--quantize.float8_experts", "true", "--activation_checkpoint.mode", "selective"],
+}
+_QUIET = ["--checkpoint.enable", "false", "--metrics.save_jsonl", "false",
+          "--metrics.log_freq", "1000000"]
+
+
+def run_variant(recipe: list[str], warmup: int, steps: int, profile: bool) -> dict:
+    """Train in this process and return the measured row; with ``profile``, also print the
+    GPU kernels of two more steps, most expensive first."""
+    from torchmoe.config.load import load_config
+    from torchmoe.train.metrics import peak_flops
+    from torchmoe.train.trainer import Trainer
+
+    cfg, _ = load_config(recipe + _QUIET)
+    trainer = Trainer(cfg)
+    for _ in range(warmup):
+        trainer.train_step()
+        trainer.after_step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, *_ = trainer.train_step()
+        trainer.after_step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    if profile:
+        _print_kernels(trainer)
+    tps = trainer.global_tokens / trainer.dims.world_size / seconds
+    tflops = tps * trainer.metrics.flops_per_token / 1e12
+    peak = peak_flops(trainer.device, trainer.dtype)
+    return {"tokens_per_s": tps, "tflops": tflops, "mfu": tflops * 1e12 / peak if peak else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
+
+
+def _print_kernels(trainer) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            trainer.train_step()
+            trainer.after_step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
+          file=sys.stderr, flush=True)
+
+
+def _time_ms(fn, repeats: int = 20) -> float:
+    """Mean milliseconds of ``fn`` on the GPU, after two untimed calls."""
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _fwd_bwd(fn, *inputs: torch.Tensor):
+    """A callable running ``fn`` forward and backward (seeded with ones-like gradients) on
+    detached copies of ``inputs``, so one phase is timed alone."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+
+    def run():
+        outs = fn(*leaves)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return run
+
+
+def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
+    """(phase, forward + backward ms) for one MoE layer of the recipe, bf16, eager."""
+    from torchmoe.config.load import load_config
+    from torchmoe.models.moe.from_config import moe_args
+    from torchmoe.models.moe.moe import MoE
+
+    cfg, _ = load_config(recipe + _QUIET)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        layer = MoE(moe_args(cfg))
+        layer.init_weights(0.02, 0.02)
+    layer.to(torch.bfloat16)
+    T, D = cfg.training.local_batch_size * cfg.training.seq_len, cfg.model.dim
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    routing = layer.router(x)
+    x_MD, counts, state = layer.dispatcher.dispatch(x, routing.topk_idx_TK)
+    y_MD = layer.experts(x_MD, counts)
+    rows, F = int(counts.sum()), cfg.moe.ffn_hidden_size
+    w = [torch.randn(F, D, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    w.append(torch.randn(D, F, device="cuda", dtype=torch.bfloat16) * 0.02)
+
+    def dense_swiglu(x_MD, w1, w3, w2):
+        return (torch.nn.functional.silu(x_MD @ w1.T) * (x_MD @ w3.T)) @ w2.T
+
+    phases = [
+        ("router", _fwd_bwd(lambda x: layer.router(x).topk_weight_TK, x)),
+        ("dispatch", _fwd_bwd(lambda x: layer.dispatcher.dispatch(x, routing.topk_idx_TK)[0], x)),
+        ("experts (grouped GEMM)", _fwd_bwd(lambda h: layer.experts(h, counts), x_MD)),
+        ("combine", _fwd_bwd(lambda y, wt: layer.dispatcher.combine(y, wt, state), y_MD,
+                             routing.topk_weight_TK)),
+    ]
+    if layer.shared_experts is not None:
+        phases.append(("shared experts", _fwd_bwd(layer.shared_experts, x)))
+    phases.append(("whole layer", _fwd_bwd(lambda x: layer(x.view(1, T, D)), x)))
+    phases.append((f"dense SwiGLU, same FLOPs ({rows} rows)",
+                   _fwd_bwd(dense_swiglu, x_MD[:rows], *w)))
+    expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
+    results = [(name, _time_ms(fn)) for name, fn in phases]
+    return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
+
+
+def _child(args: argparse.Namespace, recipe: list[str]) -> None:
+    row = (run_variant(recipe + VARIANTS[args.variant], args.warmup, args.steps, args.profile)
+           if args.variant else {"split": moe_layer_split(recipe)})
+    print("RESULT " + json.dumps(row), flush=True)
+
+
+def _spawn(flags: list[str], recipe: list[str]) -> dict | None:
+    """Run a child process (its stderr passes through) and return its RESULT row."""
+    proc = subprocess.run([sys.executable, __file__, *flags, *recipe], stdout=subprocess.PIPE,
+                          text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return None
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--no-layer-split", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="print each variant's top GPU kernels over two steps")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process: one variant
+    parser.add_argument("--split", action="store_true", help=argparse.SUPPRESS)  # child
+    args, recipe = parser.parse_known_args(argv)
+    if args.variant or args.split:
+        return _child(args, recipe)
+    if not torch.cuda.is_available():
+        sys.exit("scripts/benchmark.py measures GPU speed and needs CUDA")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {' '.join(recipe)}")
+    print("| variant | tokens/s | TFLOP/s | MFU | peak GiB | loss |\n|---|---|---|---|---|---|")
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            sys.exit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
+        flags = ["--variant", name, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        flags += ["--profile"] if args.profile else []
+        r = _spawn(flags, recipe)
+        if r is None:
+            print(f"| {name} | failed (see stderr) | | | | |", flush=True)
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
+              f"{r['peak_gib']:.1f} | {r['loss']:.3f} |", flush=True)
+    if args.no_layer_split:
+        return
+    split = _spawn(["--split"], recipe)
+    if split is None:
+        return
+    split = split["split"]
+    total = dict(split)["whole layer"]
+    print("\n| one MoE layer, forward + backward | ms | share of layer |\n|---|---|---|")
+    for name, value in split:
+        if name == "expert GEMM TFLOP/s":
+            print(f"| {name} | {value:.0f} | |")
+        else:
+            print(f"| {name} | {value:.3f} | {100 * value / total:.1f}% |")
+    times = dict(split)
+    overhead = times["router"] + times["dispatch"] + times["combine"]
+    dense = next(v for k, v in split if k.startswith("dense SwiGLU"))
+    print(f"\nrouter + dispatch + combine: {100 * overhead / total:.1f}% of the layer; "
+          f"grouped experts at {100 * dense / times['experts (grouped GEMM)']:.0f}% of the "
+          "dense SwiGLU's rate")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

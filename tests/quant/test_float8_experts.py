@@ -1,0 +1,67 @@
+"""float8 grouped-GEMM experts through torchao: the conversion, and (GPU) accuracy and training."""
+
+import copy
+
+import pytest
+import torch
+
+from torchmoe.config.load import build_config
+from torchmoe.models.moe.moe import MoE, MoEArgs
+from torchmoe.models.moe.router import RouterArgs
+from torchmoe.quant.float8 import apply_float8_experts
+
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="torchao's float8 grouped GEMM needs a CUDA sm90+ GPU")
+
+
+def _quantize(**overrides: str):
+    return build_config({}, [("quantize.float8_experts", "true"), *overrides.items()]).quantize
+
+
+def _moe_layer(dim: int = 256, hidden: int = 512, experts: int = 8) -> MoE:
+    args = MoEArgs(RouterArgs(dim=dim, num_experts=experts, topk=2), hidden_dim=hidden,
+                   shared_hidden_dim=hidden, grouped_mm="grouped_mm")
+    layer = MoE(args)
+    layer.init_weights(0.02, 0.02)
+    return layer
+
+
+def test_conversion_wraps_expert_weights_and_pads_groups():
+    from torchao.prototype.moe_training.tensor import Float8TrainingWeightWrapperTensor
+
+    layer = _moe_layer()
+    apply_float8_experts(layer, _quantize())
+    for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
+        assert isinstance(w.data, Float8TrainingWeightWrapperTensor)
+    assert not isinstance(layer.router.gate.weight.data, Float8TrainingWeightWrapperTensor)
+    assert not isinstance(layer.shared_experts.w1.weight.data, Float8TrainingWeightWrapperTensor)
+    assert layer.dispatcher.pad_multiple == 16
+
+
+@needs_sm90
+def test_float8_layer_is_close_to_bf16_and_backpropagates():
+    torch.manual_seed(0)
+    bf16 = _moe_layer(dim=1024, hidden=1024, experts=16).cuda().to(torch.bfloat16)
+    fp8 = copy.deepcopy(bf16)
+    apply_float8_experts(fp8, _quantize())
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ref, out = bf16(x), fp8(x)
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 0.1, rel
+    grad = torch.randn_like(out)
+    ref.backward(grad)
+    out.backward(grad)
+    w1_ref, w1 = bf16.experts.w1.grad.float(), fp8.experts.w1.grad.float()
+    assert torch.isfinite(w1).all()
+    assert (w1 - w1_ref).norm() / w1_ref.norm() < 0.2
+
+
+@needs_sm90
+def test_float8_experts_train(tiny_config):
+    from torchmoe.train.trainer import Trainer
+
+    cfg = tiny_config(**{"quantize.float8_experts": "true", "training.steps": 30,
+                         "model.dim": 128, "moe.ffn_hidden_size": 128, "training.seq_len": 64})
+    losses = Trainer(cfg, device=torch.device("cuda")).train()
+    assert losses[-1] < losses[0] - 1.0, losses
