@@ -13,6 +13,11 @@ for this rank's experts; ``combine`` -> [T, D]):
 - ``AllGatherDispatcher``: all-gather every rank's tokens, keep the copies routed to local
   experts, and reduce-scatter the weighted outputs. More traffic but no count exchange: the
   better choice for small groups or large top-k.
+
+Both pad the groups the local experts see (``pad_multiple``, as the local dispatcher does) after
+the exchange, never before: the padding is a matter of this rank's GEMMs, not of the traffic.
+Their buffer sizes follow the received counts anyway (a host sync); padding adds at most
+L * (pad_multiple - 1) rows.
 """
 
 from dataclasses import dataclass
@@ -31,29 +36,24 @@ from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
-
-
 @dataclass
 class AllToAllState:
-    local: DispatchState
-    regroup: torch.Tensor  # received order -> per-local-expert order
+    local: DispatchState  # this rank's copies sorted by global expert (no padding)
+    regroup: DispatchState  # received rows -> padded per-local-expert groups
     send_splits: list[int]
     recv_splits: list[int]
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    def __init__(self, num_experts: int, ep_mesh: DeviceMesh):
-        super().__init__(num_experts)
+    def __init__(self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto",
+                 pad_multiple: int = 1):
+        super().__init__(num_experts, backend, pad_multiple)
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
-        x_MD, counts_E, local = super().dispatch(x_TD, topk_idx_TK)
+        x_MD, counts_E, local = self.permute(x_TD, topk_idx_TK, self.num_experts, 1)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_SL = recv_counts.view(self.ep, -1)  # tokens from source rank s for local expert l
@@ -61,31 +61,34 @@ class AllToAllDispatcher(LocalDispatcher):
         send_splits, recv_splits = torch.stack(
             [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]).tolist()
         x_recv = all_to_all_single_autograd(x_MD, recv_splits, send_splits, self.group)
-        # Received blocks are ordered (source, local expert); experts want (local expert, source).
+        # Received blocks are ordered (source, local expert); experts want (local expert,
+        # source), padded: a second permutation, one copy per received row, stable in order.
         S, L = recv_SL.shape
-        block = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device),
-                                        recv_SL.flatten(), output_size=sum(recv_splits))
-        regroup = torch.argsort((block % L) * S + block // L, stable=True)
-        state = AllToAllState(local, regroup, send_splits, recv_splits)
-        return x_recv[regroup], recv_SL.sum(0), state
+        expert_R = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device) % L,
+                                           recv_SL.flatten(), output_size=sum(recv_splits))
+        x_LD, counts_L, regroup = self.permute(x_recv, expert_R.unsqueeze(1), L,
+                                               self.pad_multiple)
+        return x_LD, counts_L, AllToAllState(local, regroup, send_splits, recv_splits)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
                 ) -> torch.Tensor:
-        y_recv = y_MD[_inverse(state.regroup)]
+        y_recv = self.unpermute(y_MD, None, state.regroup)
         y_back = all_to_all_single_autograd(y_recv, state.send_splits, state.recv_splits,
                                             self.group)
-        return super().combine(y_back, topk_weight_TK, state.local)
+        return self.unpermute(y_back, topk_weight_TK, state.local)
 
 
 @dataclass
 class AllGatherState:
     kept: torch.Tensor  # positions, among all gathered copies, routed to local experts
     num_copies: int
+    padding: DispatchState | None  # kept rows -> padded groups, when pad_multiple > 1
 
 
-class AllGatherDispatcher(nn.Module):
-    def __init__(self, num_experts: int, ep_mesh: DeviceMesh):
-        super().__init__()
+class AllGatherDispatcher(LocalDispatcher):
+    def __init__(self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto",
+                 pad_multiple: int = 1):
+        super().__init__(num_experts, backend, pad_multiple)
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
         self.local_experts = num_experts // self.ep
@@ -103,10 +106,17 @@ class AllGatherDispatcher(nn.Module):
         counts = torch.zeros(L + 1, dtype=torch.int64, device=local.device)
         counts.scatter_add_(0, local, torch.ones_like(local))
         kept = order[: int(counts[:L].sum())]
-        return x_all[kept // K], counts[:L], AllGatherState(kept, local.numel())
+        x_kept = x_all[kept // K]  # grouped by local expert, unpadded
+        if self.pad_multiple == 1:
+            return x_kept, counts[:L], AllGatherState(kept, local.numel(), None)
+        x_LD, counts_L, padding = self.permute(x_kept, local[kept].unsqueeze(1), L,
+                                               self.pad_multiple)
+        return x_LD, counts_L, AllGatherState(kept, local.numel(), padding)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState
                 ) -> torch.Tensor:
+        if state.padding is not None:
+            y_MD = self.unpermute(y_MD, None, state.padding)
         w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
         y_all = y_MD.new_zeros(state.num_copies, y_MD.shape[-1]).index_copy(0, state.kept, y_MD)
         y_TKD = y_all.view(w_all.shape[0], -1, y_MD.shape[-1])
@@ -124,6 +134,15 @@ class ExpertTensorParallelDispatcher(nn.Module):
         super().__init__()
         self.inner = inner
         self.group = etp_mesh.get_group()
+
+    @property
+    def pad_multiple(self) -> int:
+        """The inner dispatcher's, so a quantization plan can set it on any dispatcher."""
+        return self.inner.pad_multiple
+
+    @pad_multiple.setter
+    def pad_multiple(self, value: int) -> None:
+        self.inner.pad_multiple = value
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor):
         x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
@@ -168,6 +187,8 @@ def apply_ep(model: nn.Module, expert_mesh: DeviceMesh, dispatcher: str) -> None
         num_experts = moe.args.router.num_experts
         if "ep" in names:
             cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
-            moe.dispatcher = cls(num_experts, expert_mesh["ep"])
+            local = moe.dispatcher  # keeps its permute backend and padding
+            moe.dispatcher = cls(num_experts, expert_mesh["ep"], local.backend,
+                                 local.pad_multiple)
         if "etp" in names:
             moe.dispatcher = ExpertTensorParallelDispatcher(moe.dispatcher, expert_mesh["etp"])

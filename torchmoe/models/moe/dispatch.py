@@ -1,47 +1,88 @@
 """Local (single-rank) token dispatcher: permute tokens into expert order and back.
 
-Legend: T tokens, D model dim, E experts, K experts per token, M = T * K routed copies.
+Legend: T tokens, D model dim, E experts, K experts per token, N = T * K routed copies,
+M rows of the expert-ordered buffer (N, or N + E * (pad_multiple - 1) with padding).
 
 The dispatcher is the seam for expert parallelism: a parallel plan swaps this module for one
 that also exchanges tokens between ranks, with the same ``dispatch``/``combine`` contract.
+Padding each expert's group to a multiple of ``pad_multiple`` rows (16 for float8 grouped
+GEMMs) is the dispatcher's business too; a quantization plan may set ``pad_multiple`` on a
+built model. The permutation itself lives in ``torchmoe/kernels``: fused Triton ops on CUDA,
+their plain-torch references elsewhere; both keep M static, so nothing here syncs the host.
 """
 
+import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.kernels import moe_permute_ref
+
+try:
+    from torchmoe.kernels import moe_permute as moe_permute_fused
+except ImportError:  # no Triton on this platform: the torch backend only
+    moe_permute_fused = None
+
+BACKENDS = ("auto", "triton", "torch")
 
 
 @dataclass
 class DispatchState:
     """What ``combine`` needs to undo ``dispatch``."""
 
-    inverse_order_M: torch.Tensor  # position in expert order of each (token, k) copy
-    num_tokens: int
+    dest_TK: torch.Tensor  # row of each (token, k) copy in the expert-ordered buffer
+    src_M: torch.Tensor  # copy (t * K + k) each row holds; -1 for padding and unused rows
 
 
 class LocalDispatcher(nn.Module):
-    """Sorts the T*K (token, expert) copies by expert, stable in token order."""
+    """Groups the T*K (token, expert) copies by expert, stable in token order, each group
+    padded with zero rows to a multiple of ``pad_multiple``."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, backend: str = "auto", pad_multiple: int = 1):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"permute backend {backend!r} is not one of {BACKENDS}")
         self.num_experts = num_experts
+        self.backend = backend
+        self.pad_multiple = pad_multiple
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
-        """Returns tokens grouped by expert [M, D], tokens per expert [E] (int64), state."""
-        T, K = topk_idx_TK.shape
-        flat_M = topk_idx_TK.flatten()
-        order_M = torch.argsort(flat_M, stable=True)
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=flat_M.device)
-        counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M))
-        inverse_M = torch.empty_like(order_M)
-        inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
-        return x_TD[order_M // K], counts_E, DispatchState(inverse_M, T)
+        """Returns tokens grouped by expert [M, D] (padding rows zero), rows per expert [E]
+        (padded, int64: the groups the experts see), and the state for ``combine``."""
+        return self.permute(x_TD, topk_idx_TK, self.num_experts, self.pad_multiple)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: DispatchState
                 ) -> torch.Tensor:
-        """Weighted sum of each token's K expert outputs -> [T, D] in y's dtype."""
-        y_TKD = y_MD[state.inverse_order_M].view(state.num_tokens, -1, y_MD.shape[-1])
-        w_T1K = topk_weight_TK.to(y_MD.dtype).unsqueeze(1)
-        return torch.bmm(w_T1K, y_TKD).squeeze(1)
+        """Weighted sum of each token's K expert outputs -> [T, D] in y's dtype. Reads only
+        rows that hold copies: padding and unused rows may hold anything, NaN included."""
+        return self.unpermute(y_MD, topk_weight_TK, state)
+
+    def permute(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int,
+                pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """``dispatch`` over any group ids (expert-parallel dispatchers regroup with it)."""
+        ops = self._ops(x_TD.device)
+        dest_TK, src_M, counts_E = ops.permute_indices(idx_TK, num_experts, pad_multiple)
+        return ops.permute(x_TD, dest_TK, src_M), counts_E, DispatchState(dest_TK, src_M)
+
+    def unpermute(self, y_MD: torch.Tensor, weight_TK: torch.Tensor | None,
+                  state: DispatchState) -> torch.Tensor:
+        """Inverse of ``permute``: per token, the (weighted, if given) sum of its rows."""
+        return self._ops(y_MD.device).unpermute(y_MD, state.dest_TK, state.src_M, weight_TK)
+
+    def _ops(self, device: torch.device) -> ModuleType:
+        """The kernels module for ``backend`` on ``device`` (Triton runs CPU tensors only in
+        its interpreter, TRITON_INTERPRET=1, which tests use)."""
+        if self.backend == "torch" or (self.backend == "auto" and (
+                device.type != "cuda" or moe_permute_fused is None)):
+            return moe_permute_ref
+        if moe_permute_fused is None:
+            raise ConfigError("moe.permute_backend = 'triton' needs the triton package, which "
+                              "is not installed; use 'auto' or 'torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"moe.permute_backend = 'triton' needs CUDA, but the MoE layer "
+                              f"runs on {device.type}; use 'auto' or 'torch'")
+        return moe_permute_fused

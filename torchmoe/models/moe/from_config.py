@@ -1,5 +1,7 @@
 """The [moe] config section -> MoEArgs, and its cross-key checks, shared by every family."""
 
+import os
+
 import torch
 
 from torchmoe.config.errors import ConfigError
@@ -11,8 +13,13 @@ _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 def validate_moe(cfg: JobConfig) -> None:
-    """Cross-key checks of [moe]: top-k and group-limited routing must be satisfiable."""
+    """Cross-key checks of [moe]: top-k and group-limited routing must be satisfiable, and a
+    forced Triton permutation needs CUDA (unless a dry run only plans the job)."""
     e = cfg.moe
+    if (e.permute_backend == "triton" and not torch.cuda.is_available()
+            and os.environ.get("COMM_MODE") != "fake"):
+        raise ConfigError("moe.permute_backend = 'triton' runs its kernels on CUDA tensors and "
+                          "this machine has no CUDA; use 'auto' or 'torch'")
     if e.router_topk > e.num_experts:
         raise ConfigError(f"moe.router_topk = {e.router_topk} exceeds moe.num_experts = "
                           f"{e.num_experts}")
@@ -47,4 +54,4 @@ def moe_args(cfg: JobConfig) -> MoEArgs:
                           dtype=_ROUTER_DTYPES[e.router_dtype]),
         hidden_dim=e.ffn_hidden_size, shared_hidden_dim=e.shared_expert_intermediate_size,
         load_balancing_type=e.load_balancing_type, aux_loss_coeff=e.aux_loss_coeff,
-        grouped_mm=e.grouped_mm)
+        grouped_mm=e.grouped_mm, permute_backend=e.permute_backend)

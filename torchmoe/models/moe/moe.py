@@ -29,10 +29,15 @@ class MoEArgs:
     load_balancing_type: str = "none"  # "aux_loss" | "seq_aux_loss" | "none"
     aux_loss_coeff: float = 0.0
     grouped_mm: str = "auto"
+    permute_backend: str = "auto"  # "auto" | "triton" | "torch" (see models/moe/dispatch.py)
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. during activation recomputation."""
+    """True while autograd runs a backward pass, i.e. during eager activation recomputation.
+    A compiled graph runs its forward once (its own recomputation happens inside the compiled
+    backward and does not replay buffer updates), so tracing sees False."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -44,7 +49,7 @@ class MoE(nn.Module):
         self.args = args
         r = args.router
         self.router = TopKRouter(r)
-        self.dispatcher = LocalDispatcher(r.num_experts)
+        self.dispatcher = LocalDispatcher(r.num_experts, args.permute_backend)
         self.experts = GroupedExperts(r.dim, args.hidden_dim, r.num_experts, args.grouped_mm)
         self.shared_experts = (FeedForward(r.dim, args.shared_hidden_dim)
                                if args.shared_hidden_dim > 0 else None)
