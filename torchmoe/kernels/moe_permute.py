@@ -23,7 +23,7 @@ The kernels take contiguous tensors; they run under TRITON_INTERPRET=1 on CPU fo
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 
 from torchmoe.kernels.moe_permute_ref import num_rows
 
@@ -62,7 +62,9 @@ def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E,
     tl.store(src_ptr + dest, offs.to(tl.int64), mask=valid)
 
 
-@triton_op("torchmoe::permute_indices", mutates_args=())
+# An opaque custom op rather than a triton_op: inductor (torch 2.11) fails to generate code
+# for the small torch glue between the two kernels when it can see inside.
+@custom_op("torchmoe::permute_indices", mutates_args=())
 def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dest_TK, src_M, padded counts_E); see ``moe_permute_ref.permute_indices``."""
@@ -86,6 +88,16 @@ def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: i
         wrap_triton(_place_kernel)[(C,)](expert_N, rank_N, start_CE, dest_N, src_M, N, E,
                                          CHUNK=CHUNK)
     return dest_N.view(T, K), src_M, padded_E
+
+
+@permute_indices.register_fake
+def _(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, K = topk_idx_TK.shape
+    rows = num_rows(T * K, num_experts, pad_multiple)
+    new = topk_idx_TK.new_empty
+    return new((T, K), dtype=torch.int64), new((rows,), dtype=torch.int64), \
+        new((num_experts,), dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- data movement

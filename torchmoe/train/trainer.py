@@ -64,6 +64,8 @@ class Trainer:
         t = cfg.training
         self.device = device or default_device()
         if self.device.type == "cuda":
+            if self.device.index is None:  # some libraries (torchao) want an explicit index
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
         self.dims.check_model(cfg)
