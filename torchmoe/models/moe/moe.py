@@ -67,7 +67,7 @@ class MoE(nn.Module):
                 self.tokens_per_expert.scatter_add_(
                     0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
                 if aux is not None:
-                    self.aux_loss_sum += aux.detach()
+                    self.aux_loss_sum.add_(aux.detach())
 
         x_MD, counts_E, state = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK)
         y_MD = self.experts(x_MD, counts_E)
