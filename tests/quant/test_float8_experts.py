@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs
@@ -65,3 +66,19 @@ def test_float8_experts_train(tiny_config):
                          "model.dim": 128, "moe.ffn_hidden_size": 128, "training.seq_len": 64})
     losses = Trainer(cfg, device=torch.device("cuda")).train()
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"moe.grouped_mm": "loop"}, "set moe.grouped_mm = 'auto' or 'grouped_mm'"),
+    ({"moe.ffn_hidden_size": "40"}, "per-rank expert hidden size 40"),
+])
+def test_bad_float8_expert_settings_are_one_line(tiny_config, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment) as err:
+        tiny_config(**{"quantize.float8_experts": "true", **overrides})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_float8_experts_refused_without_a_gpu(tiny_config):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU of compute capability 9.0"):
+        tiny_config(**{"quantize.float8_experts": "true"})

@@ -6,9 +6,11 @@ import os
 import torch
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.config.schema import JobConfig
+from torchmoe.config.schema import ActivationCheckpoint, JobConfig
 from torchmoe.models.registry import get_model_spec
+from torchmoe.parallel.activation_checkpoint import RECOMPUTE_MODULES
 from torchmoe.parallel.dims import ParallelDims
+from torchmoe.quant.float8 import validate_float8
 
 
 def validate(cfg: JobConfig) -> None:
@@ -21,6 +23,8 @@ def validate(cfg: JobConfig) -> None:
     if cfg.moe.aux_loss_coeff > 0 and cfg.moe.load_balancing_type == "none":
         raise ConfigError(f"moe.aux_loss_coeff = {cfg.moe.aux_loss_coeff} has no effect with "
                           "moe.load_balancing_type = 'none'; pick aux_loss or seq_aux_loss")
+    validate_activation_checkpoint(cfg.activation_checkpoint)
+    validate_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("metrics.enable_tensorboard = true but tensorboard is not installed; "
                           "pip install tensorboard")
@@ -35,3 +39,22 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"training.global_batch_size = {t.global_batch_size} must be a "
                           f"multiple of training.local_batch_size x {dims.dp} data-parallel "
                           f"ranks = {per_step}")
+
+
+def validate_activation_checkpoint(ac: ActivationCheckpoint) -> None:
+    """Keys of [activation_checkpoint] that contradict the mode or name no known module."""
+    modules = ac.recompute_modules
+    if modules and ac.mode != "selective":
+        raise ConfigError(f"activation_checkpoint.recompute_modules = {modules} needs "
+                          f"activation_checkpoint.mode = 'selective', not {ac.mode!r}")
+    for name in modules:
+        if name not in RECOMPUTE_MODULES:
+            raise ConfigError(f"activation_checkpoint.recompute_modules = {modules}: unknown "
+                              f"module {name!r}; choose from {', '.join(RECOMPUTE_MODULES)}")
+        if modules.count(name) > 1:
+            raise ConfigError(f"activation_checkpoint.recompute_modules = {modules} lists "
+                              f"{name!r} twice")
+    if ac.mode == "none" and ac.every_n_layers != 1:
+        raise ConfigError(f"activation_checkpoint.every_n_layers = {ac.every_n_layers} has no "
+                          "effect with activation_checkpoint.mode = 'none'; pick full or "
+                          "selective")

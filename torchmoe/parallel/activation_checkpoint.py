@@ -1,17 +1,149 @@
-"""apply_ac: activation checkpointing of transformer blocks, applied from outside the model."""
+"""apply_ac: activation checkpointing, applied from outside the model (``[activation_checkpoint]``).
 
+- ``mode = "full"``: a chosen block keeps only its input; backward reruns its whole forward.
+- ``mode = "selective"``, ``recompute_modules = []``: op-level policy in each chosen block. The
+  outputs of the costly ops (matmuls, attention kernels, top-k, max, collectives) are saved and
+  everything else (norms, activations, rotary, element-wise) is recomputed from them, so backward
+  repeats no GEMM and no collective. Every matmul is saved; saving every other one (a torchtitan
+  option) would free half of those outputs for rerunning half the GEMMs, a trade that full
+  checkpointing of some blocks (``every_n_layers``) already offers more simply.
+- ``mode = "selective"`` with names (Megatron's): only those submodules of the chosen blocks keep
+  just their inputs and rerun in backward. Their outputs stay held by the layers that consume
+  them, as without checkpointing, so a module saves what it keeps *inside*: ``core_attn`` the
+  repeated or padded k/v copies (and, with the math kernel, the scores), ``layernorm`` only the
+  norm statistics, ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act``
+  silu(h1); ``mlp`` and ``moe`` everything but their input. The submodules' ``forward`` is
+  replaced in place rather than wrapped, so their types and parameter names stay: plans find MoE
+  layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry run).
+
+``every_n_layers = n`` chooses the blocks at positions 0, n, 2n, ... of ``model.layers`` (position,
+not layer id, so each pipeline stage starts with a checkpointed block); the others keep all
+their activations.
+
+Recomputation is exact: the router sees the same input and expert bias (the bias moves only in
+the optimizer step), so it picks the same experts again; the op-level policy even reuses the
+saved top-k. MoE layers do not count tokens again while backward recomputes them (moe.py).
+"""
+
+import functools
+import importlib
+
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
+                                    create_selective_checkpoint_contexts)
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint
+from torchmoe.models.common.attention import MLAUpProjection, ScaledDotProductAttention
+from torchmoe.models.common.mlp import FeedForward
+from torchmoe.models.moe.experts import SwiGLUActivation
+from torchmoe.models.moe.moe import MoE
+
+# recompute_modules name -> the module class it selects inside a block.
+RECOMPUTE_MODULES: dict[str, type[nn.Module]] = {
+    "core_attn": ScaledDotProductAttention,  # the attention kernel
+    "mla_up_proj": MLAUpProjection,  # MLA latents -> per-head q, k, v (norms, up proj, rotary)
+    "layernorm": nn.RMSNorm,  # every norm of the block, MLA's q_norm / kv_norm included
+    "mlp": FeedForward,  # dense SwiGLU layers and the MoE's shared experts
+    "moe": MoE,  # the whole MoE layer
+    "moe_act": SwiGLUActivation,  # silu(h1) * h3 inside the routed experts
+}
+
+# Norms that MLAUpProjection runs although they are its MLA's children, not its own.
+_UP_PROJ_NORMS = ("q_norm", "kv_norm")
 
 
 def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
-    """mode = "full": wrap every block of ``model.layers`` so its activations are recomputed in
-    backward (non-reentrant, so it composes with compile and FSDP). MoE layers skip their
-    token counting during the recomputation, and the router picks the same experts again
-    because the expert bias only changes after the optimizer step."""
+    """Checkpoint the blocks of ``model.layers`` that ``every_n_layers`` chooses, as ``cfg.mode``
+    says (see the module docstring). Full and op-level modes wrap whole blocks in
+    ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward``
+    in place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP.
+    Uses no mesh dimension."""
     if cfg.mode == "none":
         return
-    for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+    chosen = [(name, block) for i, (name, block) in enumerate(model.layers.named_children())
+              if i % cfg.every_n_layers == 0]
+    if cfg.mode == "selective" and cfg.recompute_modules:
+        _check_present(model, cfg.recompute_modules)
+        for _, block in chosen:
+            for module in _modules_to_recompute(block, cfg.recompute_modules):
+                module.forward = functools.partial(checkpoint, module.forward,
+                                                   use_reentrant=False, preserve_rng_state=False)
+        return
+    # full: no context_fn at all (torch.compile rejects torch's default one passed explicitly)
+    op_level = {"context_fn": _op_level_contexts} if cfg.mode == "selective" else {}
+    for name, block in chosen:
+        model.layers.register_module(
+            name, checkpoint_wrapper(block, preserve_rng_state=False, **op_level))
+
+
+def _check_present(model: nn.Module, names: list[str]) -> None:
+    """A one-line ConfigError for a name the model has no module for (e.g. mla_up_proj on GQA)."""
+    kinds = {type(m) for block in model.layers.values() for m in block.modules()}
+    for name in names:
+        if not any(issubclass(k, RECOMPUTE_MODULES[name]) for k in kinds):
+            raise ConfigError(
+                f"activation_checkpoint.recompute_modules = {names}: this model has no "
+                f"{name!r} module ({RECOMPUTE_MODULES[name].__name__}); remove {name!r}")
+
+
+def _modules_to_recompute(block: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The submodules of ``block`` that ``names`` select, minus those that already run inside
+    another selected one (``moe`` covers ``moe_act``, ``mla_up_proj`` covers MLA's norms):
+    checkpointing them again would only add a second recomputation."""
+    classes = tuple(RECOMPUTE_MODULES[n] for n in names)
+    selected = {fqn: m for fqn, m in block.named_modules() if isinstance(m, classes)}
+    covered = set()
+    for fqn, module in selected.items():
+        if isinstance(module, MLAUpProjection):
+            parent = fqn.rpartition(".")[0]
+            covered.update(f"{parent}.{n}" if parent else n for n in _UP_PROJ_NORMS)
+    return [m for fqn, m in selected.items() if fqn not in covered
+            and not any(fqn.startswith(f"{other}.") for other in selected)]
+
+
+# Ops whose outputs the op-level policy saves: costly to recompute, cheap to keep. max is the
+# full reduction (float8 scales); the collectives are those of DTensor redistributes and the
+# dispatchers' functional collectives (their autograd wrappers call these).
+_SAVE_OPS = (
+    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten._grouped_mm.default",
+    "aten._scaled_mm.default", "aten._scaled_grouped_mm.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_fused_attention_overrideable.default",
+    "aten.topk.default", "aten.max.default",
+    "_c10d_functional.all_to_all_single.default",
+    "_c10d_functional.all_gather_into_tensor.default",
+    "_c10d_functional.reduce_scatter_tensor.default",
+    "_c10d_functional.all_reduce.default",
+)
+
+
+@functools.cache
+def _ops_to_save() -> frozenset[torch._ops.OpOverload]:
+    """``_SAVE_OPS`` that this torch build has."""
+    if torch.distributed.is_available():  # importing it registers the _c10d_functional ops
+        importlib.import_module("torch.distributed._functional_collectives")
+    ops = set()
+    for path in _SAVE_OPS:
+        namespace, op, overload = path.split(".")
+        packet = getattr(getattr(torch.ops, namespace), op, None)
+        if packet is not None and overload in packet.overloads():
+            ops.add(getattr(packet, overload))
+    return frozenset(ops)
+
+
+def _op_policy(ctx: SelectiveCheckpointContext, func, *args, **kwargs) -> CheckpointPolicy:
+    """Stateless, so forward and recomputation (which older torch asks again) agree."""
+    if func in _ops_to_save():
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _op_level_contexts():
+    """A fresh pair of SAC contexts per checkpointed forward (torch's ``context_fn``)."""
+    return create_selective_checkpoint_contexts(_op_policy)

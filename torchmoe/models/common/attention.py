@@ -58,6 +58,32 @@ class MLAArgs:
     softmax_scale: float
 
 
+class MLAUpProjection(nn.Module):
+    """MLA's up projection: the query input (x, or the Q-dim latent) and the C-dim key/value
+    latent -> per-head q, k [B, S, H, K] and v [B, S, H, V] (norms, projections, rotary).
+
+    Parameter-free: it runs the layers of the MLA passed in, so their parameter names stay
+    ``attention.wq_b`` etc. A module of its own so activation checkpointing can recompute it
+    from the small latents (``recompute_modules = ["mla_up_proj"]``).
+    """
+
+    def forward(self, mla: "MLA", q_in: torch.Tensor, kv_latent: torch.Tensor,
+                k_pe: torch.Tensor, cos_sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = mla.args
+        B, S, _ = q_in.shape
+        q = mla.wq(q_in) if a.q_lora_rank == 0 else mla.wq_b(mla.q_norm(q_in))
+        q_BSHK = q.view(B, S, -1, mla.qk_head_dim)
+        q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+
+        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
+        kv = mla.wkv_b(mla.kv_norm(kv_latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        return q_BSHK, k_BSHK, v_BSHV
+
+
 class MLA(nn.Module):
     """Multi-head latent attention; see the module docstring."""
 
@@ -79,25 +105,14 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim),
                                bias=False)
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+        self.up_proj = MLAUpProjection()
         self.inner_attention = ScaledDotProductAttention(a.softmax_scale)
 
     def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         a = self.args
-        B, S, _ = x_BSD.shape
-        if a.q_lora_rank == 0:
-            q = self.wq(x_BSD)
-        else:
-            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        q_BSHK = q.view(B, S, -1, self.qk_head_dim)
-        q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
-
+        q_in = x_BSD if a.q_lora_rank == 0 else self.wq_a(x_BSD)
         latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
-        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
-        k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-
+        q_BSHK, k_BSHK, v_BSHV = self.up_proj(self, q_in, latent, k_pe, cos_sin)
         return self.wo(self.inner_attention(q_BSHK, k_BSHK, v_BSHV).flatten(2))
 
     def init_weights(self, std: float, out_std: float) -> None:
