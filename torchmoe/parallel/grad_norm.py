@@ -1,14 +1,13 @@
 """Gradient clipping with one global norm over parameters that live on different meshes."""
 
-import math
-
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 
 @torch.no_grad()
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip in place to ``max_norm`` (no clipping when it is 0) and return the total norm.
+    """Clip in place to ``max_norm`` (no clipping when it is 0) and return the total norm (a
+    non-finite norm makes the gradients non-finite too; the trainer stops before the update).
 
     Dense parameters (dense mesh), sharded experts (expert mesh) and plain tensors cannot share
     one foreach call, so norms are taken per mesh, completed across ranks with ``full_tensor``,
@@ -27,8 +26,10 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
         squares.append(norm.float().square())
     total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
     if max_norm > 0:
-        scale = min(max_norm / (total.item() + 1e-6), 1.0)
-        if scale < 1.0 and math.isfinite(scale):
-            for grads in groups.values():
-                torch._foreach_mul_(grads, scale)
+        # A tensor coefficient, not a Python float: no host sync, the GPU keeps its queue.
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for mesh, grads in groups.items():
+            scale = coef if mesh is None else DTensor.from_local(
+                coef, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            torch._foreach_mul_(grads, scale)
     return total

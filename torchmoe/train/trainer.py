@@ -153,8 +153,10 @@ class Trainer:
         if self.dims.meshes:
             dist.all_reduce(stats, group=self.dims.meshes.dp.get_group())
             stats[1] /= self.dims.dp  # aux: tp ranks report their own shard's value
-        loss_value, aux_value = stats.tolist()
-        for what, value in (("loss", loss_value), ("gradient norm", grad_norm.item())):
+        # The step's one host sync: the values the non-finite check and the log need.
+        loss_value, aux_value, norm_value = torch.cat(
+            [stats, grad_norm.reshape(1).to(stats)]).tolist()
+        for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
                     f"{what} is {value} at step {self.state.step + 1}; stopping before the "
@@ -163,7 +165,7 @@ class Trainer:
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
-        return loss_value, aux_value, grad_norm.item(), lr
+        return loss_value, aux_value, norm_value, lr
 
     def after_step(self) -> torch.Tensor:
         """Expert-bias update from this step's token counts, summed over every rank so all
@@ -179,7 +181,7 @@ class Trainer:
                 update_expert_bias(m.router.expert_bias, layer_counts, rate)
             m.tokens_per_expert.zero_()
             m.aux_loss_sum.zero_()
-        return counts.cpu()
+        return counts  # on the device: metrics read it at log time, not every step
 
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
