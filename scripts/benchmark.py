@@ -8,7 +8,8 @@ Each variant runs in a fresh process (own compile caches and memory peak) for ``
 then ``--steps`` optimizer steps and prints one table row: tokens/s, model TFLOP/s (the
 trainer's FLOP count), MFU, peak allocated memory, the last loss. Then one MoE layer of the
 recipe's shape is timed forward + backward with CUDA events, phase by phase (router, dispatch,
-experts, combine, shared experts), against a dense bf16 SwiGLU of the same FLOPs.
+experts, combine, shared experts; GPU kernel time from the profiler), against a dense bf16
+SwiGLU of the same FLOPs.
 """
 
 import argparse
@@ -78,17 +79,19 @@ def _print_kernels(trainer) -> None:
           file=sys.stderr, flush=True)
 
 
-def _time_ms(fn, repeats: int = 20) -> float:
-    """Mean milliseconds of ``fn`` on the GPU, after two untimed calls."""
+def _gpu_ms(fn, repeats: int = 10) -> float:
+    """Mean milliseconds of GPU kernels per call of ``fn`` (from the profiler, so a phase made
+    of small kernels is not charged for the CPU time it takes to launch them)."""
+    from torch.profiler import ProfilerActivity, profile
+
     for _ in range(2):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
 
 
 def _fwd_bwd(fn, *inputs: torch.Tensor):
@@ -138,10 +141,12 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
     if layer.shared_experts is not None:
         phases.append(("shared experts", _fwd_bwd(layer.shared_experts, x)))
     phases.append(("whole layer", _fwd_bwd(lambda x: layer(x.view(1, T, D)), x)))
+    compiled = torch.compile(layer, fullgraph=True)
+    phases.append(("whole layer, compiled", _fwd_bwd(lambda x: compiled(x.view(1, T, D)), x)))
     phases.append((f"dense SwiGLU, same FLOPs ({rows} rows)",
                    _fwd_bwd(dense_swiglu, x_MD[:rows], *w)))
     expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
-    results = [(name, _time_ms(fn)) for name, fn in phases]
+    results = [(name, _gpu_ms(fn)) for name, fn in phases]
     return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
 
 
@@ -199,7 +204,7 @@ def main(argv: list[str]) -> None:
         return
     split = split["split"]
     total = dict(split)["whole layer"]
-    print("\n| one MoE layer, forward + backward | ms | share of layer |\n|---|---|---|")
+    print("\n| one MoE layer, forward + backward | GPU ms | share of layer |\n|---|---|---|")
     for name, value in split:
         if name == "expert GEMM TFLOP/s":
             print(f"| {name} | {value:.0f} | |")

@@ -18,8 +18,13 @@ import torch
 
 
 def num_rows(num_copies: int, num_experts: int, pad_multiple: int) -> int:
-    """M, the static row count of the expert-ordered buffer."""
-    return num_copies if pad_multiple == 1 else num_copies + num_experts * (pad_multiple - 1)
+    """M, the static row count of the expert-ordered buffer: room for every group's padding,
+    rounded up to a multiple of ``pad_multiple`` so that strides of the buffer's transpose
+    stay aligned too (float8 grouped GEMMs need 16-byte strides)."""
+    if pad_multiple == 1:
+        return num_copies
+    rows = num_copies + num_experts * (pad_multiple - 1)
+    return -(-rows // pad_multiple) * pad_multiple
 
 
 def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1
