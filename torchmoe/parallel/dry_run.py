@@ -75,12 +75,16 @@ def estimate(model: nn.Module, dims: ParallelDims, cfg: JobConfig, stage: int
     tokens = cfg.training.local_batch_size * cfg.training.seq_len / dims.tp  # sequence parallel
     blocks = list(model.layers.values())
     per_layer = [activation_bytes_per_token(cfg, b) * tokens for b in blocks]
-    if cfg.activation_checkpoint.mode == "full":
-        acts = FP32 * cfg.model.dim * tokens * len(blocks) + max(per_layer, default=0)
-    else:
+    ac = cfg.activation_checkpoint
+    if ac.mode == "full":  # checkpointed blocks keep their input; the others everything
+        kept = [FP32 * cfg.model.dim * tokens if i % ac.every_n_layers == 0 else size
+                for i, size in enumerate(per_layer)]
+        acts = sum(kept) + max(per_layer, default=0)
+    else:  # selective frees little of what this per-token count holds: an upper bound
         acts = sum(per_layer)
     if model.output is not None:
-        acts += tokens * cfg.model.vocab_size * (BF16 + 2 * FP32)  # logits and loss, vocab / tp
+        # logits, and the float32 copies of the eager loss (a compiled loss fuses them away)
+        acts += tokens * cfg.model.vocab_size * (BF16 + (0 if cfg.compile.enable else 2 * FP32))
     acts *= dims.pp - stage  # micro-batches in flight on this stage under 1F1B
     return {"parameters (fp32)": numel * FP32, "gradients (fp32)": numel * FP32,
             "AdamW state (fp32 x2)": numel * 2 * FP32,
