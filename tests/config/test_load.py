@@ -82,7 +82,7 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     pytest.param(["--parallelism.fsdp_cpu_offload"], "needs CUDA; this machine has none",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only check")),
     (["--moe.load_balancing_type", "none", "--moe.aux_loss_coeff", "0.01"],
-     "has no effect with moe.load_balancing_type = 'none'"),
+     "has no effect with moe.load_balancing_type = ['none']"),
     (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),
     (["--moe.router_num_groups", "3"], "must divide moe.num_experts"),
     (["--training.global_batch_size", "12"], "must be a multiple of training.local_batch_size"),
@@ -99,7 +99,9 @@ def test_errors_are_one_clear_line(argv, fragment):
     ('[training]\nsteps = "10"', "training.steps = '10' is not a valid int"),
     ('[training]\nsteps = 1.5', "training.steps = 1.5 is not a valid int"),
     ('[checkpoint]\nenable = "yes"', "checkpoint.enable = 'yes' is not a valid bool"),
-    ('[quantize]\nfloat8_exclude = "a,b"', "quantize.float8_exclude = 'a,b' is not a valid list"),
+    ('[quantize]\nfloat8_exclude = "a,b"', "write several values as a TOML list"),
+    ('[quantize]\nfloat8_exclude = 3', "quantize.float8_exclude = 3 is not a str or a list"),
+    ('[moe]\naux_loss_coeff = ["0.1"]', "moe.aux_loss_coeff = ['0.1'] is not a float or a list"),
     ('[optimizer]\nlr = true', "optimizer.lr = True is not a valid float"),
 ])
 def test_toml_values_are_not_converted_like_cli_strings(tmp_path, line, fragment):

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,37 @@ def _check_name(section: str, key: str | None, where: str) -> dataclasses.Field 
     return fmap[key]
 
 
+def _element_type(f: dataclasses.Field) -> type:
+    """The element type of a list field (``list[int]`` -> int)."""
+    return (typing.get_args(f.type) or (str,))[0]
+
+
 def _typed(f: dataclasses.Field, name: str, value: Any, where: str, from_cli: bool) -> Any:
-    """Check a TOML value's type, or convert a command-line string, for field ``f``."""
+    """Check a TOML value's type, or convert a command-line string, for field ``f``. A list
+    field also takes one element (TOML) or comma-separated elements (command line)."""
     kind = type(f.default) if f.default is not dataclasses.MISSING else list
+    if kind is list:
+        item = _element_type(f)
+        if from_cli:
+            values = [v.strip() for v in value.split(",") if v.strip()]
+        else:
+            values = value if isinstance(value, list) else [value]
+        bad = ConfigError(f"{where}: {name} = {value!r} is not a {item.__name__} or a list of "
+                          f"{item.__name__}s")
+        if not from_cli and isinstance(value, str) and "," in value:
+            raise ConfigError(f"{where}: {name} = {value!r}: write several values as a TOML "
+                              f"list, {name.split('.')[1]} = {value.split(',')!r}")
+        return [_scalar(item, v, bad, from_cli) for v in values]
     bad = ConfigError(f"{where}: {name} = {value!r} is not a valid {kind.__name__}")
+    return _scalar(kind, value, bad, from_cli)
+
+
+def _scalar(kind: type, value: Any, bad: ConfigError, from_cli: bool) -> Any:
     if from_cli and kind is not str:
         if kind is bool:
             if value.lower() not in _TRUE | _FALSE:
                 raise bad
             return value.lower() in _TRUE
-        if kind is list:
-            return [v.strip() for v in value.split(",") if v.strip()]
         try:
             return kind(value)
         except ValueError:
@@ -62,8 +83,6 @@ def _typed(f: dataclasses.Field, name: str, value: Any, where: str, from_cli: bo
     if kind is float and number:
         return float(value)
     if kind is int and number and isinstance(value, int):
-        return value
-    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
     if kind in (bool, str) and isinstance(value, kind):
         return value
@@ -77,15 +96,17 @@ _BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
 def _check_range(f: dataclasses.Field, name: str, value: Any) -> None:
     meta = f.metadata
     choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: "
-                          f"{', '.join(map(str, choices))}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} = {value!r} must be a finite number")
-    for bound, word, holds in _BOUNDS:
-        b = meta.get(bound)
-        if b is not None and not holds(value, b):
-            raise ConfigError(f"{name} = {value!r} is out of range; it must be {word} {b:g}")
+    for item in value if isinstance(value, list) else [value]:
+        if choices and item not in choices:
+            raise ConfigError(f"{name} = {value!r} is not allowed; choose "
+                              f"{'from' if isinstance(value, list) else 'one of'}: "
+                              f"{', '.join(map(str, choices))}")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{name} = {value!r} must be a finite number")
+        for bound, word, holds in _BOUNDS:
+            b = meta.get(bound)
+            if b is not None and not holds(item, b):
+                raise ConfigError(f"{name} = {value!r} is out of range; it must be {word} {b:g}")
 
 
 def read_toml(path: str) -> dict:

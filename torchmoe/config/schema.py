@@ -53,29 +53,65 @@ class Model:
     rope_beta_slow: float = opt(1.0, "YaRN: slow correction boundary (rotations).", gt=0)
     rope_mscale: float = opt(1.0, "YaRN: attention temperature coefficient.", ge=0)
     init_std: float = opt(0.02, "Std of the truncated-normal init of input projections.", gt=0)
+    mtp_num_layers: int = opt(
+        0, "Multi-token prediction depth (DeepSeek-V3): extra blocks that each predict one "
+        "more token ahead; 0 = off.", ge=0)
+    mtp_loss_scale: float = opt(0.1, "Weight of the mean multi-token prediction loss.", ge=0)
 
 
 @dataclass
 class MoE:
-    num_experts: int = opt(8, "Routed experts per MoE layer.", gt=0)
+    num_experts: int = opt(8, "Routed experts per MoE layer; 0 = a dense model (every block a "
+                              "SwiGLU MLP).", ge=0)
+    layer_freq: list[int] = opt(
+        [1], "Which blocks are MoE: an int n (every n-th block, counting from block 0) or a "
+        "0/1 list with one entry per block, e.g. [0,1,1,1]. Blocks before model.n_dense_layers "
+        "stay dense either way.")
     router_topk: int = opt(2, "Experts each token is sent to.", gt=0)
     ffn_hidden_size: int = opt(128, "Hidden size of each routed expert.", gt=0)
     shared_expert_intermediate_size: int = opt(
         128, "Total hidden size of the shared experts (e.g. 2 x 1408); 0 = none.", ge=0)
     router_score_function: str = opt("sigmoid", "Router scores.", choices=("softmax", "sigmoid"))
+    router_pre_softmax: bool = opt(
+        True, "Softmax scores: softmax over all experts, then top-k (true), or top-k on the "
+        "logits, then softmax over the k chosen (false; Megatron's default).")
     router_norm_topk_prob: bool = opt(True, "Renormalise the top-k weights to sum to 1.")
     router_topk_scaling_factor: float = opt(1.0, "Routed scaling factor on the top-k weights.",
                                             gt=0)
     router_num_groups: int = opt(0, "Group-limited routing: expert groups (0 = off).", ge=0)
     router_group_topk: int = opt(0, "Group-limited routing: groups each token may use.", ge=0)
     router_dtype: str = opt("fp32", "Precision of the router math.", choices=("fp32", "fp64"))
-    load_balancing_type: str = opt(
-        "none", "Auxiliary balance loss: Switch-style over the batch, DeepSeek's per sequence, "
-        "or none.", choices=("aux_loss", "seq_aux_loss", "none"))
-    aux_loss_coeff: float = opt(0.0, "Weight of the balance loss in the total loss.", ge=0)
+    load_balancing_type: list[str] = opt(
+        ["none"], "Balancing methods, combinable: aux_loss (Switch/GShard, over the micro-batch), "
+        "seq_aux_loss (per sequence, DeepSeek-V2/V3), global_aux_loss (expert counts over the "
+        "whole data-parallel batch), sinkhorn (S-BASE selection, no loss; alone), none.",
+        choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
+    aux_loss_coeff: list[float] = opt(
+        [0.0], "Weight of each balance loss in load_balancing_type (one value for all, or one "
+        "per type).", ge=0)
+    z_loss_coeff: float = opt(0.0, "Router z-loss weight (mean squared logsumexp of the "
+                                    "logits, ST-MoE); 0 = off.", ge=0)
+    input_jitter_eps: float = opt(
+        0.0, "Multiply router inputs by uniform noise in [1 - eps, 1 + eps] in training "
+        "(Switch); 0 = off.", ge=0, le=1)
     enable_expert_bias: bool = opt(
         True, "Aux-loss-free balancing: a per-expert bias that only affects expert selection.")
     bias_update_rate: float = opt(1e-3, "Expert-bias step after each optimizer step.", ge=0)
+    force_load_balance: bool = opt(
+        False, "Benchmark mode: ignore the scores and assign experts round-robin, the best "
+        "case for speed. Never for real training.")
+    capacity_factor: float = opt(
+        0.0, "Token dropping: each expert takes at most capacity_factor x T x K / E copies "
+        "of its T local tokens; the rest skip the experts (residual only). 0 = dropless.", ge=0)
+    drop_policy: str = opt("probs", "Capacity mode: per expert, keep the copies with the "
+                                     "highest router weight (probs) or the earliest (position).",
+                           choices=("probs", "position"))
+    pad_to_capacity: bool = opt(
+        False, "Capacity mode: pad every expert's group to exactly its capacity (static GEMM "
+        "shapes).")
+    freeze_experts: list[int] = opt(
+        [], "Expert ids whose routed-expert weights do not train (in every MoE layer).")
+    freeze_router: bool = opt(False, "Do not train the router gates.")
     dispatcher: str = opt(
         "alltoall", "Expert-parallel token exchange: all-to-all of the routed copies, or "
         "all-gather of all tokens + reduce-scatter (small groups, large top-k).",

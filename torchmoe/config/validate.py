@@ -20,9 +20,6 @@ def validate(cfg: JobConfig) -> None:
     if cfg.checkpoint.load_step != -1 and not cfg.checkpoint.enable:
         raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step} needs "
                           "checkpoint.enable = true")
-    if cfg.moe.aux_loss_coeff > 0 and cfg.moe.load_balancing_type == "none":
-        raise ConfigError(f"moe.aux_loss_coeff = {cfg.moe.aux_loss_coeff} has no effect with "
-                          "moe.load_balancing_type = 'none'; pick aux_loss or seq_aux_loss")
     validate_activation_checkpoint(cfg.activation_checkpoint)
     validate_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -88,7 +88,7 @@ def test_moe_matches_per_token_loop(case):
 def test_token_counts_and_aux_loss_are_recorded_once_per_forward():
     torch.manual_seed(0)
     args = MoEArgs(router=RouterArgs(dim=8, num_experts=4, topk=2), hidden_dim=8,
-                   load_balancing_type="aux_loss", aux_loss_coeff=0.1, grouped_mm="loop")
+                   balance_coeffs={"aux_loss": 0.1}, grouped_mm="loop")
     layer = MoE(args)
     layer.init_weights(0.5, 0.5)
     x = torch.randn(3, 5, 8, requires_grad=True)

@@ -13,7 +13,7 @@ FLAVORS: dict[str, dict[str, dict]] = {
                     shared_expert_intermediate_size=128, router_score_function="sigmoid",
                     router_norm_topk_prob=True, router_topk_scaling_factor=1.0,
                     router_num_groups=4, router_group_topk=2,
-                    load_balancing_type="seq_aux_loss", aux_loss_coeff=1e-3,
+                    load_balancing_type=["seq_aux_loss"], aux_loss_coeff=[1e-3],
                     enable_expert_bias=True),
     },
     # DeepSeek-MoE-16B / DeepSeek-V2-Lite sizes.
@@ -26,8 +26,8 @@ FLAVORS: dict[str, dict[str, dict]] = {
         "moe": dict(num_experts=64, router_topk=6, ffn_hidden_size=1408,
                     shared_expert_intermediate_size=2816, router_score_function="softmax",
                     router_norm_topk_prob=False, router_topk_scaling_factor=1.0,
-                    router_num_groups=0, router_group_topk=0, load_balancing_type="none",
-                    aux_loss_coeff=0.0, enable_expert_bias=True),
+                    router_num_groups=0, router_group_topk=0, load_balancing_type=["none"],
+                    aux_loss_coeff=[0.0], enable_expert_bias=True),
     },
     # DeepSeek-V3 (671B total, 37B active).
     "671B": {
@@ -40,7 +40,7 @@ FLAVORS: dict[str, dict[str, dict]] = {
                     shared_expert_intermediate_size=2048, router_score_function="sigmoid",
                     router_norm_topk_prob=True, router_topk_scaling_factor=2.5,
                     router_num_groups=8, router_group_topk=4,
-                    load_balancing_type="seq_aux_loss", aux_loss_coeff=1e-4,
+                    load_balancing_type=["seq_aux_loss"], aux_loss_coeff=[1e-4],
                     enable_expert_bias=True),
     },
 }

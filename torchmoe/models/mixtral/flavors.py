@@ -3,7 +3,7 @@
 _MIXTRAL_MOE = dict(router_topk=2, num_experts=8, shared_expert_intermediate_size=0,
                     router_score_function="softmax", router_norm_topk_prob=True,
                     router_topk_scaling_factor=1.0, router_num_groups=0, router_group_topk=0,
-                    load_balancing_type="aux_loss", aux_loss_coeff=1e-2,
+                    load_balancing_type=["aux_loss"], aux_loss_coeff=[1e-2],
                     enable_expert_bias=False)
 
 FLAVORS: dict[str, dict[str, dict]] = {

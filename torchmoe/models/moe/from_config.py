@@ -1,4 +1,5 @@
-"""The [moe] config section -> MoEArgs, and its cross-key checks, shared by every family."""
+"""The [moe] config section -> MoEArgs, which blocks are MoE, and the section's cross-key
+checks, shared by every family."""
 
 import os
 
@@ -10,12 +11,39 @@ from torchmoe.models.moe.moe import MoEArgs
 from torchmoe.models.moe.router import RouterArgs
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def moe_layer_pattern(cfg: JobConfig) -> list[bool]:
+    """For each block, whether it is an MoE layer: not one of the first ``n_dense_layers``,
+    selected by ``moe.layer_freq``, and the model has experts at all."""
+    m, e = cfg.model, cfg.moe
+    freq = e.layer_freq
+    if len(freq) == 1:
+        chosen = [i % freq[0] == 0 for i in range(m.n_layers)]
+    else:
+        chosen = [bool(v) for v in freq]
+    return [e.num_experts > 0 and i >= m.n_dense_layers and chosen[i]
+            for i in range(m.n_layers)]
+
+
+def balance_coeffs(cfg: JobConfig) -> dict[str, float]:
+    """Balance-loss type -> its coefficient, for the loss types ``load_balancing_type`` names
+    (one coefficient for all, or one each)."""
+    e = cfg.moe
+    types = [t for t in e.load_balancing_type if t in _LOSS_TYPES]
+    coeffs = e.aux_loss_coeff if len(e.aux_loss_coeff) > 1 else e.aux_loss_coeff * len(types)
+    return {t: c for t, c in zip(types, coeffs) if c > 0}
 
 
 def validate_moe(cfg: JobConfig) -> None:
-    """Cross-key checks of [moe]: top-k and group-limited routing must be satisfiable, and a
-    forced Triton permutation needs CUDA (unless a dry run only plans the job)."""
+    """Cross-key checks of [moe]: the layer pattern, top-k and group-limited routing must be
+    satisfiable, balancing and capacity keys consistent, and a forced Triton permutation
+    needs CUDA (unless a dry run only plans the job)."""
     e = cfg.moe
+    if e.num_experts == 0:
+        return
+    _validate_layer_freq(cfg)
     if (e.permute_backend == "triton" and not torch.cuda.is_available()
             and os.environ.get("COMM_MODE") != "fake"):
         raise ConfigError("moe.permute_backend = 'triton' runs its kernels on CUDA tensors and "
@@ -23,6 +51,35 @@ def validate_moe(cfg: JobConfig) -> None:
     if e.router_topk > e.num_experts:
         raise ConfigError(f"moe.router_topk = {e.router_topk} exceeds moe.num_experts = "
                           f"{e.num_experts}")
+    if not e.router_pre_softmax and e.router_score_function != "softmax":
+        raise ConfigError("moe.router_pre_softmax = false only applies to "
+                          "moe.router_score_function = 'softmax', not "
+                          f"{e.router_score_function!r}; set it to true")
+    _validate_groups(cfg)
+    _validate_balancing(cfg)
+    _validate_capacity(cfg)
+    bad = [i for i in e.freeze_experts if not 0 <= i < e.num_experts]
+    if bad or len(set(e.freeze_experts)) != len(e.freeze_experts):
+        raise ConfigError(f"moe.freeze_experts = {e.freeze_experts}: list distinct expert ids "
+                          f"in [0, {e.num_experts})")
+
+
+def _validate_layer_freq(cfg: JobConfig) -> None:
+    freq, n = cfg.moe.layer_freq, cfg.model.n_layers
+    if len(freq) == 1 and freq[0] < 1:
+        raise ConfigError(f"moe.layer_freq = {freq}: an interval must be >= 1, or give a 0/1 "
+                          f"list of {n} entries")
+    if len(freq) > 1 and (len(freq) != n or any(v not in (0, 1) for v in freq)):
+        raise ConfigError(f"moe.layer_freq = {freq} must be one 0/1 entry per block "
+                          f"(model.n_layers = {n}) or a single interval")
+    if not any(moe_layer_pattern(cfg)):
+        raise ConfigError(f"moe.layer_freq = {freq} with model.n_dense_layers = "
+                          f"{cfg.model.n_dense_layers} leaves no MoE block; for a dense model "
+                          "set moe.num_experts = 0")
+
+
+def _validate_groups(cfg: JobConfig) -> None:
+    e = cfg.moe
     if (e.router_num_groups == 0) != (e.router_group_topk == 0):
         raise ConfigError(f"moe.router_num_groups = {e.router_num_groups} and "
                           f"moe.router_group_topk = {e.router_group_topk}: set both (> 0) for "
@@ -41,17 +98,56 @@ def validate_moe(cfg: JobConfig) -> None:
                               "router_group_topk")
 
 
+def _validate_balancing(cfg: JobConfig) -> None:
+    e = cfg.moe
+    types, coeffs = e.load_balancing_type, e.aux_loss_coeff
+    if len(set(types)) != len(types):
+        raise ConfigError(f"moe.load_balancing_type = {types} lists a type twice")
+    if len(types) > 1 and ("none" in types or "sinkhorn" in types):
+        raise ConfigError(f"moe.load_balancing_type = {types}: 'none' and 'sinkhorn' stand "
+                          "alone; combine only aux_loss, seq_aux_loss and global_aux_loss")
+    losses = [t for t in types if t in _LOSS_TYPES]
+    if len(coeffs) > 1 and len(coeffs) != len(losses):
+        raise ConfigError(f"moe.aux_loss_coeff = {coeffs} needs one value, or one per loss in "
+                          f"moe.load_balancing_type = {types}")
+    if not losses and any(c > 0 for c in coeffs):
+        raise ConfigError(f"moe.aux_loss_coeff = {coeffs} has no effect with "
+                          f"moe.load_balancing_type = {types}; pick aux_loss, seq_aux_loss or "
+                          "global_aux_loss")
+    if "sinkhorn" in types and (e.enable_expert_bias or e.router_num_groups):
+        raise ConfigError("moe.load_balancing_type = ['sinkhorn'] selects experts itself; set "
+                          "moe.enable_expert_bias = false and moe.router_num_groups = 0")
+    if e.force_load_balance and "sinkhorn" in types:
+        raise ConfigError("moe.force_load_balance = true replaces expert selection; it cannot "
+                          "be combined with moe.load_balancing_type = ['sinkhorn']")
+
+
+def _validate_capacity(cfg: JobConfig) -> None:
+    e = cfg.moe
+    if e.capacity_factor == 0:
+        for key in ("pad_to_capacity",):
+            if getattr(e, key):
+                raise ConfigError(f"moe.{key} = true needs token dropping; set "
+                                  "moe.capacity_factor > 0")
+
+
 def moe_args(cfg: JobConfig) -> MoEArgs:
     """The MoE layer arguments the [moe] section (and model.dim) describe."""
     e = cfg.moe
     return MoEArgs(
         router=RouterArgs(dim=cfg.model.dim, num_experts=e.num_experts, topk=e.router_topk,
                           score_function=e.router_score_function,
+                          pre_softmax=e.router_pre_softmax,
                           norm_topk_prob=e.router_norm_topk_prob,
                           scaling_factor=e.router_topk_scaling_factor,
                           num_groups=e.router_num_groups, group_topk=e.router_group_topk,
                           enable_expert_bias=e.enable_expert_bias,
+                          sinkhorn="sinkhorn" in e.load_balancing_type,
+                          force_load_balance=e.force_load_balance,
+                          input_jitter_eps=e.input_jitter_eps,
                           dtype=_ROUTER_DTYPES[e.router_dtype]),
         hidden_dim=e.ffn_hidden_size, shared_hidden_dim=e.shared_expert_intermediate_size,
-        load_balancing_type=e.load_balancing_type, aux_loss_coeff=e.aux_loss_coeff,
+        balance_coeffs=balance_coeffs(cfg), z_loss_coeff=e.z_loss_coeff,
+        capacity_factor=e.capacity_factor, drop_policy=e.drop_policy,
+        pad_to_capacity=e.pad_to_capacity,
         grouped_mm=e.grouped_mm, permute_backend=e.permute_backend)

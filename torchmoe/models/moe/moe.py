@@ -9,7 +9,7 @@ update and the load metrics) and ``aux_loss_sum`` (the balance loss values, for 
 are filled only in real forwards, not in activation-checkpoint recomputation.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,8 +26,11 @@ class MoEArgs:
     router: RouterArgs
     hidden_dim: int  # per routed expert
     shared_hidden_dim: int = 0  # 0 = no shared experts
-    load_balancing_type: str = "none"  # "aux_loss" | "seq_aux_loss" | "none"
-    aux_loss_coeff: float = 0.0
+    balance_coeffs: dict[str, float] = field(default_factory=dict)  # loss type -> weight
+    z_loss_coeff: float = 0.0
+    capacity_factor: float = 0.0  # 0 = dropless
+    drop_policy: str = "probs"  # "probs" | "position"
+    pad_to_capacity: bool = False
     grouped_mm: str = "auto"
     permute_backend: str = "auto"  # "auto" | "triton" | "torch" (see models/moe/dispatch.py)
 
@@ -81,12 +84,12 @@ class MoE(nn.Module):
     def _balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: int
                       ) -> torch.Tensor | None:
         """The weighted balance loss of this forward, or None when balancing by loss is off."""
-        a = self.args
-        if a.load_balancing_type == "none" or a.aux_loss_coeff == 0:
+        c = self.args.balance_coeffs
+        if not c:
             return None
-        if a.load_balancing_type == "aux_loss":
-            return a.aux_loss_coeff * switch_aux_loss(probs_TE, topk_idx_TK)
-        return a.aux_loss_coeff * sequence_aux_loss(probs_TE, topk_idx_TK, batch)
+        if "aux_loss" in c:
+            return c["aux_loss"] * switch_aux_loss(probs_TE, topk_idx_TK)
+        return c["seq_aux_loss"] * sequence_aux_loss(probs_TE, topk_idx_TK, batch)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)

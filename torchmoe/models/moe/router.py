@@ -22,11 +22,15 @@ class RouterArgs:
     num_experts: int
     topk: int
     score_function: str = "softmax"  # "softmax" | "sigmoid"
+    pre_softmax: bool = True  # softmax: over all experts before top-k, or over the k chosen
     norm_topk_prob: bool = False
     scaling_factor: float = 1.0
     num_groups: int = 0  # group-limited routing off when 0
     group_topk: int = 0
     enable_expert_bias: bool = False
+    sinkhorn: bool = False  # S-BASE: select by the Sinkhorn-balanced assignment
+    force_load_balance: bool = False  # benchmark mode: round-robin selection
+    input_jitter_eps: float = 0.0
     dtype: torch.dtype = torch.float32
 
 
