@@ -14,31 +14,45 @@ import torch
 
 from torchmoe.kernels import moe_permute_ref as ref
 
-CASES = [  # T, K, E, P: T prime-ish, K up to 3, pad 1 and 16
-    (1, 1, 4, 1), (13, 2, 8, 1), (37, 3, 8, 16), (130, 2, 6, 16), (67, 1, 5, 4), (0, 2, 4, 16)]
+# T, K, E, P, drops: T prime-ish, K up to 3, pad 1 and 16; with drops, about a third of the
+# copies are dropped (expert id -1), as a capacity limit does.
+CASES = [(1, 1, 4, 1, False), (13, 2, 8, 1, False), (37, 3, 8, 16, False),
+         (130, 2, 6, 16, False), (67, 1, 5, 4, False), (0, 2, 4, 16, False),
+         (41, 2, 8, 1, True), (53, 3, 6, 16, True)]
 
 
-def random_routing(T: int, K: int, E: int, seed: int, device="cpu") -> torch.Tensor:
-    """Distinct experts per token, drawn from E - 2 of them, so two experts stay empty."""
+def random_routing(T: int, K: int, E: int, seed: int, device="cpu", drops: bool = False
+                   ) -> torch.Tensor:
+    """Distinct experts per token, drawn from E - 2 of them, so two experts stay empty; with
+    ``drops``, a third of the copies dropped."""
     g = torch.Generator().manual_seed(seed)
     used = torch.randperm(E, generator=g)[: max(K, E - 2)]
     rows = [used[torch.randperm(len(used), generator=g)[:K]] for _ in range(T)]
-    return (torch.stack(rows) if T else torch.empty(0, K, dtype=torch.int64)).to(device)
+    idx = torch.stack(rows) if T else torch.empty(0, K, dtype=torch.int64)
+    if drops:
+        idx = torch.where(torch.rand(idx.shape, generator=g) < 1 / 3, -1, idx)
+    return idx.to(device)
 
 
-def loop_indices(idx_TK: torch.Tensor, E: int, P: int) -> tuple[list, list, list]:
-    """dest, src, padded counts by walking experts, then tokens, in order."""
+def fixed_group_rows(idx_TK: torch.Tensor, E: int) -> int:
+    """A fixed group size every expert's copies fit in (as a capacity gives), with room left."""
+    kept = idx_TK[idx_TK >= 0]
+    return int(torch.bincount(kept, minlength=E).max()) + 3
+
+
+def loop_indices(idx_TK: torch.Tensor, E: int, P: int, G: int = 0) -> tuple[list, list, list]:
+    """dest, src, padded counts by walking experts, then tokens, in order; dropped copies -1."""
     T, K = idx_TK.shape
-    dest, src, counts = [[0] * K for _ in range(T)], [], []
+    dest, src, counts = [[-1] * K for _ in range(T)], [], []
     for e in range(E):
         mine = [(t, k) for t in range(T) for k in range(K) if idx_TK[t, k] == e]
         for t, k in mine:
             dest[t][k] = len(src)
             src.append(t * K + k)
-        pad = -len(mine) % P
+        pad = G - len(mine) if G else -len(mine) % P
         src += [-1] * pad
         counts.append(len(mine) + pad)
-    src += [-1] * (ref.num_rows(T * K, E, P) - len(src))
+    src += [-1] * (ref.num_rows(T * K, E, P, G) - len(src))
     return dest, src, counts
 
 
@@ -46,35 +60,43 @@ def loop_permute(x_TD, dest, M):
     rows = [None] * M
     for t, row in enumerate(dest):
         for r in row:
-            rows[r] = x_TD[t]
+            if r >= 0:
+                rows[r] = x_TD[t]
     zero = x_TD.new_zeros(x_TD.shape[1])
     return torch.stack([r if r is not None else zero for r in rows])
 
 
 def loop_unpermute(y_MD, dest, w_TK):
-    return torch.stack([sum(w_TK[t, k] * y_MD[r] for k, r in enumerate(row))
+    zero = y_MD.new_zeros(y_MD.shape[1])
+    return torch.stack([sum((w_TK[t, k] * y_MD[r] for k, r in enumerate(row) if r >= 0), zero)
                         for t, row in enumerate(dest)])
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_reference_indices_match_loop(case):
-    T, K, E, P = case
-    idx = random_routing(T, K, E, seed=T + E)
-    dest, src, counts = ref.permute_indices(idx, E, P)
-    want_dest, want_src, want_counts = loop_indices(idx, E, P)
+@pytest.mark.parametrize("fixed_rows", [False, True])
+def test_reference_indices_match_loop(case, fixed_rows):
+    T, K, E, P, drops = case
+    idx = random_routing(T, K, E, seed=T + E, drops=drops)
+    G = fixed_group_rows(idx, E) if fixed_rows else 0
+    dest, src, counts = ref.permute_indices(idx, E, P, G)
+    want_dest, want_src, want_counts = loop_indices(idx, E, P, G)
     assert dest.dtype == src.dtype == counts.dtype == torch.int64
-    assert src.shape == (ref.num_rows(T * K, E, P),)
+    assert src.shape == (ref.num_rows(T * K, E, P, G),)
     assert dest.tolist() == (want_dest if T else [])
     assert src.tolist() == want_src and counts.tolist() == want_counts
-    assert all(c % P == 0 for c in counts.tolist()) and 0 in counts.tolist()
+    if G:
+        assert counts.tolist() == [G] * E
+    else:
+        assert all(c % P == 0 for c in counts.tolist()) and 0 in counts.tolist()
+    assert (dest < 0).any() == (drops and T > 0)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] > 0])
 def test_reference_data_movement_and_gradients_match_loop(case):
-    T, K, E, P = case
+    T, K, E, P, drops = case
     D = 5
-    idx = random_routing(T, K, E, seed=T)
-    dest, src, _ = ref.permute_indices(idx, E, P)
+    idx = random_routing(T, K, E, seed=T, drops=drops)
+    dest, src, _ = ref.permute_indices(idx, E, P, fixed_group_rows(idx, E) if drops else 0)
     M = src.numel()
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, D, dtype=torch.float64, generator=g, requires_grad=True)
@@ -135,9 +157,10 @@ def compare_fused_to_reference(fused, device: str, dtype: torch.dtype, cases=CAS
     """Forward and backward of the fused ops equal the references on the same inputs."""
     tol = ({"rtol": 1e-5, "atol": 3e-4} if dtype == torch.float32 else
            {"rtol": 1.6e-2, "atol": 1e-2})  # summation order differs
-    for T, K, E, P in cases:
-        idx = random_routing(T, K, E, seed=T * 7 + P, device=device)
-        got_idx, want_idx = fused.permute_indices(idx, E, P), ref.permute_indices(idx, E, P)
+    for T, K, E, P, drops in cases:
+        idx = random_routing(T, K, E, seed=T * 7 + P, device=device, drops=drops)
+        G = fixed_group_rows(idx, E) if drops and T % 2 else 0
+        got_idx, want_idx = fused.permute_indices(idx, E, P, G), ref.permute_indices(idx, E, P, G)
         for a, b in zip(got_idx, want_idx):
             assert torch.equal(a, b), (T, K, E, P)
         dest, src, _ = want_idx
@@ -220,9 +243,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_triton_kernels_match_reference_on_gpu(dtype):
     from torchmoe.kernels import moe_permute as fused
 
-    big = [(4096, 8, 64, 16), (1000, 6, 64, 1), (3001, 2, 8, 16)]
+    big = [(4096, 8, 64, 16, False), (1000, 6, 64, 1, False), (3001, 2, 8, 16, False),
+           (4097, 8, 64, 16, True), (2001, 4, 16, 1, True)]
     compare_fused_to_reference(fused, "cuda", dtype, cases=CASES + big, D=256)
-    compare_fused_to_reference(fused, "cuda", dtype, cases=[(300, 4, 16, 16)], D=7168)
+    compare_fused_to_reference(fused, "cuda", dtype, cases=[(300, 4, 16, 16, False)], D=7168)
 
 
 @pytest.mark.gpu

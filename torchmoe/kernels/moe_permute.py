@@ -39,34 +39,37 @@ def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, E, CHUNK: tl.constexpr
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < N
     expert = tl.load(expert_ptr + offs, mask=valid, other=-1)
-    same = (expert[:, None] == expert[None, :]) & valid[None, :]  # [copy i, copy j]
+    kept = valid & (expert >= 0)  # expert -1: dropped by a capacity limit, placed nowhere
+    same = (expert[:, None] == expert[None, :]) & kept[None, :]  # [copy i, copy j]
     earlier = tl.arange(0, CHUNK)[None, :] < tl.arange(0, CHUNK)[:, None]
     rank = tl.sum((same & earlier).to(tl.int32), axis=1)
     total = tl.sum(same.to(tl.int32), axis=1)
     tl.store(rank_ptr + offs, rank, mask=valid)
     # The last copy of each expert in the chunk writes its count: one writer per entry.
-    tl.store(hist_ptr + chunk * E + expert, total, mask=valid & (rank == total - 1))
+    tl.store(hist_ptr + chunk * E + expert, total, mask=kept & (rank == total - 1))
 
 
 @triton.jit
 def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E,
                   CHUNK: tl.constexpr):
-    """dest[c] = first row of (c's chunk, c's expert) + rank[c]; src[dest[c]] = c."""
+    """dest[c] = first row of (c's chunk, c's expert) + rank[c]; src[dest[c]] = c; dest -1
+    for a dropped copy."""
     chunk = tl.program_id(0)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < N
     expert = tl.load(expert_ptr + offs, mask=valid, other=0)
-    rank = tl.load(rank_ptr + offs, mask=valid, other=0)
-    dest = tl.load(start_ptr + chunk * E + expert, mask=valid, other=0) + rank
-    tl.store(dest_ptr + offs, dest, mask=valid)
-    tl.store(src_ptr + dest, offs.to(tl.int64), mask=valid)
+    kept = valid & (expert >= 0)
+    rank = tl.load(rank_ptr + offs, mask=kept, other=0)
+    dest = tl.load(start_ptr + chunk * E + expert, mask=kept, other=0) + rank
+    tl.store(dest_ptr + offs, tl.where(kept, dest, -1), mask=valid)
+    tl.store(src_ptr + dest, offs.to(tl.int64), mask=kept)
 
 
 # An opaque custom op rather than a triton_op: inductor (torch 2.11) fails to generate code
 # for the small torch glue between the two kernels when it can see inside.
 @custom_op("torchmoe::permute_indices", mutates_args=())
-def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1,
+                    group_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dest_TK, src_M, padded counts_E); see ``moe_permute_ref.permute_indices``."""
     T, K = topk_idx_TK.shape
     E, P, N = num_experts, pad_multiple, T * K
@@ -76,11 +79,11 @@ def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: i
     rank_N = torch.empty(N, dtype=torch.int32, device=device)
     hist_CE = torch.zeros(C, E, dtype=torch.int64, device=device)
     dest_N = torch.empty(N, dtype=torch.int64, device=device)
-    src_M = torch.full((num_rows(N, E, P),), -1, dtype=torch.int64, device=device)
+    src_M = torch.full((num_rows(N, E, P, group_rows),), -1, dtype=torch.int64, device=device)
     if N > 0:
         wrap_triton(_chunk_rank_kernel)[(C,)](expert_N, rank_N, hist_CE, N, E, CHUNK=CHUNK)
     counts_E = hist_CE.sum(0)
-    padded_E = (counts_E + P - 1) // P * P
+    padded_E = torch.full_like(counts_E, group_rows) if group_rows else (counts_E + P - 1) // P * P
     # First row of each (chunk, expert) block: the expert's padded start plus the copies of
     # that expert in earlier chunks (an exclusive scan over chunks).
     start_CE = torch.cumsum(hist_CE, 0) - hist_CE + (torch.cumsum(padded_E, 0) - padded_E)
@@ -91,10 +94,10 @@ def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: i
 
 
 @permute_indices.register_fake
-def _(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1
+def _(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_rows: int = 0
       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, K = topk_idx_TK.shape
-    rows = num_rows(T * K, num_experts, pad_multiple)
+    rows = num_rows(T * K, num_experts, pad_multiple, group_rows)
     new = topk_idx_TK.new_empty
     return new((T, K), dtype=torch.int64), new((rows,), dtype=torch.int64), \
         new((num_experts,), dtype=torch.int64)
@@ -111,7 +114,8 @@ def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=0)
+    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=-1)
+    k_ok = rows >= 0  # a dropped copy (dest -1) moves nothing
     if HAS_W:
         w = tl.load(w_ptr + t * K + ks, mask=k_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -130,7 +134,7 @@ def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
             y = tl.load(y_ptr + row_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
             dw += tl.sum(y * x.to(tl.float32)[None, :], axis=1)
     if WITH_DW:
-        tl.store(dw_ptr + t * K + ks, dw, mask=k_ok)
+        tl.store(dw_ptr + t * K + ks, dw, mask=ks < K)
 
 
 @triton.jit
@@ -140,7 +144,8 @@ def _gather_sum_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, K, D, HAS_W: tl.constexp
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=0)
+    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=-1)
+    k_ok = rows >= 0  # a dropped copy (dest -1) adds nothing
     if HAS_W:
         w = tl.load(w_ptr + t * K + ks, mask=k_ok, other=0.0).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -188,7 +193,7 @@ def _scatter_rows(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor
             x_TD, dest_TK, w_TK if w_TK is not None else x_TD, y_MD if y_MD is not None else x_TD,
             out_MD, dw_TK if dw_TK is not None else x_TD, K, D, HAS_W=w_TK is not None,
             WITH_DW=y_MD is not None, BLOCK_K=block_k, BLOCK_D=block_d)
-    if M > T * K:  # padding or unused rows exist
+    if M > 0:  # padding, unused rows or rows left by dropped copies may exist
         block_r = 16
         wrap_triton(_zero_empty_rows_kernel)[(triton.cdiv(M, block_r),)](
             out_MD, src_M, M, D, BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(D), 256))
