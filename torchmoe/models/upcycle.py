@@ -1,0 +1,108 @@
+"""Upcycling: the weights of a dense model -> those of an MoE model that computes the same
+function at step 0, so fine-tuning starts from the dense model's quality.
+
+Legend: D model dim, F dense hidden dim, G granularity, R replicas, E = R * G experts,
+K experts per token (a multiple of G), F / G expert hidden dim.
+
+Every MoE block of the target config takes the dense MLP of the same block; every other tensor
+is copied. The dense SwiGLU ``y = W2 (silu(W1 x) * W3 x)`` is elementwise in its hidden dim, so
+cutting F into G slices of F / G gives ``y = sum_g y_g`` with ``y_g`` the SwiGLU of slice g
+(rows of W1, W3; columns of W2). Expert ``e = r * G + g`` holds slice g of replica r
+(granularity 1 is plain upcycling: every expert a copy of the MLP).
+
+Why the output is the dense output: all G experts of replica r get the same router row
+``v_r`` (random per replica), hence one score ``s_r`` (softmax or sigmoid). With K = m * G and
+no expert bias, the top K scores are the G equal scores of each of the m best replicas C (a
+replica is never split unless two replicas tie exactly). Renormalising the K weights and
+scaling by ``router_topk_scaling_factor`` = a gives expert (r, g) the weight
+``a * s_r / (G * sum_{r' in C} s_r') = (a / G) * p_r`` with ``sum_{r in C} p_r = 1``, so the
+layer outputs ``sum_r (a / G) p_r sum_g y_g = (a / G) y``, which is ``y`` for a = G. Shared
+experts would add to ``y``, group-limited routing and the Sinkhorn / round-robin selections
+could split a replica, and capacity limits drop copies, so the target config must not use them.
+"""
+
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import JobConfig
+from torchmoe.models.moe.from_config import moe_layer_pattern
+
+
+def check_upcycling(cfg: JobConfig, granularity: int, dense_hidden: int) -> None:
+    """Raise a ConfigError when the MoE config ``cfg`` cannot reproduce a dense MLP of hidden
+    size ``dense_hidden`` cut into ``granularity`` slices (see the module docstring)."""
+    e, g = cfg.moe, granularity
+    if g < 1:
+        raise ConfigError(f"granularity = {g} must be >= 1")
+    if e.num_experts == 0:
+        raise ConfigError("moe.num_experts = 0: the upcycling target must be an MoE config")
+    if dense_hidden % g:
+        raise ConfigError(f"granularity = {g} must divide the dense hidden size {dense_hidden}")
+    rules = [
+        (e.num_experts % g == 0, "moe.num_experts", e.num_experts,
+         f"a multiple of granularity = {g}"),
+        (e.ffn_hidden_size * g == dense_hidden, "moe.ffn_hidden_size", e.ffn_hidden_size,
+         f"the dense hidden size {dense_hidden} / granularity {g} = {dense_hidden // g}"),
+        (e.router_topk % g == 0, "moe.router_topk", e.router_topk,
+         f"a multiple of granularity = {g} (a token takes every slice of a replica)"),
+        (e.router_norm_topk_prob, "moe.router_norm_topk_prob", "false", "true"),
+        (e.router_topk_scaling_factor == g, "moe.router_topk_scaling_factor",
+         e.router_topk_scaling_factor, f"granularity = {g}"),
+        (e.shared_expert_intermediate_size == 0, "moe.shared_expert_intermediate_size",
+         e.shared_expert_intermediate_size, "0 (shared experts would add to the dense output)"),
+        (e.router_num_groups == 0, "moe.router_num_groups", e.router_num_groups,
+         "0 (group-limited routing could split a replica)"),
+        (e.capacity_factor == 0, "moe.capacity_factor", e.capacity_factor,
+         "0 (dropped tokens would skip the MLP)"),
+        (not e.force_load_balance, "moe.force_load_balance", "true", "false"),
+        ("sinkhorn" not in e.load_balancing_type, "moe.load_balancing_type",
+         e.load_balancing_type, "free of 'sinkhorn' (it selects experts by other scores)"),
+    ]
+    for ok, key, value, want in rules:
+        if not ok:
+            raise ConfigError(f"{key} = {value} must be {want} to upcycle a dense model")
+
+
+def upcycle_state_dict(dense: dict[str, torch.Tensor], cfg: JobConfig, granularity: int = 1
+                       ) -> dict[str, torch.Tensor]:
+    """The MoE state dict (torchmoe parameter names) for the model ``cfg`` describes, from the
+    dense model's ``dense``. Router rows are drawn with std ``model.init_std`` from seed
+    ``training.seed``; expert biases start at zero. Tensors not in MoE blocks are shared with
+    ``dense``, not copied in memory."""
+    moe_blocks = [i for i, is_moe in enumerate(moe_layer_pattern(cfg)) if is_moe]
+    if any(".feed_forward.router." in name for name in dense):
+        raise ConfigError("the dense checkpoint already has routers; upcycle a model trained "
+                          "with moe.num_experts = 0")
+    for i in moe_blocks:
+        if f"layers.{i}.feed_forward.w1.weight" not in dense:
+            raise ConfigError(f"the dense checkpoint has no MLP in block {i} "
+                              f"(layers.{i}.feed_forward.w1.weight), which the MoE config "
+                              f"(model.n_layers = {cfg.model.n_layers}) makes an MoE block")
+    dense_hidden = dense[f"layers.{moe_blocks[0]}.feed_forward.w1.weight"].shape[0] \
+        if moe_blocks else 0
+    check_upcycling(cfg, granularity, dense_hidden)
+
+    generator = torch.Generator().manual_seed(cfg.training.seed)
+    prefixes = tuple(f"layers.{i}.feed_forward." for i in moe_blocks)
+    out = {name: t for name, t in dense.items() if not name.startswith(prefixes)}
+    for prefix in prefixes:
+        out.update(_upcycle_mlp(dense, prefix, cfg, granularity, generator))
+    return out
+
+
+def _upcycle_mlp(dense: dict[str, torch.Tensor], prefix: str, cfg: JobConfig, g: int,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One dense MLP -> the state of one MoE layer, laid out as the module docstring says."""
+    w1_FD, w3_FD, w2_DF = (dense[f"{prefix}{w}.weight"] for w in ("w1", "w3", "w2"))
+    F, D = w1_FD.shape
+    r = cfg.moe.num_experts // g
+    v_RD = torch.randn(r, D, generator=generator, dtype=torch.float64) * cfg.model.init_std
+    state = {
+        f"{prefix}experts.w1": w1_FD.reshape(g, F // g, D).repeat(r, 1, 1),
+        f"{prefix}experts.w3": w3_FD.reshape(g, F // g, D).repeat(r, 1, 1),
+        f"{prefix}experts.w2": w2_DF.reshape(D, g, F // g).transpose(0, 1).repeat(r, 1, 1),
+        f"{prefix}router.gate.weight": v_RD.to(w1_FD.dtype).repeat_interleave(g, dim=0),
+    }
+    if cfg.moe.enable_expert_bias:
+        state[f"{prefix}router.expert_bias"] = torch.zeros(cfg.moe.num_experts)
+    return state
