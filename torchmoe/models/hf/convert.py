@@ -1,0 +1,137 @@
+"""The two directions: a Hugging Face folder -> a torchmoe seed checkpoint (step-0) plus the
+[model]/[moe] keys that rebuild the model, and a torchmoe checkpoint -> a Hugging Face folder.
+Export then import gives back every tensor bit for bit (float32 stays float32)."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import build_config, load_config
+from torchmoe.config.schema import Checkpoint, JobConfig
+from torchmoe.config.validate import validate
+from torchmoe.models.hf import adapter_for_family, adapter_for_model_type
+from torchmoe.models.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
+from torchmoe.models.hf.mapping import from_hf, to_hf
+from torchmoe.models.registry import get_model_spec
+from torchmoe.train.checkpoint import CheckpointManager, TrainState
+
+
+def _empty_folder(path: Path, flag: str) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{flag} {path} already exists and is not an empty folder; choose a "
+                          "new one")
+
+
+def _meta_state(cfg: JobConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The model ``cfg`` describes, on the meta device, and its state dict."""
+    with torch.device("meta"):
+        model = get_model_spec(cfg.model.name).build(cfg)
+    return model, model.state_dict()
+
+
+def config_from_hf(hf: dict, family: str | None = None) -> tuple[JobConfig, dict]:
+    """config.json -> (validated JobConfig, the [model]/[moe] values it sets)."""
+    adapter = adapter_for_model_type(hf.get("model_type"))
+    values = adapter.to_job(hf)
+    name = family or adapter.family
+    values["model"] = {"name": name, "flavor": next(iter(get_model_spec(name).flavors)),
+                       **values["model"]}
+    cfg = build_config(values, [], where="config.json")
+    validate(cfg)
+    return cfg, values
+
+
+def _check_names(hf_dir: Path, have: dict[str, torch.Tensor],
+                 want: dict[str, torch.Tensor]) -> None:
+    """The folder's tensors must be exactly those config.json implies, with their shapes."""
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise ConfigError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} missing); "
+                          "config.json describes a model with it")
+    extra = [k for k in have if k not in want]
+    if extra:
+        raise ConfigError(f"{hf_dir}: tensor {extra[0]} does not belong to the model config.json "
+                          f"describes ({len(extra)} such tensors)")
+    for k, t in want.items():
+        if tuple(have[k].shape) != tuple(t.shape):
+            raise ConfigError(f"{hf_dir}: tensor {k} has shape {list(have[k].shape)}, "
+                              f"config.json implies {list(t.shape)}")
+
+
+def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobConfig, dict]:
+    """Write ``out/step-0`` (a seed checkpoint the Trainer starts from with checkpoint.enable
+    and checkpoint.folder = out) and ``out/model.toml``; returns the JobConfig and the
+    [model]/[moe] values it sets."""
+    _empty_folder(out, "--out")
+    hf = read_json(hf_dir / "config.json")
+    cfg, values = config_from_hf(hf, family)
+    adapter = adapter_for_model_type(hf["model_type"])
+    tensors = read_safetensors(hf_dir)
+    embed = tensors.get("model.embed_tokens.weight")
+    if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and embed is not None:
+        tensors["lm_head.weight"] = embed.clone()  # torchmoe's output head is its own tensor
+    model, expected = _meta_state(cfg)
+    rules = adapter.rules(cfg, hf)
+    _check_names(hf_dir, tensors, to_hf(expected, rules, adapter.family))
+    state = {k: t.to(expected[k].dtype) for k, t in from_hf(tensors, rules).items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    out.mkdir(parents=True, exist_ok=True)
+    CheckpointManager(Checkpoint(enable=True), out, model, None, None, None,
+                      TrainState()).save_seed()
+    (out / "model.toml").write_text(model_toml(cfg, values, hf_dir, out))
+    return cfg, values
+
+
+def _keys(cfg: JobConfig, values: dict) -> list[tuple[str, Any]]:
+    """('section.key', value as the config holds it) for each key the import sets."""
+    return [(f"{s}.{k}", getattr(getattr(cfg, s), k)) for s in values for k in values[s]]
+
+
+def model_toml(cfg: JobConfig, values: dict, hf_dir: Path, out: Path) -> str:
+    """A recipe fragment: the [model]/[moe] keys of the imported model and the [checkpoint]
+    keys that start training from its weights."""
+    lines = [f"# Written by scripts/convert_hf.py import from {hf_dir.resolve()}."]
+    if cfg.model.rope_factor > 1:
+        lines.append("# YaRN applies only when training.seq_len > model.rope_original_seq_len "
+                     "(Hugging Face applies it at every length).")
+    section = None
+    for dotted, value in _keys(cfg, values) + [("checkpoint.enable", True),
+                                               ("checkpoint.folder", str(out.resolve()))]:
+        s, k = dotted.split(".")
+        if s != section:
+            lines += ["", f"[{s}]"] if section else [f"[{s}]"]
+            section = s
+        lines.append(f"{k} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
+    """The same keys as ``--section.key value`` arguments."""
+    def arg(value: Any) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    args = [f"--{k} {arg(v)}" for k, v in _keys(cfg, values)]
+    return " ".join(args + ["--checkpoint.enable", f"--checkpoint.folder {out.resolve()}"])
+
+
+def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int
+              ) -> JobConfig:
+    """Write the model of checkpoint ``step_dir`` (built by ``--config ... [--section.key value
+    ...]``) as a Hugging Face folder: config.json and safetensors."""
+    _empty_folder(out, "--out")
+    cfg, _ = load_config(recipe_args)
+    adapter = adapter_for_family(cfg.model.name)
+    hf = {"architectures": [adapter.architecture], "model_type": adapter.model_type,
+          **adapter.to_hf_config(cfg)}
+    _, expected = _meta_state(cfg)
+    state = read_dcp_model(step_dir, expected)
+    tensors = to_hf(state, adapter.rules(cfg, hf), adapter.family)
+    hf["dtype"] = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
+    write_safetensors(out, tensors, max_shard_bytes)
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return cfg

@@ -1,0 +1,92 @@
+"""Renaming a state dict between torchmoe and Hugging Face names, one rule per tensor kind.
+
+A rule pairs a torchmoe name pattern with a Hugging Face one; ``{layer}`` stands for a block
+index and, on the Hugging Face side only, ``{expert}`` for an expert index: such a rule maps one
+3-D grouped expert tensor [E, ...] to E per-expert 2-D tensors (stacked back in expert order on
+import). A rule may also carry a transform and its inverse (the RoPE channel permutation).
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from torchmoe.config.errors import ConfigError
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Rule:
+    ours: str
+    hf: str
+    to_hf: Transform = _same
+    from_hf: Transform = _same
+    ours_re: re.Pattern = field(init=False, repr=False, compare=False)
+    hf_re: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ours_re", _compile(self.ours))
+        object.__setattr__(self, "hf_re", _compile(self.hf))
+
+    @property
+    def per_expert(self) -> bool:
+        return "{expert}" in self.hf
+
+
+def _compile(pattern: str) -> re.Pattern:
+    """``layers.{layer}.x`` -> a regex with one named integer group per placeholder."""
+    parts = re.split(r"\{(layer|expert)\}", pattern)
+    body = "".join(re.escape(p) if i % 2 == 0 else rf"(?P<{p}>\d+)" for i, p in enumerate(parts))
+    return re.compile(body)
+
+
+def _match(name: str, rules: list[Rule], side: str) -> tuple[Rule, dict[str, str]] | None:
+    for rule in rules:
+        m = getattr(rule, f"{side}_re").fullmatch(name)
+        if m:
+            return rule, m.groupdict()
+    return None
+
+
+def to_hf(state: dict[str, torch.Tensor], rules: list[Rule], family: str
+          ) -> dict[str, torch.Tensor]:
+    """torchmoe state dict -> Hugging Face names and layouts (tensors may be views)."""
+    out = {}
+    for name, t in state.items():
+        hit = _match(name, rules, "ours")
+        if hit is None:
+            raise ConfigError(f"torchmoe tensor {name} has no Hugging Face name in the {family} "
+                              "mapping (torchmoe/models/hf); the model and the mapping disagree")
+        rule, groups = hit
+        if rule.per_expert:
+            for e, t_e in enumerate(t.unbind(0)):
+                out[rule.hf.format(expert=e, **groups)] = rule.to_hf(t_e)
+        else:
+            out[rule.hf.format(**groups)] = rule.to_hf(t)
+    return out
+
+
+def from_hf(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict -> torchmoe names and layouts. Callers check the names first
+    (every key here must match a rule, and each expert stack must be complete)."""
+    out, experts = {}, {}
+    for name, t in state.items():
+        hit = _match(name, rules, "hf")
+        if hit is None:
+            raise ConfigError(f"Hugging Face tensor {name} has no torchmoe counterpart")
+        rule, groups = hit
+        e = groups.pop("expert", None)
+        ours = rule.ours.format(**groups)
+        if e is None:
+            out[ours] = rule.from_hf(t)
+        else:
+            experts.setdefault(ours, (rule, {}))[1][int(e)] = t
+    for ours, (rule, by_index) in experts.items():
+        out[ours] = torch.stack([rule.from_hf(by_index[e]) for e in range(len(by_index))])
+    return out
