@@ -61,11 +61,10 @@ def _check_names(hf_dir: Path, have: dict[str, torch.Tensor],
                               f"config.json implies {list(t.shape)}")
 
 
-def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobConfig, dict]:
-    """Write ``out/step-0`` (a seed checkpoint the Trainer starts from with checkpoint.enable
-    and checkpoint.folder = out) and ``out/model.toml``; returns the JobConfig and the
-    [model]/[moe] values it sets."""
-    _empty_folder(out, "--out")
+def read_hf(hf_dir: Path, family: str | None = None
+            ) -> tuple[JobConfig, dict, dict[str, torch.Tensor]]:
+    """A Hugging Face folder -> (JobConfig, the [model]/[moe] values it sets, torchmoe state
+    dict in the model's dtypes)."""
     hf = read_json(hf_dir / "config.json")
     cfg, values = config_from_hf(hf, family)
     adapter = adapter_for_model_type(hf["model_type"])
@@ -73,10 +72,19 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     embed = tensors.get("model.embed_tokens.weight")
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and embed is not None:
         tensors["lm_head.weight"] = embed.clone()  # torchmoe's output head is its own tensor
-    model, expected = _meta_state(cfg)
+    _, expected = _meta_state(cfg)
     rules = adapter.rules(cfg, hf)
     _check_names(hf_dir, tensors, to_hf(expected, rules, adapter.family))
-    state = {k: t.to(expected[k].dtype) for k, t in from_hf(tensors, rules).items()}
+    return cfg, values, {k: t.to(expected[k].dtype) for k, t in from_hf(tensors, rules).items()}
+
+
+def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobConfig, dict]:
+    """Write ``out/step-0`` (a seed checkpoint the Trainer starts from with checkpoint.enable
+    and checkpoint.folder = out) and ``out/model.toml``; returns the JobConfig and the
+    [model]/[moe] values it sets."""
+    _empty_folder(out, "--out")
+    cfg, values, state = read_hf(hf_dir, family)
+    model, _ = _meta_state(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     out.mkdir(parents=True, exist_ok=True)
     CheckpointManager(Checkpoint(enable=True), out, model, None, None, None,

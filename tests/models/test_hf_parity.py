@@ -1,0 +1,83 @@
+"""Hugging Face parity: a tiny random transformers model, converted by torchmoe's import code,
+gives the same logits in torchmoe (attention, RoPE layout, router semantics, experts).
+
+The tiny models are built here and reused by tests/scripts/test_convert_hf.py."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torchmoe.models.hf.convert import read_hf  # noqa: E402
+from torchmoe.models.registry import get_model_spec  # noqa: E402
+
+_COMMON = dict(vocab_size=128, hidden_size=64, rms_norm_eps=1e-6, initializer_range=0.05,
+               tie_word_embeddings=False)
+
+TINY = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # q low-rank, group-limited routing, routed scaling, two shared experts, one dense block
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+        kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=2,
+        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    # no q low-rank, rotate-half RoPE (rope_interleave false), YaRN, no groups, no renorm
+    "deepseek_v3_yarn": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+        kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+        routed_scaling_factor=1.5, norm_topk_prob=False, rope_interleave=False,
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})),
+}
+
+
+@torch.no_grad()
+def tiny_hf(case: str, seed: int = 0):
+    """A random float32 transformers model of ``case``; norms and expert biases are random
+    too, so a swapped or dropped tensor shows in the logits."""
+    config_cls, model_cls, kwargs = TINY[case]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**_COMMON, **kwargs)
+    model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager",
+                                                            dtype=torch.float32)
+    for name, t in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            t.copy_(1 + 0.2 * torch.randn_like(t))
+        elif name.endswith("e_score_correction_bias"):
+            t.copy_(0.05 * torch.randn_like(t))
+    return model.eval()
+
+
+def torchmoe_from_hf(hf_dir: Path, family: str | None = None):
+    cfg, _, state = read_hf(hf_dir, family)
+    model = get_model_spec(cfg.model.name).build(cfg)
+    model.load_state_dict(state, strict=True)
+    return cfg, model.eval()
+
+
+def assert_same_logits(ours_model, hf_model, vocab: int, seed: int = 1) -> None:
+    tokens = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ours, theirs = ours_model(tokens), hf_model(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("case", list(TINY))
+def test_logits_match_transformers(case, tmp_path):
+    hf_model = tiny_hf(case)
+    hf_model.save_pretrained(tmp_path)
+    cfg, model = torchmoe_from_hf(tmp_path)
+    assert cfg.model.name == case.split("_yarn")[0]
+    assert_same_logits(model, hf_model, cfg.model.vocab_size)
