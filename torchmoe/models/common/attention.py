@@ -130,10 +130,17 @@ class GQAArgs:
     n_kv_heads: int
     head_dim: int
     softmax_scale: float
+    qk_norm: bool = False  # RMSNorm over each query / key head before RoPE (Qwen3)
+    norm_eps: float = 1e-6
 
 
 class GQA(nn.Module):
-    """Grouped-query attention with rotary embeddings over the whole head dim."""
+    """Grouped-query attention with rotary embeddings over the whole head dim.
+
+    With ``qk_norm`` every query and key head is RMS-normalised over its K channels (one
+    weight of K shared by all heads, ``q_norm`` / ``k_norm``) before the rotation, as Qwen3
+    does; it bounds the attention logits, which keeps large-learning-rate training stable.
+    """
 
     def __init__(self, args: GQAArgs):
         super().__init__()
@@ -145,13 +152,19 @@ class GQA(nn.Module):
         self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, eps=a.norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, eps=a.norm_eps)
         self.inner_attention = ScaledDotProductAttention(a.softmax_scale)
 
     def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         hd = self.args.head_dim
-        q_BSHK = apply_rope(self.wq(x_BSD).view(B, S, -1, hd), cos_sin)
-        k_BSGK = apply_rope(self.wk(x_BSD).view(B, S, -1, hd), cos_sin)
+        q_BSHK = self.wq(x_BSD).view(B, S, -1, hd)
+        k_BSGK = self.wk(x_BSD).view(B, S, -1, hd)
+        if self.args.qk_norm:
+            q_BSHK, k_BSGK = self.q_norm(q_BSHK), self.k_norm(k_BSGK)
+        q_BSHK, k_BSGK = apply_rope(q_BSHK, cos_sin), apply_rope(k_BSGK, cos_sin)
         v_BSGV = self.wv(x_BSD).view(B, S, -1, hd)
         return self.wo(self.inner_attention(q_BSHK, k_BSGK, v_BSGV).flatten(2))
 
@@ -159,3 +172,6 @@ class GQA(nn.Module):
         for name in ("wq", "wk", "wv"):
             trunc_normal_(getattr(self, name).weight, std)
         trunc_normal_(self.wo.weight, out_std)
+        if self.args.qk_norm:
+            self.q_norm.reset_parameters()
+            self.k_norm.reset_parameters()

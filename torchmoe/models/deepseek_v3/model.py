@@ -1,5 +1,8 @@
-"""DeepSeek-V3 family: MLA attention, the first ``n_dense_layers`` blocks dense SwiGLU, the rest
-MoE with shared experts. Built from the job config's [model] and [moe] sections."""
+"""DeepSeek-V3 family (and DeepSeek-V2, which shares it): MLA attention, the blocks that
+``moe_layer_pattern`` selects (all after the first ``n_dense_layers`` by default) MoE with
+shared experts, the rest dense SwiGLU; optionally ``model.mtp_num_layers`` multi-token
+prediction depths, whose blocks are MoE when the last block is. Built from the job config's
+[model] and [moe] sections."""
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
@@ -7,7 +10,7 @@ from torchmoe.models.common.attention import MLA, MLAArgs
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.rope import RopeArgs, yarn_softmax_mscale
 from torchmoe.models.common.transformer import Decoder, TransformerBlock
-from torchmoe.models.moe.from_config import moe_args, validate_moe
+from torchmoe.models.moe.from_config import moe_args, moe_layer_pattern, validate_moe
 from torchmoe.models.moe.moe import MoE
 
 
@@ -20,7 +23,17 @@ def validate(cfg: JobConfig) -> None:
     if m.qk_rope_head_dim % 2:
         raise ConfigError(f"model.qk_rope_head_dim = {m.qk_rope_head_dim} must be even "
                           "(channels rotate in pairs)")
+    validate_mtp(cfg)
     validate_moe(cfg)
+
+
+def validate_mtp(cfg: JobConfig) -> None:
+    """Multi-token prediction needs a target inside the sequence for every depth (any family
+    may use it: the Decoder builds it)."""
+    depth, seq_len = cfg.model.mtp_num_layers, cfg.training.seq_len
+    if depth >= seq_len:
+        raise ConfigError(f"model.mtp_num_layers = {depth} leaves no token to predict within "
+                          f"training.seq_len = {seq_len}; lower it below the sequence length")
 
 
 def rope_args(cfg: JobConfig) -> RopeArgs:
@@ -44,8 +57,13 @@ def build_deepseek_v3(cfg: JobConfig) -> Decoder:
                   norm_eps=m.norm_eps,
                   softmax_scale=qk_head_dim ** -0.5 * yarn_softmax_mscale(rope))
     moe = moe_args(cfg)
-    blocks = []
-    for i in range(m.n_layers):
-        ffn = FeedForward(m.dim, m.inter_dim) if i < m.n_dense_layers else MoE(moe)
-        blocks.append(TransformerBlock(MLA(mla), ffn, m.dim, m.norm_eps))
-    return Decoder(m.vocab_size, m.dim, blocks, m.norm_eps, rope, cfg.training.seq_len)
+
+    def block(is_moe: bool) -> TransformerBlock:
+        ffn = MoE(moe) if is_moe else FeedForward(m.dim, m.inter_dim)
+        return TransformerBlock(MLA(mla), ffn, m.dim, m.norm_eps)
+
+    pattern = moe_layer_pattern(cfg)
+    return Decoder(m.vocab_size, m.dim, [block(is_moe) for is_moe in pattern], m.norm_eps, rope,
+                   cfg.training.seq_len,
+                   mtp_blocks=[block(pattern[-1]) for _ in range(m.mtp_num_layers)],
+                   mtp_loss_scale=m.mtp_loss_scale)
