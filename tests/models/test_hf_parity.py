@@ -40,6 +40,27 @@ TINY = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                          "original_max_position_embeddings": 8, "beta_fast": 32.0,
                          "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})),
+    # q/k norms; block 1 dense (mlp_only_layers), so an explicit moe.layer_freq
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # dense, tied embeddings (save_pretrained writes no lm_head)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
+    # softmax router, group-limited greedy, unnormalised weights x routed scaling, YaRN
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+        n_shared_experts=2, routed_scaling_factor=1.5, max_position_embeddings=32,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                         "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})),
 }
 
 
@@ -49,7 +70,7 @@ def tiny_hf(case: str, seed: int = 0):
     too, so a swapped or dropped tensor shows in the logits."""
     config_cls, model_cls, kwargs = TINY[case]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**_COMMON, **kwargs)
+    config = getattr(transformers, config_cls)(**{**_COMMON, **kwargs})
     model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager",
                                                             dtype=torch.float32)
     for name, t in model.state_dict().items():

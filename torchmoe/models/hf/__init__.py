@@ -3,10 +3,11 @@ and tensor name rules), shared pieces in common.py, files in io.py, the two dire
 convert.py; scripts/convert_hf.py is the command line."""
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.models.hf import deepseek_v3, mixtral
+from torchmoe.models.hf import deepseek_v2, deepseek_v3, llama, mixtral, qwen3_moe
 from torchmoe.models.hf.adapter import HFAdapter
 
-_ADAPTERS = (deepseek_v3.ADAPTER, mixtral.ADAPTER)
+_ADAPTERS = (deepseek_v3.ADAPTER, deepseek_v2.ADAPTER, mixtral.ADAPTER, qwen3_moe.ADAPTER,
+             llama.ADAPTER)
 
 
 def adapter_for_model_type(model_type: str) -> HFAdapter:

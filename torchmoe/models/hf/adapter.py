@@ -2,7 +2,7 @@
 translate both ways, and the tensor name rules."""
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.hf.mapping import Rule
@@ -13,8 +13,9 @@ class HFAdapter:
     family: str  # the torchmoe model.name an import builds by default
     model_type: str  # config.json "model_type"
     architecture: str  # the transformers class an export targets
-    # config.json -> {"model": {...}, "moe": {...}} (a ConfigError for what torchmoe lacks)
-    to_job: Callable[[dict], dict[str, dict[str, Any]]]
+    # (config.json, tensor names) -> {"model": {...}, "moe": {...}}; a ConfigError for what
+    # torchmoe lacks
+    to_job: Callable[[dict, Collection[str]], dict[str, dict[str, Any]]]
     # JobConfig -> config.json body (a ConfigError for what the HF class cannot express)
     to_hf_config: Callable[[JobConfig], dict[str, Any]]
     # (JobConfig, config.json) -> name rules

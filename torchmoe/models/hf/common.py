@@ -1,35 +1,33 @@
-"""Pieces every family shares: reading config.json values, RoPE settings both ways, and the
-name rules of the decoder skeleton, GQA, MLA, SwiGLU and MoE layers.
-
-torchmoe names (see models/common and models/moe): ``tok_embeddings``, ``layers.{i}.
-{attention_norm, attention, ffn_norm, feed_forward}``, ``norm``, ``output``; MoE layers hold
-``router.gate.weight`` [E, D], ``router.expert_bias`` [E], ``experts.w1/w3`` [E, F, D],
-``experts.w2`` [E, D, F] and ``shared_experts.w1/w2/w3``.
-"""
+"""config.json <-> [model]/[moe] pieces every family shares: reading values, refusing what
+torchmoe cannot reproduce (import) or the Hugging Face class cannot express (export), RoPE
+settings, and the keys of GQA and MLA models."""
 
 from typing import Any
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_halves
+from torchmoe.models.moe.from_config import moe_layer_pattern
 
 _REQUIRED = object()
 
 
-def get(hf: dict, key: str, default: Any = _REQUIRED) -> Any:
-    """``hf[key]`` (None included); a missing key without a default is a ConfigError."""
-    if key in hf:
-        return hf[key]
+def get(hf: dict, key: str | tuple[str, ...], default: Any = _REQUIRED) -> Any:
+    """``hf[key]`` (None included), or the first of several names present (transformers
+    renames some keys, e.g. Qwen3-MoE's num_experts -> num_local_experts); a missing key
+    without a default is a ConfigError."""
+    for k in (key,) if isinstance(key, str) else key:
+        if k in hf:
+            return hf[k]
     if default is _REQUIRED:
-        raise ConfigError(f"config.json: '{key}' is missing; it is needed to build the model")
+        name = key if isinstance(key, str) else key[0]
+        raise ConfigError(f"config.json: '{name}' is missing; it is needed to build the model")
     return default
 
 
-def job(model: dict[str, Any], moe: dict[str, Any], fixed: dict[str, Any]
-        ) -> dict[str, dict[str, Any]]:
-    """[model] and [moe] values, plus the ``fixed`` ones ('section.key' -> value)."""
-    out = {"model": dict(model), "moe": dict(moe)}
+def with_fixed(values: dict[str, dict[str, Any]], fixed: dict[str, Any]
+               ) -> dict[str, dict[str, Any]]:
+    """[model] and [moe] ``values`` plus the ``fixed`` ones ('section.key' -> value)."""
+    out = {section: dict(values.get(section, {})) for section in ("model", "moe")}
     for dotted, value in fixed.items():
         section, key = dotted.split(".")
         out[section][key] = value
@@ -55,6 +53,16 @@ def expressible(cfg: JobConfig, fixed: dict[str, Any], architecture: str) -> Non
             raise ConfigError(f"{dotted} = {have!r} cannot be expressed as {architecture} "
                               f"(it always uses {value!r}); export a model trained with "
                               f"{dotted} = {value!r}")
+
+
+def moe_blocks_are(cfg: JobConfig, expected: list[bool], architecture: str, rule: str) -> None:
+    """Export check: the blocks that are MoE must be those ``architecture`` makes MoE."""
+    have = moe_layer_pattern(cfg)
+    if have != expected:
+        raise ConfigError(f"model.n_dense_layers = {cfg.model.n_dense_layers} and "
+                          f"moe.layer_freq = {cfg.moe.layer_freq} make blocks "
+                          f"{[i for i, x in enumerate(have) if x]} MoE; {architecture} "
+                          f"makes {rule} MoE")
 
 
 def rope_to_job(hf: dict, allow_yarn: bool) -> dict[str, Any]:
@@ -113,81 +121,65 @@ def rope_to_hf(cfg: JobConfig) -> dict[str, Any]:
     return {"rope_parameters": params, "max_position_embeddings": longest}
 
 
-def decoder_rules() -> list[Rule]:
-    """Embedding, block norms, final norm and output head."""
-    return [Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
-            Rule("norm.weight", "model.norm.weight"),
-            Rule("output.weight", "lm_head.weight"),
-            Rule("layers.{layer}.attention_norm.weight",
-                 "model.layers.{layer}.input_layernorm.weight"),
-            Rule("layers.{layer}.ffn_norm.weight",
-                 "model.layers.{layer}.post_attention_layernorm.weight")]
+def gqa_to_job(hf: dict) -> dict[str, Any]:
+    """[model] keys of a GQA model (Llama, Mixtral, Qwen3)."""
+    require(hf, "hidden_act", ("silu",), "silu", "feed-forward layers are SwiGLU")
+    require(hf, "attention_bias", (False,), False, "projections have no bias")
+    require(hf, "mlp_bias", (False,), False, "projections have no bias")
+    heads, dim = get(hf, "num_attention_heads"), get(hf, "hidden_size")
+    return {"vocab_size": get(hf, "vocab_size"), "dim": dim,
+            "n_layers": get(hf, "num_hidden_layers"), "n_heads": heads,
+            "n_kv_heads": get(hf, "num_key_value_heads", None) or heads,
+            "head_dim": get(hf, "head_dim", None) or dim // heads,
+            "norm_eps": get(hf, "rms_norm_eps"), **rope_to_job(hf, allow_yarn=False)}
 
 
-def gqa_rules(head_dim: int, qk_norm: bool = False) -> list[Rule]:
-    """GQA with rotate-half RoPE on the Hugging Face side: q/k rows (and q/k norm weights)
-    permuted to torchmoe's adjacent pairs."""
-    def imp(w):
-        return halves_to_pairs(w, head_dim)
-
-    def exp(w):
-        return pairs_to_halves(w, head_dim)
-
-    a, h = "layers.{layer}.attention.", "model.layers.{layer}.self_attn."
-    rules = [Rule(a + "wq.weight", h + "q_proj.weight", exp, imp),
-             Rule(a + "wk.weight", h + "k_proj.weight", exp, imp),
-             Rule(a + "wv.weight", h + "v_proj.weight"),
-             Rule(a + "wo.weight", h + "o_proj.weight")]
-    if qk_norm:
-        rules += [Rule(a + "q_norm.weight", h + "q_norm.weight", exp, imp),
-                  Rule(a + "k_norm.weight", h + "k_norm.weight", exp, imp)]
-    return rules
-
-
-def mla_rules(cfg: JobConfig, interleaved: bool) -> list[Rule]:
-    """MLA; ``interleaved`` = the checkpoint's rotary channels are already adjacent pairs
-    (DeepSeek's own layout), otherwise the rotary rows are permuted like GQA's."""
+def gqa_to_hf(cfg: JobConfig) -> dict[str, Any]:
     m = cfg.model
-    r, qk = m.qk_rope_head_dim, m.qk_nope_head_dim + m.qk_rope_head_dim
-    kv_a = m.kv_lora_rank + r
-    a, h = "layers.{layer}.attention.", "model.layers.{layer}.self_attn."
-
-    def rotary(group: int) -> tuple:
-        if interleaved:
-            return ()
-        return (lambda w: on_rope_tail(w, group, r, pairs_to_halves),
-                lambda w: on_rope_tail(w, group, r, halves_to_pairs))
-
-    q = ([Rule(a + "wq.weight", h + "q_proj.weight", *rotary(qk))] if m.q_lora_rank == 0 else
-         [Rule(a + "wq_a.weight", h + "q_a_proj.weight"),
-          Rule(a + "q_norm.weight", h + "q_a_layernorm.weight"),
-          Rule(a + "wq_b.weight", h + "q_b_proj.weight", *rotary(qk))])
-    return q + [Rule(a + "wkv_a.weight", h + "kv_a_proj_with_mqa.weight", *rotary(kv_a)),
-                Rule(a + "kv_norm.weight", h + "kv_a_layernorm.weight"),
-                Rule(a + "wkv_b.weight", h + "kv_b_proj.weight"),
-                Rule(a + "wo.weight", h + "o_proj.weight")]
+    return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
+            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+            "head_dim": m.head_dim, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+            "tie_word_embeddings": False, **rope_to_hf(cfg)}
 
 
-def swiglu_rules(ours: str, hf: str, names: tuple[str, str, str] = ("gate_proj", "up_proj",
-                                                                       "down_proj")
-                 ) -> list[Rule]:
-    """A FeedForward (w1 gate, w3 up, w2 down) under prefix ``ours`` <-> ``hf``."""
-    return [Rule(f"{ours}.{w}.weight", f"{hf}.{n}.weight")
-            for w, n in zip(("w1", "w3", "w2"), names)]
+def mla_to_job(hf: dict) -> dict[str, dict[str, Any]]:
+    """[model] and [moe] keys of a DeepSeek-V2/V3 model, router semantics aside."""
+    require(hf, "hidden_act", ("silu",), "silu", "feed-forward layers are SwiGLU")
+    require(hf, "attention_bias", (False,), False, "projections have no bias")
+    require(hf, "mlp_bias", (False,), False, "projections have no bias")
+    ffn = get(hf, "moe_intermediate_size")
+    model = {"vocab_size": get(hf, "vocab_size"), "dim": get(hf, "hidden_size"),
+             "n_layers": get(hf, "num_hidden_layers"),
+             "n_dense_layers": get(hf, "first_k_dense_replace"),
+             "n_heads": get(hf, "num_attention_heads"), "inter_dim": get(hf, "intermediate_size"),
+             "q_lora_rank": get(hf, "q_lora_rank") or 0, "kv_lora_rank": get(hf, "kv_lora_rank"),
+             "qk_nope_head_dim": get(hf, "qk_nope_head_dim"),
+             "qk_rope_head_dim": get(hf, "qk_rope_head_dim"), "v_head_dim": get(hf, "v_head_dim"),
+             "norm_eps": get(hf, "rms_norm_eps"), **rope_to_job(hf, allow_yarn=True)}
+    moe = {"num_experts": get(hf, "n_routed_experts"),
+           "router_topk": get(hf, "num_experts_per_tok"), "ffn_hidden_size": ffn,
+           "shared_expert_intermediate_size": ffn * get(hf, "n_shared_experts"),
+           "router_topk_scaling_factor": get(hf, "routed_scaling_factor"), "layer_freq": [1]}
+    return {"model": model, "moe": moe}
 
 
-def moe_rules(hf_block: str = "mlp", experts: tuple[str, str, str] = ("gate_proj", "up_proj",
-                                                                        "down_proj")
-              ) -> list[Rule]:
-    """Router gate and bias, per-expert SwiGLUs <-> grouped tensors, shared experts."""
-    ours, hf = "layers.{layer}.feed_forward", "model.layers.{layer}." + hf_block
-    return ([Rule(f"{ours}.router.gate.weight", f"{hf}.gate.weight"),
-             Rule(f"{ours}.router.expert_bias", f"{hf}.gate.e_score_correction_bias")]
-            + [Rule(f"{ours}.experts.{w}", f"{hf}.experts.{{expert}}.{n}.weight")
-               for w, n in zip(("w1", "w3", "w2"), experts)]
-            + swiglu_rules(f"{ours}.shared_experts", f"{hf}.shared_experts"))
-
-
-def dense_mlp_rules() -> list[Rule]:
-    """Dense SwiGLU blocks."""
-    return swiglu_rules("layers.{layer}.feed_forward", "model.layers.{layer}.mlp")
+def mla_to_hf(cfg: JobConfig, architecture: str) -> dict[str, Any]:
+    m, e = cfg.model, cfg.moe
+    moe_blocks_are(cfg, [i >= m.n_dense_layers for i in range(m.n_layers)], architecture,
+                   f"the blocks from first_k_dense_replace = {m.n_dense_layers} on")
+    if e.shared_expert_intermediate_size % e.ffn_hidden_size:
+        raise ConfigError(f"moe.shared_expert_intermediate_size = "
+                          f"{e.shared_expert_intermediate_size} must be a multiple of "
+                          f"moe.ffn_hidden_size = {e.ffn_hidden_size} for {architecture} "
+                          "(n_shared_experts experts of that size)")
+    return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
+            "first_k_dense_replace": m.n_dense_layers, "num_attention_heads": m.n_heads,
+            "num_key_value_heads": m.n_heads, "intermediate_size": m.inter_dim,
+            "q_lora_rank": m.q_lora_rank or None, "kv_lora_rank": m.kv_lora_rank,
+            "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim,
+            "v_head_dim": m.v_head_dim, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
+            "attention_bias": False, "n_routed_experts": e.num_experts,
+            "num_experts_per_tok": e.router_topk, "moe_intermediate_size": e.ffn_hidden_size,
+            "n_shared_experts": e.shared_expert_intermediate_size // e.ffn_hidden_size,
+            "routed_scaling_factor": e.router_topk_scaling_factor,
+            "tie_word_embeddings": False, **rope_to_hf(cfg)}

@@ -4,7 +4,7 @@ Export then import gives back every tensor bit for bit (float32 stays float32)."
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -32,10 +32,12 @@ def _meta_state(cfg: JobConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor
     return model, model.state_dict()
 
 
-def config_from_hf(hf: dict, family: str | None = None) -> tuple[JobConfig, dict]:
-    """config.json -> (validated JobConfig, the [model]/[moe] values it sets)."""
+def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
+                   ) -> tuple[JobConfig, dict]:
+    """config.json and the checkpoint's tensor names -> (validated JobConfig, the [model]/[moe]
+    values it sets)."""
     adapter = adapter_for_model_type(hf.get("model_type"))
-    values = adapter.to_job(hf)
+    values = adapter.to_job(hf, names)
     name = family or adapter.family
     values["model"] = {"name": name, "flavor": next(iter(get_model_spec(name).flavors)),
                        **values["model"]}
@@ -66,9 +68,9 @@ def read_hf(hf_dir: Path, family: str | None = None
     """A Hugging Face folder -> (JobConfig, the [model]/[moe] values it sets, torchmoe state
     dict in the model's dtypes)."""
     hf = read_json(hf_dir / "config.json")
-    cfg, values = config_from_hf(hf, family)
-    adapter = adapter_for_model_type(hf["model_type"])
+    adapter = adapter_for_model_type(hf.get("model_type"))
     tensors = read_safetensors(hf_dir)
+    cfg, values = config_from_hf(hf, tensors.keys(), family)
     embed = tensors.get("model.embed_tokens.weight")
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and embed is not None:
         tensors["lm_head.weight"] = embed.clone()  # torchmoe's output head is its own tensor

@@ -27,6 +27,7 @@ class Rule:
     hf: str
     to_hf: Transform = _same
     from_hf: Transform = _same
+    copy: bool = False
     ours_re: re.Pattern = field(init=False, repr=False, compare=False)
     hf_re: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -46,12 +47,13 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile(body)
 
 
-def _match(name: str, rules: list[Rule], side: str) -> tuple[Rule, dict[str, str]] | None:
+def _matches(name: str, rules: list[Rule], side: str) -> list[tuple[Rule, dict[str, str]]]:
+    out = []
     for rule in rules:
         m = getattr(rule, f"{side}_re").fullmatch(name)
         if m:
-            return rule, m.groupdict()
-    return None
+            out.append((rule, m.groupdict()))
+    return out
 
 
 def to_hf(state: dict[str, torch.Tensor], rules: list[Rule], family: str
@@ -59,16 +61,17 @@ def to_hf(state: dict[str, torch.Tensor], rules: list[Rule], family: str
     """torchmoe state dict -> Hugging Face names and layouts (tensors may be views)."""
     out = {}
     for name, t in state.items():
-        hit = _match(name, rules, "ours")
-        if hit is None:
+        hits = _matches(name, rules, "ours")
+        primary = [h for h in hits if not h[0].copy][:1]
+        if not primary:
             raise ConfigError(f"torchmoe tensor {name} has no Hugging Face name in the {family} "
                               "mapping (torchmoe/models/hf); the model and the mapping disagree")
-        rule, groups = hit
-        if rule.per_expert:
-            for e, t_e in enumerate(t.unbind(0)):
-                out[rule.hf.format(expert=e, **groups)] = rule.to_hf(t_e)
-        else:
-            out[rule.hf.format(**groups)] = rule.to_hf(t)
+        for rule, groups in primary + [h for h in hits if h[0].copy]:
+            if rule.per_expert:
+                for e, t_e in enumerate(t.unbind(0)):
+                    out[rule.hf.format(expert=e, **groups)] = rule.to_hf(t_e)
+            else:
+                out[rule.hf.format(**groups)] = rule.to_hf(t)
     return out
 
 
@@ -77,10 +80,12 @@ def from_hf(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torc
     (every key here must match a rule, and each expert stack must be complete)."""
     out, experts = {}, {}
     for name, t in state.items():
-        hit = _match(name, rules, "hf")
-        if hit is None:
+        hits = _matches(name, rules, "hf")[:1]
+        if not hits:
             raise ConfigError(f"Hugging Face tensor {name} has no torchmoe counterpart")
-        rule, groups = hit
+        rule, groups = hits[0]
+        if rule.copy:
+            continue
         e = groups.pop("expert", None)
         ours = rule.ours.format(**groups)
         if e is None:
