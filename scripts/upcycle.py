@@ -10,11 +10,11 @@ state is not read), turns every block that ``my_moe.toml`` makes MoE into expert
 
     ./run_train.sh --config my_moe.toml --checkpoint.enable --checkpoint.folder /path/upcycled
 
+(that run saves its own checkpoints next to step-0 and resumes from them).
 Runs in one process; configuration and input errors print one line and exit with status 2.
 """
 
 import argparse
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -25,9 +25,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config
-from torchmoe.config.schema import JobConfig
+from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.models.registry import get_model_spec
 from torchmoe.models.upcycle import upcycle_state_dict
+from torchmoe.train.checkpoint import CheckpointManager, TrainState
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
 
@@ -51,36 +52,16 @@ def read_model_weights(step_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def check_fits(state: dict[str, torch.Tensor], cfg: JobConfig) -> None:
-    """The upcycled state must be exactly the parameters of the model ``cfg`` builds: other
-    [model] keys than the dense model's (dims, family) show up here."""
+def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Path:
+    """``out/step-0``, written the way the trainer writes seed checkpoints."""
+    if (out / "step-0").exists():
+        raise ConfigError(f"--out {out} already holds a step-0; choose a new folder")
     with torch.device("meta"):
         model = get_model_spec(cfg.model.name).build(cfg)
-    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    if missing:
-        raise ConfigError(f"the MoE model needs {missing[0]}, which the dense checkpoint lacks; "
-                          "use the dense model's family and [model] keys")
-    if extra:
-        raise ConfigError(f"the dense checkpoint's {extra[0]} has no place in the MoE model; "
-                          "use the dense model's family and [model] keys")
-    wrong = [name for name, shape in want.items() if tuple(state[name].shape) != shape]
-    if wrong:
-        raise ConfigError(f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)} in the upcycled "
-                          f"checkpoint but {want[wrong[0]]} in the MoE model; use the dense "
-                          "model's [model] keys")
-
-
-def write_seed(state: dict[str, torch.Tensor], out: Path) -> Path:
-    """``out/step-0`` as the trainer writes seed checkpoints: into a .tmp folder, renamed when
-    complete."""
-    final, tmp = out / "step-0", out / "step-0.tmp"
-    if final.exists():
-        raise ConfigError(f"--out {out} already holds a step-0; choose a new folder")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dcp.save({MODEL_KEY[0]: {MODEL_KEY[1]: state}}, checkpoint_id=str(tmp))
-    tmp.rename(final)
-    return final
+    model.load_state_dict(state, strict=True, assign=True)  # upcycle_state_dict checked names
+    CheckpointManager(Checkpoint(enable=True), out, model, None, None, None,
+                      TrainState()).save_seed()
+    return out / "step-0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, _ = load_config(job_args)
         state = upcycle_state_dict(read_model_weights(args.dense), cfg, args.granularity)
-        check_fits(state, cfg)
-        path = write_seed(state, args.out)
+        path = write_seed(state, cfg, args.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

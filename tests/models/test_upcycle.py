@@ -1,6 +1,7 @@
 """Upcycled MoE models compute the dense model's logits at step 0 (float64, random weights and
-tokens), for plain and granular upcycling, one or several replicas, softmax and sigmoid; configs
-that cannot do so are one-line errors naming the key."""
+tokens), for plain and granular upcycling, one or several replicas, softmax and sigmoid,
+group-limited routing over whole replicas, MLA and GQA families, MTP blocks; configs that
+cannot do so are one-line errors naming the key."""
 
 import pytest
 import torch
@@ -11,34 +12,36 @@ from torchmoe.config.schema import JobConfig
 from torchmoe.models.registry import get_model_spec
 from torchmoe.models.upcycle import upcycle_state_dict
 
-LAYERS, HIDDEN = 3, 48
-SMALL = {"model.dim": 32, "model.n_layers": LAYERS, "model.inter_dim": HIDDEN,
-         "model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8,
-         "model.qk_rope_head_dim": 8, "model.v_head_dim": 8, "model.vocab_size": 101,
-         "model.init_std": 0.1, "moe.router_dtype": "fp64", "training.seq_len": 16}
+LAYERS, HIDDEN, VOCAB, SEQ = 3, 48, 101, 16
+COMMON = {"model.dim": 32, "model.n_layers": LAYERS, "model.inter_dim": HIDDEN,
+          "model.vocab_size": VOCAB, "model.init_std": 0.1, "model.rope_theta": 10000.0,
+          "moe.router_dtype": "fp64", "training.seq_len": SEQ}
+SHAPES = {"mla": {"model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8,
+                  "model.qk_rope_head_dim": 8, "model.v_head_dim": 8},
+          "gqa": {"model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 8}}
+ATTENTION = {"deepseek_v3": "mla", "llama": "gqa", "mixtral": "gqa"}
 
 
-def config(**overrides) -> JobConfig:
-    values = {**SMALL, **overrides}
+def config(family: str, **overrides) -> JobConfig:
+    values = {"model.name": family, **COMMON, **SHAPES[ATTENTION[family]], **overrides}
     cfg = build_config({}, [(k, str(v)) for k, v in values.items()])
-    get_model_spec(cfg.model.name).validate(cfg)
+    get_model_spec(family).validate(cfg)
     return cfg
 
 
-def dense_config() -> JobConfig:
-    return config(**{"moe.num_experts": 0, "model.n_dense_layers": LAYERS})
+def dense_config(family: str = "deepseek_v3", **overrides) -> JobConfig:
+    return config(family, **{"moe.num_experts": 0, **overrides})
 
 
-def moe_config(granularity: int, replicas: int, topk: int, score: str, **overrides
-               ) -> JobConfig:
-    return config(**{"moe.num_experts": granularity * replicas, "moe.router_topk": topk,
-                     "moe.ffn_hidden_size": HIDDEN // granularity,
-                     "moe.shared_expert_intermediate_size": 0,
-                     "moe.router_score_function": score, "moe.router_norm_topk_prob": "true",
-                     "moe.router_topk_scaling_factor": float(granularity),
-                     "moe.router_num_groups": 0, "moe.router_group_topk": 0,
-                     "model.n_dense_layers": 1, "training.seed": int(torch.randint(2**31, ())),
-                     **overrides})
+def moe_config(granularity: int, replicas: int, topk: int, score: str = "softmax",
+               family: str = "deepseek_v3", **overrides) -> JobConfig:
+    return config(family, **{
+        "moe.num_experts": granularity * replicas, "moe.router_topk": topk,
+        "moe.ffn_hidden_size": HIDDEN // granularity, "moe.shared_expert_intermediate_size": 0,
+        "moe.router_score_function": score, "moe.router_norm_topk_prob": "true",
+        "moe.router_topk_scaling_factor": float(granularity), "moe.router_num_groups": 0,
+        "moe.router_group_topk": 0, "training.seed": int(torch.randint(2**31, ())),
+        **overrides})
 
 
 def build(cfg: JobConfig) -> torch.nn.Module:
@@ -47,28 +50,64 @@ def build(cfg: JobConfig) -> torch.nn.Module:
     return model.double().eval()
 
 
-@pytest.mark.parametrize("granularity,replicas,topk,score", [
-    (1, 4, 2, "softmax"), (1, 4, 1, "sigmoid"), (2, 1, 2, "softmax"), (2, 3, 2, "sigmoid"),
-    (2, 3, 4, "softmax"), (4, 2, 4, "sigmoid"), (4, 3, 8, "softmax")])
-def test_upcycled_model_computes_the_dense_logits(granularity, replicas, topk, score):
-    dense = build(dense_config())
-    cfg = moe_config(granularity, replicas, topk, score)
+def upcycled(dense: torch.nn.Module, cfg: JobConfig, granularity: int) -> torch.nn.Module:
     moe = build(cfg)
     moe.load_state_dict(upcycle_state_dict(dense.state_dict(), cfg, granularity), strict=True)
-    tokens = torch.randint(0, 101, (3, 16))
+    return moe
+
+
+def assert_same_logits_and_experts_matter(moe: torch.nn.Module, dense: torch.nn.Module) -> None:
+    tokens = torch.randint(0, VOCAB, (3, SEQ))
     with torch.no_grad():
         want = dense(tokens)
         torch.testing.assert_close(moe(tokens), want, rtol=1e-10, atol=1e-10)
-        for name, p in moe.named_parameters():  # the experts do carry the dense MLP
+        for name, p in moe.named_parameters():  # the experts do carry the dense MLPs
             if name.endswith("experts.w2"):
                 p.add_(torch.randn_like(p) * 0.1)
         assert not torch.allclose(moe(tokens), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("granularity,replicas,topk,score,overrides", [
+    (1, 4, 2, "softmax", {}), (1, 4, 1, "sigmoid", {}), (2, 1, 2, "softmax", {}),
+    (2, 3, 2, "sigmoid", {}), (2, 3, 4, "softmax", {}), (4, 2, 4, "sigmoid", {}),
+    (4, 3, 8, "softmax", {}),
+    (2, 4, 2, "sigmoid", {"moe.router_num_groups": 2, "moe.router_group_topk": 1}),
+    (2, 3, 4, "softmax", {"moe.router_pre_softmax": "false", "moe.router_norm_topk_prob": "false"}),
+])
+def test_upcycled_model_computes_the_dense_logits(granularity, replicas, topk, score, overrides):
+    dense = build(dense_config())
+    moe = upcycled(dense, moe_config(granularity, replicas, topk, score, **overrides),
+                   granularity)
+    assert_same_logits_and_experts_matter(moe, dense)
+
+
+@pytest.mark.parametrize("dense_family,moe_family,overrides,pattern", [
+    ("llama", "mixtral", {}, [1, 1, 1]), ("llama", "llama", {"moe.layer_freq": 2}, [1, 0, 1]),
+    ("deepseek_v3", "deepseek_v3", {"model.n_dense_layers": 0, "moe.layer_freq": "0,1,1"},
+     [0, 1, 1])])
+def test_families_and_layer_patterns(dense_family, moe_family, overrides, pattern):
+    dense = build(dense_config(dense_family))
+    moe = upcycled(dense, moe_config(2, 2, 2, family=moe_family, **overrides), 2)
+    assert [type(block.feed_forward).__name__ == "MoE" for block in moe.layers.values()] \
+        == [bool(p) for p in pattern]
+    assert_same_logits_and_experts_matter(moe, dense)
+
+
+def test_multi_token_prediction_blocks_are_upcycled():
+    dense = build(dense_config(**{"model.mtp_num_layers": 1}))
+    moe = upcycled(dense, moe_config(2, 3, 2, **{"model.mtp_num_layers": 1}), 2)
+    assert type(moe.mtp[0].block.feed_forward).__name__ == "MoE"
+    tokens, labels = torch.randint(0, VOCAB, (2, 2, SEQ))
+    with torch.no_grad():
+        for model in (dense, moe):
+            model(tokens, labels)
+    assert dense.mtp_loss_sum > 0
+    torch.testing.assert_close(moe.mtp_loss_sum, dense.mtp_loss_sum, rtol=1e-10, atol=0)
+
+
 def test_layout_of_experts_and_router_rows():
     dense = build(dense_config()).state_dict()
-    cfg = moe_config(2, 3, 2, "softmax")
-    sd = upcycle_state_dict(dense, cfg, 2)
+    sd = upcycle_state_dict(dense, moe_config(2, 3, 2), 2)
     w1, w2 = dense["layers.1.feed_forward.w1.weight"], dense["layers.1.feed_forward.w2.weight"]
     gate = sd["layers.1.feed_forward.router.gate.weight"]
     for e in range(6):
@@ -95,24 +134,27 @@ def test_layout_of_experts_and_router_rows():
      "moe.router_topk_scaling_factor = 1.0 must be granularity = 2"),
     (1, {"moe.shared_expert_intermediate_size": 16},
      "moe.shared_expert_intermediate_size = 16 must be 0"),
-    (1, {"moe.num_experts": 4, "moe.router_num_groups": 2, "moe.router_group_topk": 1},
-     "moe.router_num_groups = 2 must be 0"),
+    (2, {"moe.router_num_groups": 4, "moe.router_group_topk": 2, "moe.router_topk": 2},
+     "moe.router_num_groups = 4 must be 0 or leave groups of whole replicas"),
     (1, {"moe.capacity_factor": 1.5}, "moe.capacity_factor = 1.5 must be 0"),
     (5, {"moe.num_experts": 5, "moe.router_topk": 5},
      "granularity = 5 must divide the dense hidden size 48"),
     (0, {}, "granularity = 0 must be >= 1"),
-    (1, {"model.n_layers": 4}, "the dense checkpoint has no MLP in block 3"),
+    (1, {"model.n_layers": 4}, "the dense checkpoint has no MLP layers.3.feed_forward.w1.weight"),
     (1, {"moe.num_experts": 0}, "moe.num_experts = 0: the upcycling target must be an MoE"),
+    (1, {"model.dim": 64}, "tok_embeddings.weight has shape (101, 32) in the dense checkpoint "
+                           "but (101, 64) in the MoE model"),
 ])
 def test_configs_that_cannot_upcycle_are_one_line_errors(granularity, overrides, message):
     dense = build(dense_config()).state_dict()
-    cfg = moe_config(max(granularity, 1), 2, 2 * max(granularity, 1), "softmax", **overrides)
+    g = max(granularity, 1)
+    cfg = moe_config(g, 2, 2 * g, **overrides)
     with pytest.raises(ConfigError) as err:
         upcycle_state_dict(dense, cfg, granularity)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_an_moe_checkpoint_is_refused():
-    cfg = moe_config(1, 4, 2, "softmax")
+    cfg = moe_config(1, 4, 2)
     with pytest.raises(ConfigError, match="already has routers"):
         upcycle_state_dict(build(cfg).state_dict(), cfg, 1)
