@@ -1,7 +1,7 @@
 """Upcycled MoE models compute the dense model's logits at step 0 (float64, random weights and
 tokens), for plain and granular upcycling, one or several replicas, softmax and sigmoid,
-group-limited routing over whole replicas, MLA and GQA families, MTP blocks; configs that
-cannot do so are one-line errors naming the key."""
+group-limited routing over whole replicas, round-robin and Sinkhorn selection, MLA and GQA
+families, MTP blocks; configs that cannot do so are one-line errors naming the key."""
 
 import pytest
 import torch
@@ -91,6 +91,17 @@ def test_families_and_layer_patterns(dense_family, moe_family, overrides, patter
     assert [type(block.feed_forward).__name__ == "MoE" for block in moe.layers.values()] \
         == [bool(p) for p in pattern]
     assert_same_logits_and_experts_matter(moe, dense)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"moe.force_load_balance": "true"},
+    {"moe.load_balancing_type": "sinkhorn", "moe.enable_expert_bias": "false",
+     "moe.aux_loss_coeff": 0.0}])
+def test_training_mode_selections_keep_replicas_whole(overrides):
+    """Round-robin and Sinkhorn selection (training only) pick other replicas, whole ones."""
+    dense = build(dense_config()).train()
+    assert_same_logits_and_experts_matter(upcycled(dense, moe_config(2, 3, 4, **overrides), 2)
+                                          .train(), dense)
 
 
 def test_multi_token_prediction_blocks_are_upcycled():
