@@ -6,8 +6,8 @@ The argument is a run's dump folder or its metrics.jsonl. One PNG (default: expe
 to the metrics file) shows: a heatmap of each MoE layer's tokens per expert relative to the
 uniform share (1 = balanced, 0 = dead; over the last N log rows, or the whole run), the loss
 curve (and the balance loss), each layer's load imbalance over the steps (max/mean, or the
-coefficient of variation with ``--imbalance cv``), and the router entropy and dropped fraction
-per layer where the run logged them.
+coefficient of variation with ``--imbalance cv``), and the router entropy, dropped fraction and
+expert-bias norm per layer where the run logged them.
 
 matplotlib is an optional dependency (``pip install -e ".[plot]"``); without it, and for a
 missing, empty or load-free metrics file, the script prints one line and exits with status 2.
@@ -22,7 +22,8 @@ import numpy as np
 
 # Per-layer series drawn over the steps when present: key -> (panel title, y label).
 EXTRA_SERIES = {"entropy": ("Router entropy per token", "nats"),
-                "dropped_frac": ("Dropped routed copies", "fraction")}
+                "dropped_frac": ("Dropped routed copies", "fraction"),
+                "bias_norm": ("Expert-bias norm (aux-loss-free balancing)", "L2 norm")}
 
 
 class InputError(ValueError):
