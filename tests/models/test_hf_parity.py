@@ -65,12 +65,13 @@ TINY = {
 
 
 @torch.no_grad()
-def tiny_hf(case: str, seed: int = 0):
-    """A random float32 transformers model of ``case``; norms and expert biases are random
-    too, so a swapped or dropped tensor shows in the logits."""
+def tiny_hf(case: str, seed: int = 0, **overrides):
+    """A random float32 transformers model of ``case`` (config keys ``overrides`` changed);
+    norms and expert biases are random too, so a swapped or dropped tensor shows in the
+    logits."""
     config_cls, model_cls, kwargs = TINY[case]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**{**_COMMON, **kwargs})
+    config = getattr(transformers, config_cls)(**{**_COMMON, **kwargs, **overrides})
     model = getattr(transformers, model_cls)._from_config(config, attn_implementation="eager",
                                                             dtype=torch.float32)
     for name, t in model.state_dict().items():

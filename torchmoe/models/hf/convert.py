@@ -3,6 +3,7 @@
 Export then import gives back every tensor bit for bit (float32 stays float32)."""
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Collection
 
@@ -36,6 +37,10 @@ def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
                    ) -> tuple[JobConfig, dict]:
     """config.json and the checkpoint's tensor names -> (validated JobConfig, the [model]/[moe]
     values it sets)."""
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ConfigError(f"config.json: quantization_config ({method}) describes quantized "
+                          "weights; convert them to bfloat16 or float32 first")
     adapter = adapter_for_model_type(hf.get("model_type"))
     values = adapter.to_job(hf, names)
     name = family or adapter.family
@@ -119,14 +124,14 @@ def model_toml(cfg: JobConfig, values: dict, hf_dir: Path, out: Path) -> str:
 
 
 def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
-    """The same keys as ``--section.key value`` arguments."""
+    """The same keys as ``--section.key value`` arguments (shell-quoted)."""
     def arg(value: Any) -> str:
         if isinstance(value, list):
             return ",".join(map(str, value))
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    args = [f"--{k} {arg(v)}" for k, v in _keys(cfg, values)]
-    return " ".join(args + ["--checkpoint.enable", f"--checkpoint.folder {out.resolve()}"])
+    args = [a for k, v in _keys(cfg, values) for a in (f"--{k}", arg(v))]
+    return shlex.join(args + ["--checkpoint.enable", "--checkpoint.folder", str(out.resolve())])
 
 
 def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int
