@@ -105,10 +105,11 @@ def _yarn_to_job(hf: dict, p: dict) -> dict[str, Any]:
             "rope_mscale": float(m_all or 0.0)}
 
 
-def rope_to_hf(cfg: JobConfig) -> dict[str, Any]:
-    """config.json ``rope_parameters`` and ``max_position_embeddings`` for cfg's RoPE."""
+def rope_to_hf(cfg: JobConfig, yarn: bool) -> dict[str, Any]:
+    """config.json ``rope_parameters`` and ``max_position_embeddings`` for cfg's RoPE (``yarn``:
+    the family builds YaRN from the model.rope_* keys)."""
     m = cfg.model
-    if m.rope_factor == 1.0:
+    if not yarn or m.rope_factor == 1.0:
         params = {"rope_type": "default", "rope_theta": m.rope_theta}
         longest = cfg.training.seq_len
     else:
@@ -139,7 +140,7 @@ def gqa_to_hf(cfg: JobConfig) -> dict[str, Any]:
     return {"vocab_size": m.vocab_size, "hidden_size": m.dim, "num_hidden_layers": m.n_layers,
             "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
             "head_dim": m.head_dim, "rms_norm_eps": m.norm_eps, "hidden_act": "silu",
-            "tie_word_embeddings": False, **rope_to_hf(cfg)}
+            "tie_word_embeddings": False, **rope_to_hf(cfg, yarn=False)}
 
 
 def mla_to_job(hf: dict) -> dict[str, dict[str, Any]]:
@@ -182,4 +183,4 @@ def mla_to_hf(cfg: JobConfig, architecture: str) -> dict[str, Any]:
             "num_experts_per_tok": e.router_topk, "moe_intermediate_size": e.ffn_hidden_size,
             "n_shared_experts": e.shared_expert_intermediate_size // e.ffn_hidden_size,
             "routed_scaling_factor": e.router_topk_scaling_factor,
-            "tie_word_embeddings": False, **rope_to_hf(cfg)}
+            "tie_word_embeddings": False, **rope_to_hf(cfg, yarn=True)}

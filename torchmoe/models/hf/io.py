@@ -101,7 +101,7 @@ def read_dcp_model(step_dir: Path, expected: dict[str, torch.Tensor]) -> dict[st
     must match the saved names and shapes."""
     try:
         saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise ConfigError(f"--checkpoint {step_dir}: not a torchmoe DCP checkpoint ({e}); pass a "
                           "step folder such as outputs/run/checkpoint/step-100") from None
     stored = {k[len(_DCP_PREFIX):]: v for k, v in saved.items() if k.startswith(_DCP_PREFIX)}

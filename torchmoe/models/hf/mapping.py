@@ -6,8 +6,9 @@ index and, on the Hugging Face side only, ``{expert}`` for an expert index: such
 import). A rule may also carry a transform and its inverse (the RoPE channel permutation).
 """
 
+import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,23 +24,18 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Rule:
-    ours: str
-    hf: str
-    to_hf: Transform = _same
-    from_hf: Transform = _same
-    copy: bool = False
-    ours_re: re.Pattern = field(init=False, repr=False, compare=False)
-    hf_re: re.Pattern = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "ours_re", _compile(self.ours))
-        object.__setattr__(self, "hf_re", _compile(self.hf))
+    ours: str  # torchmoe name pattern
+    hf: str  # Hugging Face name pattern
+    to_hf: Transform = _same  # applied on export (per expert for {expert} rules)
+    from_hf: Transform = _same  # its inverse, applied on import
+    copy: bool = False  # export-only duplicate (see module docstring)
 
     @property
     def per_expert(self) -> bool:
         return "{expert}" in self.hf
 
 
+@functools.cache
 def _compile(pattern: str) -> re.Pattern:
     """``layers.{layer}.x`` -> a regex with one named integer group per placeholder."""
     parts = re.split(r"\{(layer|expert)\}", pattern)
@@ -50,7 +46,7 @@ def _compile(pattern: str) -> re.Pattern:
 def _matches(name: str, rules: list[Rule], side: str) -> list[tuple[Rule, dict[str, str]]]:
     out = []
     for rule in rules:
-        m = getattr(rule, f"{side}_re").fullmatch(name)
+        m = _compile(getattr(rule, side)).fullmatch(name)
         if m:
             out.append((rule, m.groupdict()))
     return out

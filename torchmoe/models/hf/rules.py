@@ -7,6 +7,8 @@ torchmoe names (see models/common and models/moe): ``tok_embeddings``, ``layers.
 ``mtp.{k}.enorm/hnorm/eh_proj/norm`` and a block ``mtp.{k}.block.*``.
 """
 
+import torch
+
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.hf.mapping import Rule
 from torchmoe.models.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_halves
@@ -33,10 +35,10 @@ def decoder_rules() -> list[Rule]:
 def gqa_rules(head_dim: int) -> list[Rule]:
     """GQA with rotate-half RoPE on the Hugging Face side: q/k rows and the per-head q/k norm
     weights (Qwen3) permuted to torchmoe's adjacent pairs."""
-    def imp(w):
+    def imp(w: torch.Tensor) -> torch.Tensor:
         return halves_to_pairs(w, head_dim)
 
-    def exp(w):
+    def exp(w: torch.Tensor) -> torch.Tensor:
         return pairs_to_halves(w, head_dim)
 
     a, h = "layers.{layer}.attention.", "model.layers.{layer}.self_attn."
