@@ -73,6 +73,8 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
 @pytest.mark.parametrize("family,overrides", [
     ("deepseek_v3", {"model.mtp_num_layers": 2}),  # MTP layers, random expert bias
     ("qwen3_moe", {"moe.layer_freq": "0,1,1", "moe.shared_expert_intermediate_size": 0}),
+    # softmax over the top-k logits equals Mixtral's renormalised top-k of the full softmax
+    ("mixtral", {"moe.router_pre_softmax": "false", "moe.shared_expert_intermediate_size": 0}),
 ])
 def test_export_then_import_is_the_identity(family, overrides, tiny_config, tmp_path, script):
     cfg = tiny_config(**{"model.name": family, **overrides})

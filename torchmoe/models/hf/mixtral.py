@@ -13,8 +13,9 @@ from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
 from torchmoe.models.moe.from_config import balance_coeffs
 
 ARCHITECTURE = "MixtralForCausalLM"
-# What MixtralForCausalLM always does, as torchmoe keys.
-FIXED = {"moe.router_score_function": "softmax", "moe.router_pre_softmax": True,
+# What MixtralForCausalLM always does, as torchmoe keys. (moe.router_pre_softmax may be either:
+# renormalised top-k of the full softmax = softmax of the top-k logits.)
+FIXED = {"moe.router_score_function": "softmax",
          "moe.router_norm_topk_prob": True, "moe.router_topk_scaling_factor": 1.0,
          "moe.router_num_groups": 0, "moe.router_group_topk": 0,
          "moe.enable_expert_bias": False, "moe.shared_expert_intermediate_size": 0,
@@ -28,6 +29,7 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
                        "moe": {"num_experts": get(hf, "num_local_experts"),
                                "router_topk": get(hf, "num_experts_per_tok"),
                                "ffn_hidden_size": get(hf, "intermediate_size"), "layer_freq": [1],
+                               "router_pre_softmax": True,
                                "load_balancing_type": ["aux_loss" if coeff else "none"],
                                "aux_loss_coeff": [coeff],
                                "input_jitter_eps": get(hf, "router_jitter_noise", 0.0)}},

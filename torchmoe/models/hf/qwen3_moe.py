@@ -13,7 +13,9 @@ from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
 from torchmoe.models.moe.from_config import balance_coeffs, moe_layer_pattern
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
-FIXED = {"moe.router_score_function": "softmax", "moe.router_pre_softmax": True,
+# moe.router_pre_softmax = false (softmax of the top-k logits) matches only with renormalised
+# weights (norm_topk_prob).
+FIXED = {"moe.router_score_function": "softmax",
          "moe.router_topk_scaling_factor": 1.0, "moe.router_num_groups": 0,
          "moe.router_group_topk": 0, "moe.enable_expert_bias": False,
          "moe.shared_expert_intermediate_size": 0, "model.mtp_num_layers": 0}
@@ -31,6 +33,7 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
                                "router_topk": get(hf, "num_experts_per_tok"),
                                "ffn_hidden_size": get(hf, "moe_intermediate_size"),
                                "router_norm_topk_prob": get(hf, "norm_topk_prob"),
+                               "router_pre_softmax": True,
                                "layer_freq": [1] if all(pattern) else [int(p) for p in pattern],
                                "load_balancing_type": ["aux_loss" if coeff else "none"],
                                "aux_loss_coeff": [coeff]}},
@@ -38,8 +41,9 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
 
 
 def to_hf_config(cfg: JobConfig) -> dict[str, Any]:
-    expressible(cfg, FIXED, ARCHITECTURE)
     e = cfg.moe
+    expressible(cfg, FIXED if e.router_norm_topk_prob else
+                {**FIXED, "moe.router_pre_softmax": True}, ARCHITECTURE)
     pattern = moe_layer_pattern(cfg)
     return {**gqa_to_hf(cfg), "attention_bias": False, "use_sliding_window": False,
             "intermediate_size": cfg.model.inter_dim, "moe_intermediate_size": e.ffn_hidden_size,
