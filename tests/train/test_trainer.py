@@ -80,7 +80,7 @@ def test_resuming_into_another_model_is_one_clear_error(tiny_config):
 def test_expert_bias_follows_the_steps_token_counts(tiny_config):
     trainer = Trainer(tiny_config(**{"moe.bias_update_rate": 0.01}))
     trainer.train_step()
-    counts = trainer.after_step()[0]
+    counts = trainer.after_step()["tokens"][0]
     assert counts.sum().item() == 4 * 32 * trainer.cfg.moe.router_topk
     expected = 0.01 * torch.sign(counts.mean() - counts)
     torch.testing.assert_close(trainer.moe_layers[0].router.expert_bias, expected)

@@ -51,7 +51,7 @@ class AllToAllDispatcher(LocalDispatcher):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         x_MD, counts_E, local = self.permute(x_TD, topk_idx_TK, self.num_experts, 1)
         recv_counts = torch.empty_like(counts_E)
@@ -60,14 +60,15 @@ class AllToAllDispatcher(LocalDispatcher):
         # One host sync for both split lists (all_to_all_single needs them on the host).
         send_splits, recv_splits = torch.stack(
             [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]).tolist()
-        x_recv = all_to_all_single_autograd(x_MD, recv_splits, send_splits, self.group)
+        x_sent = x_MD[: sum(send_splits)]  # rows past the kept copies: room left by drops
+        x_recv = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
         # Received blocks are ordered (source, local expert); experts want (local expert,
         # source), padded: a second permutation, one copy per received row, stable in order.
         S, L = recv_SL.shape
         expert_R = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device) % L,
                                            recv_SL.flatten(), output_size=sum(recv_splits))
         x_LD, counts_L, regroup = self.permute(x_recv, expert_R.unsqueeze(1), L,
-                                               self.pad_multiple)
+                                               self.pad_multiple, self.group_rows(capacity, S))
         return x_LD, counts_L, AllToAllState(local, regroup, send_splits, recv_splits)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
@@ -94,23 +95,25 @@ class AllGatherDispatcher(LocalDispatcher):
         self.local_experts = num_experts // self.ep
         self.first = ep_mesh.get_local_rank() * self.local_experts
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
         x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         K = idx_all.shape[1]
         local = idx_all.flatten() - self.first
         L = self.local_experts
-        local = torch.where((local >= 0) & (local < L), local, L)  # L = "not mine"
+        # L = "not mine" (another rank's expert, or dropped: id -1)
+        local = torch.where((idx_all.flatten() >= 0) & (local >= 0) & (local < L), local, L)
         order = torch.argsort(local, stable=True)
         counts = torch.zeros(L + 1, dtype=torch.int64, device=local.device)
         counts.scatter_add_(0, local, torch.ones_like(local))
         kept = order[: int(counts[:L].sum())]
         x_kept = x_all[kept // K]  # grouped by local expert, unpadded
-        if self.pad_multiple == 1:
+        if self.pad_multiple == 1 and not capacity:
             return x_kept, counts[:L], AllGatherState(kept, local.numel(), None)
         x_LD, counts_L, padding = self.permute(x_kept, local[kept].unsqueeze(1), L,
-                                               self.pad_multiple)
+                                               self.pad_multiple,
+                                               self.group_rows(capacity, self.ep))
         return x_LD, counts_L, AllGatherState(kept, local.numel(), padding)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState
@@ -144,10 +147,10 @@ class ExpertTensorParallelDispatcher(nn.Module):
     def pad_multiple(self, value: int) -> None:
         self.inner.pad_multiple = value
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor):
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0):
         x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
-        return self.inner.dispatch(x_all, idx_all)
+        return self.inner.dispatch(x_all, idx_all, capacity * self.group.size())
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state) -> torch.Tensor:
         w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)

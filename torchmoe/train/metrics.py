@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.moe.moe import MoE
+from torchmoe.models.moe.moe import LOSS_NAMES, STAT_NAMES, MoE
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,22 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def moe_step_stats(counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int,
+                   bias_LE: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One step's MoE statistics from the layers' buffers summed over ranks (moe.py): routed
+    copies per expert [L, E]; per layer [L], each loss term as its mean over the ``shards``
+    token shards of the step (micro-batches x ranks), the mean router entropy per token, the
+    dropped fraction of the copies and the expert-bias norm. Stays on the device."""
+    s = dict(zip(STAT_NAMES, stats_LS.unbind(1)))
+    out = {"tokens": counts_LE}
+    out.update({name: s[name] / shards for name in LOSS_NAMES})
+    out["entropy"] = s["entropy_sum"] / s["tokens"].clamp_min(1)
+    out["dropped_frac"] = s["dropped"] / s["copies"].clamp_min(1)
+    if bias_LE is not None:
+        out["bias_norm"] = bias_LE.norm(dim=1)
+    return out
+
+
 def expert_load_stats(counts_LE: torch.Tensor) -> dict:
     """Per-layer load summary from tokens per expert [layers, experts] over a window."""
     counts = counts_LE.double()
@@ -75,6 +91,24 @@ def expert_load_stats(counts_LE: torch.Tensor) -> dict:
                           "dead": dead.tolist(), "tokens": counts_LE.tolist()}}
 
 
+def _layer_rows(window: dict[str, torch.Tensor], steps: int, cfg: JobConfig) -> dict:
+    """Log-row fields from a window of ``moe_step_stats``: load summary, per-layer values and
+    the total balance loss (summed over layers, mean per step)."""
+    row = expert_load_stats(window["tokens"])
+    per_layer = row["per_layer"]
+    losses = {n: (window[n] / steps).tolist() for n in LOSS_NAMES if window[n].any()}
+    per_layer.update(losses)
+    per_layer["entropy"] = (window["entropy"] / steps).tolist()
+    row["aux_loss"] = sum(sum(v) for v in losses.values())
+    row["router_entropy"] = sum(per_layer["entropy"]) / len(per_layer["entropy"])
+    if cfg.moe.capacity_factor > 0:
+        per_layer["dropped_frac"] = (window["dropped_frac"] / steps).tolist()
+        row["dropped_frac"] = sum(per_layer["dropped_frac"]) / len(per_layer["dropped_frac"])
+    if "bias_norm" in window:
+        per_layer["bias_norm"] = (window["bias_norm"] / steps).tolist()
+    return row
+
+
 @dataclass
 class Window:
     """Sums over the steps since the last log line."""
@@ -82,9 +116,8 @@ class Window:
     steps: int = 0
     tokens: int = 0
     loss: float = 0.0
-    aux_loss: float = 0.0
     start: float = field(default_factory=time.perf_counter)
-    load: torch.Tensor | None = None
+    moe: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MetricsLogger:
@@ -105,14 +138,15 @@ class MetricsLogger:
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
 
-    def record_step(self, tokens: int, loss: float, aux_loss: float, load_LE: torch.Tensor
-                    ) -> None:
+    def record_step(self, tokens: int, loss: float, moe: dict[str, torch.Tensor]) -> None:
+        """One step's token count, loss and MoE statistics (``moe_step_stats``, on the
+        device: read only when a line is logged)."""
         w = self.window
         w.steps += 1
         w.tokens += tokens
         w.loss += loss
-        w.aux_loss += aux_loss
-        w.load = load_LE if w.load is None else w.load + load_LE
+        for key, value in moe.items():
+            w.moe[key] = value if key not in w.moe else w.moe[key] + value
 
     def log(self, step: int, grad_norm: float, lr: float) -> dict:
         w = self.window
@@ -121,19 +155,25 @@ class MetricsLogger:
         elapsed = time.perf_counter() - w.start
         tps = w.tokens / elapsed
         tflops = tps * self.flops_per_token / 1e12
-        row = {"step": step, "loss": w.loss / w.steps, "aux_loss": w.aux_loss / w.steps,
+        row = {"step": step, "loss": w.loss / w.steps, "aux_loss": 0.0,
                "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps, "tflops": tflops,
                "mfu": tflops * 1e12 / self.peak if self.peak else None,
                "memory_gib": memory_gib(self.device)}
-        if w.load is not None:
-            row.update(expert_load_stats(w.load))
+        if "tokens" in w.moe:
+            row.update(_layer_rows(w.moe, w.steps, self.cfg))
+        if "mtp_loss" in w.moe:
+            row["mtp_loss"] = (w.moe["mtp_loss"] / w.steps).item()
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
         line = (f"step {step:5d} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f} | "
-                f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
+                + (f"mtp {row['mtp_loss']:.4f} | " if "mtp_loss" in row else "")
+                + f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
                 f"tflops {tflops:.3g} | mfu {mfu} | mem {row['memory_gib']:.2f}GiB")
-        if w.load is not None:
+        if "per_layer" in row:
             line += (f" | load max/mean {row['load_max_over_mean']:.2f} "
-                     f"cv {row['load_cv']:.2f} dead {row['dead_experts']}")
+                     f"cv {row['load_cv']:.2f} dead {row['dead_experts']} "
+                     f"entropy {row['router_entropy']:.2f}")
+        if "dropped_frac" in row:
+            line += f" dropped {100 * row['dropped_frac']:.1f}%"
         logger.info(line)
         self._write(row)
         self.window = Window()

@@ -33,7 +33,7 @@ from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
-from torchmoe.train.metrics import MetricsLogger, moe_layers
+from torchmoe.train.metrics import MetricsLogger, moe_layers, moe_step_stats
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         with torch.device("meta"):
             model = spec.build(cfg)
+        if cfg.moe.freeze_router:
+            from torchmoe.train.freeze import freeze_routers  # TODO top-level once it lands
+            freeze_routers(model)
         check_model_fits(model, self.device, shards=self.dims.dp)
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
         model = plan(model, self.dims, cfg)
@@ -109,6 +112,8 @@ class Trainer:
             self.optimizer, self.lr_scheduler, self.dataloader, self.state, self.dims.dp_rank())
         self.metrics = MetricsLogger(cfg, model, self.device, self.dtype)
         self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
+        self.mtp = cfg.model.mtp_num_layers > 0
+        self.freezer = None  # set in train(), after a checkpoint loads
 
     def _accumulation_steps(self) -> int:
         """Micro-batches per step; validate() checked that they divide evenly."""
@@ -128,9 +133,10 @@ class Trainer:
                     cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
                     experts, d.world_size, d.dp_replicate, d.dp_shard, d.tp, d.pp, d.ep, d.edp)
 
-    def train_step(self) -> tuple[float, float, float, float]:
-        """One optimizer step over ``accum_steps`` micro-batches; returns (loss, aux, grad
-        norm, lr used), the loss being the mean over every token of the step on every rank."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns (loss, grad norm, lr
+        used), the loss being the mean over every token of the step on every rank. Balance and
+        MTP losses are in the gradient; their values reach the log through ``after_step``."""
         self.optimizer.zero_grad(set_to_none=True)
         # Balance losses are computed per token shard: one per micro-batch, dp and tp rank.
         set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp * self.dims.tp))
@@ -139,23 +145,22 @@ class Trainer:
             inputs, labels = next(self.batches)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-                logits = self.model(inputs)
+                # Multi-token prediction needs the targets inside the model.
+                logits = self.model(inputs, labels) if self.mtp else self.model(inputs)
             with loss_parallel() if self.dims.tp > 1 else nullcontext():
                 loss = self.loss_fn(logits, labels)
                 (loss / self.global_tokens).backward()
             if isinstance(loss, DTensor):  # vocabulary-parallel loss: the same on every tp rank
                 loss = loss.full_tensor()
             loss_sum += loss.detach()
+        if self.freezer is not None:
+            self.freezer.zero_grads()
         grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm)
-        aux = torch.stack([m.aux_loss_sum for m in self.moe_layers]).sum() if self.moe_layers \
-            else torch.zeros((), device=self.device)
-        stats = torch.stack([loss_sum / self.global_tokens, aux / self.accum_steps])
+        loss_mean = (loss_sum / self.global_tokens).reshape(1)
         if self.dims.meshes:
-            dist.all_reduce(stats, group=self.dims.meshes.dp.get_group())
-            stats[1] /= self.dims.dp  # aux: tp ranks report their own shard's value
+            dist.all_reduce(loss_mean, group=self.dims.meshes.dp.get_group())
         # The step's one host sync: the values the non-finite check and the log need.
-        loss_value, aux_value, norm_value = torch.cat(
-            [stats, grad_norm.reshape(1).to(stats)]).tolist()
+        loss_value, norm_value = torch.cat([loss_mean, grad_norm.reshape(1).to(loss_mean)]).tolist()
         for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -164,24 +169,43 @@ class Trainer:
                     "training.max_norm > 0")
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if self.freezer is not None:
+            self.freezer.restore()
         self.lr_scheduler.step()
-        return loss_value, aux_value, norm_value, lr
+        return loss_value, norm_value, lr
 
-    def after_step(self) -> torch.Tensor:
-        """Expert-bias update from this step's token counts, summed over every rank so all
-        ranks apply the same bias; returns the counts [layers, E] and resets the buffers."""
-        if not self.moe_layers:
-            return torch.zeros(0, 0)
-        counts = torch.stack([m.tokens_per_expert for m in self.moe_layers])
-        if self.dims.meshes:
-            dist.all_reduce(counts)
-        rate = self.cfg.moe.bias_update_rate
-        for m, layer_counts in zip(self.moe_layers, counts):
-            if m.router.expert_bias is not None and rate > 0:
-                update_expert_bias(m.router.expert_bias, layer_counts, rate)
-            m.tokens_per_expert.zero_()
-            m.aux_loss_sum.zero_()
-        return counts  # on the device: metrics read it at log time, not every step
+    def after_step(self) -> dict[str, torch.Tensor]:
+        """Expert-bias update from this step's token counts, summed over every rank that
+        routes other tokens, so all ranks apply the same bias; returns the step's MoE and MTP
+        statistics (``moe_step_stats``, on the device: metrics read them at log time) and
+        resets the buffers."""
+        layers = self.moe_layers
+        out = {}
+        group = self.dims.meshes.dp_tp.get_group() if self.dims.meshes else None
+        shards = self.accum_steps * (dist.get_world_size(group) if group else 1)
+        if layers:
+            counts = torch.stack([m.tokens_per_expert for m in layers])
+            stats = torch.stack([m.stats for m in layers])
+            if group:
+                dist.all_reduce(counts, group=group)
+                dist.all_reduce(stats, group=group)
+            rate = self.cfg.moe.bias_update_rate
+            biases = [m.router.expert_bias for m in layers]
+            for m, layer_counts in zip(layers, counts):
+                if m.router.expert_bias is not None and rate > 0:
+                    update_expert_bias(m.router.expert_bias, layer_counts, rate)
+                m.tokens_per_expert.zero_()
+                m.stats.zero_()
+            with_bias = all(b is not None for b in biases)
+            out = moe_step_stats(counts, stats, shards, torch.stack(biases) if with_bias else None)
+        mtp = getattr(self.model, "mtp_loss_sum", None)
+        if mtp is not None:
+            mtp_total = mtp.clone()
+            if group:
+                dist.all_reduce(mtp_total, group=group)
+            out["mtp_loss"] = mtp_total / shards
+            mtp.zero_()
+        return out
 
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
@@ -190,13 +214,16 @@ class Trainer:
         if cfg.checkpoint.create_seed_checkpoint:
             self.checkpoint.save_seed()
             return []
+        if cfg.moe.freeze_experts:  # after loading: the frozen rows are the loaded ones
+            from torchmoe.train.freeze import ExpertFreezer  # TODO top-level once it lands
+            self.freezer = ExpertFreezer(self.model, cfg.moe.freeze_experts)
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
         while self.state.step < cfg.training.steps:
-            loss, aux, grad_norm, lr = self.train_step()
+            loss, grad_norm, lr = self.train_step()
             self.state.step += 1
             losses.append(loss)
-            self.metrics.record_step(tokens_per_gpu, loss, aux, self.after_step())
+            self.metrics.record_step(tokens_per_gpu, loss, self.after_step())
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
                 self.metrics.log(step, grad_norm, lr)

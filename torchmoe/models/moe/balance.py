@@ -11,15 +11,22 @@ pipeline stages, where a layer's output is far from the final loss.
 import torch
 
 
-def switch_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
-    """E * sum_i f_i * P_i (Switch / GShard), f_i the fraction of the T*K assignments that went
-    to expert i (no gradient), P_i the mean router probability of expert i.
-    Equals 1 for perfectly uniform routing."""
-    T, E = probs_TE.shape
-    counts_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device)
-    counts_E.scatter_add_(0, topk_idx_TK.flatten(), torch.ones_like(topk_idx_TK.flatten(),
-                                                                    dtype=probs_TE.dtype))
-    f_E = counts_E / topk_idx_TK.numel()
+def expert_counts(topk_idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """Routed copies per expert [E] (dropped ones, id -1, included: they were routed)."""
+    flat = topk_idx_TK.flatten()
+    return torch.zeros(num_experts, dtype=dtype, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=dtype))
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """E * sum_i f_i * P_i (Switch / GShard): f_i the fraction of the routed copies counted in
+    ``counts_E`` that went to expert i (no gradient), P_i the mean router probability of
+    expert i over these T tokens. Equals 1 for perfectly uniform routing. With counts summed
+    over every data-parallel rank this is the global variant (Megatron's global_aux_loss):
+    averaged over ranks it equals the loss of the whole batch on one process."""
+    E = probs_TE.shape[1]
+    f_E = counts_E / counts_E.sum()
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
@@ -34,6 +41,17 @@ def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: 
         2, idx_BSK, torch.ones_like(idx_BSK, dtype=probs_BSE.dtype))
     f_BE = one_hot_BSE.sum(dim=1) / (idx_BSK.shape[1] * idx_BSK.shape[2])
     return E * (f_BE * probs_BSE.mean(dim=1)).sum(dim=1).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-partition of the gate logits, keeping them
+    small so the softmax stays well-conditioned in low precision."""
+    return logits_TE.logsumexp(dim=-1).square().mean()
+
+
+def entropy_sum(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of the entropy of each token's distribution over experts (nats)."""
+    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum()
 
 
 _aux_loss_scale = 1.0

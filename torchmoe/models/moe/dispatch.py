@@ -50,11 +50,20 @@ class LocalDispatcher(nn.Module):
         self.backend = backend
         self.pad_multiple = pad_multiple
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor
+    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Returns tokens grouped by expert [M, D] (padding rows zero), rows per expert [E]
-        (padded, int64: the groups the experts see), and the state for ``combine``."""
-        return self.permute(x_TD, topk_idx_TK, self.num_experts, self.pad_multiple)
+        (padded, int64: the groups the experts see), and the state for ``combine``. Copies
+        with expert id -1 (dropped) are not dispatched. ``capacity`` > 0 pads every group to
+        exactly the copies an expert may take (times the ranks whose tokens it receives)."""
+        return self.permute(x_TD, topk_idx_TK, self.num_experts, self.pad_multiple,
+                            self.group_rows(capacity, sources=1))
+
+    def group_rows(self, capacity: int, sources: int) -> int:
+        """Fixed rows per group for ``capacity`` copies from each of ``sources`` token sets,
+        rounded up to the padding multiple; 0 (no fixed size) without a capacity."""
+        P = self.pad_multiple
+        return -(-capacity * sources // P) * P if capacity else 0
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: DispatchState
                 ) -> torch.Tensor:
@@ -63,10 +72,12 @@ class LocalDispatcher(nn.Module):
         return self.unpermute(y_MD, topk_weight_TK, state)
 
     def permute(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int,
-                pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+                pad_multiple: int, group_rows: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """``dispatch`` over any group ids (expert-parallel dispatchers regroup with it)."""
         ops = self._ops(x_TD.device)
-        dest_TK, src_M, counts_E = ops.permute_indices(idx_TK, num_experts, pad_multiple)
+        dest_TK, src_M, counts_E = ops.permute_indices(idx_TK, num_experts, pad_multiple,
+                                                       group_rows)
         return ops.permute(x_TD, dest_TK, src_M), counts_E, DispatchState(dest_TK, src_M)
 
     def unpermute(self, y_MD: torch.Tensor, weight_TK: torch.Tensor | None,

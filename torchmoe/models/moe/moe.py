@@ -1,12 +1,21 @@
-"""The MoE layer: router -> dispatch -> experts -> combine, plus shared experts.
+"""The MoE layer: router -> (drop over capacity) -> dispatch -> experts -> combine, plus shared
+experts.
 
 Legend: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts per token,
-M = T * K routed token copies, F expert hidden dim.
+M rows of the expert-ordered buffer, F expert hidden dim.
 
-Besides its output, the layer keeps two non-persistent buffers for the training loop:
-``tokens_per_expert`` (summed over the forwards of one optimizer step; drives the expert-bias
-update and the load metrics) and ``aux_loss_sum`` (the balance loss values, for logging). Both
-are filled only in real forwards, not in activation-checkpoint recomputation.
+Besides its output, the layer keeps two non-persistent buffers for the training loop, summed
+over the forwards of one optimizer step and filled only in real forwards, not in
+activation-checkpoint recomputation:
+
+- ``tokens_per_expert`` [E]: routed copies per expert; drives the expert-bias update and the
+  load metrics.
+- ``stats`` [len(STAT_NAMES)]: the weighted balance-loss terms, the router entropy summed over
+  tokens, the token count, and the dropped and routed copy counts.
+
+Balance losses reach the gradient through ``attach_aux_loss`` (see balance.py).
+``global_counts`` sums expert counts over every rank that routes other tokens of the same
+batch (the global aux loss); it is the identity on one process and a parallel plan replaces it.
 """
 
 from dataclasses import dataclass, field
@@ -15,10 +24,15 @@ import torch
 from torch import nn
 
 from torchmoe.models.common.mlp import FeedForward
-from torchmoe.models.moe.balance import attach_aux_loss, sequence_aux_loss, switch_aux_loss
+from torchmoe.models.moe.balance import (attach_aux_loss, entropy_sum, expert_counts,
+                                         sequence_aux_loss, switch_aux_loss, z_loss)
+from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
 from torchmoe.models.moe.dispatch import LocalDispatcher
 from torchmoe.models.moe.experts import GroupedExperts
-from torchmoe.models.moe.router import RouterArgs, TopKRouter
+from torchmoe.models.moe.router import RouterArgs, Routing, TopKRouter
+
+LOSS_NAMES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
+STAT_NAMES = LOSS_NAMES + ("entropy_sum", "tokens", "dropped", "copies")
 
 
 @dataclass
@@ -52,44 +66,69 @@ class MoE(nn.Module):
         self.args = args
         r = args.router
         self.router = TopKRouter(r)
+        self.global_counts: nn.Module = nn.Identity()
         self.dispatcher = LocalDispatcher(r.num_experts, args.permute_backend)
         self.experts = GroupedExperts(r.dim, args.hidden_dim, r.num_experts, args.grouped_mm)
         self.shared_experts = (FeedForward(r.dim, args.shared_hidden_dim)
                                if args.shared_hidden_dim > 0 else None)
         self.register_buffer("tokens_per_expert", torch.zeros(r.num_experts), persistent=False)
-        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("stats", torch.zeros(len(STAT_NAMES)), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        a = self.args
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         routing = self.router(x_TD)
-        aux = self._balance_loss(routing.probs_TE, routing.topk_idx_TK, B)
+        counts_E = expert_counts(routing.topk_idx_TK, a.router.num_experts,
+                                 routing.probs_TE.dtype)
+        losses = self._losses(routing, counts_E, B)
+        idx_TK, capacity = routing.topk_idx_TK, 0
+        if a.capacity_factor > 0:
+            capacity = expert_capacity(idx_TK.numel(), a.router.num_experts, a.capacity_factor)
+            idx_TK = drop_over_capacity(idx_TK, routing.topk_weight_TK, a.router.num_experts,
+                                        capacity, a.drop_policy)
         if not _in_backward():
-            with torch.no_grad():
-                flat = routing.topk_idx_TK.flatten()
-                self.tokens_per_expert.scatter_add_(
-                    0, flat, torch.ones_like(flat, dtype=self.tokens_per_expert.dtype))
-                if aux is not None:
-                    self.aux_loss_sum.add_(aux.detach())
+            self._record(routing, counts_E, losses, idx_TK)
 
-        x_MD, counts_E, state = self.dispatcher.dispatch(x_TD, routing.topk_idx_TK)
-        y_MD = self.experts(x_MD, counts_E)
+        x_MD, group_rows_E, state = self.dispatcher.dispatch(
+            x_TD, idx_TK, capacity if a.pad_to_capacity else 0)
+        y_MD = self.experts(x_MD, group_rows_E)
         out_TD = self.dispatcher.combine(y_MD, routing.topk_weight_TK, state)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        if aux is not None:
-            out_TD = attach_aux_loss(out_TD, aux)
+        if losses:
+            out_TD = attach_aux_loss(out_TD, sum(losses.values()))
         return out_TD.view(B, S, D)
 
-    def _balance_loss(self, probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: int
-                      ) -> torch.Tensor | None:
-        """The weighted balance loss of this forward, or None when balancing by loss is off."""
-        c = self.args.balance_coeffs
-        if not c:
-            return None
+    def _losses(self, routing: Routing, counts_E: torch.Tensor, batch: int
+                ) -> dict[str, torch.Tensor]:
+        """The weighted balance losses and z-loss of this forward, by name (LOSS_NAMES)."""
+        a = self.args
+        probs, c = routing.probs_TE, a.balance_coeffs
+        losses = {}
         if "aux_loss" in c:
-            return c["aux_loss"] * switch_aux_loss(probs_TE, topk_idx_TK)
-        return c["seq_aux_loss"] * sequence_aux_loss(probs_TE, topk_idx_TK, batch)
+            losses["aux_loss"] = c["aux_loss"] * switch_aux_loss(probs, counts_E)
+        if "seq_aux_loss" in c:
+            losses["seq_aux_loss"] = c["seq_aux_loss"] * sequence_aux_loss(
+                probs, routing.topk_idx_TK, batch)
+        if "global_aux_loss" in c:
+            losses["global_aux_loss"] = c["global_aux_loss"] * switch_aux_loss(
+                probs, self.global_counts(counts_E))
+        if a.z_loss_coeff > 0:
+            losses["z_loss"] = a.z_loss_coeff * z_loss(routing.logits_TE)
+        return losses
+
+    @torch.no_grad()
+    def _record(self, routing: Routing, counts_E: torch.Tensor,
+                losses: dict[str, torch.Tensor], idx_TK: torch.Tensor) -> None:
+        """Add this forward's counts and values to the step buffers (module docstring)."""
+        self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
+        zero = self.stats.new_zeros(())
+        T, K = idx_TK.shape
+        values = [losses.get(name, zero).to(self.stats.dtype) for name in LOSS_NAMES]
+        values += [entropy_sum(routing.probs_TE).to(self.stats.dtype), zero + T,
+                   (idx_TK < 0).sum().to(self.stats.dtype), zero + T * K]
+        self.stats.add_(torch.stack(values))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)
@@ -97,4 +136,4 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
         self.tokens_per_expert.zero_()
-        self.aux_loss_sum.zero_()
+        self.stats.zero_()

@@ -3,9 +3,15 @@
 Legend: T tokens, D model dim, E experts, K experts per token, G expert groups.
 
 The router math (gate matmul, scores, selection, weights) runs in ``router_dtype`` with autocast
-off, so bf16 training does not perturb which experts are chosen. The expert bias (aux-loss-free
-balancing, DeepSeek-V3) is added only to the scores used for *selecting* experts; the weights
-that scale expert outputs come from the unbiased scores.
+off, so bf16 training does not perturb which experts are chosen. Selection and weighting are
+separate on purpose:
+
+- *selection* ranks ``choice`` scores: the scores plus the expert bias (aux-loss-free
+  balancing, DeepSeek-V3), masked to the best groups (group-limited routing); or the
+  Sinkhorn-balanced assignment (S-BASE, in training); or round-robin (``force_load_balance``).
+- *weights* that scale expert outputs always come from the unbiased scores of the chosen
+  experts: softmax over all experts (``pre_softmax``) or over the k chosen logits, or sigmoid;
+  optionally renormalised, then times the routed scaling factor.
 """
 
 from dataclasses import dataclass
@@ -14,6 +20,8 @@ import torch
 from torch import nn
 
 from torchmoe.models.common.init import trunc_normal_
+
+SINKHORN_ITERS = 16  # fixed, so selection needs no host sync; enough to balance to ~1e-3
 
 
 @dataclass
@@ -39,6 +47,24 @@ class Routing:
     topk_idx_TK: torch.Tensor  # int64 expert ids
     topk_weight_TK: torch.Tensor  # router dtype, differentiable
     probs_TE: torch.Tensor  # per-token distribution over experts (sums to 1), for balance losses
+    logits_TE: torch.Tensor  # gate outputs, for the z-loss
+
+
+def sinkhorn_log(logits_TE: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
+    """Log of the doubly-normalised assignment exp(logits): alternately every expert column
+    and every token row rescaled to equal mass, so a row's top-k favours under-used experts."""
+    log_p = logits_TE
+    for _ in range(iters):
+        log_p = log_p - log_p.logsumexp(dim=0, keepdim=True)
+        log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)
+    return log_p
+
+
+def round_robin(num_tokens: int, topk: int, num_experts: int, device: torch.device
+                ) -> torch.Tensor:
+    """Expert (t * K + k) mod E for copy (t, k): every expert gets the same share."""
+    copies = torch.arange(num_tokens * topk, device=device).view(num_tokens, topk)
+    return copies % num_experts
 
 
 class TopKRouter(nn.Module):
@@ -56,26 +82,40 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> Routing:
         a = self.args
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = nn.functional.linear(x_TD.to(a.dtype), self.gate.weight.to(a.dtype))
+            x_TD = x_TD.to(a.dtype)
+            if self.training and a.input_jitter_eps > 0:
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - a.input_jitter_eps,
+                                                              1 + a.input_jitter_eps)
+            logits_TE = nn.functional.linear(x_TD, self.gate.weight.to(a.dtype))
             if a.score_function == "softmax":
-                scores_TE = logits_TE.softmax(dim=-1)
-                probs_TE = scores_TE
+                scores_TE = probs_TE = logits_TE.softmax(dim=-1)
             else:
                 scores_TE = logits_TE.sigmoid()
                 probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-
-            choice_TE = scores_TE.detach()
-            if self.expert_bias is not None:
-                choice_TE = choice_TE + self.expert_bias.to(a.dtype)
-            if a.num_groups > 0:
-                choice_TE = self._mask_to_top_groups(choice_TE)
-            topk_idx_TK = choice_TE.topk(a.topk, dim=-1).indices
-
-            weight_TK = scores_TE.gather(1, topk_idx_TK)
+            topk_idx_TK = self._select(scores_TE, logits_TE)
+            if a.score_function == "softmax" and not a.pre_softmax:
+                weight_TK = logits_TE.gather(1, topk_idx_TK).softmax(dim=-1)
+            else:
+                weight_TK = scores_TE.gather(1, topk_idx_TK)
             if a.norm_topk_prob:
                 weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
             weight_TK = weight_TK * a.scaling_factor
-        return Routing(topk_idx_TK, weight_TK, probs_TE)
+        return Routing(topk_idx_TK, weight_TK, probs_TE, logits_TE)
+
+    def _select(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+        """The K experts of every token [T, K] (no gradient; see the module docstring)."""
+        a = self.args
+        T = scores_TE.shape[0]
+        if a.force_load_balance:
+            return round_robin(T, a.topk, a.num_experts, scores_TE.device)
+        if a.sinkhorn and self.training:
+            return sinkhorn_log(logits_TE.detach()).topk(a.topk, dim=-1).indices
+        choice_TE = scores_TE.detach()
+        if self.expert_bias is not None:
+            choice_TE = choice_TE + self.expert_bias.to(choice_TE.dtype)
+        if a.num_groups > 0:
+            choice_TE = self._mask_to_top_groups(choice_TE)
+        return choice_TE.topk(a.topk, dim=-1).indices
 
     def _mask_to_top_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """Keep only experts of the ``group_topk`` best groups; the rest get -inf.
