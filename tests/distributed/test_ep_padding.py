@@ -10,18 +10,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from tests.distributed.launcher import run_ranks
-from torchmoe.models.moe.moe import MoE, MoEArgs
+from torchmoe.models.moe.moe import STAT_NAMES, MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs
 from torchmoe.parallel.expert_parallel import apply_ep
 
 TOKENS_PER_RANK, DIM = 11, 16
 
 
-def make_layer() -> MoE:
+def make_layer(capacity_factor: float = 0.0) -> MoE:
     torch.manual_seed(0)
     args = MoEArgs(router=RouterArgs(dim=DIM, num_experts=8, topk=3, enable_expert_bias=True,
                                      dtype=torch.float64),
-                   hidden_dim=12, shared_hidden_dim=8, grouped_mm="loop")
+                   hidden_dim=12, shared_hidden_dim=8, grouped_mm="loop",
+                   capacity_factor=capacity_factor, pad_to_capacity=capacity_factor > 0)
     layer = MoE(args).double()
     layer.init_weights(0.5, 0.3)
     layer.router.expert_bias.copy_(torch.tensor([0, 0, 0, -9, 0, 0, 0, -9.0]))  # 2 empty
@@ -49,8 +50,9 @@ def check_groups(pad: int):
     return hook
 
 
-def ep_rank(rank: int, ep: int, etp: int, dispatcher: str, pad: int, pad_after_ep: bool):
-    layer = make_layer()
+def ep_rank(rank: int, ep: int, etp: int, dispatcher: str, pad: int, pad_after_ep: bool,
+            capacity_factor: float):
+    layer = make_layer(capacity_factor)
     if not pad_after_ep:
         layer.dispatcher.pad_multiple = pad  # apply_ep keeps it
     apply_ep(layer, init_device_mesh("cpu", (ep, etp), mesh_dim_names=("ep", "etp")), dispatcher)
@@ -71,16 +73,24 @@ def ep_rank(rank: int, ep: int, etp: int, dispatcher: str, pad: int, pad_after_e
     return out.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("world,ep,etp,dispatcher,pad_after_ep", [
-    (2, 2, 1, "alltoall", False), (2, 2, 1, "allgather", True),
-    (4, 2, 2, "alltoall", True), (4, 4, 1, "allgather", False)])
-def test_padded_expert_groups_change_nothing(world, ep, etp, dispatcher, pad_after_ep):
-    layer = make_layer()
+@pytest.mark.parametrize("world,ep,etp,dispatcher,pad_after_ep,capacity_factor", [
+    (2, 2, 1, "alltoall", False, 0.0), (2, 2, 1, "allgather", True, 0.0),
+    (4, 2, 2, "alltoall", True, 0.0), (4, 4, 1, "allgather", False, 0.0),
+    (2, 2, 1, "alltoall", False, 0.7), (2, 2, 1, "allgather", False, 0.7),
+    (4, 2, 2, "alltoall", True, 0.7)])
+def test_padded_expert_groups_change_nothing(world, ep, etp, dispatcher, pad_after_ep,
+                                             capacity_factor):
+    """Also in capacity mode (drops, groups padded to capacity): each rank drops over the
+    capacity of its own tokens, so the reference runs the ranks' token slices one by one."""
+    layer = make_layer(capacity_factor)
     x = tokens(world).requires_grad_()
-    out = layer(x.view(1, -1, DIM)).view(-1, DIM)
+    out = torch.cat([layer(xs.view(1, -1, DIM)).view(-1, DIM)
+                     for xs in x.split(TOKENS_PER_RANK)])
+    if capacity_factor:
+        assert layer.stats[STAT_NAMES.index("dropped")] > 0
     # The same loss as the ranks' sum: each rank's loss weights its own rows from 0.
     sum(loss(o) for o in out.split(TOKENS_PER_RANK)).backward()
-    results = run_ranks(world, ep_rank, ep, etp, dispatcher, 16, pad_after_ep)
+    results = run_ranks(world, ep_rank, ep, etp, dispatcher, 16, pad_after_ep, capacity_factor)
     tol = {"rtol": 1e-10, "atol": 1e-10}
     torch.testing.assert_close(torch.cat([r[0] for r in results]), out.detach(), **tol)
     torch.testing.assert_close(torch.cat([r[1] for r in results]), x.grad, **tol)
