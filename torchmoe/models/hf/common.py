@@ -148,6 +148,8 @@ def mla_to_job(hf: dict) -> dict[str, dict[str, Any]]:
     require(hf, "hidden_act", ("silu",), "silu", "feed-forward layers are SwiGLU")
     require(hf, "attention_bias", (False,), False, "projections have no bias")
     require(hf, "mlp_bias", (False,), False, "projections have no bias")
+    require(hf, "rms_norm_eps", (1e-6,), 1e-6, "transformers normalises the MLA latents with "
+            "eps 1e-6 whatever it says, torchmoe with model.norm_eps")
     ffn = get(hf, "moe_intermediate_size")
     model = {"vocab_size": get(hf, "vocab_size"), "dim": get(hf, "hidden_size"),
              "n_layers": get(hf, "num_hidden_layers"),
@@ -166,6 +168,7 @@ def mla_to_job(hf: dict) -> dict[str, dict[str, Any]]:
 
 def mla_to_hf(cfg: JobConfig, architecture: str) -> dict[str, Any]:
     m, e = cfg.model, cfg.moe
+    expressible(cfg, {"model.norm_eps": 1e-6}, architecture)  # its MLA latent norms' eps
     moe_blocks_are(cfg, [i >= m.n_dense_layers for i in range(m.n_layers)], architecture,
                    f"the blocks from first_k_dense_replace = {m.n_dense_layers} on")
     if e.shared_expert_intermediate_size % e.ffn_hidden_size:
