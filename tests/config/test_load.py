@@ -86,6 +86,22 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),
     (["--moe.router_num_groups", "3"], "must divide moe.num_experts"),
     (["--training.global_batch_size", "12"], "must be a multiple of training.local_batch_size"),
+    (["--moe.load_balancing_type", "aux_loss,seq_aux_loss", "--moe.aux_loss_coeff",
+      "0.1,0.2,0.3"], "needs one value, or one per loss"),
+    (["--moe.load_balancing_type", "aux_loss,aux_loss"], "lists a type twice"),
+    (["--moe.load_balancing_type", "sinkhorn,aux_loss"], "'none' and 'sinkhorn' stand alone"),
+    (["--moe.load_balancing_type", "sinkhorn", "--moe.aux_loss_coeff", "0"],
+     "set moe.enable_expert_bias = false and moe.router_num_groups = 0"),
+    (["--moe.load_balancing_type", "balanced"], "choose from: aux_loss, seq_aux_loss"),
+    (["--moe.router_pre_softmax", "false"], "only applies to moe.router_score_function = "
+                                            "'softmax'"),
+    (["--moe.pad_to_capacity"], "moe.pad_to_capacity = true needs token dropping"),
+    (["--moe.capacity_factor", "-1"], "moe.capacity_factor = -1.0 is out of range"),
+    (["--moe.layer_freq", "0,1"], "must be one 0/1 entry per block (model.n_layers = 3)"),
+    (["--moe.layer_freq", "0"], "an interval must be >= 1"),
+    (["--moe.layer_freq", "1,0,0"], "leaves no MoE block"),
+    (["--moe.freeze_experts", "3,8"], "list distinct expert ids in [0, 8)"),
+    (["--moe.input_jitter_eps", "2"], "moe.input_jitter_eps = 2.0 is out of range"),
 ])
 def test_errors_are_one_clear_line(argv, fragment):
     with pytest.raises(ConfigError) as err:

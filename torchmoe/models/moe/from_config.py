@@ -57,7 +57,9 @@ def validate_moe(cfg: JobConfig) -> None:
                           f"{e.router_score_function!r}; set it to true")
     _validate_groups(cfg)
     _validate_balancing(cfg)
-    _validate_capacity(cfg)
+    if e.pad_to_capacity and e.capacity_factor == 0:
+        raise ConfigError("moe.pad_to_capacity = true needs token dropping; set "
+                          "moe.capacity_factor > 0")
     bad = [i for i in e.freeze_experts if not 0 <= i < e.num_experts]
     if bad or len(set(e.freeze_experts)) != len(e.freeze_experts):
         raise ConfigError(f"moe.freeze_experts = {e.freeze_experts}: list distinct expert ids "
@@ -122,13 +124,6 @@ def _validate_balancing(cfg: JobConfig) -> None:
                           "be combined with moe.load_balancing_type = ['sinkhorn']")
 
 
-def _validate_capacity(cfg: JobConfig) -> None:
-    e = cfg.moe
-    if e.capacity_factor == 0:
-        for key in ("pad_to_capacity",):
-            if getattr(e, key):
-                raise ConfigError(f"moe.{key} = true needs token dropping; set "
-                                  "moe.capacity_factor > 0")
 
 
 def moe_args(cfg: JobConfig) -> MoEArgs:
