@@ -36,3 +36,47 @@ def test_expert_load_stats():
     assert stats["dead_experts"] == 1
     cv1 = math.sqrt((16 + 16 + 4 + 4) / 4) / 4  # deviations from the mean 4: 4, -4, 2, -2
     assert abs(stats["load_cv"] - cv1 / 2) < 1e-12  # mean over layers of (0, cv1)
+
+
+def test_moe_step_stats_normalise_per_shard_and_per_token():
+    from torchmoe.models.moe.moe import STAT_NAMES
+    from torchmoe.train.metrics import moe_step_stats
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 50, (2, 4), generator=g).float()
+    raw = torch.rand(2, len(STAT_NAMES), generator=g, dtype=torch.float64) + 1
+    bias = torch.randn(2, 4, generator=g)
+    out = moe_step_stats(counts, raw, shards=4, bias_LE=bias)
+    col = {n: raw[:, i] for i, n in enumerate(STAT_NAMES)}
+    torch.testing.assert_close(out["z_loss"], col["z_loss"] / 4)
+    torch.testing.assert_close(out["global_aux_loss"], col["global_aux_loss"] / 4)
+    torch.testing.assert_close(out["entropy"], col["entropy_sum"] / col["tokens"])
+    torch.testing.assert_close(out["dropped_frac"], col["dropped"] / col["copies"])
+    torch.testing.assert_close(out["bias_norm"], bias.norm(dim=1))
+    assert out["tokens"] is counts
+
+
+def test_log_line_and_row_carry_per_layer_moe_values(tiny_config, caplog):
+    import json
+    import logging
+
+    from torchmoe.train.trainer import Trainer
+
+    cfg = tiny_config(**{"training.steps": 2, "moe.capacity_factor": 0.5,
+                         "moe.load_balancing_type": "seq_aux_loss,global_aux_loss",
+                         "moe.aux_loss_coeff": "0.01,0.02", "moe.z_loss_coeff": 0.001})
+    with caplog.at_level(logging.INFO):
+        Trainer(cfg).train()
+    rows = [json.loads(line) for line in open(f"{cfg.job.dump_folder}/metrics.jsonl")]
+    last = rows[-1]
+    layers = last["per_layer"]
+    n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
+    for key in ("seq_aux_loss", "global_aux_loss", "z_loss", "entropy", "dropped_frac",
+                "bias_norm", "cv", "max_over_mean"):
+        assert len(layers[key]) == n_moe, key
+    assert "aux_loss" not in layers  # not configured, so not logged
+    assert all(0 < d < 1 for d in layers["dropped_frac"])
+    assert all(0 < h <= math.log(cfg.moe.num_experts) for h in layers["entropy"])
+    total = sum(layers["seq_aux_loss"]) + sum(layers["global_aux_loss"]) + sum(layers["z_loss"])
+    assert abs(last["aux_loss"] - total) < 1e-9
+    assert "dropped" in caplog.text and "entropy" in caplog.text
