@@ -33,6 +33,16 @@ def _meta_state(cfg: JobConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor
     return model, model.state_dict()
 
 
+def _flavor(family: str, values: dict) -> str:
+    """The family's flavor that agrees with every imported key it sets (so a released model
+    gets its flavor's training settings, e.g. balancing), else the first one."""
+    flavors = get_model_spec(family).flavors
+    for name, flavor in flavors.items():
+        if all(flavor.get(s, {}).get(k, v) == v for s in values for k, v in values[s].items()):
+            return name
+    return next(iter(flavors))
+
+
 def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
                    ) -> tuple[JobConfig, dict]:
     """config.json and the checkpoint's tensor names -> (validated JobConfig, the [model]/[moe]
@@ -44,8 +54,7 @@ def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
     adapter = adapter_for_model_type(hf.get("model_type"))
     values = adapter.to_job(hf, names)
     name = family or adapter.family
-    values["model"] = {"name": name, "flavor": next(iter(get_model_spec(name).flavors)),
-                       **values["model"]}
+    values["model"] = {"name": name, "flavor": _flavor(name, values), **values["model"]}
     cfg = build_config(values, [], where="config.json")
     validate(cfg)
     return cfg, values

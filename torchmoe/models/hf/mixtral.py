@@ -1,6 +1,7 @@
 """Mixtral (transformers MixtralForCausalLM): GQA with rotate-half RoPE, every block a softmax
 top-k MoE (softmax over all experts, top-k renormalised), no shared experts. Checkpoints keep
-experts as ``block_sparse_moe.experts.{j}.w1/w3/w2``."""
+experts as ``block_sparse_moe.experts.{j}.w1/w3/w2``. Balancing (transformers' aux loss
+and jitter are not torchmoe's) is left to the flavor and recipe."""
 
 from typing import Any, Collection
 
@@ -10,7 +11,6 @@ from torchmoe.models.hf.common import (expressible, get, gqa_to_hf, gqa_to_job, 
                                        require, with_fixed)
 from torchmoe.models.hf.mapping import Rule
 from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
-from torchmoe.models.moe.from_config import balance_coeffs
 
 ARCHITECTURE = "MixtralForCausalLM"
 # What MixtralForCausalLM always does, as torchmoe keys. (moe.router_pre_softmax may be either:
@@ -24,15 +24,11 @@ FIXED = {"moe.router_score_function": "softmax",
 
 def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
     require(hf, "sliding_window", (None,), None, "attention is full causal")
-    coeff = get(hf, "router_aux_loss_coef", 0.0)
     return with_fixed({"model": {**gqa_to_job(hf), "n_dense_layers": 0},
                        "moe": {"num_experts": get(hf, "num_local_experts"),
                                "router_topk": get(hf, "num_experts_per_tok"),
                                "ffn_hidden_size": get(hf, "intermediate_size"), "layer_freq": [1],
-                               "router_pre_softmax": True,
-                               "load_balancing_type": ["aux_loss" if coeff else "none"],
-                               "aux_loss_coeff": [coeff],
-                               "input_jitter_eps": get(hf, "router_jitter_noise", 0.0)}},
+                               "router_pre_softmax": True}},
                       FIXED)
 
 
@@ -42,8 +38,7 @@ def to_hf_config(cfg: JobConfig) -> dict[str, Any]:
     e = cfg.moe
     return {**gqa_to_hf(cfg), "intermediate_size": e.ffn_hidden_size,
             "num_local_experts": e.num_experts, "num_experts_per_tok": e.router_topk,
-            "router_aux_loss_coef": balance_coeffs(cfg).get("aux_loss", 0.0),
-            "router_jitter_noise": e.input_jitter_eps, "sliding_window": None}
+            "sliding_window": None}
 
 
 def rules(cfg: JobConfig, hf: dict) -> list[Rule]:

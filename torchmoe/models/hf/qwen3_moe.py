@@ -1,7 +1,9 @@
 """Qwen3-MoE (transformers Qwen3MoeForCausalLM): GQA with per-head q/k RMSNorm before
 rotate-half RoPE, softmax top-k routing (renormalised when ``norm_topk_prob``), no shared
 experts; blocks listed in ``mlp_only_layers`` or off the ``decoder_sparse_step`` grid are dense
-SwiGLUs of ``intermediate_size``, which torchmoe writes as an explicit ``moe.layer_freq``."""
+SwiGLUs of ``intermediate_size``, which torchmoe writes as an explicit ``moe.layer_freq``.
+Balancing (transformers' aux loss is averaged over layers, torchmoe's summed) is left to the
+flavor and recipe."""
 
 from typing import Any, Collection
 
@@ -10,7 +12,7 @@ from torchmoe.models.hf.adapter import HFAdapter
 from torchmoe.models.hf.common import expressible, get, gqa_to_hf, gqa_to_job, require, with_fixed
 from torchmoe.models.hf.mapping import Rule
 from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
-from torchmoe.models.moe.from_config import balance_coeffs, moe_layer_pattern
+from torchmoe.models.moe.from_config import moe_layer_pattern
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # moe.router_pre_softmax = false (softmax of the top-k logits) matches only with renormalised
@@ -26,7 +28,6 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
     model = gqa_to_job(hf)
     step, dense = get(hf, "decoder_sparse_step", 1), get(hf, "mlp_only_layers", None) or []
     pattern = [i not in dense and (i + 1) % step == 0 for i in range(model["n_layers"])]
-    coeff = get(hf, "router_aux_loss_coef", 0.0)
     return with_fixed({"model": {**model, "n_dense_layers": 0,
                                  "inter_dim": get(hf, "intermediate_size")},
                        "moe": {"num_experts": get(hf, ("num_experts", "num_local_experts")),
@@ -34,9 +35,7 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
                                "ffn_hidden_size": get(hf, "moe_intermediate_size"),
                                "router_norm_topk_prob": get(hf, "norm_topk_prob"),
                                "router_pre_softmax": True,
-                               "layer_freq": [1] if all(pattern) else [int(p) for p in pattern],
-                               "load_balancing_type": ["aux_loss" if coeff else "none"],
-                               "aux_loss_coeff": [coeff]}},
+                               "layer_freq": [1] if all(pattern) else [int(p) for p in pattern]}},
                       FIXED)
 
 
@@ -49,8 +48,7 @@ def to_hf_config(cfg: JobConfig) -> dict[str, Any]:
             "intermediate_size": cfg.model.inter_dim, "moe_intermediate_size": e.ffn_hidden_size,
             "num_experts": e.num_experts, "num_experts_per_tok": e.router_topk,
             "norm_topk_prob": e.router_norm_topk_prob, "decoder_sparse_step": 1,
-            "mlp_only_layers": [i for i, is_moe in enumerate(pattern) if not is_moe],
-            "router_aux_loss_coef": balance_coeffs(cfg).get("aux_loss", 0.0)}
+            "mlp_only_layers": [i for i, is_moe in enumerate(pattern) if not is_moe]}
 
 
 def rules(cfg: JobConfig, hf: dict) -> list[Rule]:
