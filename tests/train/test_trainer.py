@@ -111,3 +111,16 @@ def test_tensorboard_and_jsonl_get_the_log_rows(tiny_config, tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and '"dead_experts"' in rows[0]
+
+
+def test_freezing_keys_keep_router_and_chosen_experts_fixed(tiny_config):
+    trainer = Trainer(tiny_config(**{"training.steps": 3, "moe.freeze_experts": "0,3",
+                                     "moe.freeze_router": "true", "optimizer.lr": 1e-2}))
+    moe = trainer.moe_layers[0]
+    before = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    trainer.train()
+    after = dict(moe.named_parameters())
+    assert torch.equal(after["router.gate.weight"], before["router.gate.weight"])
+    for name in ("experts.w1", "experts.w2", "experts.w3"):
+        assert torch.equal(after[name][[0, 3]], before[name][[0, 3]]), name
+        assert not torch.equal(after[name][[1, 2]], before[name][[1, 2]]), name

@@ -33,6 +33,7 @@ from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
+from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.metrics import MetricsLogger, moe_layers, moe_step_stats
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 
@@ -87,7 +88,6 @@ class Trainer:
         with torch.device("meta"):
             model = spec.build(cfg)
         if cfg.moe.freeze_router:
-            from torchmoe.train.freeze import freeze_routers  # TODO top-level once it lands
             freeze_routers(model)
         check_model_fits(model, self.device, shards=self.dims.dp)
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
@@ -113,7 +113,7 @@ class Trainer:
         self.metrics = MetricsLogger(cfg, model, self.device, self.dtype)
         self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
         self.mtp = cfg.model.mtp_num_layers > 0
-        self.freezer = None  # set in train(), after a checkpoint loads
+        self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
 
     def _accumulation_steps(self) -> int:
         """Micro-batches per step; validate() checked that they divide evenly."""
@@ -215,7 +215,6 @@ class Trainer:
             self.checkpoint.save_seed()
             return []
         if cfg.moe.freeze_experts:  # after loading: the frozen rows are the loaded ones
-            from torchmoe.train.freeze import ExpertFreezer  # TODO top-level once it lands
             self.freezer = ExpertFreezer(self.model, cfg.moe.freeze_experts)
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
