@@ -67,10 +67,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int
-                      ) -> list[str]:
+                      ) -> None:
     """Write ``tensors`` (in order) into shards of at most ``max_shard_bytes`` (a larger tensor
-    gets a shard of its own) plus an index, or into model.safetensors when one shard will do.
-    Returns the file names."""
+    gets a shard of its own) plus an index, or into model.safetensors when one shard will do."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():
@@ -92,7 +91,6 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: f for names, f in zip(shards, files) for k in names}}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return files
 
 
 def read_dcp_model(step_dir: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
