@@ -13,12 +13,13 @@ from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.compile import apply_compile
 
 
-def _tiny_moe_model() -> torch.nn.Module:
+def _tiny_moe_model(**overrides: str) -> torch.nn.Module:
     """One MLA + MoE block (a dense block would only add compile time) with a balance loss."""
     values = {"model.dim": "64", "model.n_layers": "1", "model.n_dense_layers": "0",
               "moe.ffn_hidden_size": "32", "moe.shared_expert_intermediate_size": "32",
               "training.seq_len": "32", "moe.grouped_mm": "grouped_mm",
-              "moe.load_balancing_type": "seq_aux_loss", "moe.aux_loss_coeff": "0.1"}
+              "moe.load_balancing_type": "seq_aux_loss", "moe.aux_loss_coeff": "0.1",
+              **overrides}
     cfg = build_config({}, list(values.items()))
     model = get_model_spec(cfg.model.name).build(cfg)
     model.init_weights(0.02, cfg.model.n_layers)
@@ -55,6 +56,30 @@ def test_compiled_block_matches_eager_with_counts_and_aux_scale():
     set_aux_loss_scale(1.0)
     gate = _moe(eager).router.gate.weight.grad
     assert gate.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", [
+    {"moe.capacity_factor": "0.8", "moe.pad_to_capacity": "true", "moe.drop_policy": "probs",
+     "moe.z_loss_coeff": "0.01"},
+    {"moe.capacity_factor": "1.0", "moe.drop_policy": "position",
+     "moe.load_balancing_type": "aux_loss,global_aux_loss", "moe.aux_loss_coeff": "0.1,0.1"},
+    {"moe.load_balancing_type": "sinkhorn", "moe.aux_loss_coeff": "0",
+     "moe.enable_expert_bias": "false", "moe.router_num_groups": "0",
+     "moe.router_group_topk": "0", "moe.router_score_function": "softmax"},
+    {"moe.force_load_balance": "true"},
+], ids=["capacity_padded_zloss", "capacity_position_global_aux", "sinkhorn", "forced_balance"])
+def test_routing_options_compile_fullgraph_and_match_eager(options):
+    torch.manual_seed(0)
+    eager = _tiny_moe_model(**options)
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled, Compile(enable=True), fullgraph=True)
+    tokens = torch.randint(0, 4000, (2, 32))
+    for model in (eager, compiled):
+        _step(model, tokens)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=2e-2, atol=2e-4, msg=name)
+    assert torch.equal(_moe(compiled).tokens_per_expert, _moe(eager).tokens_per_expert)
+    torch.testing.assert_close(_moe(compiled).stats, _moe(eager).stats, rtol=2e-2, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training step on a GPU")

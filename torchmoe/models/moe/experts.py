@@ -68,7 +68,9 @@ def _grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Te
                     w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
                     act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
-    offsets = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+    # cumsum then cast (not cumsum(dtype=int32)): inductor folds the cumsum of fixed group
+    # sizes (pad_to_capacity) into an int64 constant otherwise.
+    offsets = torch.cumsum(counts_E, dim=0).to(torch.int32)
     h_MF = act(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
                torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets))
     return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
