@@ -31,6 +31,11 @@ VARIANTS = {
         "--activation_checkpoint.recompute_modules", "moe_act,layernorm"],
     "compiled+float8": ["--compile.enable", "true", "--quantize.float8_linear", "true",
                         "--quantize.float8_experts", "true"],
+    # Best case of routing: every expert gets the same number of tokens (benchmark only).
+    "compiled+forced_balance": ["--compile.enable", "true", "--moe.force_load_balance", "true"],
+    # Token dropping at capacity 1.25, groups padded to capacity (static GEMM shapes).
+    "compiled+capacity1.25_padded": ["--compile.enable", "true", "--moe.capacity_factor", "1.25",
+                                     "--moe.pad_to_capacity", "true"],
     "compiled+float8+selective_ac": [
         "--compile.enable", "true", "--quantize.float8_linear", "true",
         "--quantize.float8_experts", "true", "--activation_checkpoint.mode", "selective"],
