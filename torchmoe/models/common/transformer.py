@@ -120,21 +120,23 @@ class Decoder(nn.Module):
         """L for the main model's last hidden state ``h_BSD`` (before the final norm).
 
         Depth k (1-based) reads token t + k (labels[t + k - 1]) at position t and predicts
-        token t + k + 1 (labels[t + k]). Sequences keep their length S, so every depth runs
-        the same shapes: inputs past the end are filled with token 0 and their positions
-        excluded from the mean; causal attention keeps them from reaching valid positions.
+        token t + k + 1 (labels[t + k]). Sequences keep their length S, so MTP blocks run the
+        shapes of the main blocks (a plan may shard or compile them alike): inputs past the
+        end are filled with token 0 and their positions excluded from the mean; causal
+        attention keeps them from reaching valid positions. They do pass an MoE block's
+        router, so k of every S tokens count in its balance loss and expert load.
         """
         if self.tok_embeddings is None or self.output is None:
             raise ValueError("multi-token prediction needs the embedding and the output head "
                              "on the same module; set mtp = None where they are dropped")
-        total = h_BSD.new_zeros((), dtype=torch.float32)
+        losses = []
         for k, module in enumerate(self.mtp, start=1):
             h_BSD = module(h_BSD, self.tok_embeddings(_shift_left(labels_BS, k - 1, 0)), cos_sin)
-            logits_BSV = self.output(module.norm(h_BSD))
-            total = total + F.cross_entropy(logits_BSV.flatten(0, 1).float(),
-                                            _shift_left(labels_BS, k, _IGNORE).flatten(),
-                                            ignore_index=_IGNORE)
-        loss = total * (self.mtp_loss_scale / len(self.mtp))
+            logits_TV = self.output(module.norm(h_BSD)).flatten(0, 1)
+            logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
+            losses.append(F.cross_entropy(logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(),
+                                          ignore_index=_IGNORE))
+        loss = torch.stack(losses).sum() * (self.mtp_loss_scale / len(self.mtp))
         if not _in_backward():
             self.mtp_loss_sum.add_(loss.detach())
         return loss
