@@ -3,6 +3,7 @@
 These run on the CPU in float32 even where a GPU exists: exactness is the point."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -124,3 +125,15 @@ def test_freezing_keys_keep_router_and_chosen_experts_fixed(tiny_config):
     for name in ("experts.w1", "experts.w2", "experts.w3"):
         assert torch.equal(after[name][[0, 3]], before[name][[0, 3]]), name
         assert not torch.equal(after[name][[1, 2]], before[name][[1, 2]]), name
+
+
+def test_multi_token_prediction_loss_is_trained_and_logged(tiny_config):
+    trainer = Trainer(tiny_config(**{"model.mtp_num_layers": 2, "model.mtp_loss_scale": 0.3}))
+    mtp_params = [p for n, p in trainer.model.named_parameters() if n.startswith("mtp.")]
+    trainer.train_step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mtp_params)
+    stats = trainer.after_step()
+    # 0.3 x the mean of two cross entropies of a near-uniform model over the vocabulary
+    assert 0.3 * 0.8 * math.log(trainer.cfg.model.vocab_size) < stats["mtp_loss"].item()
+    assert trainer.model.mtp_loss_sum.item() == 0  # reset for the next step
+    assert "mtp_loss" not in Trainer(tiny_config()).after_step()

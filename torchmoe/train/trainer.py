@@ -198,8 +198,8 @@ class Trainer:
                 m.stats.zero_()
             with_bias = all(b is not None for b in biases)
             out = moe_step_stats(counts, stats, shards, torch.stack(biases) if with_bias else None)
-        mtp = getattr(self.model, "mtp_loss_sum", None)
-        if mtp is not None:
+        if self.mtp:
+            mtp = self.model.mtp_loss_sum
             mtp_total = mtp.clone()
             if group:
                 dist.all_reduce(mtp_total, group=group)
