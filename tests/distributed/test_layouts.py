@@ -36,6 +36,9 @@ LAYOUTS = {
     "fsdp2_x_tp2_x_ep2": (4, {"parallelism.tp": 2, "parallelism.ep": 2}),
     "mixtral_tp2": (2, {"parallelism.tp": 2, "model.name": "mixtral"}),
     "mixtral_fsdp2_x_ep2": (4, {"parallelism.ep": 2, "model.name": "mixtral"}),
+    "qwen3_tp2": (2, {"parallelism.tp": 2, "model.name": "qwen3_moe"}),
+    "mtp_fsdp2_x_ep2": (4, {"parallelism.ep": 2, "model.mtp_num_layers": 1}),
+    "qwen3_ep2": (2, {"parallelism.ep": 2, "model.name": "qwen3_moe"}),
     "tp2_x_ep2_allgather": (2, {"parallelism.tp": 2, "parallelism.ep": 2,
                                 "moe.dispatcher": "allgather"}),
 }
@@ -46,7 +49,8 @@ NO_BALANCE_LOSS = {"moe.load_balancing_type": "none", "moe.aux_loss_coeff": 0.0}
 
 
 def balance_loss_is_layout_dependent(overrides: dict) -> bool:
-    return "parallelism.tp" in overrides or overrides.get("model.name") == "mixtral"
+    return "parallelism.tp" in overrides or overrides.get("model.name") in ("mixtral",
+                                                                            "qwen3_moe")
 
 
 def config(folder, cache, dp=1, **overrides):

@@ -97,3 +97,26 @@ def test_compiled_training_step_matches_eager_on_gpu(tiny_config, ac_mode):
 
     # Steps 2 and 3 see the parameters after compiled backward + update: within bf16 noise.
     assert run(True) == pytest.approx(run(False), rel=2e-2)
+
+
+def test_mtp_blocks_are_compiled_and_checkpointed_like_the_others():
+    """In float32 (loop experts, so not fullgraph): bf16 rounding would flip the MTP router's
+    near-ties between the compiled and the eager run."""
+    from torchmoe.config.schema import ActivationCheckpoint
+    from torchmoe.parallel.activation_checkpoint import apply_ac
+
+    torch.manual_seed(0)
+    eager = _tiny_moe_model(**{"model.mtp_num_layers": "1", "model.mtp_loss_scale": "0.5",
+                               "moe.grouped_mm": "loop"})
+    compiled = copy.deepcopy(eager)
+    apply_ac(compiled, ActivationCheckpoint(mode="full"))
+    apply_compile(compiled, Compile(enable=True), fullgraph=False)
+    assert isinstance(compiled.mtp[0].block, torch._dynamo.eval_frame.OptimizedModule)
+    assert "CheckpointWrapper" in type(compiled.mtp[0].block._orig_mod).__name__
+    tokens = torch.randint(0, 4000, (2, 33))
+    for model in (eager, compiled):
+        model(tokens[:, :-1], tokens[:, 1:]).pow(2).mean().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(compiled.mtp_loss_sum, eager.mtp_loss_sum)
+    assert eager.mtp_loss_sum > 0

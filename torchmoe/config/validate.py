@@ -20,6 +20,10 @@ def validate(cfg: JobConfig) -> None:
     if cfg.checkpoint.load_step != -1 and not cfg.checkpoint.enable:
         raise ConfigError(f"checkpoint.load_step = {cfg.checkpoint.load_step} needs "
                           "checkpoint.enable = true")
+    if cfg.model.mtp_num_layers and cfg.parallelism.tp > 1:
+        raise ConfigError(f"model.mtp_num_layers = {cfg.model.mtp_num_layers} with "
+                          f"parallelism.tp = {cfg.parallelism.tp} is not supported yet; use "
+                          "tp = 1 or turn multi-token prediction off")
     validate_activation_checkpoint(cfg.activation_checkpoint)
     validate_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:

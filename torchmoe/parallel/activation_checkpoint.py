@@ -16,9 +16,9 @@
   replaced in place rather than wrapped, so their types and parameter names stay: plans find MoE
   layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry run).
 
-``every_n_layers = n`` chooses the blocks at positions 0, n, 2n, ... of ``model.layers`` (position,
-not layer id, so each pipeline stage starts with a checkpointed block); the others keep all
-their activations.
+``every_n_layers = n`` chooses the blocks at positions 0, n, 2n, ... of ``model.layers`` and the
+MTP depths after them (position, not layer id, so each pipeline stage starts with a
+checkpointed block); the others keep all their activations.
 
 Recomputation is exact: the router sees the same input and expert bias (the bias moves only in
 the optimizer step), so it picks the same experts again; the op-level policy even reuses the
@@ -38,6 +38,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint
 from torchmoe.models.common.attention import MLAUpProjection, ScaledDotProductAttention
 from torchmoe.models.common.mlp import FeedForward
+from torchmoe.models.common.transformer import block_slots
 from torchmoe.models.moe.experts import SwiGLUActivation
 from torchmoe.models.moe.moe import MoE
 
@@ -56,27 +57,26 @@ _UP_PROJ_NORMS = ("q_norm", "kv_norm")
 
 
 def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
-    """Checkpoint the blocks of ``model.layers`` that ``every_n_layers`` chooses, as ``cfg.mode``
-    says (see the module docstring). Full and op-level modes wrap whole blocks in
+    """Checkpoint the blocks (``model.layers``, then MTP depths) that ``every_n_layers``
+    chooses, as ``cfg.mode`` says (see the module docstring). Full and op-level modes wrap whole blocks in
     ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward``
     in place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP.
     Uses no mesh dimension."""
     if cfg.mode == "none":
         return
-    chosen = [(name, block) for i, (name, block) in enumerate(model.layers.named_children())
-              if i % cfg.every_n_layers == 0]
+    chosen = [slot for i, slot in enumerate(block_slots(model)) if i % cfg.every_n_layers == 0]
     if cfg.mode == "selective" and cfg.recompute_modules:
         _check_present(model, cfg.recompute_modules)
-        for _, block in chosen:
-            for module in _modules_to_recompute(block, cfg.recompute_modules):
+        for parent, name in chosen:
+            for module in _modules_to_recompute(getattr(parent, name), cfg.recompute_modules):
                 module.forward = functools.partial(checkpoint, module.forward,
                                                    use_reentrant=False, preserve_rng_state=False)
         return
     # full: no context_fn at all (torch.compile rejects torch's default one passed explicitly)
     op_level = {"context_fn": _op_level_contexts} if cfg.mode == "selective" else {}
-    for name, block in chosen:
-        model.layers.register_module(
-            name, checkpoint_wrapper(block, preserve_rng_state=False, **op_level))
+    for parent, name in chosen:
+        parent.register_module(name, checkpoint_wrapper(getattr(parent, name),
+                                                        preserve_rng_state=False, **op_level))
 
 
 def _check_present(model: nn.Module, names: list[str]) -> None:

@@ -6,18 +6,20 @@ import torch
 from torch import nn
 
 from torchmoe.config.schema import Compile
+from torchmoe.models.common.transformer import block_slots
 
 logger = logging.getLogger(__name__)
 
 
 def apply_compile(model: nn.Module, cfg: Compile, fullgraph: bool) -> None:
-    """Compile each block of ``model.layers`` separately: blocks of one kind share a compiled
+    """Compile each transformer block (``model.layers`` and MTP depths) separately: blocks of one kind share a compiled
     graph, so compile time does not grow with depth. ``fullgraph`` (the MoE layer has no host
     sync: local dispatcher and grouped GEMM experts) turns any graph break into an error
     instead of a silent slowdown; expert-parallel dispatchers need the token counts on the host
     and compile with a break there."""
     if not cfg.enable:
         return
-    for name, block in list(model.layers.named_children()):
-        model.layers.register_module(name, torch.compile(block, fullgraph=fullgraph))
-    logger.info("compiled %d blocks (fullgraph=%s)", len(model.layers), fullgraph)
+    slots = block_slots(model)
+    for parent, name in slots:
+        parent.register_module(name, torch.compile(getattr(parent, name), fullgraph=fullgraph))
+    logger.info("compiled %d blocks (fullgraph=%s)", len(slots), fullgraph)

@@ -6,6 +6,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
                                     fully_shard)
 
+from torchmoe.models.common.transformer import block_slots
 from torchmoe.models.moe.moe import MoE
 
 
@@ -31,7 +32,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
     kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)}
     if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    blocks = list(model.layers.values())
+    blocks = [getattr(parent, name) for parent, name in block_slots(model)]
     for i, block in enumerate(blocks):
         reshard = {"always": True, "never": False}.get(reshard_after_forward,
                                                       i < len(blocks) - 1)

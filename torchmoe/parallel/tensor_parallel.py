@@ -38,7 +38,11 @@ def _attention_projections(attention: nn.Module) -> dict[str, ParallelStyle]:
     """Head-parallel projections of MLA or GQA; outputs stay DTensors until the kernel."""
     heads = ColwiseParallel(use_local_output=False)
     if isinstance(attention, GQA):
-        return {f"attention.{n}": heads for n in ("wq", "wk", "wv")}
+        plan = {f"attention.{n}": heads for n in ("wq", "wk", "wv")}
+        if attention.args.qk_norm:  # per-head norms over head_dim: the heads stay sharded
+            plan.update({"attention.q_norm": ReplicateParallel(),
+                         "attention.k_norm": ReplicateParallel()})
+        return plan
     plan = {"attention.wkv_a": ReplicateParallel(), "attention.kv_norm": ReplicateParallel(),
             "attention.wkv_b": heads}
     if attention.args.q_lora_rank == 0:

@@ -16,7 +16,7 @@ from torchmoe.models.common.init import trunc_normal_
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import RopeArgs, rope_cos_sin
 from torchmoe.models.moe.balance import attach_aux_loss
-from torchmoe.models.moe.moe import _in_backward
+from torchmoe.models.moe.moe import is_recomputing
 
 _IGNORE = -100  # cross-entropy target of positions whose token lies past the sequence
 
@@ -73,6 +73,13 @@ class MTPModule(nn.Module):
 def _shift_left(tokens_BS: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     """tokens[:, t + n] at position t; the last n positions get ``fill``."""
     return F.pad(tokens_BS[:, n:], (0, n), value=fill) if n else tokens_BS
+
+
+def block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, name) of every transformer block: ``model.layers`` in order, then each MTP
+    depth's block. Plans wrap or replace blocks through these (FSDP, checkpointing, compile)."""
+    slots = [(model.layers, name) for name in model.layers.keys()]
+    return slots + [(module, "block") for module in getattr(model, "mtp", None) or ()]
 
 
 class Decoder(nn.Module):
@@ -137,7 +144,7 @@ class Decoder(nn.Module):
             losses.append(F.cross_entropy(logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(),
                                           ignore_index=_IGNORE))
         loss = torch.stack(losses).sum() * (self.mtp_loss_scale / len(self.mtp))
-        if not _in_backward():
+        if not is_recomputing():
             self.mtp_loss_sum.add_(loss.detach())
         return loss
 

@@ -49,7 +49,7 @@ class MoEArgs:
     permute_backend: str = "auto"  # "auto" | "triton" | "torch" (see models/moe/dispatch.py)
 
 
-def _in_backward() -> bool:
+def is_recomputing() -> bool:
     """True while autograd runs a backward pass, i.e. during eager activation recomputation.
     A compiled graph runs its forward once (its own recomputation happens inside the compiled
     backward and does not replay buffer updates), so tracing sees False."""
@@ -87,7 +87,7 @@ class MoE(nn.Module):
             capacity = expert_capacity(idx_TK.numel(), a.router.num_experts, a.capacity_factor)
             idx_TK = drop_over_capacity(idx_TK, routing.topk_weight_TK, a.router.num_experts,
                                         capacity, a.drop_policy)
-        if not _in_backward():
+        if not is_recomputing():
             self._record(routing, counts_E, losses, idx_TK)
 
         x_MD, group_rows_E, state = self.dispatcher.dispatch(
