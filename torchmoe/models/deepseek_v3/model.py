@@ -37,11 +37,11 @@ def validate_mtp(cfg: JobConfig) -> None:
 
 
 def rope_args(cfg: JobConfig) -> RopeArgs:
-    """YaRN applies only when training beyond the original context, as in DeepSeek's code."""
+    """YaRN applies whenever ``rope_factor`` > 1, at every sequence length: released
+    DeepSeek-V2/V3 weights were extended with it and are served with it (as transformers
+    does), so fine-tuning them at a short context must keep the same positions."""
     m = cfg.model
-    extend = m.rope_factor > 1 and cfg.training.seq_len > m.rope_original_seq_len
-    return RopeArgs(head_dim=m.qk_rope_head_dim, theta=m.rope_theta,
-                    factor=m.rope_factor if extend else 1.0,
+    return RopeArgs(head_dim=m.qk_rope_head_dim, theta=m.rope_theta, factor=m.rope_factor,
                     original_seq_len=m.rope_original_seq_len, beta_fast=m.rope_beta_fast,
                     beta_slow=m.rope_beta_slow, mscale=m.rope_mscale)
 

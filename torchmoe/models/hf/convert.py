@@ -118,9 +118,6 @@ def model_toml(cfg: JobConfig, values: dict, hf_dir: Path, out: Path) -> str:
     """A recipe fragment: the [model]/[moe] keys of the imported model and the [checkpoint]
     keys that start training from its weights."""
     lines = [f"# Written by scripts/convert_hf.py import from {hf_dir.resolve()}."]
-    if cfg.model.rope_factor > 1:
-        lines.append("# YaRN applies only when training.seq_len > model.rope_original_seq_len "
-                     "(Hugging Face applies it at every length).")
     section = None
     for dotted, value in _keys(cfg, values) + [("checkpoint.enable", True),
                                                ("checkpoint.folder", str(out.resolve()))]:
