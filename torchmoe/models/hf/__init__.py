@@ -10,17 +10,19 @@ _ADAPTERS = (deepseek_v3.ADAPTER, deepseek_v2.ADAPTER, mixtral.ADAPTER, qwen3_mo
              llama.ADAPTER)
 
 
-def adapter_for_model_type(model_type: str) -> HFAdapter:
+def _find(attribute: str, value: str, error: str) -> HFAdapter:
+    """The adapter whose ``attribute`` equals ``value``, or a ConfigError starting ``error``."""
     for a in _ADAPTERS:
-        if a.model_type == model_type:
+        if getattr(a, attribute) == value:
             return a
-    raise ConfigError(f"config.json: model_type = {model_type!r} has no torchmoe converter; "
-                      f"supported: {', '.join(a.model_type for a in _ADAPTERS)}")
+    supported = ", ".join(getattr(a, attribute) for a in _ADAPTERS)
+    raise ConfigError(f"{error}; supported: {supported}")
+
+
+def adapter_for_model_type(model_type: str) -> HFAdapter:
+    return _find("model_type", model_type,
+                 f"config.json: model_type = {model_type!r} has no torchmoe converter")
 
 
 def adapter_for_family(family: str) -> HFAdapter:
-    for a in _ADAPTERS:
-        if a.family == family:
-            return a
-    raise ConfigError(f"model.name = {family!r} has no Hugging Face export; supported: "
-                      f"{', '.join(a.family for a in _ADAPTERS)}")
+    return _find("family", family, f"model.name = {family!r} has no Hugging Face export")
