@@ -102,6 +102,14 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     (["--moe.layer_freq", "1,0,0"], "leaves no MoE block"),
     (["--moe.freeze_experts", "3,8"], "list distinct expert ids in [0, 8)"),
     (["--moe.input_jitter_eps", "2"], "moe.input_jitter_eps = 2.0 is out of range"),
+    (["--moe.input_jitter_eps", "0.01", "--activation_checkpoint.mode", "full"],
+     "draws new noise when activation checkpointing recomputes the router"),
+    (["--model.flavor", "16B", "--moe.load_balancing_type", "global_aux_loss"],
+     "moe.aux_loss_coeff = [0.0] gives global_aux_loss no weight"),
+    (["--moe.load_balancing_type", "aux_loss,z", "--moe.aux_loss_coeff", "0.1"],
+     "is not allowed"),
+    (["--moe.load_balancing_type", "aux_loss,seq_aux_loss", "--moe.aux_loss_coeff", "0.1,0"],
+     "gives seq_aux_loss no weight"),
 ])
 def test_errors_are_one_clear_line(argv, fragment):
     with pytest.raises(ConfigError) as err:

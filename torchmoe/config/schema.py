@@ -83,8 +83,8 @@ class MoE:
     router_dtype: str = opt("fp32", "Precision of the router math.", choices=("fp32", "fp64"))
     load_balancing_type: list[str] = opt(
         ["none"], "Balancing methods, combinable: aux_loss (Switch/GShard, over the micro-batch), "
-        "seq_aux_loss (per sequence, DeepSeek-V2/V3), global_aux_loss (expert counts over the "
-        "whole data-parallel batch), sinkhorn (S-BASE selection, no loss; alone), none.",
+        "seq_aux_loss (per sequence, DeepSeek-V2/V3), global_aux_loss (expert counts over all "
+        "data-parallel ranks' micro-batches), sinkhorn (S-BASE selection, no loss; alone), none.",
         choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
     aux_loss_coeff: list[float] = opt(
         [0.0], "Weight of each balance loss in load_balancing_type (one value for all, or one "

@@ -24,6 +24,11 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"model.mtp_num_layers = {cfg.model.mtp_num_layers} with "
                           f"parallelism.tp = {cfg.parallelism.tp} is not supported yet; use "
                           "tp = 1 or turn multi-token prediction off")
+    if cfg.moe.input_jitter_eps > 0 and cfg.activation_checkpoint.mode != "none":
+        raise ConfigError(f"moe.input_jitter_eps = {cfg.moe.input_jitter_eps} draws new noise "
+                          "when activation checkpointing recomputes the router, which would then "
+                          "pick other experts; set activation_checkpoint.mode = 'none' or "
+                          "moe.input_jitter_eps = 0")
     validate_activation_checkpoint(cfg.activation_checkpoint)
     validate_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:

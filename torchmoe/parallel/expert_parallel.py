@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import (all_gather_tensor_autograd,
                                                        all_to_all_single_autograd,
@@ -76,6 +77,9 @@ class AllToAllDispatcher(LocalDispatcher):
         y_recv = self.unpermute(y_MD, None, state.regroup)
         y_back = all_to_all_single_autograd(y_recv, state.send_splits, state.recv_splits,
                                             self.group)
+        # Back to the buffer's full row count (dropped copies left rows unsent at the end).
+        missing = state.local.src_M.shape[0] - y_back.shape[0]
+        y_back = F.pad(y_back, (0, 0, 0, missing)) if missing else y_back
         return self.unpermute(y_back, topk_weight_TK, state.local)
 
 

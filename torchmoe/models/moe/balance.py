@@ -5,7 +5,7 @@ Legend: B sequences, S tokens per sequence, T = B * S, E experts, K experts per 
 Balance losses reach the optimizer without being returned through the model: each MoE layer
 hooks its loss onto its output with ``attach_aux_loss``, whose backward feeds the loss's gradient
 (times the current scale) straight in. This works unchanged under activation checkpointing and
-pipeline stages, where a layer's output is far from the final loss.
+compile, and wherever a layer's output is far from the final loss.
 """
 
 import torch
@@ -24,7 +24,7 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Ten
     ``counts_E`` that went to expert i (no gradient), P_i the mean router probability of
     expert i over these T tokens. Equals 1 for perfectly uniform routing. With counts summed
     over every data-parallel rank this is the global variant (Megatron's global_aux_loss):
-    averaged over ranks it equals the loss of the whole batch on one process."""
+    averaged over ranks it equals the loss of all ranks' micro-batches on one process."""
     E = probs_TE.shape[1]
     f_E = counts_E / counts_E.sum()
     return E * (f_E * probs_TE.mean(dim=0)).sum()

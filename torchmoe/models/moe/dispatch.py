@@ -55,7 +55,8 @@ class LocalDispatcher(nn.Module):
         """Returns tokens grouped by expert [M, D] (padding rows zero), rows per expert [E]
         (padded, int64: the groups the experts see), and the state for ``combine``. Copies
         with expert id -1 (dropped) are not dispatched. ``capacity`` > 0 pads every group to
-        exactly the copies an expert may take (times the ranks whose tokens it receives)."""
+        exactly the copies an expert may take (times the ranks whose tokens it receives); no
+        expert may have more copies (the MoE layer drops over capacity first)."""
         return self.permute(x_TD, topk_idx_TK, self.num_experts, self.pad_multiple,
                             self.group_rows(capacity, sources=1))
 

@@ -33,7 +33,7 @@ def balance_coeffs(cfg: JobConfig) -> dict[str, float]:
     e = cfg.moe
     types = [t for t in e.load_balancing_type if t in _LOSS_TYPES]
     coeffs = e.aux_loss_coeff if len(e.aux_loss_coeff) > 1 else e.aux_loss_coeff * len(types)
-    return {t: c for t, c in zip(types, coeffs) if c > 0}
+    return dict(zip(types, coeffs))
 
 
 def validate_moe(cfg: JobConfig) -> None:
@@ -114,15 +114,20 @@ def _validate_balancing(cfg: JobConfig) -> None:
                           f"moe.load_balancing_type = {types}")
     if not losses and any(c > 0 for c in coeffs):
         raise ConfigError(f"moe.aux_loss_coeff = {coeffs} has no effect with "
-                          f"moe.load_balancing_type = {types}; pick aux_loss, seq_aux_loss or "
-                          "global_aux_loss")
+                          f"moe.load_balancing_type = {types}; set moe.aux_loss_coeff = 0 or "
+                          "pick aux_loss, seq_aux_loss or global_aux_loss")
+    weights = coeffs if len(coeffs) > 1 else coeffs * len(losses)
+    unweighted = [t for t, c in zip(losses, weights) if c == 0]
+    if unweighted:
+        raise ConfigError(f"moe.aux_loss_coeff = {coeffs} gives {', '.join(unweighted)} no "
+                          f"weight; set a coefficient > 0 for each loss in "
+                          f"moe.load_balancing_type = {types}")
     if "sinkhorn" in types and (e.enable_expert_bias or e.router_num_groups):
         raise ConfigError("moe.load_balancing_type = ['sinkhorn'] selects experts itself; set "
                           "moe.enable_expert_bias = false and moe.router_num_groups = 0")
     if e.force_load_balance and "sinkhorn" in types:
         raise ConfigError("moe.force_load_balance = true replaces expert selection; it cannot "
                           "be combined with moe.load_balancing_type = ['sinkhorn']")
-
 
 
 
