@@ -1,10 +1,16 @@
-"""apply_global_counts: the global aux loss counts expert assignments over the whole batch.
+"""apply_balance_counts: balance losses count expert assignments beyond one rank's tokens.
 
-Each MoE layer's ``global_counts`` (the identity on one process) becomes an all-reduce of the
-per-expert counts over the ranks that route different tokens of the step (data parallel x
-tensor parallel). The counts carry no gradient, so backward needs nothing; each rank's loss
-still differentiates only its own tokens' probabilities, and averaging the losses over ranks
-gives the single-process loss of the whole batch.
+Each MoE layer has two count reductions, identities on one process (moe.py); this plan makes
+them all-reduces of the per-expert counts:
+
+- ``batch_counts`` over the tensor-parallel ranks, which hold the other sequence shards of the
+  same micro-batch: aux_loss and seq_aux_loss then count whole sequences, as on one process;
+- ``global_counts`` over every rank that routes other tokens of the step (data parallel x
+  tensor parallel), for the global aux loss.
+
+Counts carry no gradient, so backward needs nothing; each rank's loss still differentiates only
+its own tokens' probabilities, and averaging the losses over ranks (the training loop's loss
+scale) gives the single-process loss.
 """
 
 import torch
@@ -20,12 +26,18 @@ class AllReduceCounts(nn.Module):
         super().__init__()
         self.group = mesh.get_group()
 
-    def forward(self, counts_E: torch.Tensor) -> torch.Tensor:
-        return all_reduce(counts_E, "sum", self.group)
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        return all_reduce(counts, "sum", self.group)
 
 
-def apply_global_counts(model: nn.Module, token_mesh: DeviceMesh) -> None:
-    """Sum expert counts over ``token_mesh`` in every MoE layer that uses the global aux loss."""
+def apply_balance_counts(model: nn.Module, token_mesh: DeviceMesh, tp_mesh: DeviceMesh | None
+                         ) -> None:
+    """Install the count all-reduces (module docstring) in every MoE layer whose losses need
+    them: ``token_mesh`` (dp x tp) for the global aux loss, ``tp_mesh`` (when tp > 1) for the
+    per-micro-batch and per-sequence losses."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        if "global_aux_loss" in moe.args.balance_coeffs:
+        coeffs = moe.args.balance_coeffs
+        if "global_aux_loss" in coeffs and token_mesh.size() > 1:
             moe.global_counts = AllReduceCounts(token_mesh)
+        if tp_mesh is not None and ("aux_loss" in coeffs or "seq_aux_loss" in coeffs):
+            moe.batch_counts = AllReduceCounts(tp_mesh)

@@ -21,7 +21,7 @@ from torchmoe.parallel.compile import apply_compile
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.expert_parallel import apply_ep
 from torchmoe.parallel.fsdp import apply_fsdp
-from torchmoe.parallel.global_balance import apply_global_counts
+from torchmoe.parallel.global_balance import apply_balance_counts
 from torchmoe.parallel.tensor_parallel import apply_tp
 from torchmoe.quant.float8 import apply_float8_experts, apply_float8_linears
 
@@ -29,8 +29,8 @@ ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
-    """float8 (linears, experts) -> tensor parallel -> expert parallel (and global expert
-    counts) -> activation checkpointing -> compile -> FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    """float8 (linears, experts) -> tensor parallel -> expert parallel (and the balance
+    losses' count all-reduces) -> activation checkpointing -> compile -> FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
     if cfg.quantize.float8_linear and dims.tp > 1:
         raise ConfigError("quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
                           "use tp = 1 or turn float8 off")
@@ -40,8 +40,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
         apply_tp(model, dims.meshes.dense["tp"])
     if dims.ep * dims.etp > 1:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
-    if dims.meshes is not None and dims.meshes.dp_tp.size() > 1:
-        apply_global_counts(model, dims.meshes.dp_tp)
+    if dims.meshes is not None:
+        apply_balance_counts(model, dims.meshes.dp_tp,
+                             dims.meshes.dense["tp"] if dims.tp > 1 else None)
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
     if dims.world_size // dims.pp > 1:

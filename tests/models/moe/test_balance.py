@@ -3,7 +3,8 @@
 import torch
 
 from torchmoe.models.moe.balance import (attach_aux_loss, expert_counts, sequence_aux_loss,
-                                         set_aux_loss_scale, switch_aux_loss, update_expert_bias)
+                                         sequence_counts, set_aux_loss_scale, switch_aux_loss,
+                                         update_expert_bias)
 
 
 def switch(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def test_sequence_aux_loss_is_mean_of_per_sequence_losses():
     probs = torch.randn(B * S, E, dtype=torch.float64).softmax(-1)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(B * S)])
     per_seq = [switch(probs[b * S:(b + 1) * S], idx[b * S:(b + 1) * S]) for b in range(B)]
-    got = sequence_aux_loss(probs, idx, B)
+    got = sequence_aux_loss(probs, sequence_counts(idx, B, E, probs.dtype))
     torch.testing.assert_close(got, torch.stack(per_seq).mean())
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torchmoe.models.moe.balance import (entropy_sum, expert_counts, sequence_aux_loss,
-                                         switch_aux_loss, z_loss)
+                                         sequence_counts, switch_aux_loss, z_loss)
 from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
 from torchmoe.models.moe.moe import STAT_NAMES, MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs, TopKRouter, sinkhorn_log
@@ -181,7 +181,8 @@ def test_aux_losses_match_loops():
     S = T // B
     want_seq = sum(loop_switch(probs[b * S:(b + 1) * S], idx[b * S:(b + 1) * S])
                    for b in range(B)) / B
-    assert abs(sequence_aux_loss(probs, idx, B).item() - want_seq) < 1e-12
+    counts = sequence_counts(idx, B, E, F64)
+    assert abs(sequence_aux_loss(probs, counts).item() - want_seq) < 1e-12
 
 
 def test_global_aux_loss_averaged_over_shards_is_the_whole_batch_loss():

@@ -30,17 +30,22 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Ten
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
-def sequence_aux_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, batch: int
-                      ) -> torch.Tensor:
+def sequence_counts(topk_idx_TK: torch.Tensor, batch: int, num_experts: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Routed copies per sequence and expert [B, E] (tokens are sequence-major)."""
+    idx_BN = topk_idx_TK.reshape(batch, -1)
+    return torch.zeros(batch, num_experts, dtype=dtype, device=idx_BN.device).scatter_add_(
+        1, idx_BN, torch.ones_like(idx_BN, dtype=dtype))
+
+
+def sequence_aux_loss(probs_TE: torch.Tensor, counts_BE: torch.Tensor) -> torch.Tensor:
     """DeepSeek-V2/V3's sequence-wise balance loss: the Switch loss of each sequence, averaged,
-    so no single sequence may pile onto a few experts."""
-    T, E = probs_TE.shape
-    probs_BSE = probs_TE.view(batch, -1, E)
-    idx_BSK = topk_idx_TK.view(batch, probs_BSE.shape[1], -1)
-    one_hot_BSE = torch.zeros_like(probs_BSE).scatter_add_(
-        2, idx_BSK, torch.ones_like(idx_BSK, dtype=probs_BSE.dtype))
-    f_BE = one_hot_BSE.sum(dim=1) / (idx_BSK.shape[1] * idx_BSK.shape[2])
-    return E * (f_BE * probs_BSE.mean(dim=1)).sum(dim=1).mean()
+    so no single sequence may pile onto a few experts. ``counts_BE`` may cover more of each
+    sequence than ``probs_TE`` does (summed over sequence shards): averaged over the shards,
+    the loss is then that of the whole sequences."""
+    B, E = counts_BE.shape
+    f_BE = counts_BE / counts_BE.sum(dim=1, keepdim=True)
+    return E * (f_BE * probs_TE.view(B, -1, E).mean(dim=1)).sum(dim=1).mean()
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

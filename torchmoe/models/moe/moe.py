@@ -13,9 +13,11 @@ activation-checkpoint recomputation:
 - ``stats`` [len(STAT_NAMES)]: the weighted balance-loss terms, the router entropy summed over
   tokens, the token count, and the dropped and routed copy counts.
 
-Balance losses reach the gradient through ``attach_aux_loss`` (see balance.py).
-``global_counts`` sums expert counts over every rank that routes other tokens of the same
-batch (the global aux loss); it is the identity on one process and a parallel plan replaces it.
+Balance losses reach the gradient through ``attach_aux_loss`` (see balance.py). Two count
+reductions are identities on one process and a parallel plan replaces them: ``batch_counts``
+sums expert counts over the ranks holding other tokens of the same sequences (tensor-parallel
+sequence shards), so aux_loss and seq_aux_loss see whole sequences; ``global_counts`` sums them
+over every rank that routes tokens of the step (the global aux loss).
 """
 
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ from torch import nn
 
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.moe.balance import (attach_aux_loss, entropy_sum, expert_counts,
-                                         sequence_aux_loss, switch_aux_loss, z_loss)
+                                         sequence_aux_loss, sequence_counts, switch_aux_loss,
+                                         z_loss)
 from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
 from torchmoe.models.moe.dispatch import LocalDispatcher
 from torchmoe.models.moe.experts import GroupedExperts
@@ -66,6 +69,7 @@ class MoE(nn.Module):
         self.args = args
         r = args.router
         self.router = TopKRouter(r)
+        self.batch_counts: nn.Module = nn.Identity()
         self.global_counts: nn.Module = nn.Identity()
         self.dispatcher = LocalDispatcher(r.num_experts, args.permute_backend)
         self.experts = GroupedExperts(r.dim, args.hidden_dim, r.num_experts, args.grouped_mm)
@@ -107,10 +111,13 @@ class MoE(nn.Module):
         probs, c = routing.probs_TE, a.balance_coeffs
         losses = {}
         if "aux_loss" in c:
-            losses["aux_loss"] = c["aux_loss"] * switch_aux_loss(probs, counts_E)
+            losses["aux_loss"] = c["aux_loss"] * switch_aux_loss(probs,
+                                                                 self.batch_counts(counts_E))
         if "seq_aux_loss" in c:
+            counts_BE = sequence_counts(routing.topk_idx_TK, batch, a.router.num_experts,
+                                        probs.dtype)
             losses["seq_aux_loss"] = c["seq_aux_loss"] * sequence_aux_loss(
-                probs, routing.topk_idx_TK, batch)
+                probs, self.batch_counts(counts_BE))
         if "global_aux_loss" in c:
             losses["global_aux_loss"] = c["global_aux_loss"] * switch_aux_loss(
                 probs, self.global_counts(counts_E))
