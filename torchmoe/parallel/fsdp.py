@@ -46,8 +46,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
     if model.tok_embeddings is not None:
         fully_shard(model.tok_embeddings, mesh=dp_mesh, **kw)
     head = [m for m in (model.norm, model.output) if m is not None]
-    if head:
-        fully_shard(head, mesh=dp_mesh, reshard_after_forward=False, **kw)
+    # MTP depths run the output head again without the final norm: separate units then, as
+    # FSDP wants the modules of one unit to run forward together.
+    for unit in ([m] for m in head) if getattr(model, "mtp", None) is not None else [head]:
+        if unit:
+            fully_shard(unit, mesh=dp_mesh, reshard_after_forward=False, **kw)
     fully_shard(model, mesh=dp_mesh, **kw)
     _sum_gradients(model)
 
