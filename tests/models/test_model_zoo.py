@@ -68,6 +68,11 @@ def test_debug_flavor_is_deterministic_finite_and_causal(family):
     model, again = build(cfg), build(cfg)
     for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q) and torch.isfinite(p).all(), name
+    assert_causal(model)
+
+
+def assert_causal(model: torch.nn.Module) -> None:
+    """Changing tokens 10.. changes the logits there and nowhere before."""
     tokens = torch.randint(0, 4000, (1, 16))
     changed = tokens.clone()
     changed[0, 10:] = torch.randint(0, 4000, (6,))
