@@ -102,6 +102,8 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     (["--moe.layer_freq", "1,0,0"], "leaves no MoE block"),
     (["--moe.freeze_experts", "3,8"], "list distinct expert ids in [0, 8)"),
     (["--moe.input_jitter_eps", "2"], "moe.input_jitter_eps = 2.0 is out of range"),
+    (["--model.name", "llama", "--moe.capacity_factor", "1.0"],
+     "moe.capacity_factor = 1.0 has no effect in a dense model"),
     (["--moe.input_jitter_eps", "0.01", "--activation_checkpoint.mode", "full"],
      "draws new noise when activation checkpointing recomputes the router"),
     (["--model.flavor", "16B", "--moe.load_balancing_type", "global_aux_loss"],

@@ -42,6 +42,7 @@ def validate_moe(cfg: JobConfig) -> None:
     needs CUDA (unless a dry run only plans the job)."""
     e = cfg.moe
     if e.num_experts == 0:
+        _refuse_moe_only_keys(cfg)
         return
     _validate_layer_freq(cfg)
     if (e.permute_backend == "triton" and not torch.cuda.is_available()
@@ -64,6 +65,18 @@ def validate_moe(cfg: JobConfig) -> None:
     if bad or len(set(e.freeze_experts)) != len(e.freeze_experts):
         raise ConfigError(f"moe.freeze_experts = {e.freeze_experts}: list distinct expert ids "
                           f"in [0, {e.num_experts})")
+
+
+def _refuse_moe_only_keys(cfg: JobConfig) -> None:
+    """A dense model (no experts) would silently ignore these. (Routing and balancing keys a
+    family's flavor fills are let be, so ``--moe.num_experts 0`` makes any family dense.)"""
+    e = cfg.moe
+    on = {"capacity_factor": e.capacity_factor > 0, "freeze_experts": bool(e.freeze_experts),
+          "freeze_router": e.freeze_router, "force_load_balance": e.force_load_balance,
+          "input_jitter_eps": e.input_jitter_eps > 0, "z_loss_coeff": e.z_loss_coeff > 0}
+    for key in (k for k, v in on.items() if v):
+        raise ConfigError(f"moe.{key} = {getattr(e, key)} has no effect in a dense model "
+                          "(moe.num_experts = 0); remove it or give the model experts")
 
 
 def _validate_layer_freq(cfg: JobConfig) -> None:
