@@ -180,31 +180,32 @@ class Trainer:
         statistics (``moe_step_stats``, on the device: metrics read them at log time) and
         resets the buffers."""
         layers = self.moe_layers
-        out = {}
+        buffers = [m.tokens_per_expert for m in layers] + [m.stats for m in layers]
+        buffers += [self.model.mtp_loss_sum] if self.mtp else []
+        if not buffers:
+            return {}
         group = self.dims.meshes.dp_tp.get_group() if self.dims.meshes else None
         shards = self.accum_steps * (dist.get_world_size(group) if group else 1)
+        flat = torch.cat([b.flatten().float() for b in buffers])
+        if group:
+            dist.all_reduce(flat, group=group)  # one collective for every layer's buffers
+        totals = [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in buffers]),
+                                                 buffers)]
+        for b in buffers:
+            b.zero_()
+        out = {}
         if layers:
-            counts = torch.stack([m.tokens_per_expert for m in layers])
-            stats = torch.stack([m.stats for m in layers])
-            if group:
-                dist.all_reduce(counts, group=group)
-                dist.all_reduce(stats, group=group)
+            L = len(layers)
+            counts, stats = torch.stack(totals[:L]), torch.stack(totals[L:2 * L])
             rate = self.cfg.moe.bias_update_rate
-            biases = [m.router.expert_bias for m in layers]
             for m, layer_counts in zip(layers, counts):
                 if m.router.expert_bias is not None and rate > 0:
                     update_expert_bias(m.router.expert_bias, layer_counts, rate)
-                m.tokens_per_expert.zero_()
-                m.stats.zero_()
-            with_bias = all(b is not None for b in biases)
-            out = moe_step_stats(counts, stats, shards, torch.stack(biases) if with_bias else None)
+            biases = [m.router.expert_bias for m in layers]
+            bias_LE = torch.stack(biases) if all(b is not None for b in biases) else None
+            out = moe_step_stats(counts, stats, shards, bias_LE)
         if self.mtp:
-            mtp = self.model.mtp_loss_sum
-            mtp_total = mtp.clone()
-            if group:
-                dist.all_reduce(mtp_total, group=group)
-            out["mtp_loss"] = mtp_total / shards
-            mtp.zero_()
+            out["mtp_loss"] = totals[-1] / shards
         return out
 
     def train(self) -> list[float]:
