@@ -16,40 +16,16 @@ Runs in one process; configuration and input errors print one line and exit with
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.models.registry import get_model_spec
 from torchmoe.models.upcycle import upcycle_state_dict
-from torchmoe.train.checkpoint import CheckpointManager, TrainState
-
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process
-
-# Where torchmoe/train/checkpoint.py keeps the model weights in every checkpoint.
-MODEL_KEY = ("train", "model")
-
-
-def read_model_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The model state dict of a checkpoint folder, without reading anything else."""
-    if not (step_dir / ".metadata").is_file():
-        raise ConfigError(f"--dense {step_dir}: not a checkpoint folder (no .metadata); pass "
-                          "one step folder, e.g. outputs/<run>/checkpoint/step-1000")
-    prefix = ".".join(MODEL_KEY) + "."
-    metadata = dcp.FileSystemReader(str(step_dir)).read_metadata()
-    weights = {key[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype)
-               for key, m in metadata.state_dict_metadata.items()
-               if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    if not weights:
-        raise ConfigError(f"--dense {step_dir}: the checkpoint holds no model weights")
-    dcp.load({MODEL_KEY[0]: {MODEL_KEY[1]: weights}}, checkpoint_id=str(step_dir))
-    return weights
+from torchmoe.train.checkpoint import CheckpointManager, TrainState, read_model_weights
 
 
 def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Path:
@@ -76,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args, job_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, _ = load_config(job_args)
-        state = upcycle_state_dict(read_model_weights(args.dense), cfg, args.granularity)
+        state = upcycle_state_dict(read_model_weights(args.dense, "--dense"), cfg, args.granularity)
         path = write_seed(state, cfg, args.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

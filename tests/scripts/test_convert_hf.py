@@ -178,7 +178,7 @@ def test_import_mistakes_are_one_line_and_exit_2(case, message, imported, tmp_pa
 
 
 @pytest.mark.parametrize("case,extra,message", [
-    ("no_checkpoint", [], "not a torchmoe DCP checkpoint"),
+    ("no_checkpoint", [], "not a torchmoe checkpoint"),
     ("other_model", ["--model.n_layers", "1"], "which the recipe's model lacks"),
     ("inexpressible", ["--moe.router_norm_topk_prob", "false"],
      "moe.router_norm_topk_prob = False cannot be expressed as MixtralForCausalLM"),

@@ -53,7 +53,7 @@ def test_upcycled_checkpoint_starts_training_from_the_dense_model(dense, tiny_co
 
 
 @pytest.mark.parametrize("case,message", [
-    ("no_checkpoint", "not a checkpoint folder (no .metadata)"),
+    ("no_checkpoint", "not a torchmoe checkpoint"),
     ("granularity", "moe.num_experts = 6 must be a multiple of granularity = 4"),
     ("other_dim", "has shape"),
     ("out_taken", "already holds a step-0"),

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict,
@@ -102,6 +103,25 @@ class TrainState:
 
     def load_state_dict(self, sd: dict) -> None:
         self.step = sd["step"]
+
+
+def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
+    """The model tensors of one checkpoint folder (a seed or a training step), in their saved
+    dtype, without reading the optimizer or anything else; for offline tools, one process.
+    ``option`` names the command-line flag that gave the folder, for the error."""
+    try:
+        saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option} {step_dir}: not a torchmoe checkpoint ({e}); pass a step "
+                          "folder such as outputs/run/checkpoint/step-100") from None
+    prefix = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
+    weights = {key[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+               for key, m in saved.items()
+               if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if not weights:
+        raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
+    dcp.load({"train": {"model": weights}}, checkpoint_id=str(step_dir))
+    return weights
 
 
 class CheckpointManager:

@@ -3,21 +3,16 @@ and the model part of torchmoe DCP checkpoints (saved as ``train.model.<name>``,
 torchmoe/train/checkpoint.py)."""
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.train.checkpoint import read_model_weights
 
 INDEX = "model.safetensors.index.json"
-_DCP_PREFIX = "train.model."
-
-# DCP warns on every load without a process group; one process is intended here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def read_json(path: Path) -> dict:
@@ -97,26 +92,18 @@ def read_dcp_model(step_dir: Path, expected: dict[str, torch.Tensor]) -> dict[st
     """The model tensors of a torchmoe checkpoint (a seed or a training step; optimizer state is
     not read), in their saved dtype. ``expected`` (meta tensors of the model the config builds)
     must match the saved names and shapes."""
-    try:
-        saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--checkpoint {step_dir}: not a torchmoe DCP checkpoint ({e}); pass a "
-                          "step folder such as outputs/run/checkpoint/step-100") from None
-    stored = {k[len(_DCP_PREFIX):]: v for k, v in saved.items() if k.startswith(_DCP_PREFIX)}
+    stored = read_model_weights(step_dir, "--checkpoint")
     for name, t in expected.items():
         if name not in stored:
             raise ConfigError(f"--checkpoint {step_dir} has no tensor {name}; the recipe describes "
                               "another model than the one saved (use the recipe and overrides "
                               "it was trained with)")
-        if tuple(stored[name].size) != tuple(t.shape):
+        if stored[name].shape != t.shape:
             raise ConfigError(f"--checkpoint {step_dir}: {name} has shape "
-                              f"{list(stored[name].size)}, the recipe builds {list(t.shape)}; use "
+                              f"{list(stored[name].shape)}, the recipe builds {list(t.shape)}; use "
                               "the recipe and overrides it was trained with")
     extra = sorted(stored.keys() - expected.keys())
     if extra:
         raise ConfigError(f"--checkpoint {step_dir} holds {extra[0]}, which the recipe's model "
                           f"lacks ({len(extra)} such tensors); use the recipe it was trained with")
-    state = {k: torch.empty(tuple(stored[k].size), dtype=stored[k].properties.dtype)
-             for k in expected}
-    dcp.load({"train": {"model": state}}, checkpoint_id=str(step_dir))
-    return state
+    return stored
