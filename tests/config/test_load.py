@@ -89,6 +89,8 @@ def test_help_is_the_resolved_config_with_every_key_explained():
     (["--moe.load_balancing_type", "aux_loss,seq_aux_loss", "--moe.aux_loss_coeff",
       "0.1,0.2,0.3"], "needs one value, or one per loss"),
     (["--moe.load_balancing_type", "aux_loss,aux_loss"], "lists a type twice"),
+    (["--moe.load_balancing_type", "aux_loss,seq_aux_loss,global_aux_loss",
+      "--moe.aux_loss_coeff", "0.1,0.2"], "needs one value, or one per loss"),
     (["--moe.load_balancing_type", "sinkhorn,aux_loss"], "'none' and 'sinkhorn' stand alone"),
     (["--moe.load_balancing_type", "sinkhorn", "--moe.aux_loss_coeff", "0"],
      "set moe.enable_expert_bias = false and moe.router_num_groups = 0"),

@@ -121,16 +121,15 @@ def _validate_balancing(cfg: JobConfig) -> None:
     if len(types) > 1 and ("none" in types or "sinkhorn" in types):
         raise ConfigError(f"moe.load_balancing_type = {types}: 'none' and 'sinkhorn' stand "
                           "alone; combine only aux_loss, seq_aux_loss and global_aux_loss")
-    losses = [t for t in types if t in _LOSS_TYPES]
-    if len(coeffs) > 1 and len(coeffs) != len(losses):
+    losses = balance_coeffs(cfg)
+    if len(coeffs) > 1 and len(coeffs) != sum(t in _LOSS_TYPES for t in types):
         raise ConfigError(f"moe.aux_loss_coeff = {coeffs} needs one value, or one per loss in "
                           f"moe.load_balancing_type = {types}")
     if not losses and any(c > 0 for c in coeffs):
         raise ConfigError(f"moe.aux_loss_coeff = {coeffs} has no effect with "
                           f"moe.load_balancing_type = {types}; set moe.aux_loss_coeff = 0 or "
                           "pick aux_loss, seq_aux_loss or global_aux_loss")
-    weights = coeffs if len(coeffs) > 1 else coeffs * len(losses)
-    unweighted = [t for t, c in zip(losses, weights) if c == 0]
+    unweighted = [t for t, c in losses.items() if c == 0]
     if unweighted:
         raise ConfigError(f"moe.aux_loss_coeff = {coeffs} gives {', '.join(unweighted)} no "
                           f"weight; set a coefficient > 0 for each loss in "
@@ -141,7 +140,6 @@ def _validate_balancing(cfg: JobConfig) -> None:
     if e.force_load_balance and "sinkhorn" in types:
         raise ConfigError("moe.force_load_balance = true replaces expert selection; it cannot "
                           "be combined with moe.load_balancing_type = ['sinkhorn']")
-
 
 
 def moe_args(cfg: JobConfig) -> MoEArgs:
