@@ -106,27 +106,18 @@ def _(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_
 # ----------------------------------------------------------------------------- data movement
 
 @triton.jit
-def _token_copies(dest_ptr, w_ptr, t, K, HAS_W: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Token t's K rows, which of them hold a copy (a dropped copy has dest -1) and their
-    weights in float32 (1 without HAS_W)."""
-    ks = tl.arange(0, BLOCK_K)
-    rows = tl.load(dest_ptr + t * K + ks, mask=ks < K, other=-1)
-    kept = rows >= 0
-    if HAS_W:
-        w = tl.load(w_ptr + t * K + ks, mask=kept, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_K], 1.0, tl.float32)
-    return ks, rows, kept, w
-
-
-@triton.jit
 def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
                          HAS_W: tl.constexpr, WITH_DW: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[dest[t, k]] = x[t] (times w[t, k] if HAS_W); with WITH_DW also
     dw[t, k] = dot(y[dest[t, k]], x[t]). One program per token t, looping over D."""
     t = tl.program_id(0).to(tl.int64)
-    ks, rows, k_ok, w = _token_copies(dest_ptr, w_ptr, t, K, HAS_W, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=-1)
+    k_ok = rows >= 0  # a dropped copy (dest -1) moves nothing
+    if HAS_W:
+        w = tl.load(w_ptr + t * K + ks, mask=k_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_K], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -151,7 +142,12 @@ def _gather_sum_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, K, D, HAS_W: tl.constexp
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[t] = sum_k y[dest[t, k]] (times w[t, k] if HAS_W), in float32. One program per t."""
     t = tl.program_id(0).to(tl.int64)
-    _, rows, k_ok, w = _token_copies(dest_ptr, w_ptr, t, K, HAS_W, BLOCK_K)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    rows = tl.load(dest_ptr + t * K + ks, mask=k_ok, other=-1)
+    k_ok = rows >= 0  # a dropped copy (dest -1) adds nothing
+    if HAS_W:
+        w = tl.load(w_ptr + t * K + ks, mask=k_ok, other=0.0).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
