@@ -41,6 +41,16 @@ LAYOUTS = {
     "qwen3_ep2": (2, {"parallelism.ep": 2, "model.name": "qwen3_moe"}),
     "tp2_x_ep2_allgather": (2, {"parallelism.tp": 2, "parallelism.ep": 2,
                                 "moe.dispatcher": "allgather"}),
+    **{f"pp2_{schedule}": (2, {"parallelism.pp": 2, "parallelism.pp_schedule": schedule,
+                               "model.n_layers": 4})
+       for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                        "ZBVZeroBubble", "DualPipeV")},
+    "pp2_x_fsdp2": (4, {"parallelism.pp": 2, "model.n_layers": 4}),
+    "pp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2, "model.n_layers": 4}),
+    "pp2_x_tp2": (4, {"parallelism.pp": 2, "parallelism.tp": 2, "model.n_layers": 4}),
+    "pp2_interleaved_x_fsdp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2,
+                                          "parallelism.pp_schedule": "Interleaved1F1B",
+                                          "model.n_layers": 4}),
 }
 # Balance losses count whole sequences under tensor parallelism (the plan all-reduces the counts
 # over tp), so they are layout-independent there; but Mixtral's and Qwen3's batch-level
@@ -49,8 +59,12 @@ LAYOUTS = {
 NO_BALANCE_LOSS = {"moe.load_balancing_type": "none", "moe.aux_loss_coeff": 0.0}
 
 
+def data_parallel(world: int, overrides: dict) -> int:
+    return world // (overrides.get("parallelism.tp", 1) * overrides.get("parallelism.pp", 1))
+
+
 def balance_loss_is_layout_dependent(world: int, overrides: dict) -> bool:
-    dp = world // overrides.get("parallelism.tp", 1)
+    dp = data_parallel(world, overrides)
     return overrides.get("model.name") in ("mixtral", "qwen3_moe") and dp > 1
 
 
@@ -83,9 +97,9 @@ def train_and_collect(rank, cfg, data):
     trainer.batches = iter((b[r * rows:(r + 1) * rows, :-1], b[r * rows:(r + 1) * rows, 1:])
                            for b in data)
     losses = trainer.train()
-    full = get_model_state_dict(trainer.model,
-                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return losses, full if rank == 0 else None
+    # every rank: pipeline stages hold different parameters
+    return losses, get_model_state_dict(trainer.model,
+                                        options=StateDictOptions(full_state_dict=True))
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +140,12 @@ def test_layout_matches_single_process(layout, seed_and_references, data_cache):
         model_overrides.update(NO_BALANCE_LOSS)
     variant, ref_losses, ref_params = get(model_overrides)
     shutil.copytree(variant / "seed", variant / layout)
-    dp = world // overrides.get("parallelism.tp", 1)
+    dp = data_parallel(world, overrides)
     cfg = config(variant / layout, data_cache, dp=dp, **overrides, **NO_BALANCE_LOSS
                  if balance_loss_is_layout_dependent(world, overrides) else {})
     results = run_ranks(world, train_and_collect, cfg, data)
-    losses, params = results[0]
+    losses, params = results[0][0], {k: v for _, rank_params in results
+                                     for k, v in rank_params.items()}
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
     assert params.keys() == ref_params.keys()
     for name, ref in ref_params.items():

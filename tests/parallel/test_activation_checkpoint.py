@@ -13,7 +13,8 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint, Compile
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.activation_checkpoint import RECOMPUTE_MODULES, apply_ac
+from torchmoe.parallel.activation_checkpoint import (RECOMPUTE_MODULES, apply_ac,
+                                                     check_recompute_modules)
 from torchmoe.parallel.compile import apply_compile
 
 MODELS = {  # [model]/[moe] overrides of the debug flavors
@@ -217,7 +218,8 @@ def test_module_the_model_lacks_is_one_clear_line(tiny_config):
     net, _ = build(tiny_config, "mixtral")
     with pytest.raises(ConfigError, match=r"^activation_checkpoint.recompute_modules = "
                        r"\['mla_up_proj'\]: this model has no 'mla_up_proj' module") as err:
-        apply_ac(net, ActivationCheckpoint(mode="selective", recompute_modules=["mla_up_proj"]))
+        check_recompute_modules(net, ActivationCheckpoint(mode="selective",
+                                                          recompute_modules=["mla_up_proj"]))
     assert "\n" not in str(err.value)
 
 

@@ -35,8 +35,8 @@ def test_explicit_dp_shard_times_ep_fills_the_world():
     (4, dict(ep=4), {"moe.num_experts": "6", "moe.router_num_groups": "0",
                      "moe.router_group_topk": "0"}, "moe.num_experts = 6 is not divisible"),
     (2, dict(cp=2), {}, "parallelism.cp = 2 is not available yet"),
-    (2, dict(pp=2), {}, "parallelism.pp = 2 is not available yet"),
     (4, dict(ep=2, etp=4), {}, "parallelism.ep = 2 x parallelism.etp = 4 must divide"),
+    (4, dict(pp=3), {}, "x pp = 3 does not divide the 4 ranks"),
 ])
 def test_validation_errors(world, parallelism, model, fragment):
     cfg = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()]

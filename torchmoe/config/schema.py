@@ -191,6 +191,10 @@ class Checkpoint:
     create_seed_checkpoint: bool = opt(
         False, "Initialise the model on one rank, save it as step-0 and exit. Runs that find "
         "only step-0 load its weights, so every parallel layout starts from the same model.")
+    exclude_from_loading: list[str] = opt(
+        [], "Parts of the checkpoint not to restore on resume: dataloader (read the data "
+        "afresh, e.g. after changing the data-parallel size), lr_scheduler, rng.",
+        choices=("dataloader", "lr_scheduler", "rng"))
 
 
 @dataclass
@@ -210,11 +214,31 @@ class Parallelism:
     ep: int = opt(1, "Expert-parallel degree.", gt=0)
     etp: int = opt(1, "Expert tensor-parallel degree.", gt=0)
     cp: int = opt(1, "Context-parallel degree (reserved).", gt=0)
+    pp_schedule: str = opt(
+        "1F1B", "Pipeline schedule of torch.distributed.pipelining, named as torch names it: "
+        "GPipe, 1F1B (one stage per rank); Interleaved1F1B, LoopedBFS, InterleavedZeroBubble "
+        "(stages looped over the ranks); ZBVZeroBubble, DualPipeV (two stages per rank in a V).",
+        choices=("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
+                 "ZBVZeroBubble", "DualPipeV"))
+    pp_microbatches: int = opt(
+        0, "Pipeline micro-batches per local batch, which they split evenly; 0 = one per "
+        "sequence (training.local_batch_size).", ge=0)
+    pp_stages_per_rank: int = opt(
+        0, "Pipeline stages each pp rank holds (virtual stages); 0 = from pp_layout or "
+        "pp_layers_per_stage when set, else 1 for GPipe/1F1B and 2 for the others.", ge=0)
+    pp_layers_per_stage: int = opt(
+        0, "Transformer blocks in every pipeline stage (n_layers / this stages in all); 0 = "
+        "split by cost (parameters and FLOPs) or by pp_layout.", ge=0)
+    pp_layout: list[int] = opt(
+        [], "Transformer blocks of each pipeline stage in order, e.g. [3, 4, 4, 3]: its length "
+        "is the stage count (a multiple of pp). The embedding goes with the first stage, the "
+        "final norm and output head with the last. Empty = split by cost.")
     plan: str = opt("", "Parallelize function 'package.module:function' with the signature of "
                         "torchmoe.parallel.plans.parallelize; '' = the model's own plan.")
     fsdp_reshard_after_forward: str = opt(
         "default", "Free gathered FSDP weights after forward: default (all but the last "
-        "block), always, or never (keeps them for backward, ZeRO-2 style).",
+        "block; never under pipeline parallelism), always, or never (keeps them for backward, "
+        "ZeRO-2 style).",
         choices=("default", "always", "never"))
     fsdp_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and optimizer "
                                         "state in CPU memory (FSDP CPUOffloadPolicy).")

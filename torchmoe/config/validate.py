@@ -10,6 +10,7 @@ from torchmoe.config.schema import ActivationCheckpoint, JobConfig
 from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import RECOMPUTE_MODULES
 from torchmoe.parallel.dims import ParallelDims
+from torchmoe.parallel.pipeline import validate_pipeline
 from torchmoe.quant.float8 import validate_float8
 
 
@@ -38,7 +39,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("parallelism.fsdp_cpu_offload = true offloads GPU memory to pinned "
                           "host memory and needs CUDA; this machine has none")
     dims = ParallelDims.from_config(cfg.parallelism, world)
-    dims.check_model(cfg, planning=os.environ.get("COMM_MODE") == "fake")
+    dims.check_model(cfg)
+    validate_pipeline(cfg)
     t = cfg.training
     per_step = t.local_batch_size * dims.dp
     if t.global_batch_size != -1 and t.global_batch_size % per_step:

@@ -77,7 +77,8 @@ class ShuffledDocuments:
         if saved != now:
             raise ConfigError(
                 f"the checkpointed data position was saved with {saved} but this run has {now}; "
-                "resume with the same training.seed, data-parallel size and data.dataset")
+                "resume with the same training.seed, data-parallel size and data.dataset, or "
+                "set checkpoint.exclude_from_loading = ['dataloader'] to read the data afresh")
         self._epoch, self._index = state["epoch"], state["index"]
         self._order = self._epoch_order()
 

@@ -61,12 +61,14 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
     chooses, as ``cfg.mode`` says (see the module docstring). Full and op-level modes wrap whole blocks in
     ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward``
     in place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP.
-    Uses no mesh dimension."""
+    Blocks are counted by their index in the whole model, so a pipeline stage checkpoints the
+    blocks it would in one piece. Module names are checked against the whole model by
+    ``check_recompute_modules`` (a stage may lack some). Uses no mesh dimension."""
     if cfg.mode == "none":
         return
-    chosen = [slot for i, slot in enumerate(block_slots(model)) if i % cfg.every_n_layers == 0]
+    chosen = [(parent, name) for i, (parent, name) in enumerate(block_slots(model))
+              if (int(name) if name.isdigit() else i) % cfg.every_n_layers == 0]
     if cfg.mode == "selective" and cfg.recompute_modules:
-        _check_present(model, cfg.recompute_modules)
         for parent, name in chosen:
             for module in _modules_to_recompute(getattr(parent, name), cfg.recompute_modules):
                 module.forward = functools.partial(checkpoint, module.forward,
@@ -79,9 +81,11 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
                                                         preserve_rng_state=False, **op_level))
 
 
-def _check_present(model: nn.Module, names: list[str]) -> None:
-    """A one-line ConfigError for a name the model has no module for (e.g. mla_up_proj on GQA)."""
+def check_recompute_modules(model: nn.Module, cfg: ActivationCheckpoint) -> None:
+    """A one-line ConfigError for a ``recompute_modules`` name the whole model (before any
+    pipeline split) has no module for, e.g. mla_up_proj on GQA."""
     kinds = {type(m) for block in model.layers.values() for m in block.modules()}
+    names = cfg.recompute_modules
     for name in names:
         if not any(issubclass(k, RECOMPUTE_MODULES[name]) for k in kinds):
             raise ConfigError(

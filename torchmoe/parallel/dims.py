@@ -24,7 +24,7 @@ from torchmoe.config.schema import JobConfig, Parallelism
 DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "etp")
 # Degrees this version implements; the others are validated but refused with a clear message.
-_AVAILABLE = {"cp": 1, "pp": 1}
+_AVAILABLE = {"cp": 1}
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Meshes:
     # it shards the modules replicated over tp (router, shared experts) and sums their
     # gradients over tp too.
     dp_tp: DeviceMesh
+    # pp x dp_replicate x dp_shard flattened: the ranks whose losses make the global loss
+    dp_pp: DeviceMesh
 
     def dp_mesh(self) -> DeviceMesh:
         """FSDP mesh of dense parameters: 2-D (HSDP) when replicated."""
@@ -107,10 +109,9 @@ class ParallelDims:
         """Ranks over which FSDP shards each expert (per data-parallel replica)."""
         return self.dp_shard * self.cp * self.tp // (self.ep * self.etp)
 
-    def check_model(self, cfg: JobConfig, planning: bool = False) -> None:
+    def check_model(self, cfg: JobConfig) -> None:
         """Degrees against the model's shape, then against what this version implements; one
-        ConfigError per problem, before anything is allocated. ``planning`` (the dry run) also
-        accepts degrees that can be planned but not yet trained."""
+        ConfigError per problem, before anything is allocated."""
         from torchmoe.models.registry import get_model_spec  # the registry imports the plans
 
         shape_rules = [  # (key, value, degree key, degree, why)
@@ -129,7 +130,7 @@ class ParallelDims:
             raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
                               f"parallelism.pp = {self.pp} pipeline stages")
         for key, available in _AVAILABLE.items():
-            if getattr(self, key) > available and not (planning and key == "pp"):
+            if getattr(self, key) > available:
                 raise ConfigError(f"parallelism.{key} = {getattr(self, key)} is not available "
                                   f"yet; use {available}")
 
@@ -153,4 +154,5 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     dense = init_device_mesh(device_type, dims.shape(DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
     expert = init_device_mesh(device_type, dims.shape(EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
     return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"),
-                  dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"))
+                  dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"),
+                  dense["pp", "dp_replicate", "dp_shard"]._flatten("dp_pp"))

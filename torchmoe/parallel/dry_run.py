@@ -100,7 +100,7 @@ def dry_run(cfg: JobConfig) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         dims = ParallelDims.from_config(cfg.parallelism, world)
-        dims.check_model(cfg, planning=True)
+        dims.check_model(cfg)
         dims.build_meshes("cpu")
         spec = get_model_spec(cfg.model.name)
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize

@@ -1,17 +1,20 @@
 """Gradient clipping with one global norm over parameters that live on different meshes."""
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Clip in place to ``max_norm`` (no clipping when it is 0) and return the total norm (a
     non-finite norm makes the gradients non-finite too; the trainer stops before the update).
 
     Dense parameters (dense mesh), sharded experts (expert mesh) and plain tensors cannot share
     one foreach call, so norms are taken per mesh, completed across ranks with ``full_tensor``,
-    and combined as the root of their summed squares.
+    and combined as the root of their summed squares; with ``pp_group`` (pipeline stages hold
+    different parameters) the squares are summed over the stages too.
     """
     groups: dict[object, list[torch.Tensor]] = {}
     for p in params:
@@ -24,7 +27,11 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float().square())
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    total = (torch.stack(squares).sum() if squares
+             else torch.zeros((), device=params[0].device if params else None))
+    if pp_group is not None:
+        dist.all_reduce(total, group=pp_group)
+    total = total.sqrt()
     if max_norm > 0:
         # A tensor coefficient, not a Python float: no host sync, the GPU keeps its queue.
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)

@@ -53,10 +53,17 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
                    meshes.expert_dp_mesh() if split_experts else None,
                    param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
                    reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
-                   reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+                   reshard_after_forward=_reshard_policy(dims, cfg),
                    cpu_offload=cfg.parallelism.fsdp_cpu_offload,
                    token_mesh=meshes.dp_tp if dims.tp > 1 else None)
     return model
+
+
+def _reshard_policy(dims: ParallelDims, cfg: JobConfig) -> str:
+    """'default' under pipeline parallelism keeps the gathered weights ('never'): every
+    micro-batch's forward would gather them again."""
+    policy = cfg.parallelism.fsdp_reshard_after_forward
+    return "never" if policy == "default" and dims.pp > 1 else policy
 
 
 def _sync_free_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:

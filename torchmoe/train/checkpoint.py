@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -49,18 +49,24 @@ class _ModelOnly:
 
 
 class _ModelAndOptimizer:
-    """Stateful view of model + optimizer, keyed by fully qualified parameter names."""
+    """Stateful view of model + optimizer, keyed by fully qualified parameter names. The
+    optimizer's hyperparameters are flattened per parameter too: pipeline stages each hold
+    some of the parameters, and one rank's param_groups would not describe the others'."""
+
+    _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
         return {"model": get_model_state_dict(self.model),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer,
+                                                      options=self._OPTIONS)}
 
     def load_state_dict(self, sd: dict) -> None:
         set_model_state_dict(self.model, sd["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"])
+        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"],
+                                 options=self._OPTIONS)
 
 
 class _Pickled:
@@ -159,7 +165,9 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                               f"{self.folder} (saved steps: {have})")
         path = self.folder / f"step-{step}"
-        states = {"train": _ModelOnly(self.model)} if step == 0 else self.states
+        states = {"train": _ModelOnly(self.model)} if step == 0 else {
+            key: state for key, state in self.states.items()
+            if key not in self.cfg.exclude_from_loading}
         try:
             dcp.load(states, checkpoint_id=str(path))
         except (CheckpointException, ValueError, RuntimeError, KeyError) as e:  # mismatches

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from torchmoe.config.schema import JobConfig
+from torchmoe.models.common.transformer import TransformerBlock
 from torchmoe.models.moe.moe import LOSS_NAMES, STAT_NAMES, MoE
 
 logger = logging.getLogger(__name__)
@@ -31,19 +32,20 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def flops_per_token(model: nn.Module, cfg: JobConfig) -> float:
-    """Training FLOPs per token (see the module docstring) of the model as built, before any
-    parallel plan shards it."""
+def flops_per_token(module: nn.Module, cfg: JobConfig) -> float:
+    """Training FLOPs per token (see the module docstring) of a model as built, before any
+    parallel plan shards it, or of a part of one: a block, a pipeline stage."""
     active = 0.0
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if "tok_embeddings" in name:
             continue
         active += p.numel()
-    for _, moe in moe_layers(model):
+    for _, moe in moe_layers(module):
         routed = sum(p.numel() for p in moe.experts.parameters())
         active -= routed * (1 - moe.args.router.topk / moe.args.router.num_experts)
     attention = sum(6 * a.n_heads * cfg.training.seq_len * (a.qk_head_dim + a.v_head_dim)
-                    for a in (block.attention for block in model.layers.values()))
+                    for a in (block.attention for block in module.modules()
+                              if isinstance(block, TransformerBlock)))
     return 6 * active + attention
 
 
@@ -63,7 +65,7 @@ def memory_gib(device: torch.device) -> float:
 
 
 def moe_step_stats(counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int,
-                   bias_LE: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                   bias_norm_L: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One step's MoE statistics from the layers' buffers summed over ranks (moe.py): routed
     copies per expert [L, E]; per layer [L], each loss term as its mean over the ``shards``
     token shards of the step (micro-batches x ranks), the mean router entropy per token, the
@@ -73,8 +75,8 @@ def moe_step_stats(counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int,
     out.update({name: s[name] / shards for name in LOSS_NAMES})
     out["entropy"] = s["entropy_sum"] / s["tokens"].clamp_min(1)
     out["dropped_frac"] = s["dropped"] / s["copies"].clamp_min(1)
-    if bias_LE is not None:
-        out["bias_norm"] = bias_LE.norm(dim=1)
+    if bias_norm_L is not None:
+        out["bias_norm"] = bias_norm_L
     return out
 
 
@@ -121,11 +123,12 @@ class Window:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: JobConfig, model: nn.Module, device: torch.device,
+    def __init__(self, cfg: JobConfig, flops_per_token: float, device: torch.device,
                  dtype: torch.dtype):
+        """``flops_per_token``: of the whole model (every pipeline stage)."""
         self.cfg = cfg
         self.device = device
-        self.flops_per_token = flops_per_token(model, cfg)
+        self.flops_per_token = flops_per_token
         self.peak = peak_flops(device, dtype)
         self.window = Window()
         dump = Path(cfg.job.dump_folder)

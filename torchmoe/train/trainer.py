@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -27,6 +28,7 @@ from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.moe.balance import set_aux_loss_scale, update_expert_bias
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.models.registry import get_model_spec
+from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
 from torchmoe.parallel.plans import load_plan, resolve_dtype
@@ -34,7 +36,9 @@ from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
 from torchmoe.train.freeze import ExpertFreezer, freeze_routers
-from torchmoe.train.metrics import MetricsLogger, moe_layers, moe_step_stats
+from torchmoe.models.moe.moe import STAT_NAMES
+from torchmoe.parallel.pipeline import Pipeline, build_pipeline, microbatches as microbatches_of
+from torchmoe.train.metrics import MetricsLogger, flops_per_token, moe_layers, moe_step_stats
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,16 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; training stops rather than continue on garbage."""
+
+
+def _full(loss: torch.Tensor) -> torch.Tensor:
+    """A vocabulary-parallel loss (DTensor) is the same on every tp rank: its value."""
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+
+def _block_of(module_name: str) -> str:
+    """The block a submodule belongs to: 'layers.3._orig_mod.feed_forward' -> 'layers.3'."""
+    return ".".join(module_name.split(".")[:2])
 
 
 def default_device() -> torch.device:
@@ -89,14 +103,29 @@ class Trainer:
             model = spec.build(cfg)
         if cfg.moe.freeze_router:
             freeze_routers(model)
-        check_model_fits(model, self.device, shards=self.dims.dp)
+        check_recompute_modules(model, cfg.activation_checkpoint)
+        check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
+        flops = flops_per_token(model, cfg)
+        self._log_model(model)
+        # Every MoE layer of the whole model by block ("layers.3", "mtp.0"): a pipeline stage
+        # holds some of them, and after_step fills their rows of one buffer for all.
+        self.moe_blocks = [_block_of(name) for name, _ in moe_layers(model)]
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
-        model = plan(model, self.dims, cfg)
-        model.to_empty(device=self.device)
-        model.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=self.device)
+        self.pipeline: Pipeline | None = None
+        if self.dims.pp > 1:
+            fsdp = self.dims.world_size // self.dims.pp > 1  # casts the hidden states
+            self.pipeline = build_pipeline(
+                model, self.dims, cfg, plan, self._materialize, self.device,
+                lambda logits, labels: self.loss_fn(logits, labels) / self.global_tokens,
+                hidden_dtype=self.dtype if fsdp else torch.float32, logits_dtype=self.dtype)
+            model = self.pipeline.model
+        else:
+            model = plan(model, self.dims, cfg)
+            self._materialize(model)
         self.model = model
-        self.moe_layers = [m for _, m in moe_layers(model)]
-        self._log_model()
+        local = moe_layers(model)
+        self.moe_layers = [m for _, m in local]
+        self.moe_rows = [self.moe_blocks.index(_block_of(name)) for name, _ in local]
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -110,10 +139,25 @@ class Trainer:
         self.checkpoint = CheckpointManager(
             cfg.checkpoint, Path(cfg.job.dump_folder) / cfg.checkpoint.folder, model,
             self.optimizer, self.lr_scheduler, self.dataloader, self.state, self.dims.dp_rank())
-        self.metrics = MetricsLogger(cfg, model, self.device, self.dtype)
+        self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype)
         self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
+
+    def _materialize(self, model: nn.Module) -> None:
+        """Allocate a parallelized meta model (or pipeline stage) on the device and initialise
+        it."""
+        model.to_empty(device=self.device)
+        model.init_weights(self.cfg.model.init_std, self.cfg.model.n_layers,
+                           buffer_device=self.device)
+
+    @property
+    def token_shards(self) -> int:
+        """Forward passes that each see a different part of the step's tokens: micro-batches
+        (gradient accumulation, pipeline) times the ranks of one pipeline stage (data and
+        sequence-parallel ranks route different tokens)."""
+        microbatches = microbatches_of(self.cfg) if self.pipeline else 1
+        return self.accum_steps * microbatches * self.dims.world_size // self.dims.pp
 
     def _accumulation_steps(self) -> int:
         """Micro-batches per step; validate() checked that they divide evenly."""
@@ -122,9 +166,9 @@ class Trainer:
             return 1
         return t.global_batch_size // (t.local_batch_size * self.dims.dp)
 
-    def _log_model(self) -> None:
+    def _log_model(self, model: nn.Module) -> None:
         cfg = self.cfg
-        n_params = sum(p.numel() for p in self.model.parameters())  # global sizes of DTensors
+        n_params = sum(p.numel() for p in model.parameters())
         experts = ("torch._grouped_mm" if use_grouped_mm(cfg.moe.grouped_mm, self.device)
                    else "per-expert loop")
         d = self.dims
@@ -138,27 +182,21 @@ class Trainer:
         used), the loss being the mean over every token of the step on every rank. Balance and
         MTP losses are in the gradient; their values reach the log through ``after_step``."""
         self.optimizer.zero_grad(set_to_none=True)
-        # Balance losses are computed per token shard: one per micro-batch, dp and tp rank.
-        set_aux_loss_scale(1.0 / (self.accum_steps * self.dims.dp * self.dims.tp))
-        loss_sum = torch.zeros((), device=self.device)
+        # Balance losses are computed per token shard and averaged over the step's shards.
+        set_aux_loss_scale(1.0 / self.token_shards)
+        loss_mean = torch.zeros(1, device=self.device)
         for _ in range(self.accum_steps):
             inputs, labels = next(self.batches)
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-                # Multi-token prediction needs the targets inside the model.
-                logits = self.model(inputs, labels) if self.mtp else self.model(inputs)
-            with loss_parallel() if self.dims.tp > 1 else nullcontext():
-                loss = self.loss_fn(logits, labels)
-                (loss / self.global_tokens).backward()
-            if isinstance(loss, DTensor):  # vocabulary-parallel loss: the same on every tp rank
-                loss = loss.full_tensor()
-            loss_sum += loss.detach()
+            step = self._pipeline_step if self.pipeline else self._forward_backward
+            loss_mean += step(inputs, labels)
         if self.freezer is not None:
             self.freezer.zero_grads()
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm)
-        loss_mean = (loss_sum / self.global_tokens).reshape(1)
-        if self.dims.meshes:
-            dist.all_reduce(loss_mean, group=self.dims.meshes.dp.get_group())
+        meshes = self.dims.meshes
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm,
+                                    meshes.dense["pp"].get_group() if self.pipeline else None)
+        if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
+            dist.all_reduce(loss_mean, group=meshes.dp_pp.get_group())
         # The step's one host sync: the values the non-finite check and the log need.
         loss_value, norm_value = torch.cat([loss_mean, grad_norm.reshape(1).to(loss_mean)]).tolist()
         for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
@@ -174,38 +212,70 @@ class Trainer:
         self.lr_scheduler.step()
         return loss_value, norm_value, lr
 
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch through the whole model; returns its summed token loss over
+        ``global_tokens``."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            # Multi-token prediction needs the targets inside the model.
+            logits = self.model(inputs, labels) if self.mtp else self.model(inputs)
+        with loss_parallel() if self.dims.tp > 1 else nullcontext():
+            loss = self.loss_fn(logits, labels) / self.global_tokens
+            loss.backward()
+        return _full(loss.detach())
+
+    def _pipeline_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One local batch through the pipeline schedule (its micro-batches, forward and
+        backward); returns the loss of the batch over ``global_tokens``, or zero on a rank
+        without the last stage."""
+        p, losses = self.pipeline, []
+        with (torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
+              loss_parallel() if self.dims.tp > 1 else nullcontext()):
+            p.schedule.step(*([inputs] if p.has_first else []),
+                            target=labels if p.has_last else None, losses=losses,
+                            return_outputs=False)
+        return sum((_full(loss.detach()) for loss in losses),
+                   torch.zeros((), device=self.device))
+
     def after_step(self) -> dict[str, torch.Tensor]:
         """Expert-bias update from this step's token counts, summed over every rank that
         routes other tokens, so all ranks apply the same bias; returns the step's MoE and MTP
-        statistics (``moe_step_stats``, on the device: metrics read them at log time) and
-        resets the buffers."""
-        layers = self.moe_layers
-        buffers = [m.tokens_per_expert for m in layers] + [m.stats for m in layers]
-        buffers += [self.model.mtp_loss_sum] if self.mtp else []
-        if not buffers:
+        statistics of every layer (``moe_step_stats``, on the device: metrics read them at log
+        time) and resets the buffers.
+
+        One all-reduce over all ranks carries every layer's buffers: each rank fills the rows
+        of the MoE layers its pipeline stages hold and leaves the others' zero."""
+        if not self.moe_blocks and not self.mtp:
             return {}
-        group = self.dims.meshes.dp_tp.get_group() if self.dims.meshes else None
-        shards = self.accum_steps * (dist.get_world_size(group) if group else 1)
-        flat = torch.cat([b.flatten().float() for b in buffers])
-        if group:
-            dist.all_reduce(flat, group=group)  # one collective for every layer's buffers
-        totals = [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in buffers]),
-                                                 buffers)]
-        for b in buffers:
-            b.zero_()
+        layers, rows = self.moe_layers, self.moe_rows
+        n_experts, n_stats = self.cfg.moe.num_experts, len(STAT_NAMES)
+        counts = torch.zeros(len(self.moe_blocks), n_experts, device=self.device)
+        stats = torch.zeros(len(self.moe_blocks), n_stats, device=self.device)
+        for row, m in zip(rows, layers):
+            counts[row], stats[row] = m.tokens_per_expert, m.stats
+            m.tokens_per_expert.zero_()
+            m.stats.zero_()
+        mtp = self.model.mtp_loss_sum.reshape(1) if self.mtp else torch.zeros(0)
+        flat = torch.cat([counts.flatten(), stats.flatten(), mtp.to(counts)])
+        if self.dims.meshes:
+            dist.all_reduce(flat)
+        counts = flat[:counts.numel()].view_as(counts)
+        stats = flat[counts.numel():counts.numel() + stats.numel()].view_as(stats)
         out = {}
-        if layers:
-            L = len(layers)
-            counts, stats = torch.stack(totals[:L]), torch.stack(totals[L:2 * L])
+        if self.moe_blocks:
             rate = self.cfg.moe.bias_update_rate
-            for m, layer_counts in zip(layers, counts):
+            bias_norm = torch.zeros(len(self.moe_blocks), device=self.device)
+            for row, m in zip(rows, layers):
                 if m.router.expert_bias is not None and rate > 0:
-                    update_expert_bias(m.router.expert_bias, layer_counts, rate)
-            biases = [m.router.expert_bias for m in layers]
-            bias_LE = torch.stack(biases) if all(b is not None for b in biases) else None
-            out = moe_step_stats(counts, stats, shards, bias_LE)
+                    update_expert_bias(m.router.expert_bias, counts[row], rate)
+                if m.router.expert_bias is not None:
+                    bias_norm[row] = m.router.expert_bias.norm()
+            with_bias = self.cfg.moe.enable_expert_bias
+            if with_bias and self.pipeline:  # the other stages' layers
+                dist.all_reduce(bias_norm, group=self.dims.meshes.dense["pp"].get_group())
+            out = moe_step_stats(counts, stats, self.token_shards, bias_norm if with_bias else None)
         if self.mtp:
-            out["mtp_loss"] = totals[-1] / shards
+            out["mtp_loss"] = flat[-1] / self.token_shards
+            self.model.mtp_loss_sum.zero_()
         return out
 
     def train(self) -> list[float]:

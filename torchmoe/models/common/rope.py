@@ -63,7 +63,9 @@ def rope_cos_sin(args: RopeArgs, seq_len: int, device: torch.device | None = Non
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, S, H, R] by position; cos_sin [S, R/2, 2]. Computed in float32."""
+    """Rotate x [B, S, H, R] by position; cos_sin [>= S, R/2, 2], of which the first S
+    positions are used. Computed in float32."""
+    cos_sin = cos_sin[: x.shape[1]]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos = cos_sin[None, :, None, :, 0]

@@ -112,7 +112,8 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] int64 (or hidden states [B, S, D] on a later pipeline stage); labels
         [B, S], the tokens shifted left by one, only needed for multi-token prediction."""
-        cos_sin = self.rope_cos_sin[: tokens.shape[1]]  # before a plan may shard the sequence
+        # every position: a later pipeline stage may get a sequence shard (tensor parallel)
+        cos_sin = self.rope_cos_sin
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos_sin)

@@ -1,0 +1,143 @@
+"""Stage layout, splitting and the pp_* key checks of torchmoe/parallel/pipeline.py (one
+process; the schedules against the single process are in tests/distributed/test_layouts.py)."""
+
+import itertools
+import re
+
+import pytest
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import build_config
+from torchmoe.models.moe.moe import MoE
+from torchmoe.models.registry import get_model_spec
+from torchmoe.parallel.pipeline import (LocalStages, balanced_split, describe_layout, num_stages,
+                                        split_stage, stage_ids, stage_layout, unit_costs,
+                                        validate_pipeline)
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return get_model_spec(cfg.model.name).build(cfg)
+
+
+def config(**overrides):
+    return build_config({}, [(k, str(v)) for k, v in overrides.items()])
+
+
+def stage_costs(counts, costs, first, last):
+    bounds = list(itertools.accumulate([0, *counts]))
+    out = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    out[0] += first
+    out[-1] += last
+    return out
+
+
+@pytest.mark.parametrize("n,stages", [(1, 1), (5, 1), (5, 5), (7, 3), (9, 4)])
+def test_balanced_split_is_optimal(n, stages):
+    """Against every composition of n blocks into stages of at least one."""
+    g = torch.Generator().manual_seed(n * 10 + stages)
+    for _ in range(5):
+        costs = torch.rand(n, generator=g, dtype=torch.float64).tolist()
+        first, last = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        counts = balanced_split(costs, stages, first, last)
+        assert len(counts) == stages and sum(counts) == n and min(counts) >= 1
+        best = min(max(stage_costs(c, costs, first, last))
+                   for cuts in itertools.combinations(range(1, n), stages - 1)
+                   for c in [[b - a for a, b in zip((0, *cuts), (*cuts, n))]])
+        assert max(stage_costs(counts, costs, first, last)) == pytest.approx(best, rel=1e-12)
+
+
+def test_moe_blocks_cost_more_than_dense_ones_and_the_split_follows():
+    """DeepSeek-V3 671B: 3 dense blocks, then 58 MoE blocks with 256 experts each."""
+    cfg = config(**{"model.flavor": "671B", "parallelism.pp": 16})
+    model = meta_model(cfg)
+    costs, first, last = unit_costs(model, cfg)
+    dense, moe = costs[0], costs[3]
+    assert not isinstance(model.layers["0"].feed_forward, MoE)
+    assert moe > 1.5 * dense  # about the same FLOPs, ~30x the parameters
+    assert sum(costs) + first + last == pytest.approx(1.0)
+    layout = stage_layout(model, cfg)
+    assert sum(layout) == 61 and len(layout) == 16
+    even = balanced_split([1.0] * 61, 16)  # split by count
+    assert (max(stage_costs(layout, costs, first, last))
+            < max(stage_costs(even, costs, first, last)))
+    assert layout[0] > layout[1]  # the dense blocks are cheap: the first stage takes more
+
+
+def test_describe_layout_names_each_stage():
+    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 5})
+    model = meta_model(cfg)
+    text = describe_layout(model, cfg, [2, 3])
+    assert re.fullmatch(r"stage 0: embedding \+ blocks 0-1 \(\d+%\); "
+                        r"stage 1: blocks 2-4 \+ head \(\d+%\)", text), text
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("1F1B", [[0], [1], [2], [3]]),
+    ("Interleaved1F1B", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+    ("ZBVZeroBubble", [[0, 7], [1, 6], [2, 5], [3, 4]]),
+    ("DualPipeV", [[0, 7], [1, 6], [2, 5], [3, 4]]),
+])
+def test_stage_ids_loop_or_v(schedule, expected):
+    stages = 4 if schedule == "1F1B" else 8
+    assert [stage_ids(r, 4, stages, schedule) for r in range(4)] == expected
+
+
+def test_split_stages_partition_the_parameters_under_their_own_names():
+    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 5})
+    layout = [1, 2, 0, 2]
+    names = set(dict(meta_model(cfg).named_parameters()))
+    parts = [split_stage(meta_model(cfg), layout, s) for s in range(4)]
+    per_stage = [set(dict(p.named_parameters())) for p in parts]
+    assert set().union(*per_stage) == names
+    assert sum(map(len, per_stage)) == len(names)  # no parameter in two stages
+    assert [list(p.layers.keys()) for p in parts] == [["0"], ["1", "2"], [], ["3", "4"]]
+    assert [p.tok_embeddings is not None for p in parts] == [True, False, False, False]
+    assert [p.output is not None for p in parts] == [False, False, False, True]
+    both = LocalStages([parts[0], parts[3]])  # a V: rank 0 holds the first and the last
+    assert set(dict(both.named_parameters())) == per_stage[0] | per_stage[3]
+    assert list(both.layers.keys()) == ["0", "3", "4"]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 2, "model.n_layers": 8}, 4),
+    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 3", "model.n_layers": 4}, 2),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"}, 4),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B",
+      "parallelism.pp_stages_per_rank": 3, "model.n_layers": 6}, 6),
+])
+def test_stage_count(overrides, expected):
+    assert num_stages(config(**overrides)) == expected
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"parallelism.pp_layout": "3"},
+     "parallelism.pp_layout = [3] has no effect with parallelism.pp = 1"),
+    ({"parallelism.pp": 2, "model.mtp_num_layers": 1},
+     "model.mtp_num_layers = 1 with parallelism.pp = 2 is not supported yet"),
+    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 2", "model.n_layers": 4},
+     "parallelism.pp_layout = [1, 2] must list non-negative block counts adding up to "
+     "model.n_layers = 4"),
+    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 1, 2", "model.n_layers": 4},
+     "parallelism.pp_layout gives 3 pipeline stages, which must be parallelism.pp = 2 x"),
+    ({"parallelism.pp": 2, "parallelism.pp_layout": "2, 2",
+      "parallelism.pp_layers_per_stage": 2, "model.n_layers": 4},
+     "parallelism.pp_layout and parallelism.pp_layers_per_stage both set the split"),
+    ({"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 3, "model.n_layers": 4},
+     "parallelism.pp_layers_per_stage = 3 does not divide model.n_layers = 4"),
+    ({"parallelism.pp": 2, "parallelism.pp_stages_per_rank": 2},
+     "parallelism.pp_schedule = '1F1B' runs 1 stage(s) per rank but the layout gives 2"),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "DualPipeV",
+      "parallelism.pp_stages_per_rank": 3, "model.n_layers": 6},
+     "parallelism.pp_schedule = 'DualPipeV' runs 2 stage(s) per rank but the layout gives 3"),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"},
+     "4 pipeline stages (parallelism.pp x pp_stages_per_rank) but only model.n_layers = 3"),
+    ({"parallelism.pp": 2, "parallelism.pp_microbatches": 3},
+     "parallelism.pp_microbatches = 3 must divide training.local_batch_size = 8"),
+])
+def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
+    cfg = config(**{"training.local_batch_size": 8, **overrides})
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
+        validate_pipeline(cfg)
+    assert "\n" not in str(err.value)
