@@ -5,8 +5,11 @@ against a plain NCCL all_to_all_single of the same bytes, measured in the same r
         --config train_configs/deepseek_v3.toml --model.n_layers 4 --parallelism.ep 2
 
 Prints one table row (rank 0): tokens/s per GPU, model TFLOP/s per GPU, MFU, peak memory,
-then per optimizer step the time of the EP all-to-all kernels (forward and backward, from the
-profiler) and of a replay of the same all_to_all_single calls after a barrier.
+the share of each GPU's time without a compute kernel (the pipeline bubble under ``pp``, plus
+any exposed communication; the theoretical bubble is in the layout column), then per
+optimizer step the time of the NCCL all-to-all and send/recv kernels (EP dispatch, forward and
+backward, and the pipeline's point-to-point transfers, waits included; from the profiler) and
+of a replay of the same all_to_all_single calls after a barrier.
 """
 
 import argparse
@@ -16,10 +19,12 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import torchmoe.parallel.expert_parallel as ep_module
 from torchmoe.config.load import load_config
+from torchmoe.parallel.pipeline import microbatches, num_stages
 from torchmoe.train.metrics import peak_flops
 from torchmoe.train.trainer import Trainer
 
@@ -59,6 +64,27 @@ def kernel_seconds(prof, fragment: str, steps: int) -> float:
     return total_us / 1e6 / steps
 
 
+def busy_fraction(prof, seconds: float) -> float:
+    """Share of the wall time the GPU spends in compute kernels (the union of their intervals,
+    NCCL kernels left out: they spin while waiting) over the profiled steps."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and "nccl" not in e.name.lower())
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy_us += stop - max(start, end)
+            end = stop
+    return busy_us / 1e6 / seconds
+
+
+def theoretical_bubble(cfg, stages: int) -> float:
+    """(p - 1) / (v m + p - 1): the idle share of 1F1B (v = 1) and of interleaving v stages per
+    rank, with equal stages and free communication."""
+    p = cfg.parallelism.pp
+    v, m = stages // p, microbatches(cfg)
+    return (p - 1) / (v * m + p - 1)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--warmup", type=int, default=5)
@@ -87,9 +113,14 @@ def main(argv: list[str]) -> None:
 
     calls.clear()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         for _ in range(2):
             step()
         torch.cuda.synchronize()
+        profiled = time.perf_counter() - start
+    idle = torch.tensor([1 - busy_fraction(prof, profiled)], device=trainer.device)
+    idle_by_rank = [torch.zeros_like(idle) for _ in range(dist.get_world_size())]
+    dist.all_gather(idle_by_rank, idle)
     a2a_kernels = kernel_seconds(prof, "SendRecv", 2) + kernel_seconds(prof, "AllToAll", 2)
     fsdp_kernels = kernel_seconds(prof, "AllGather", 2) + kernel_seconds(prof, "ReduceScatter", 2)
     step_calls = calls[: len(calls) // 2]
@@ -103,16 +134,23 @@ def main(argv: list[str]) -> None:
     tflops = tps * trainer.metrics.flops_per_token / 1e12
     peak = peak_flops(trainer.device, trainer.dtype)
     mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "n/a"
+    memory = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=trainer.device)
+    dist.all_reduce(memory, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         d = trainer.dims
-        print(f"| layout | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB | step ms | "
-              f"EP a2a kernels ms/step | plain a2a same bytes ms/step | a2a MiB/step/rank | "
-              f"FSDP comm kernels ms/step |")
-        print(f"| dp_shard {d.dp_shard} ep {d.ep} ({cfg.moe.dispatcher}) | {tps:,.0f} | "
-              f"{tflops:.0f} | {mfu} | "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} | {seconds * 1e3:.0f} | "
-              f"{a2a_kernels * 1e3:.1f} | {plain * 1e3:.1f} | {moved:.0f} | "
-              f"{fsdp_kernels * 1e3:.1f} |", flush=True)
+        layout = f"dp_shard {d.dp_shard} ep {d.ep} ({cfg.moe.dispatcher})"
+        if trainer.pipeline:
+            p = cfg.parallelism
+            layout += (f" pp {d.pp} {p.pp_schedule}, {num_stages(cfg)} stages, "
+                       f"{microbatches(cfg)} micro-batches, bubble in theory "
+                       f"{100 * theoretical_bubble(cfg, num_stages(cfg)):.0f}%")
+        idle_text = " / ".join(f"{100 * float(i):.0f}%" for i in idle_by_rank)
+        print(f"| layout | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB (max rank) | step ms | "
+              f"GPU idle by rank (no compute kernel) | EP a2a + PP p2p kernels ms/step | "
+              f"plain a2a same bytes ms/step | a2a MiB/step/rank | FSDP comm kernels ms/step |")
+        print(f"| {layout} | {tps:,.0f} | {tflops:.0f} | {mfu} | {float(memory):.1f} | "
+              f"{seconds * 1e3:.0f} | {idle_text} | {a2a_kernels * 1e3:.1f} | "
+              f"{plain * 1e3:.1f} | {moved:.0f} | {fsdp_kernels * 1e3:.1f} |", flush=True)
     dist.destroy_process_group()
 
 

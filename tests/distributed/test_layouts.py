@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tests.distributed.launcher import run_ranks
 from torchmoe.config.load import build_config
 from torchmoe.data.stdlib_docs import load_stdlib_docs
+from torchmoe.parallel.pipeline import STAGES_TAKE_GRAD_SHAPES, V_SHAPED
 from torchmoe.train.trainer import Trainer
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
@@ -135,6 +136,8 @@ def seed_and_references(tmp_path_factory, data_cache):
 def test_layout_matches_single_process(layout, seed_and_references, data_cache):
     get, data = seed_and_references
     world, overrides = LAYOUTS[layout]
+    if overrides.get("parallelism.pp_schedule") in V_SHAPED and not STAGES_TAKE_GRAD_SHAPES:
+        pytest.skip("V-shaped schedules on gloo need torch >= 2.13 (a one-line error before)")
     model_overrides = {k: v for k, v in overrides.items() if k.startswith("model.")}
     if balance_loss_is_layout_dependent(world, overrides):
         model_overrides.update(NO_BALANCE_LOSS)

@@ -16,8 +16,23 @@ def dry_run(ngpu: int, *args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def gib(table: str, row: str) -> float:
-    return float(re.search(rf"^{re.escape(row)}\s+([\d.]+)$", table, re.M).group(1))
+def table(out: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The dry run's table: its column names, and each rank's label -> cells."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("GiB per rank"))
+    columns = lines[start].split()[3:]
+    cells = {" ".join(line.split()[:-len(columns)]): line.split()[-len(columns):]
+             for line in lines[start + 1:] if line.strip()}
+    return columns, cells
+
+
+def gib(out: str, row: str, column: str) -> float:
+    columns, cells = table(out)
+    return float(cells[row][columns.index(column)])
+
+
+def rows(out: str) -> list[str]:
+    return list(table(out)[1])
 
 
 def test_671b_on_256_ranks_with_ep64():
@@ -27,28 +42,37 @@ def test_671b_on_256_ranks_with_ep64():
     out = proc.stdout
     assert "256 ranks: dp_replicate 1 dp_shard 256 tp 1 pp 1 ep 64 etp 1" in out
     assert "experts sharded over edp 4" in out
+    assert rows(out) == ["rank 0"]
     total = float(re.search(r"([\d.]+)B parameters", out).group(1)) * 1e9
-    per_rank = gib(out, "parameters (fp32)") * 2**30
+    per_rank = gib(out, "rank 0", "params") * 2**30
     assert abs(per_rank - 4 * total / 256) / per_rank < 0.02  # every weight sharded 256 ways
-    assert abs(gib(out, "AdamW state (fp32 x2)") - 2 * gib(out, "parameters (fp32)")) < 0.02
+    assert abs(gib(out, "rank 0", "AdamW") - 2 * gib(out, "rank 0", "params")) < 0.02
 
 
 def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
     proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.tp",
-                   "2", "--parallelism.pp", "16", "--parallelism.ep", "64")
+                   "2", "--parallelism.pp", "16", "--parallelism.ep", "64",
+                   "--training.local_batch_size", "16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "1024 ranks: dp_replicate 1 dp_shard 32 tp 2 pp 16 ep 64 etp 1" in out
-    assert re.search(r"^GiB per rank\s+stage 0\s+stage 15$", out, re.M)
-    first, last = (float(v) for v in re.search(
-        r"^parameters \(fp32\)\s+([\d.]+)\s+([\d.]+)$", out, re.M).groups())
-    assert last < first  # the last stage holds 1 of the 61 layers, the first 4 + embeddings
+    assert "pipeline 1F1B, 16 micro-batches: stage 0: embedding + blocks 0-" in out
+    labels = rows(out)
+    assert labels == [f"pp rank {r} (stage {r})" for r in range(16)]
+    total = float(re.search(r"([\d.]+)B parameters", out).group(1)) * 1e9
+    held = sum(gib(out, row, "params") for row in labels) * 2**30
+    # each stage's weights are split over the 64 ranks of its pipeline position, once
+    assert abs(held * 64 - 4 * total) / (4 * total) < 0.02
+    # 1F1B: pp - rank micro-batches in flight; the last rank also holds the logits
+    acts = [gib(out, row, "activations") for row in labels]
+    assert acts[0] > 2 * acts[14] and acts[1] > acts[14]
     assert "UserWarning" not in proc.stderr
 
 
 @pytest.mark.parametrize("ngpu,extra,layout", [
     (8, [], "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8"),
-    (64, ["--parallelism.pp", "4", "--parallelism.dp_replicate", "2"],
+    (64, ["--parallelism.pp", "4", "--parallelism.pp_schedule", "Interleaved1F1B",
+          "--training.local_batch_size", "8", "--parallelism.dp_replicate", "2"],
      "64 ranks: dp_replicate 2 dp_shard 8 tp 1 pp 4 ep 8"),
 ])
 def test_mixtral_8x7b_seed_layouts(ngpu, extra, layout):
@@ -56,14 +80,16 @@ def test_mixtral_8x7b_seed_layouts(ngpu, extra, layout):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert layout in proc.stdout
     assert "mixtral/8x7B, 46.7B parameters" in proc.stdout
+    if "Interleaved1F1B" in extra:  # rank r holds stages r and r + 4
+        assert rows(proc.stdout) == [f"pp rank {r} (stages {r}, {r + 4})" for r in range(4)]
 
 
 def test_fewer_experts_per_rank_means_smaller_fsdp_buffers():
     base = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "1")
     ep8 = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")
     assert base.returncode == ep8.returncode == 0, base.stderr[-2000:] + ep8.stderr[-2000:]
-    row = "FSDP gathered weights (bf16, 2 blocks)"
-    assert gib(ep8.stdout, row) < gib(base.stdout, row) / 4
+    assert (gib(ep8.stdout, "rank 0", "FSDP-buf")
+            < gib(base.stdout, "rank 0", "FSDP-buf") / 4)
 
 
 def test_invalid_layout_is_the_usual_one_line_error():

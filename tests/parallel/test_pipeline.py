@@ -135,9 +135,12 @@ def test_stage_count(overrides, expected):
      "4 pipeline stages (parallelism.pp x pp_stages_per_rank) but only model.n_layers = 3"),
     ({"parallelism.pp": 2, "parallelism.pp_microbatches": 3},
      "parallelism.pp_microbatches = 3 must divide training.local_batch_size = 8"),
+    ({"parallelism.pp": 4, "model.n_layers": 4, "training.local_batch_size": 2},
+     "parallelism.pp_schedule = '1F1B' needs at least parallelism.pp = 4 micro-batches but "
+     "has 2"),
 ])
 def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
-    cfg = config(**{"training.local_batch_size": 8, **overrides})
+    cfg = config(**{"training.local_batch_size": 8} | overrides)
     with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
         validate_pipeline(cfg)
     assert "\n" not in str(err.value)

@@ -27,6 +27,6 @@ def test_recipe_plans_its_layout(recipe, ngpu, layout, model):
     out = proc.stdout
     assert layout in out and model in out
     total = float(re.search(r"([\d.]+)B parameters", out).group(1)) * 1e9
-    per_rank = gib(out, "parameters (fp32)") * 2**30
+    per_rank = gib(out, "rank 0", "params") * 2**30
     assert abs(per_rank - 4 * total / ngpu) / per_rank < 0.05  # nothing left unsharded
-    assert gib(out, "total") < 80
+    assert gib(out, "rank 0", "total") < 80

@@ -4,10 +4,9 @@
 size as rank 0, builds the real meshes, builds the model on the meta device, applies the
 parallelize plan, and prints what a rank would hold: parameter, gradient and optimizer-state
 bytes (from the actual shard shapes), FSDP's gathered-weight buffers, and an activation
-estimate. With ``pp`` > 1 it does so for the first and the last pipeline stage (layers split
-evenly; the first stage keeps the embedding, the last the norm and output head), counting the
-``pp - stage`` micro-batches a 1F1B schedule keeps in flight. Validation errors are the same
-one-liners as a real run's.
+estimate. With ``pp`` > 1 it splits the model as training would (the same stage layout,
+printed) and does so for each pipeline rank's stages, counting the micro-batches its schedule
+keeps in flight there. Validation errors are the same one-liners as a real run's.
 """
 
 import os
@@ -20,7 +19,10 @@ from torch.distributed.tensor import DTensor
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
+from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
+from torchmoe.parallel.pipeline import (describe_layout, microbatches, split_stage, stage_ids,
+                                        stage_layout)
 from torchmoe.parallel.plans import load_plan
 
 GiB = 2**30
@@ -49,51 +51,63 @@ def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
     return attention + mlp
 
 
-def keep_stage(model: nn.Module, stage: int, stages: int) -> None:
-    """Drop every layer, embedding or head that pipeline stage ``stage`` does not own."""
-    names = list(model.layers.keys())
-    per_stage = -(-len(names) // stages)
-    for name in names[:stage * per_stage] + names[(stage + 1) * per_stage:]:
-        del model.layers[name]
-    if stage > 0:
-        model.tok_embeddings = None
-    if stage < stages - 1:
-        model.norm = model.output = None
+def in_flight(schedule: str, pp: int, pp_rank: int, stages_per_rank: int, m: int) -> int:
+    """Micro-batches of one stage whose activations rank ``pp_rank`` holds at its peak: all of
+    them under GPipe / LoopedBFS (every forward before any backward), ``pp - rank`` under
+    1F1B, and torch's warm-up count plus one for the interleaved and V-shaped schedules (an
+    estimate for the zero-bubble ones, which also delay weight gradients)."""
+    if pp == 1:
+        return 1
+    if schedule in ("GPipe", "LoopedBFS"):
+        return m * stages_per_rank
+    if schedule == "1F1B":
+        return min(m, pp - pp_rank)
+    return min(m * stages_per_rank, (stages_per_rank - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
 
 
-def estimate(model: nn.Module, dims: ParallelDims, cfg: JobConfig, stage: int
+def stage_activations(part: nn.Module, dims: ParallelDims, cfg: JobConfig, tokens: float
+                      ) -> tuple[float, float]:
+    """Bytes one micro-batch of ``tokens`` (per rank) leaves in ``part`` until its backward,
+    and the bytes one recomputed block adds while it runs backward."""
+    per_layer = [activation_bytes_per_token(cfg, b) * tokens for b in part.layers.values()]
+    ac = cfg.activation_checkpoint
+    if ac.mode == "full":  # checkpointed blocks keep their input; the others everything
+        stored = sum(FP32 * cfg.model.dim * tokens if int(key) % ac.every_n_layers == 0 else size
+                     for key, size in zip(part.layers.keys(), per_layer))
+        recompute = max(per_layer, default=0)
+    else:  # selective frees little of what this per-token count holds: an upper bound
+        stored, recompute = sum(per_layer), 0.0
+    if part.output is not None:
+        # logits, and the float32 copies of the eager loss (a compiled loss fuses them away)
+        stored += tokens * cfg.model.vocab_size * (BF16 + (0 if cfg.compile.enable else 2 * FP32))
+    return stored, recompute
+
+
+def estimate(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank: int
              ) -> dict[str, float]:
-    """Bytes a rank of pipeline stage ``stage`` holds, by kind."""
-    params = [p for p in model.parameters()]
-    numel = sum(_local_numel(p) for p in params)
+    """Bytes a rank holding the planned pipeline stages ``parts`` holds, by kind (one part,
+    the whole model, without pipeline parallelism)."""
+    numel = sum(_local_numel(p) for part in parts for p in part.parameters())
+
     def unsharded_by_fsdp(block: nn.Module) -> int:
         """A block's weights as FSDP gathers them: experts stay split over ep x etp."""
         return sum(p.numel() // (dims.ep * dims.etp if ".experts." in f".{name}" else dims.tp)
                    for name, p in block.named_parameters())
 
-    gathered = max((unsharded_by_fsdp(b) for b in model.layers.values()), default=0)
-    tokens = cfg.training.local_batch_size * cfg.training.seq_len / dims.tp  # sequence parallel
-    blocks = list(model.layers.values())
-    per_layer = [activation_bytes_per_token(cfg, b) * tokens for b in blocks]
-    ac = cfg.activation_checkpoint
-    if ac.mode == "full":  # checkpointed blocks keep their input; the others everything
-        kept = [FP32 * cfg.model.dim * tokens if i % ac.every_n_layers == 0 else size
-                for i, size in enumerate(per_layer)]
-        acts = sum(kept) + max(per_layer, default=0)
-    else:  # selective frees little of what this per-token count holds: an upper bound
-        acts = sum(per_layer)
-    if model.output is not None:
-        # logits, and the float32 copies of the eager loss (a compiled loss fuses them away)
-        acts += tokens * cfg.model.vocab_size * (BF16 + (0 if cfg.compile.enable else 2 * FP32))
-    acts *= dims.pp - stage  # micro-batches in flight on this stage under 1F1B
-    return {"parameters (fp32)": numel * FP32, "gradients (fp32)": numel * FP32,
-            "AdamW state (fp32 x2)": numel * 2 * FP32,
-            "FSDP gathered weights (bf16, 2 blocks)": 2 * gathered * BF16 if dims.dp > 1 else 0,
-            "activations (estimate)": acts}
+    gathered = max((unsharded_by_fsdp(b) for part in parts for b in part.layers.values()),
+                   default=0)
+    m = microbatches(cfg) if dims.pp > 1 else 1
+    tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / dims.tp  # seq. parallel
+    stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
+    flight = in_flight(cfg.parallelism.pp_schedule, dims.pp, pp_rank, len(parts), m)
+    return {"params": numel * FP32, "grads": numel * FP32, "AdamW": numel * 2 * FP32,
+            "FSDP-buf": 2 * gathered * BF16 if dims.dp > 1 else 0,
+            "activations": flight * sum(stored) / len(stored) + max(recompute)}
 
 
 def dry_run(cfg: JobConfig) -> None:
-    """Print rank 0's memory under ``cfg``'s layout on ``WORLD_SIZE`` fake ranks."""
+    """Print the memory of a rank of every pipeline position under ``cfg``'s layout on
+    ``WORLD_SIZE`` fake ranks."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,15 +118,23 @@ def dry_run(cfg: JobConfig) -> None:
         dims.build_meshes("cpu")
         spec = get_model_spec(cfg.model.name)
         plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
-        columns = {}
-        for stage in sorted({0, dims.pp - 1}):
-            with torch.device("meta"):
-                model = spec.build(cfg)
-            total_params = sum(p.numel() for p in model.parameters())
-            keep_stage(model, stage, dims.pp)
-            model = plan(model, dims, cfg)
-            columns[f"stage {stage}" if dims.pp > 1 else "rank 0"] = estimate(model, dims, cfg,
-                                                                                stage)
+        with torch.device("meta"):
+            model = spec.build(cfg)
+        total_params = sum(p.numel() for p in model.parameters())
+        check_recompute_modules(model, cfg.activation_checkpoint)
+        rows, pipeline = {}, ""
+        if dims.pp == 1:
+            rows["rank 0"] = estimate([plan(model, dims, cfg)], dims, cfg, 0)
+        else:
+            layout = stage_layout(model, cfg)
+            pipeline = (f"pipeline {cfg.parallelism.pp_schedule}, {microbatches(cfg)} "
+                        f"micro-batches: {describe_layout(model, cfg, layout)}")
+            parts = [plan(split_stage(model, layout, s), dims, cfg) for s in range(len(layout))]
+            for r in range(dims.pp):
+                ids = stage_ids(r, dims.pp, len(layout), cfg.parallelism.pp_schedule)
+                name = f"pp rank {r} (stage{'s' if len(ids) > 1 else ''} " \
+                       f"{', '.join(map(str, ids))})"
+                rows[name] = estimate([parts[s] for s in ids], dims, cfg, r)
     finally:
         dist.destroy_process_group()
     d = dims
@@ -121,8 +143,13 @@ def dry_run(cfg: JobConfig) -> None:
           f"pp {d.pp} ep {d.ep} etp {d.etp} (experts sharded over edp {d.edp}); "
           f"local batch {cfg.training.local_batch_size} x seq {cfg.training.seq_len}, "
           f"activation checkpointing {cfg.activation_checkpoint.mode}")
-    print(f"{'GiB per rank':<42}" + "".join(f"{c:>10}" for c in columns))
-    rows = next(iter(columns.values())).keys()
-    for name in list(rows) + ["total"]:
-        values = [sum(col.values()) if name == "total" else col[name] for col in columns.values()]
-        print(f"{name:<42}" + "".join(f"{v / GiB:>10.2f}" for v in values))
+    if pipeline:
+        print(pipeline)
+    print("columns: fp32 parameters, fp32 gradients, AdamW's two fp32 moments, FSDP's gathered "
+          "bf16 weights of two blocks, activations (estimate), total")
+    width = max(len(name) for name in rows) + 2
+    kinds = list(next(iter(rows.values())))
+    print(f"{'GiB per rank':<{width}}" + "".join(f"{k:>12}" for k in kinds + ["total"]))
+    for name, row in rows.items():
+        values = list(row.values()) + [sum(row.values())]
+        print(f"{name:<{width}}" + "".join(f"{v / GiB:>12.2f}" for v in values))

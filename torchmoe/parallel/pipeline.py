@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 # Static shapes rather than torch's runtime inference, which runs an extra forward (and, in
 # newer torch, backward) that would count tokens in the MoE layers' statistics. Newer torch
-# (2.13) also wants the gradients' shapes in static mode.
-_STATIC_GRADS = "output_grads" in inspect.signature(PipelineStage.__init__).parameters
+# (2.13) also wants the gradients' shapes in static mode; this also tells the versions apart.
+STAGES_TAKE_GRAD_SHAPES = "output_grads" in inspect.signature(
+    PipelineStage.__init__).parameters
 SINGLE_STAGE = ("GPipe", "1F1B")
 V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
 
@@ -105,6 +106,10 @@ def validate_pipeline(cfg: JobConfig) -> None:
     if cfg.training.local_batch_size % m:
         raise ConfigError(f"parallelism.pp_microbatches = {m} must divide "
                           f"training.local_batch_size = {cfg.training.local_batch_size}")
+    if p.pp_schedule == "1F1B" and m < p.pp:
+        raise ConfigError(f"parallelism.pp_schedule = '1F1B' needs at least parallelism.pp = "
+                          f"{p.pp} micro-batches but has {m} (pp_microbatches, or one per "
+                          "sequence of training.local_batch_size); raise them")
 
 
 def unit_costs(model: nn.Module, cfg: JobConfig) -> tuple[list[float], float, float]:
@@ -251,6 +256,11 @@ def build_pipeline(model: nn.Module, dims: ParallelDims, cfg: JobConfig, plan: C
     logger.info("pipeline %s, %d micro-batches: %s", p.pp_schedule, microbatches(cfg),
                 describe_layout(model, cfg, layout))
     pp_mesh = dims.meshes.dense["pp"]
+    if p.pp_schedule in V_SHAPED and not STAGES_TAKE_GRAD_SHAPES and (
+            torch.distributed.get_backend(pp_mesh.get_group()) == "gloo"):
+        raise ConfigError(f"parallelism.pp_schedule = {p.pp_schedule!r} on gloo needs torch >= "
+                          f"2.13 (torch {torch.__version__} sends between the two stages of one "
+                          "rank, which gloo cannot); use NCCL, another schedule or newer torch")
     ids = stage_ids(pp_mesh.get_local_rank(), p.pp, len(layout), p.pp_schedule)
     parts, stages = [], []
     b = t.local_batch_size // microbatches(cfg)
@@ -264,7 +274,7 @@ def build_pipeline(model: nn.Module, dims: ParallelDims, cfg: JobConfig, plan: C
         outputs = (torch.empty(b, t.seq_len, cfg.model.vocab_size, dtype=logits_dtype,
                                device="meta") if last else hidden)
         grads = {}
-        if _STATIC_GRADS:
+        if STAGES_TAKE_GRAD_SHAPES:
             grads = {"input_grads": None if first else hidden,
                      "output_grads": None if last else hidden}
         stages.append(PipelineStage(part, stage, len(layout), device, input_args=inputs,

@@ -228,6 +228,8 @@ class Trainer:
         backward); returns the loss of the batch over ``global_tokens``, or zero on a rank
         without the last stage."""
         p, losses = self.pipeline, []
+        # stages check their inputs' strides against the static shapes they were built with
+        inputs, labels = inputs.contiguous(), labels.contiguous()
         with (torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
               loss_parallel() if self.dims.tp > 1 else nullcontext()):
             p.schedule.step(*([inputs] if p.has_first else []),
