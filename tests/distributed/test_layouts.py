@@ -2,6 +2,7 @@
 parameters (float32, gloo, forked CPU ranks). All runs start from one seed checkpoint, and two
 experts are biased out of the routing so some experts get no tokens (uneven routing)."""
 
+import json
 import shutil
 
 import pytest
@@ -49,6 +50,9 @@ LAYOUTS = {
     "pp2_x_fsdp2": (4, {"parallelism.pp": 2, "model.n_layers": 4}),
     "pp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2, "model.n_layers": 4}),
     "pp2_x_tp2": (4, {"parallelism.pp": 2, "parallelism.tp": 2, "model.n_layers": 4}),
+    "pp2_mtp": (2, {"parallelism.pp": 2, "model.n_layers": 4, "model.mtp_num_layers": 1}),
+    "pp2_zbv_x_fsdp2_mtp": (4, {"parallelism.pp": 2, "parallelism.pp_schedule": "ZBVZeroBubble",
+                                "model.n_layers": 4, "model.mtp_num_layers": 1}),
     "pp2_interleaved_x_fsdp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2,
                                           "parallelism.pp_schedule": "Interleaved1F1B",
                                           "model.n_layers": 4}),
@@ -156,3 +160,14 @@ def test_layout_matches_single_process(layout, seed_and_references, data_cache):
         torch.testing.assert_close(params[name], ref, rtol=1e-4, atol=5e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
     assert all(r[0] == losses for r in results)  # every rank logs the global loss
+    # rank 0 logs every layer's expert load, whichever pipeline stage holds the layer
+    for logged, ref in zip(logged_rows(variant / layout), logged_rows(variant / "reference")):
+        assert logged["per_layer"]["tokens"] == ref["per_layer"]["tokens"]
+        torch.testing.assert_close(logged["per_layer"].get("bias_norm"),
+                                   ref["per_layer"].get("bias_norm"))
+
+
+def logged_rows(folder) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS
+    return rows

@@ -85,7 +85,7 @@ def test_stage_ids_loop_or_v(schedule, expected):
 
 
 def test_split_stages_partition_the_parameters_under_their_own_names():
-    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 5})
+    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 5, "model.mtp_num_layers": 1})
     layout = [1, 2, 0, 2]
     names = set(dict(meta_model(cfg).named_parameters()))
     parts = [split_stage(meta_model(cfg), layout, s) for s in range(4)]
@@ -95,6 +95,7 @@ def test_split_stages_partition_the_parameters_under_their_own_names():
     assert [list(p.layers.keys()) for p in parts] == [["0"], ["1", "2"], [], ["3", "4"]]
     assert [p.tok_embeddings is not None for p in parts] == [True, False, False, False]
     assert [p.output is not None for p in parts] == [False, False, False, True]
+    assert [p.mtp is not None for p in parts] == [False, False, False, True]
     both = LocalStages([parts[0], parts[3]])  # a V: rank 0 holds the first and the last
     assert set(dict(both.named_parameters())) == per_stage[0] | per_stage[3]
     assert list(both.layers.keys()) == ["0", "3", "4"]
@@ -114,8 +115,6 @@ def test_stage_count(overrides, expected):
 @pytest.mark.parametrize("overrides,fragment", [
     ({"parallelism.pp_layout": "3"},
      "parallelism.pp_layout = [3] has no effect with parallelism.pp = 1"),
-    ({"parallelism.pp": 2, "model.mtp_num_layers": 1},
-     "model.mtp_num_layers = 1 with parallelism.pp = 2 is not supported yet"),
     ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 2", "model.n_layers": 4},
      "parallelism.pp_layout = [1, 2] must list non-negative block counts adding up to "
      "model.n_layers = 4"),
@@ -136,8 +135,17 @@ def test_stage_count(overrides, expected):
     ({"parallelism.pp": 2, "parallelism.pp_microbatches": 3},
      "parallelism.pp_microbatches = 3 must divide training.local_batch_size = 8"),
     ({"parallelism.pp": 4, "model.n_layers": 4, "training.local_batch_size": 2},
-     "parallelism.pp_schedule = '1F1B' needs at least parallelism.pp = 4 micro-batches but "
+     "parallelism.pp_schedule = '1F1B' needs at least one micro-batch per stage (4) but has 2"),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "DualPipeV", "model.n_layers": 4,
+      "training.local_batch_size": 2},
+     "parallelism.pp_schedule = 'DualPipeV' needs at least one micro-batch per stage (4) but "
      "has 2"),
+    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B", "model.n_layers": 4,
+      "training.local_batch_size": 5},
+     "rounds of parallelism.pp = 2: 5 micro-batches is not a multiple of 2 rounds"),
+    ({"parallelism.pp": 3, "parallelism.pp_layout": "2, 0, 2", "model.n_layers": 4,
+      "training.local_batch_size": 3},
+     "parallelism.pp_layout = [2, 0, 2] leaves pipeline rank 1 (stages [1]) without blocks"),
 ])
 def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
     cfg = config(**{"training.local_batch_size": 8} | overrides)

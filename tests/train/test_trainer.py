@@ -42,6 +42,18 @@ def test_resume_is_bit_exact(tiny_config):
     assert not list(resumed.checkpoint.folder.glob("*.tmp"))
 
 
+def test_checkpoints_with_positional_optimizer_groups_still_resume(tiny_config):
+    """Checkpoints written before the optimizer's param_groups were keyed by parameter name."""
+    ckpt = {"checkpoint.enable": "true", "checkpoint.interval": 3, "training.steps": 6}
+    full = Trainer(tiny_config(**ckpt)).train()
+    old = Trainer(tiny_config(**ckpt, **{"checkpoint.folder": "old"}))
+    old.checkpoint.states["train"].flat = False  # as those checkpoints were written
+    old.train()
+    resumed = Trainer(tiny_config(**ckpt, **{"checkpoint.folder": "old",
+                                             "checkpoint.load_step": 3}))
+    assert resumed.train() == full[3:]
+
+
 def test_keep_latest_k_and_missing_step(tiny_config):
     cfg = tiny_config(**{"checkpoint.enable": "true", "checkpoint.interval": 1,
                          "checkpoint.keep_latest_k": 2, "training.steps": 4})

@@ -193,8 +193,8 @@ class Checkpoint:
         "only step-0 load its weights, so every parallel layout starts from the same model.")
     exclude_from_loading: list[str] = opt(
         [], "Parts of the checkpoint not to restore on resume: dataloader (read the data "
-        "afresh, e.g. after changing the data-parallel size), lr_scheduler, rng.",
-        choices=("dataloader", "lr_scheduler", "rng"))
+        "afresh, e.g. after changing the data-parallel size), rng.",
+        choices=("dataloader", "rng"))
 
 
 @dataclass
@@ -202,7 +202,8 @@ class Metrics:
     log_freq: int = opt(10, "Log every n steps.", gt=0)
     enable_tensorboard: bool = opt(False, "Write TensorBoard scalars (needs tensorboard).")
     save_tb_folder: str = opt("tb", "TensorBoard folder, relative to job.dump_folder.")
-    save_jsonl: bool = opt(True, "Append each log line to job.dump_folder/metrics.jsonl.")
+    save_jsonl: bool = opt(True, "Append each log line to job.dump_folder/metrics.jsonl "
+                                 "(rank 0 writes it, and the TensorBoard files).")
 
 
 @dataclass

@@ -100,8 +100,12 @@ def estimate(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank
     tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / dims.tp  # seq. parallel
     stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
     flight = in_flight(cfg.parallelism.pp_schedule, dims.pp, pp_rank, len(parts), m)
+    fsdp = 2 * gathered * BF16 if dims.dp > 1 else 0
+    if dims.dp > 1 and dims.pp > 1:  # torch keeps a stage's weights gathered and its
+        # gradients unsharded (fp32 reduce dtype) until the step's last micro-batch
+        fsdp = sum(unsharded_by_fsdp(part) for part in parts) * (BF16 + FP32)
     return {"params": numel * FP32, "grads": numel * FP32, "AdamW": numel * 2 * FP32,
-            "FSDP-buf": 2 * gathered * BF16 if dims.dp > 1 else 0,
+            "FSDP-buf": fsdp,
             "activations": flight * sum(stored) / len(stored) + max(recompute)}
 
 
@@ -146,7 +150,8 @@ def dry_run(cfg: JobConfig) -> None:
     if pipeline:
         print(pipeline)
     print("columns: fp32 parameters, fp32 gradients, AdamW's two fp32 moments, FSDP's gathered "
-          "bf16 weights of two blocks, activations (estimate), total")
+          "bf16 weights of two blocks (under pp: of all the rank's stages, and their unsharded "
+          "fp32 gradients), activations (estimate), total")
     width = max(len(name) for name in rows) + 2
     kinds = list(next(iter(rows.values())))
     print(f"{'GiB per rank':<{width}}" + "".join(f"{k:>12}" for k in kinds + ["total"]))

@@ -71,10 +71,6 @@ def validate_pipeline(cfg: JobConfig) -> None:
     if not hasattr(pipelining, f"Schedule{p.pp_schedule}"):
         raise ConfigError(f"parallelism.pp_schedule = {p.pp_schedule!r} is not in this torch "
                           f"({torch.__version__}); pick another schedule or upgrade torch")
-    if cfg.model.mtp_num_layers:
-        raise ConfigError(f"model.mtp_num_layers = {cfg.model.mtp_num_layers} with "
-                          f"parallelism.pp = {p.pp} is not supported yet (the last stage would "
-                          "need the embedding too); use pp = 1 or turn MTP off")
     if p.pp_layout and p.pp_layers_per_stage:
         raise ConfigError("parallelism.pp_layout and parallelism.pp_layers_per_stage both set "
                           "the split; keep one")
@@ -106,22 +102,35 @@ def validate_pipeline(cfg: JobConfig) -> None:
     if cfg.training.local_batch_size % m:
         raise ConfigError(f"parallelism.pp_microbatches = {m} must divide "
                           f"training.local_batch_size = {cfg.training.local_batch_size}")
-    if p.pp_schedule == "1F1B" and m < p.pp:
-        raise ConfigError(f"parallelism.pp_schedule = '1F1B' needs at least parallelism.pp = "
-                          f"{p.pp} micro-batches but has {m} (pp_microbatches, or one per "
-                          "sequence of training.local_batch_size); raise them")
+    # torch's rules, checked before any stage is built
+    rounds = max(1, m // p.pp)
+    if p.pp_schedule in ("1F1B", "DualPipeV") and m < stages:
+        raise ConfigError(f"parallelism.pp_schedule = {p.pp_schedule!r} needs at least one "
+                          f"micro-batch per stage ({stages}) but has {m} (pp_microbatches, or "
+                          "one per sequence of training.local_batch_size); raise them")
+    if p.pp_schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and m % rounds:
+        raise ConfigError(f"parallelism.pp_schedule = {p.pp_schedule!r} runs micro-batches in "
+                          f"rounds of parallelism.pp = {p.pp}: {m} micro-batches is not a "
+                          f"multiple of {rounds} rounds; use a multiple of pp")
+    for rank in range(p.pp):
+        ids = stage_ids(rank, p.pp, stages, p.pp_schedule)
+        if p.pp_layout and not any(p.pp_layout[s] or s in (0, stages - 1) for s in ids):
+            raise ConfigError(f"parallelism.pp_layout = {p.pp_layout} leaves pipeline rank "
+                              f"{rank} (stages {ids}) without blocks; give each rank one")
 
 
 def unit_costs(model: nn.Module, cfg: JobConfig) -> tuple[list[float], float, float]:
-    """Relative cost of each block, of the embedding and of the output head (norm + output):
-    the mean of the unit's share of the FLOPs per token and of the parameters."""
+    """Relative cost of each block, of the embedding and of the head (norm, output and the
+    MTP depths, which run the output head again): the mean of the unit's share of the FLOPs
+    per token and of the parameters."""
     blocks = list(model.layers.values())
-    head = [m for m in (model.norm, model.output) if m is not None]
+    head = [m for m in (model.norm, model.output, model.mtp) if m is not None]
     units = [[model.tok_embeddings], *([b] for b in blocks), head]
     params = [sum(p.numel() for m in unit for p in m.parameters()) for unit in units]
     # flops_per_token skips embeddings by parameter name: the lookup costs no matmul
     flops = [0.0] + [flops_per_token(b, cfg) for b in blocks]
-    flops.append(sum(6 * p.numel() for m in head for p in m.parameters()))
+    flops.append(sum(flops_per_token(m, cfg) for m in head)
+                 + model.mtp_depth * flops_per_token(model.output, cfg))
     costs = [(f / sum(flops) + n / sum(params)) / 2 for f, n in zip(flops, params)]
     return costs[1:-1], costs[0], costs[-1]
 
@@ -208,8 +217,7 @@ def split_stage(model: nn.Module, layout: list[int], stage: int) -> nn.Module:
     if stage > 0:
         part.tok_embeddings = None
     if stage < len(layout) - 1:
-        part.norm = part.output = None
-    part.mtp = None
+        part.norm = part.output = part.mtp = None
     return part
 
 
@@ -226,7 +234,11 @@ class LocalStages(nn.Module):
         for name in ("tok_embeddings", "norm", "output"):
             setattr(self, name, next((getattr(p, name) for p in parts
                                       if getattr(p, name) is not None), None))
-        self.mtp = None
+        holder = next((p for p in parts if p.mtp is not None), None)
+        self.mtp = holder.mtp if holder else None
+        self.register_buffer("mtp_loss_sum", holder.mtp_loss_sum if holder else
+                             torch.zeros((), device=parts[0].rope_cos_sin.device),
+                             persistent=False)
 
     def forward(self, *args):
         raise RuntimeError("pipeline stages run through their schedule, not LocalStages")
@@ -241,15 +253,16 @@ class Pipeline:
 
 
 def build_pipeline(model: nn.Module, dims: ParallelDims, cfg: JobConfig, plan: Callable,
-                   materialize: Callable[[nn.Module], None], device: torch.device,
+                   materialize: Callable[[nn.Module, int], None], device: torch.device,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    hidden_dtype: torch.dtype, logits_dtype: torch.dtype) -> Pipeline:
-    """Split ``model`` (meta), parallelize and ``materialize`` this rank's stages with ``plan``,
-    and build the schedule, whose ``loss_fn(logits, labels)`` is called per micro-batch.
+    """Split ``model`` (meta), parallelize this rank's stages with ``plan`` and
+    ``materialize(part, stage)`` them, and build the schedule, whose
+    ``loss_fn(logits, labels)`` is called per micro-batch.
 
     Stage inputs and outputs are given to torch statically: token ids [b, S] into the first
-    stage, hidden states [b, S / tp, D] (sequence-parallel shards) between stages, logits
-    [b, S, V] out of the last. The dtypes depend on the plan: FSDP's mixed precision casts
+    stage, hidden states [b, S / tp, D] (sequence-parallel shards; D x (1 + MTP depth) with
+    the MTP inputs) between stages, logits [b, S, V] out of the last. The dtypes depend on the plan: FSDP's mixed precision casts
     hidden states to the parameter dtype, autocast keeps the residual stream in float32."""
     p, t = cfg.parallelism, cfg.training
     layout = stage_layout(model, cfg)
@@ -264,11 +277,12 @@ def build_pipeline(model: nn.Module, dims: ParallelDims, cfg: JobConfig, plan: C
     ids = stage_ids(pp_mesh.get_local_rank(), p.pp, len(layout), p.pp_schedule)
     parts, stages = [], []
     b = t.local_batch_size // microbatches(cfg)
-    hidden = torch.empty(b, t.seq_len // dims.tp, cfg.model.dim, dtype=hidden_dtype,
-                         device="meta", requires_grad=True)
+    width = cfg.model.dim * (1 + cfg.model.mtp_num_layers)
+    hidden = torch.empty(b, t.seq_len // dims.tp, width, dtype=hidden_dtype, device="meta",
+                         requires_grad=True)
     for stage in ids:
         part = plan(split_stage(model, layout, stage), dims, cfg)
-        materialize(part)
+        materialize(part, stage)
         first, last = stage == 0, stage == len(layout) - 1
         inputs = torch.empty(b, t.seq_len, dtype=torch.long, device="meta") if first else hidden
         outputs = (torch.empty(b, t.seq_len, cfg.model.vocab_size, dtype=logits_dtype,

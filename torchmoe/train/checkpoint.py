@@ -51,22 +51,25 @@ class _ModelOnly:
 class _ModelAndOptimizer:
     """Stateful view of model + optimizer, keyed by fully qualified parameter names. The
     optimizer's hyperparameters are flattened per parameter too: pipeline stages each hold
-    some of the parameters, and one rank's param_groups would not describe the others'."""
-
-    _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+    some of the parameters, and one rank's param_groups would not describe the others'.
+    ``flat = False`` reads checkpoints written before that (param_groups by position)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
+        self.flat = True
+
+    def _options(self) -> StateDictOptions:
+        return StateDictOptions(flatten_optimizer_state_dict=self.flat)
 
     def state_dict(self) -> dict:
         return {"model": get_model_state_dict(self.model),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer,
-                                                      options=self._OPTIONS)}
+                                                      options=self._options())}
 
     def load_state_dict(self, sd: dict) -> None:
         set_model_state_dict(self.model, sd["model"])
         set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"],
-                                 options=self._OPTIONS)
+                                 options=self._options())
 
 
 class _Pickled:
@@ -169,6 +172,9 @@ class CheckpointManager:
             key: state for key, state in self.states.items()
             if key not in self.cfg.exclude_from_loading}
         try:
+            if step:
+                saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                self.states["train"].flat = "train.optimizer.param_groups.0.lr" not in saved
             dcp.load(states, checkpoint_id=str(path))
         except (CheckpointException, ValueError, RuntimeError, KeyError) as e:  # mismatches
             lines = str(e).strip().splitlines() or [type(e).__name__]
@@ -176,6 +182,7 @@ class CheckpointManager:
             raise ConfigError(f"checkpoint {path} does not fit this job ({reason[:200]}); "
                               "resume with the config that saved it, or use a new "
                               "checkpoint.folder") from e
+        self.states["train"].flat = True  # new checkpoints in the current format
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
         return step
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchmoe.config.schema import JobConfig
@@ -132,9 +133,10 @@ class MetricsLogger:
         self.peak = peak_flops(device, dtype)
         self.window = Window()
         dump = Path(cfg.job.dump_folder)
-        self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl else None
+        lead = not dist.is_initialized() or dist.get_rank() == 0  # one writer per file
+        self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl and lead else None
         self.tb = None
-        if cfg.metrics.enable_tensorboard:
+        if cfg.metrics.enable_tensorboard and lead:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(dump / cfg.metrics.save_tb_folder))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -144,9 +145,15 @@ class Trainer:
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
 
-    def _materialize(self, model: nn.Module) -> None:
-        """Allocate a parallelized meta model (or pipeline stage) on the device and initialise
-        it."""
+    def _materialize(self, model: nn.Module, stage: int | None = None) -> None:
+        """Allocate a parallelized meta model (or pipeline ``stage``) on the device and
+        initialise it. A stage draws from its own seed (training.seed + stage): with one seed
+        on every pipeline rank, the first blocks of all stages would start equal."""
+        if stage is not None:
+            seed = self.cfg.training.seed + stage
+            if self.device.type == "cuda":  # DTensor's RNG would copy rank 0's state instead
+                dtensor_random.manual_seed(seed, self.dims.meshes.dense)
+            torch.manual_seed(seed)
         model.to_empty(device=self.device)
         model.init_weights(self.cfg.model.init_std, self.cfg.model.n_layers,
                            buffer_device=self.device)
@@ -217,7 +224,7 @@ class Trainer:
         ``global_tokens``."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             # Multi-token prediction needs the targets inside the model.
-            logits = self.model(inputs, labels) if self.mtp else self.model(inputs)
+            logits = self.model(inputs, labels=labels) if self.mtp else self.model(inputs)
         with loss_parallel() if self.dims.tp > 1 else nullcontext():
             loss = self.loss_fn(logits, labels) / self.global_tokens
             loss.backward()
@@ -232,9 +239,10 @@ class Trainer:
         inputs, labels = inputs.contiguous(), labels.contiguous()
         with (torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
               loss_parallel() if self.dims.tp > 1 else nullcontext()):
+            # the MTP modules of the last stage read the labels, as the loss does
             p.schedule.step(*([inputs] if p.has_first else []),
                             target=labels if p.has_last else None, losses=losses,
-                            return_outputs=False)
+                            return_outputs=False, **({"labels": labels} if self.mtp else {}))
         return sum((_full(loss.detach()) for loss in losses),
                    torch.zeros((), device=self.device))
 

@@ -90,6 +90,11 @@ class Decoder(nn.Module):
     balance loss (``attach_aux_loss``): backward through the logits trains the MTP modules
     too. ``mtp_loss_sum`` adds up L over real forwards (not activation-checkpoint
     recomputation) for the training loop to log and reset.
+
+    A pipeline split may drop the embedding (later stages take hidden states) and the head
+    (earlier stages return them). MTP's inputs, the embeddings of the shifted labels, are then
+    made by the first stage and travel with the hidden state, concatenated on its last dim, to
+    the last stage, which holds the MTP modules: no stage needs a copy of the embedding.
     """
 
     def __init__(self, vocab_size: int, dim: int, blocks: list[TransformerBlock],
@@ -97,7 +102,9 @@ class Decoder(nn.Module):
                  mtp_blocks: list[TransformerBlock] | None = None, mtp_loss_scale: float = 0.0):
         super().__init__()
         self.rope = rope
+        self.dim = dim
         self.max_seq_len = max_seq_len
+        self.mtp_depth = len(mtp_blocks or ())
         self.tok_embeddings = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleDict({str(i): block for i, block in enumerate(blocks)})
         self.norm = RMSNorm(dim, eps=norm_eps)
@@ -110,36 +117,46 @@ class Decoder(nn.Module):
         self.register_buffer("mtp_loss_sum", torch.zeros(()), persistent=False)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] int64 (or hidden states [B, S, D] on a later pipeline stage); labels
-        [B, S], the tokens shifted left by one, only needed for multi-token prediction."""
+        """tokens [B, S] int64 (or, on a later pipeline stage, hidden states [B, S, D] followed
+        by the MTP inputs on the last dim); labels [B, S], the tokens shifted left by one,
+        only needed for multi-token prediction."""
         # every position: a later pipeline stage may get a sequence shard (tensor parallel)
         cos_sin = self.rope_cos_sin
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+            mtp_inputs = (self.mtp_inputs(labels) if self.mtp_depth and labels is not None
+                          else [])
+        else:
+            h, *mtp_inputs = tokens.split(self.dim, dim=-1)
         for layer in self.layers.values():
             h = layer(h, cos_sin)
-        out = self.norm(h) if self.norm is not None else h
-        out = self.output(out) if self.output is not None else out
+        if self.output is None:  # an earlier pipeline stage
+            return torch.cat([h, *mtp_inputs], dim=-1) if mtp_inputs else h
+        out = self.output(self.norm(h) if self.norm is not None else h)
         if self.mtp is not None and labels is not None:
-            out = attach_aux_loss(out, self.mtp_loss(h, labels, cos_sin))
+            out = attach_aux_loss(out, self.mtp_loss(h, labels, mtp_inputs, cos_sin))
         return out
 
-    def mtp_loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor, cos_sin: torch.Tensor
-                 ) -> torch.Tensor:
-        """L for the main model's last hidden state ``h_BSD`` (before the final norm).
+    def mtp_inputs(self, labels_BS: torch.Tensor) -> list[torch.Tensor]:
+        """What depth k (1-based) reads at position t: the embedding of token t + k
+        (labels[t + k - 1]); past the end, of token 0."""
+        return [self.tok_embeddings(_shift_left(labels_BS, k - 1, 0))
+                for k in range(1, self.mtp_depth + 1)]
 
-        Depth k (1-based) reads token t + k (labels[t + k - 1]) at position t and predicts
-        token t + k + 1 (labels[t + k]). Sequences keep their length S, so MTP blocks run the
-        shapes of the main blocks (a plan may shard or compile them alike): inputs past the
-        end are filled with token 0 and their positions excluded from the mean; causal
-        attention keeps them from reaching valid positions. They do pass an MoE block's
-        router, so k of every S tokens count in its balance loss and expert load.
+    def mtp_loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor,
+                 inputs: list[torch.Tensor], cos_sin: torch.Tensor) -> torch.Tensor:
+        """L for the main model's last hidden state ``h_BSD`` (before the final norm) and the
+        depths' ``inputs`` (``mtp_inputs``).
+
+        Depth k predicts token t + k + 1 (labels[t + k]) at position t. Sequences keep their
+        length S, so MTP blocks run the shapes of the main blocks (a plan may shard or compile
+        them alike): inputs past the end are token 0 and their positions are excluded from
+        the mean; causal attention keeps them from reaching valid positions. They do pass an
+        MoE block's router, so k of every S tokens count in its balance loss and expert load.
         """
-        if self.tok_embeddings is None or self.output is None:
-            raise ValueError("multi-token prediction needs the embedding and the output head "
-                             "on the same module; set mtp = None where they are dropped")
         losses = []
-        for k, module in enumerate(self.mtp, start=1):
-            h_BSD = module(h_BSD, self.tok_embeddings(_shift_left(labels_BS, k - 1, 0)), cos_sin)
+        for k, (module, emb_BSD) in enumerate(zip(self.mtp, inputs), start=1):
+            h_BSD = module(h_BSD, emb_BSD, cos_sin)
             logits_TV = self.output(module.norm(h_BSD)).flatten(0, 1)
             logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
             losses.append(F.cross_entropy(logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(),
