@@ -55,6 +55,7 @@ def num_stages(cfg: JobConfig) -> int:
 
 
 def microbatches(cfg: JobConfig) -> int:
+    """Pipeline micro-batches per local batch."""
     return cfg.parallelism.pp_microbatches or cfg.training.local_batch_size
 
 
@@ -262,8 +263,9 @@ def build_pipeline(model: nn.Module, dims: ParallelDims, cfg: JobConfig, plan: C
 
     Stage inputs and outputs are given to torch statically: token ids [b, S] into the first
     stage, hidden states [b, S / tp, D] (sequence-parallel shards; D x (1 + MTP depth) with
-    the MTP inputs) between stages, logits [b, S, V] out of the last. The dtypes depend on the plan: FSDP's mixed precision casts
-    hidden states to the parameter dtype, autocast keeps the residual stream in float32."""
+    the MTP inputs) between stages, logits [b, S, V] out of the last. The dtypes depend on
+    the plan: FSDP's mixed precision casts hidden states to the parameter dtype, autocast
+    keeps the residual stream in float32."""
     p, t = cfg.parallelism, cfg.training
     layout = stage_layout(model, cfg)
     logger.info("pipeline %s, %d micro-batches: %s", p.pp_schedule, microbatches(cfg),
