@@ -11,9 +11,9 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.pipeline import (LocalStages, balanced_split, describe_layout, num_stages,
-                                        split_stage, stage_ids, stage_layout, unit_costs,
-                                        validate_pipeline)
+from torchmoe.parallel.pipeline import (LocalStages, balance_ranks, balanced_split,
+                                        describe_layout, num_stages, split_stage, stage_costs,
+                                        stage_ids, stage_layout, unit_costs, validate_pipeline)
 
 
 def meta_model(cfg):
@@ -23,14 +23,6 @@ def meta_model(cfg):
 
 def config(**overrides):
     return build_config({}, [(k, str(v)) for k, v in overrides.items()])
-
-
-def stage_costs(counts, costs, first, last):
-    bounds = list(itertools.accumulate([0, *counts]))
-    out = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
-    out[0] += first
-    out[-1] += last
-    return out
 
 
 @pytest.mark.parametrize("n,stages", [(1, 1), (5, 1), (5, 5), (7, 3), (9, 4)])
@@ -46,6 +38,30 @@ def test_balanced_split_is_optimal(n, stages):
                    for cuts in itertools.combinations(range(1, n), stages - 1)
                    for c in [[b - a for a, b in zip((0, *cuts), (*cuts, n))]])
         assert max(stage_costs(counts, costs, first, last)) == pytest.approx(best, rel=1e-12)
+
+
+def rank_loads(counts, costs, first, last, owner):
+    loads = [0.0] * (max(owner) + 1)
+    for rank, cost in zip(owner, stage_costs(counts, costs, first, last)):
+        loads[rank] += cost
+    return loads
+
+
+def test_several_stages_per_rank_balance_the_ranks():
+    """Looped over 2 ranks, a heavy embedding: per stage [1, 2, 2, 2] (max stage 4) leaves rank 0
+    with 6 and rank 1 with 4; moving one block gives 5 and 5."""
+    costs, owner = [1.0] * 7, [0, 1, 0, 1]
+    counts = balance_ranks([1, 2, 2, 2], costs, 3.0, 0.0, owner)
+    assert rank_loads(counts, costs, 3.0, 0.0, owner) == [5.0, 5.0] and min(counts) >= 1
+    g = torch.Generator().manual_seed(7)
+    for owner in ([0, 1, 1, 0], [0, 1, 2, 0, 1, 2], [0, 1, 2, 2, 1, 0]):
+        costs = torch.rand(12, generator=g, dtype=torch.float64).tolist()
+        first, last = torch.rand(2, generator=g, dtype=torch.float64).tolist()
+        start = balanced_split(costs, len(owner), first, last)
+        refined = balance_ranks(start, costs, first, last, owner)
+        assert sum(refined) == 12 and min(refined) >= 1
+        assert (max(rank_loads(refined, costs, first, last, owner))
+                <= max(rank_loads(start, costs, first, last, owner)))
 
 
 def test_moe_blocks_cost_more_than_dense_ones_and_the_split_follows():

@@ -174,7 +174,48 @@ def stage_layout(model: nn.Module, cfg: JobConfig) -> list[int]:
     if p.pp_layers_per_stage:
         return [p.pp_layers_per_stage] * num_stages(cfg)
     costs, first, last = unit_costs(model, cfg)
-    return balanced_split(costs, num_stages(cfg), first, last)
+    stages = num_stages(cfg)
+    counts = balanced_split(costs, stages, first, last)
+    if stages == p.pp:
+        return counts
+    owner = {s: r for r in range(p.pp) for s in stage_ids(r, p.pp, stages, p.pp_schedule)}
+    return balance_ranks(counts, costs, first, last, [owner[s] for s in range(stages)])
+
+
+def stage_costs(counts: list[int], costs: list[float], first: float, last: float
+                ) -> list[float]:
+    """Each stage's cost under the split ``counts``."""
+    out, start = [], 0
+    for count in counts:
+        out.append(sum(costs[start:start + count]))
+        start += count
+    out[0] += first
+    out[-1] += last
+    return out
+
+
+def balance_ranks(counts: list[int], costs: list[float], first: float, last: float,
+                  owner: list[int]) -> list[int]:
+    """With several stages per rank (``owner[stage]`` is its rank) a rank's load is the sum of
+    its stages: move single blocks across stage boundaries while that lowers the busiest
+    rank's load, then the sum of squared loads (a local search from the per-stage split).
+    Every stage keeps a block."""
+    def score(c: list[int]) -> tuple[float, float]:
+        loads = [0.0] * (max(owner) + 1)
+        for rank, cost in zip(owner, stage_costs(c, costs, first, last)):
+            loads[rank] += cost
+        return round(max(loads), 12), round(sum(x * x for x in loads), 12)
+
+    best = score(counts)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(len(counts) - 1):
+            for move in (1, -1):  # one block from stage i + 1 to i, or from i to i + 1
+                trial = counts[:i] + [counts[i] + move, counts[i + 1] - move] + counts[i + 2:]
+                if min(trial[i], trial[i + 1]) >= 1 and score(trial) < best:
+                    counts, best, improved = trial, score(trial), True
+    return counts
 
 
 def describe_layout(model: nn.Module, cfg: JobConfig, layout: list[int]) -> str:
