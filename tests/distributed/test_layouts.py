@@ -48,6 +48,8 @@ LAYOUTS = {
        for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
                         "ZBVZeroBubble", "DualPipeV")},
     "pp2_x_fsdp2": (4, {"parallelism.pp": 2, "model.n_layers": 4}),
+    "pp2_two_sequences_per_microbatch": (2, {"parallelism.pp": 2, "model.n_layers": 4,
+                                             "parallelism.pp_microbatches": 2}),
     "pp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2, "model.n_layers": 4}),
     "pp2_x_tp2": (4, {"parallelism.pp": 2, "parallelism.tp": 2, "model.n_layers": 4}),
     "pp2_mtp": (2, {"parallelism.pp": 2, "model.n_layers": 4, "model.mtp_num_layers": 1}),
