@@ -52,7 +52,7 @@ LAYOUTS = {
                                              "parallelism.pp_microbatches": 2}),
     "pp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2, "model.n_layers": 4}),
     "pp2_x_tp2": (4, {"parallelism.pp": 2, "parallelism.tp": 2, "model.n_layers": 4}),
-    "pp2_mtp": (2, {"parallelism.pp": 2, "model.n_layers": 4, "model.mtp_num_layers": 1}),
+    "pp2_mtp2": (2, {"parallelism.pp": 2, "model.n_layers": 4, "model.mtp_num_layers": 2}),
     "pp2_zbv_x_fsdp2_mtp": (4, {"parallelism.pp": 2, "parallelism.pp_schedule": "ZBVZeroBubble",
                                 "model.n_layers": 4, "model.mtp_num_layers": 1}),
     "pp2_interleaved_x_fsdp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2,
@@ -167,6 +167,9 @@ def test_layout_matches_single_process(layout, seed_and_references, data_cache):
         assert logged["per_layer"]["tokens"] == ref["per_layer"]["tokens"]
         torch.testing.assert_close(logged["per_layer"].get("bias_norm"),
                                    ref["per_layer"].get("bias_norm"))
+        assert ("mtp_loss" in logged) == ("mtp_loss" in ref)
+        if "mtp_loss" in ref:
+            assert logged["mtp_loss"] == pytest.approx(ref["mtp_loss"], rel=1e-5)
 
 
 def logged_rows(folder) -> list[dict]:

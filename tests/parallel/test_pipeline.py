@@ -53,6 +53,11 @@ def test_several_stages_per_rank_balance_the_ranks():
     costs, owner = [1.0] * 7, [0, 1, 0, 1]
     counts = balance_ranks([1, 2, 2, 2], costs, 3.0, 0.0, owner)
     assert rank_loads(counts, costs, 3.0, 0.0, owner) == [5.0, 5.0] and min(counts) >= 1
+    # light dense blocks, then MoE ones, looped over 3 ranks: a block must travel several
+    # stages; the brute-force optimum is 2.3
+    costs, owner = [0.3] * 3 + [1.0] * 4, [0, 1, 2, 0, 1, 2]
+    counts = balance_ranks(balanced_split(costs, 6, 0.2, 1.0), costs, 0.2, 1.0, owner)
+    assert max(rank_loads(counts, costs, 0.2, 1.0, owner)) == pytest.approx(2.3)
     g = torch.Generator().manual_seed(7)
     for owner in ([0, 1, 1, 0], [0, 1, 2, 0, 1, 2], [0, 1, 2, 2, 1, 0]):
         costs = torch.rand(12, generator=g, dtype=torch.float64).tolist()

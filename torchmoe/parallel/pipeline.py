@@ -19,6 +19,7 @@ ones, and the embedding and output head weigh on the first and last stage.
 
 import copy
 import inspect
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -197,9 +198,9 @@ def stage_costs(counts: list[int], costs: list[float], first: float, last: float
 def balance_ranks(counts: list[int], costs: list[float], first: float, last: float,
                   owner: list[int]) -> list[int]:
     """With several stages per rank (``owner[stage]`` is its rank) a rank's load is the sum of
-    its stages: move single blocks across stage boundaries while that lowers the busiest
-    rank's load, then the sum of squared loads (a local search from the per-stage split).
-    Every stage keeps a block."""
+    its stages: take one block from a stage and give one to another (the blocks between shift
+    by one stage) while that lowers the busiest rank's load, then the sum of squared loads
+    (a local search from the per-stage split). Every stage keeps a block."""
     def score(c: list[int]) -> tuple[float, float]:
         loads = [0.0] * (max(owner) + 1)
         for rank, cost in zip(owner, stage_costs(c, costs, first, last)):
@@ -210,10 +211,12 @@ def balance_ranks(counts: list[int], costs: list[float], first: float, last: flo
     improved = True
     while improved:
         improved = False
-        for i in range(len(counts) - 1):
-            for move in (1, -1):  # one block from stage i + 1 to i, or from i to i + 1
-                trial = counts[:i] + [counts[i] + move, counts[i + 1] - move] + counts[i + 2:]
-                if min(trial[i], trial[i + 1]) >= 1 and score(trial) < best:
+        for src, dst in itertools.permutations(range(len(counts)), 2):
+            if counts[src] > 1:
+                trial = list(counts)
+                trial[src] -= 1
+                trial[dst] += 1
+                if score(trial) < best:
                     counts, best, improved = trial, score(trial), True
     return counts
 

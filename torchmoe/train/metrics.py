@@ -163,7 +163,7 @@ class MetricsLogger:
         row = {"step": step, "loss": w.loss / w.steps, "aux_loss": 0.0,
                "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps, "tflops": tflops,
                "mfu": tflops * 1e12 / self.peak if self.peak else None,
-               "memory_gib": memory_gib(self.device)}
+               "memory_gib": self._peak_memory()}
         if "tokens" in w.moe:
             row.update(_layer_rows(w.moe, w.steps, self.cfg))
         if "mtp_loss" in w.moe:
@@ -183,6 +183,13 @@ class MetricsLogger:
         self._write(row)
         self.window = Window()
         return row
+
+    def _peak_memory(self) -> float:
+        """The largest peak over ranks: pipeline stages differ (the last holds the logits)."""
+        peak = torch.tensor([memory_gib(self.device)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return peak.item()
 
     def _write(self, row: dict) -> None:
         if self.jsonl:

@@ -124,6 +124,9 @@ class Decoder(nn.Module):
         cos_sin = self.rope_cos_sin
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
+            if self.mtp_depth and labels is None and self.output is None:
+                raise ValueError("the first pipeline stage of a model with multi-token "
+                                 "prediction needs the labels: the last stage reads them")
             mtp_inputs = (self.mtp_inputs(labels) if self.mtp_depth and labels is not None
                           else [])
         else:
