@@ -173,3 +173,19 @@ def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
         validate_pipeline(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_mtp_inputs_travel_with_the_hidden_state_and_need_the_labels():
+    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 2, "model.mtp_num_layers": 2,
+                    "model.dim": 64, "model.inter_dim": 128, "moe.ffn_hidden_size": 32,
+                    "moe.shared_expert_intermediate_size": 32})
+    torch.manual_seed(0)
+    model = get_model_spec(cfg.model.name).build(cfg)
+    model.init_weights(cfg.model.init_std, cfg.model.n_layers)
+    tokens, labels = torch.randint(0, 1000, (2, 2, 16)).unbind(0)
+    first = split_stage(model, [1, 1], 0)
+    packed = first(tokens, labels=labels)
+    assert packed.shape == (2, 16, 3 * 64)  # hidden state, then one embedding per depth
+    torch.testing.assert_close(packed[..., 64:128], model.tok_embeddings(labels))
+    with pytest.raises(ValueError, match="needs the labels"):
+        first(tokens)
