@@ -97,6 +97,11 @@ def batches(seed=0):
     return [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
+def merged(results) -> tuple[list[float], dict]:
+    """Rank 0's losses and the union of every rank's parameters (pipeline stages differ)."""
+    return results[0][0], {k: v for _, params in results for k, v in params.items()}
+
+
 def train_and_collect(rank, cfg, data):
     trainer = Trainer(cfg, device=torch.device("cpu"))
     dp, r = trainer.dims.dp, trainer.dims.dp_rank()
@@ -153,8 +158,7 @@ def test_layout_matches_single_process(layout, seed_and_references, data_cache):
     cfg = config(variant / layout, data_cache, dp=dp, **overrides, **NO_BALANCE_LOSS
                  if balance_loss_is_layout_dependent(world, overrides) else {})
     results = run_ranks(world, train_and_collect, cfg, data)
-    losses, params = results[0][0], {k: v for _, rank_params in results
-                                     for k, v in rank_params.items()}
+    losses, params = merged(results)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
     assert params.keys() == ref_params.keys()
     for name, ref in ref_params.items():

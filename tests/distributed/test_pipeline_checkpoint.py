@@ -6,15 +6,11 @@ import shutil
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_layouts import batches, config, train_and_collect
+from tests.distributed.test_layouts import batches, config, merged, train_and_collect
 from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.train.trainer import Trainer
 
 MODEL = {"model.n_layers": 4}
-
-
-def merged(results) -> tuple[list[float], dict]:
-    return results[0][0], {k: v for _, params in results for k, v in params.items()}
 
 
 def test_pp2_x_fsdp2_checkpoint_resumes_single_process_and_ep2(tmp_path, data_cache):

@@ -12,8 +12,9 @@ from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.pipeline import (LocalStages, balance_ranks, balanced_split,
-                                        describe_layout, num_stages, split_stage, stage_costs,
-                                        stage_ids, stage_layout, unit_costs, validate_pipeline)
+                                        describe_layout, num_stages, rank_loads, split_stage,
+                                        stage_costs, stage_ids, stage_layout, unit_costs,
+                                        validate_pipeline)
 
 
 def meta_model(cfg):
@@ -38,13 +39,6 @@ def test_balanced_split_is_optimal(n, stages):
                    for cuts in itertools.combinations(range(1, n), stages - 1)
                    for c in [[b - a for a, b in zip((0, *cuts), (*cuts, n))]])
         assert max(stage_costs(counts, costs, first, last)) == pytest.approx(best, rel=1e-12)
-
-
-def rank_loads(counts, costs, first, last, owner):
-    loads = [0.0] * (max(owner) + 1)
-    for rank, cost in zip(owner, stage_costs(counts, costs, first, last)):
-        loads[rank] += cost
-    return loads
 
 
 def test_several_stages_per_rank_balance_the_ranks():

@@ -195,6 +195,15 @@ def stage_costs(counts: list[int], costs: list[float], first: float, last: float
     return out
 
 
+def rank_loads(counts: list[int], costs: list[float], first: float, last: float,
+               owner: list[int]) -> list[float]:
+    """Each rank's cost: the sum of its stages' (``owner[stage]`` is the stage's rank)."""
+    loads = [0.0] * (max(owner) + 1)
+    for rank, cost in zip(owner, stage_costs(counts, costs, first, last)):
+        loads[rank] += cost
+    return loads
+
+
 def balance_ranks(counts: list[int], costs: list[float], first: float, last: float,
                   owner: list[int]) -> list[int]:
     """With several stages per rank (``owner[stage]`` is its rank) a rank's load is the sum of
@@ -202,9 +211,7 @@ def balance_ranks(counts: list[int], costs: list[float], first: float, last: flo
     by one stage) while that lowers the busiest rank's load, then the sum of squared loads
     (a local search from the per-stage split). Every stage keeps a block."""
     def score(c: list[int]) -> tuple[float, float]:
-        loads = [0.0] * (max(owner) + 1)
-        for rank, cost in zip(owner, stage_costs(c, costs, first, last)):
-            loads[rank] += cost
+        loads = rank_loads(c, costs, first, last, owner)
         return round(max(loads), 12), round(sum(x * x for x in loads), 12)
 
     best = score(counts)
@@ -216,26 +223,23 @@ def balance_ranks(counts: list[int], costs: list[float], first: float, last: flo
                 trial = list(counts)
                 trial[src] -= 1
                 trial[dst] += 1
-                if score(trial) < best:
-                    counts, best, improved = trial, score(trial), True
+                if (trial_score := score(trial)) < best:
+                    counts, best, improved = trial, trial_score, True
     return counts
 
 
 def describe_layout(model: nn.Module, cfg: JobConfig, layout: list[int]) -> str:
     """One line: each stage's blocks and cost share, e.g. 'stage 0: embedding + blocks 0-2
     (31%)'."""
-    costs, first, last = unit_costs(model, cfg)
     parts, start = [], 0
-    for stage, count in enumerate(layout):
-        cost = sum(costs[start:start + count])
+    for stage, (count, cost) in enumerate(zip(layout, stage_costs(layout,
+                                                                  *unit_costs(model, cfg)))):
         what = [f"blocks {start}-{start + count - 1}" if count > 1 else
                 f"block {start}" if count else "no blocks"]
         if stage == 0:
             what.insert(0, "embedding")
-            cost += first
         if stage == len(layout) - 1:
             what.append("head")
-            cost += last
         parts.append(f"stage {stage}: {' + '.join(what)} ({100 * cost:.0f}%)")
         start += count
     return "; ".join(parts)

@@ -127,6 +127,7 @@ class Trainer:
         local = moe_layers(model)
         self.moe_layers = [m for _, m in local]
         self.moe_rows = [self.moe_blocks.index(_block_of(name)) for name, _ in local]
+        self.moe_row_index = torch.tensor(self.moe_rows, dtype=torch.long, device=self.device)
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -260,10 +261,11 @@ class Trainer:
         n_experts, n_stats = self.cfg.moe.num_experts, len(STAT_NAMES)
         counts = torch.zeros(len(self.moe_blocks), n_experts, device=self.device)
         stats = torch.zeros(len(self.moe_blocks), n_stats, device=self.device)
-        for row, m in zip(rows, layers):
-            counts[row], stats[row] = m.tokens_per_expert, m.stats
-            m.tokens_per_expert.zero_()
-            m.stats.zero_()
+        if layers:
+            index = self.moe_row_index
+            counts.index_copy_(0, index, torch.stack([m.tokens_per_expert for m in layers]).float())
+            stats.index_copy_(0, index, torch.stack([m.stats for m in layers]).float())
+            torch._foreach_zero_([b for m in layers for b in (m.tokens_per_expert, m.stats)])
         mtp = self.model.mtp_loss_sum.reshape(1) if self.mtp else torch.zeros(0)
         flat = torch.cat([counts.flatten(), stats.flatten(), mtp.to(counts)])
         if self.dims.meshes:
