@@ -24,24 +24,58 @@ VARIANTS = {
     "eager": [],
     "compiled": ["--compile.enable", "true"],
     "compiled+full_ac": ["--compile.enable", "true", "--activation_checkpoint.mode", "full"],
-    "compiled+selective_ac": ["--compile.enable", "true",
-                              "--activation_checkpoint.mode", "selective"],
+    "compiled+selective_ac": [
+        "--compile.enable",
+        "true",
+        "--activation_checkpoint.mode",
+        "selective",
+    ],
     "compiled+recompute_moe_act,layernorm": [
-        "--compile.enable", "true", "--activation_checkpoint.mode", "selective",
-        "--activation_checkpoint.recompute_modules", "moe_act,layernorm"],
-    "compiled+float8": ["--compile.enable", "true", "--quantize.float8_linear", "true",
-                        "--quantize.float8_experts", "true"],
+        "--compile.enable",
+        "true",
+        "--activation_checkpoint.mode",
+        "selective",
+        "--activation_checkpoint.recompute_modules",
+        "moe_act,layernorm",
+    ],
+    "compiled+float8": [
+        "--compile.enable",
+        "true",
+        "--quantize.float8_linear",
+        "true",
+        "--quantize.float8_experts",
+        "true",
+    ],
     # Best case of routing: every expert gets the same number of tokens (benchmark only).
     "compiled+forced_balance": ["--compile.enable", "true", "--moe.force_load_balance", "true"],
     # Token dropping at capacity 1.25, groups padded to capacity (static GEMM shapes).
-    "compiled+capacity1.25_padded": ["--compile.enable", "true", "--moe.capacity_factor", "1.25",
-                                     "--moe.pad_to_capacity", "true"],
+    "compiled+capacity1.25_padded": [
+        "--compile.enable",
+        "true",
+        "--moe.capacity_factor",
+        "1.25",
+        "--moe.pad_to_capacity",
+        "true",
+    ],
     "compiled+float8+selective_ac": [
-        "--compile.enable", "true", "--quantize.float8_linear", "true",
-        "--quantize.float8_experts", "true", "--activation_checkpoint.mode", "selective"],
+        "--compile.enable",
+        "true",
+        "--quantize.float8_linear",
+        "true",
+        "--quantize.float8_experts",
+        "true",
+        "--activation_checkpoint.mode",
+        "selective",
+    ],
 }
-_QUIET = ["--checkpoint.enable", "false", "--metrics.save_jsonl", "false",
-          "--metrics.log_freq", "1000000"]
+_QUIET = [
+    "--checkpoint.enable",
+    "false",
+    "--metrics.save_jsonl",
+    "false",
+    "--metrics.log_freq",
+    "1000000",
+]
 
 
 def run_variant(recipe: list[str], warmup: int, steps: int, profile: bool) -> dict:
@@ -68,8 +102,13 @@ def run_variant(recipe: list[str], warmup: int, steps: int, profile: bool) -> di
     tps = trainer.global_tokens / trainer.dims.world_size / seconds
     tflops = tps * trainer.metrics.flops_per_token / 1e12
     peak = peak_flops(trainer.device, trainer.dtype)
-    return {"tokens_per_s": tps, "tflops": tflops, "mfu": tflops * 1e12 / peak if peak else None,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss}
+    return {
+        "tokens_per_s": tps,
+        "tflops": tflops,
+        "mfu": tflops * 1e12 / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": loss,
+    }
 
 
 def _print_kernels(trainer) -> None:
@@ -80,8 +119,13 @@ def _print_kernels(trainer) -> None:
             trainer.train_step()
             trainer.after_step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
-          file=sys.stderr, flush=True)
+    print(
+        prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _gpu_ms(fn, repeats: int = 10) -> float:
@@ -106,9 +150,13 @@ def _fwd_bwd(fn, *inputs: torch.Tensor):
 
     def run():
         outs = fn(*leaves)
-        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,))
-                if isinstance(o, torch.Tensor) and o.requires_grad]
+        outs = [
+            o
+            for o in (outs if isinstance(outs, tuple) else (outs,))
+            if isinstance(o, torch.Tensor) and o.requires_grad
+        ]
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
     return run
 
 
@@ -140,47 +188,63 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
         ("router", _fwd_bwd(lambda x: layer.router(x).topk_weight_TK, x)),
         ("dispatch", _fwd_bwd(lambda x: layer.dispatcher.dispatch(x, routing.topk_idx_TK)[0], x)),
         ("experts (grouped GEMM)", _fwd_bwd(lambda h: layer.experts(h, counts), x_MD)),
-        ("combine", _fwd_bwd(lambda y, wt: layer.dispatcher.combine(y, wt, state), y_MD,
-                             routing.topk_weight_TK)),
+        (
+            "combine",
+            _fwd_bwd(
+                lambda y, wt: layer.dispatcher.combine(y, wt, state), y_MD, routing.topk_weight_TK
+            ),
+        ),
     ]
     if layer.shared_experts is not None:
         phases.append(("shared experts", _fwd_bwd(layer.shared_experts, x)))
     phases.append(("whole layer", _fwd_bwd(lambda x: layer(x.view(1, T, D)), x)))
     compiled = torch.compile(layer, fullgraph=True)
     phases.append(("whole layer, compiled", _fwd_bwd(lambda x: compiled(x.view(1, T, D)), x)))
-    phases.append((f"dense SwiGLU, same FLOPs ({rows} rows)",
-                   _fwd_bwd(dense_swiglu, x_MD[:rows], *w)))
+    phases.append(
+        (f"dense SwiGLU, same FLOPs ({rows} rows)", _fwd_bwd(dense_swiglu, x_MD[:rows], *w))
+    )
     expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
     results = [(name, _gpu_ms(fn)) for name, fn in phases]
     return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
 
 
 def _child(args: argparse.Namespace, recipe: list[str]) -> None:
-    row = (run_variant(recipe + VARIANTS[args.variant], args.warmup, args.steps, args.profile)
-           if args.variant else {"split": moe_layer_split(recipe)})
+    row = (
+        run_variant(recipe + VARIANTS[args.variant], args.warmup, args.steps, args.profile)
+        if args.variant
+        else {"split": moe_layer_split(recipe)}
+    )
     print("RESULT " + json.dumps(row), flush=True)
 
 
 def _spawn(flags: list[str], recipe: list[str]) -> dict | None:
     """Run a child process (its stderr passes through) and return its RESULT row."""
-    proc = subprocess.run([sys.executable, __file__, *flags, *recipe], stdout=subprocess.PIPE,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, *flags, *recipe], stdout=subprocess.PIPE, text=True
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return None
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated, from: " + ", ".join(VARIANTS),
+    )
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--no-layer-split", action="store_true")
-    parser.add_argument("--profile", action="store_true",
-                        help="print each variant's top GPU kernels over two steps")
+    parser.add_argument(
+        "--profile", action="store_true", help="print each variant's top GPU kernels over two steps"
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # child process: one variant
     parser.add_argument("--split", action="store_true", help=argparse.SUPPRESS)  # child
     args, recipe = parser.parse_known_args(argv)
@@ -200,8 +264,11 @@ def main(argv: list[str]) -> None:
             print(f"| {name} | failed (see stderr) | | | | |", flush=True)
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
-              f"{r['peak_gib']:.1f} | {r['loss']:.3f} |", flush=True)
+        print(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | {mfu} | "
+            f"{r['peak_gib']:.1f} | {r['loss']:.3f} |",
+            flush=True,
+        )
     if args.no_layer_split:
         return
     split = _spawn(["--split"], recipe)
@@ -218,9 +285,11 @@ def main(argv: list[str]) -> None:
     times = dict(split)
     overhead = times["router"] + times["dispatch"] + times["combine"]
     dense = next(v for k, v in split if k.startswith("dense SwiGLU"))
-    print(f"\nrouter + dispatch + combine: {100 * overhead / total:.1f}% of the layer; "
-          f"grouped experts at {100 * dense / times['experts (grouped GEMM)']:.0f}% of the "
-          "dense SwiGLU's rate")
+    print(
+        f"\nrouter + dispatch + combine: {100 * overhead / total:.1f}% of the layer; "
+        f"grouped experts at {100 * dense / times['experts (grouped GEMM)']:.0f}% of the "
+        "dense SwiGLU's rate"
+    )
 
 
 if __name__ == "__main__":

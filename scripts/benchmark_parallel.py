@@ -43,9 +43,16 @@ def record_all_to_all_calls(calls: list) -> None:
 def replay_all_to_all(calls: list, repeats: int) -> float:
     """Seconds per step to run the recorded forward calls plain, twice (forward + backward
     move the same bytes), after a barrier so no rank waits for another's compute."""
-    buffers = [(torch.empty(sum(i), *row, dtype=dtype, device="cuda"),
-                torch.empty(sum(o), *row, dtype=dtype, device="cuda"), o, i, g)
-               for row, dtype, o, i, g in calls]
+    buffers = [
+        (
+            torch.empty(sum(i), *row, dtype=dtype, device="cuda"),
+            torch.empty(sum(o), *row, dtype=dtype, device="cuda"),
+            o,
+            i,
+            g,
+        )
+        for row, dtype, o, i, g in calls
+    ]
     dist.barrier()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -59,16 +66,22 @@ def replay_all_to_all(calls: list, repeats: int) -> float:
 
 
 def kernel_seconds(prof, fragment: str, steps: int) -> float:
-    total_us = sum(e.device_time_total for e in prof.key_averages()
-                   if fragment in e.key and e.device_time_total > 0)
+    total_us = sum(
+        e.device_time_total
+        for e in prof.key_averages()
+        if fragment in e.key and e.device_time_total > 0
+    )
     return total_us / 1e6 / steps
 
 
 def busy_fraction(prof, seconds: float) -> float:
     """Share of the wall time the GPU spends in compute kernels (the union of their intervals,
     NCCL kernels left out: they spin while waiting) over the profiled steps."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA and "nccl" not in e.name.lower())
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and "nccl" not in e.name.lower()
+    )
     busy_us, end = 0.0, float("-inf")
     for start, stop in spans:
         if stop > end:
@@ -90,8 +103,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     args, rest = parser.parse_known_args(argv)
-    cfg, _ = load_config(rest + ["--checkpoint.enable", "false", "--metrics.save_jsonl",
-                                 "false"])
+    cfg, _ = load_config(rest + ["--checkpoint.enable", "false", "--metrics.save_jsonl", "false"])
     logging.basicConfig(level=logging.WARNING)
     trainer = Trainer(cfg)
     calls: list = []
@@ -125,8 +137,11 @@ def main(argv: list[str]) -> None:
     fsdp_kernels = kernel_seconds(prof, "AllGather", 2) + kernel_seconds(prof, "ReduceScatter", 2)
     step_calls = calls[: len(calls) // 2]
     plain = replay_all_to_all(step_calls, repeats=5) if step_calls else 0.0
-    moved = sum(torch.Size(row).numel() * dtype.itemsize * sum(i)
-                for row, dtype, _, i, _ in step_calls) * 2 / 2**20
+    moved = (
+        sum(torch.Size(row).numel() * dtype.itemsize * sum(i) for row, dtype, _, i, _ in step_calls)
+        * 2
+        / 2**20
+    )
 
     # tokens per GPU: the ranks of a tensor-parallel group work on one batch together
     tokens = trainer.global_tokens / trainer.dims.world_size
@@ -141,16 +156,23 @@ def main(argv: list[str]) -> None:
         layout = f"dp_shard {d.dp_shard} ep {d.ep} ({cfg.moe.dispatcher})"
         if trainer.pipeline:
             p = cfg.parallelism
-            layout += (f" pp {d.pp} {p.pp_schedule}, {num_stages(cfg)} stages, "
-                       f"{microbatches(cfg)} micro-batches, bubble in theory "
-                       f"{100 * theoretical_bubble(cfg, num_stages(cfg)):.0f}%")
+            layout += (
+                f" pp {d.pp} {p.pp_schedule}, {num_stages(cfg)} stages, "
+                f"{microbatches(cfg)} micro-batches, bubble in theory "
+                f"{100 * theoretical_bubble(cfg, num_stages(cfg)):.0f}%"
+            )
         idle_text = " / ".join(f"{100 * float(i):.0f}%" for i in idle_by_rank)
-        print(f"| layout | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB (max rank) | step ms | "
-              f"GPU idle by rank (no compute kernel) | EP a2a + PP p2p kernels ms/step | "
-              f"plain a2a same bytes ms/step | a2a MiB/step/rank | FSDP comm kernels ms/step |")
-        print(f"| {layout} | {tps:,.0f} | {tflops:.0f} | {mfu} | {float(memory):.1f} | "
-              f"{seconds * 1e3:.0f} | {idle_text} | {a2a_kernels * 1e3:.1f} | "
-              f"{plain * 1e3:.1f} | {moved:.0f} | {fsdp_kernels * 1e3:.1f} |", flush=True)
+        print(
+            "| layout | tokens/s/GPU | TFLOP/s/GPU | MFU | peak GiB (max rank) | step ms | "
+            "GPU idle by rank (no compute kernel) | EP a2a + PP p2p kernels ms/step | "
+            "plain a2a same bytes ms/step | a2a MiB/step/rank | FSDP comm kernels ms/step |"
+        )
+        print(
+            f"| {layout} | {tps:,.0f} | {tflops:.0f} | {mfu} | {float(memory):.1f} | "
+            f"{seconds * 1e3:.0f} | {idle_text} | {a2a_kernels * 1e3:.1f} | "
+            f"{plain * 1e3:.1f} | {moved:.0f} | {fsdp_kernels * 1e3:.1f} |",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

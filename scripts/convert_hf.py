@@ -21,7 +21,7 @@ from pathlib import Path
 from torchmoe.config.errors import ConfigError
 from torchmoe.models.hf.convert import cli_overrides, export_hf, import_hf
 
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,13 +39,15 @@ def _size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="convert_hf.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    imp = sub.add_parser("import", help="Hugging Face folder -> torchmoe seed checkpoint",
-                         allow_abbrev=False)
+    imp = sub.add_parser(
+        "import", help="Hugging Face folder -> torchmoe seed checkpoint", allow_abbrev=False
+    )
     imp.add_argument("--hf", required=True, type=Path, help="folder with config.json + safetensors")
     imp.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
     imp.add_argument("--family", help="torchmoe model.name to build (default: from model_type)")
-    exp = sub.add_parser("export", help="torchmoe checkpoint -> Hugging Face folder",
-                         allow_abbrev=False)
+    exp = sub.add_parser(
+        "export", help="torchmoe checkpoint -> Hugging Face folder", allow_abbrev=False
+    )
     exp.add_argument("--checkpoint", required=True, type=Path, help="a step-N folder")
     exp.add_argument("--out", required=True, type=Path, help="new Hugging Face folder")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
@@ -60,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise ConfigError(f"import: unexpected arguments {' '.join(rest)}")
             cfg, values = import_hf(args.hf, args.out, args.family)
-            print(f"wrote {args.out / 'step-0'} and {args.out / 'model.toml'}; train from it "
-                  f"with --config {args.out / 'model.toml'}, or add to a recipe:")
+            print(
+                f"wrote {args.out / 'step-0'} and {args.out / 'model.toml'}; train from it "
+                f"with --config {args.out / 'model.toml'}, or add to a recipe:"
+            )
             print(cli_overrides(cfg, values, args.out))
         else:
             export_hf(args.checkpoint, rest, args.out, _size(args.max_shard_size))

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 # Per-layer series drawn over the steps when present: key -> (panel title, y label).
-EXTRA_SERIES = {"entropy": ("Router entropy per token", "nats"),
-                "dropped_frac": ("Dropped routed copies", "fraction"),
-                "bias_norm": ("Expert-bias norm (aux-loss-free balancing)", "L2 norm")}
+EXTRA_SERIES = {
+    "entropy": ("Router entropy per token", "nats"),
+    "dropped_frac": ("Dropped routed copies", "fraction"),
+    "bias_norm": ("Expert-bias norm (aux-loss-free balancing)", "L2 norm"),
+}
 
 
 class InputError(ValueError):
@@ -34,8 +36,9 @@ def find_metrics(path: Path) -> Path:
     """The metrics file of a run folder, or the file itself."""
     metrics = path / "metrics.jsonl" if path.is_dir() else path
     if not metrics.is_file():
-        raise InputError(f"{path}: no metrics.jsonl (give a run's job.dump_folder or its "
-                         "metrics.jsonl)")
+        raise InputError(
+            f"{path}: no metrics.jsonl (give a run's job.dump_folder or its metrics.jsonl)"
+        )
     return metrics
 
 
@@ -53,8 +56,9 @@ def read_rows(metrics: Path) -> list[dict]:
         raise InputError(f"{metrics} is empty; the run logged no step")
     rows = [r for r in rows if r.get("per_layer", {}).get("tokens")]
     if not rows:
-        raise InputError(f"{metrics} has no per-layer expert loads (a dense model, or a run "
-                         "without MoE layers)")
+        raise InputError(
+            f"{metrics} has no per-layer expert loads (a dense model, or a run without MoE layers)"
+        )
     shape = np.shape(rows[-1]["per_layer"]["tokens"])  # rows of an earlier, other model: skip
     return [r for r in rows if np.shape(r["per_layer"]["tokens"]) == shape]
 
@@ -80,8 +84,11 @@ def plot(rows: list[dict], last: int, imbalance: str, title: str):
     window = rows[-last:] if last else rows
     steps = [r["step"] for r in rows]
     panels = [("loss", None), ("imbalance", series(rows, imbalance))]
-    panels += [(key, values) for key in EXTRA_SERIES
-               if (values := series(rows, key)) is not None and values.any()]
+    panels += [
+        (key, values)
+        for key in EXTRA_SERIES
+        if (values := series(rows, key)) is not None and values.any()
+    ]
     fig = Figure(figsize=(max(12, 4.2 * len(panels)), 9), layout="constrained")
     grid = fig.add_gridspec(2, len(panels), height_ratios=[1.1, 1])
     fig.suptitle(title, fontsize=13)
@@ -89,11 +96,18 @@ def plot(rows: list[dict], last: int, imbalance: str, title: str):
     load = relative_load(window)
     n_layers, n_experts = load.shape
     ax = fig.add_subplot(grid[0, :])
-    image = ax.imshow(load, aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                      norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, load.max())))
+    image = ax.imshow(
+        load,
+        aspect="auto",
+        cmap="RdBu_r",
+        interpolation="nearest",
+        norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, load.max())),
+    )
     fig.colorbar(image, ax=ax, label="tokens / uniform share")
-    ax.set_title(f"Expert load, steps {window[0]['step']}-{window[-1]['step']} "
-                 f"({len(window)} log rows); blue = under-used, red = over-used, 0 = dead")
+    ax.set_title(
+        f"Expert load, steps {window[0]['step']}-{window[-1]['step']} "
+        f"({len(window)} log rows); blue = under-used, red = over-used, 0 = dead"
+    )
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_xticks(_ticks(n_experts))
@@ -101,8 +115,15 @@ def plot(rows: list[dict], last: int, imbalance: str, title: str):
     if n_layers * n_experts <= 160:
         for (layer, expert), value in np.ndenumerate(load):
             dark = abs(image.norm(value) - 0.5) > 0.3  # far from the white centre
-            ax.text(expert, layer, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if dark else "black")
+            ax.text(
+                expert,
+                layer,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if dark else "black",
+            )
 
     for column, (key, values) in enumerate(panels):
         ax = fig.add_subplot(grid[1, column])
@@ -111,8 +132,12 @@ def plot(rows: list[dict], last: int, imbalance: str, title: str):
         if key == "loss":
             _loss_panel(ax, rows)
             continue
-        name, unit = ("Load imbalance per layer", "max / mean tokens per expert"
-                      if imbalance == "max_over_mean" else "CV of tokens per expert")
+        name, unit = (
+            "Load imbalance per layer",
+            "max / mean tokens per expert"
+            if imbalance == "max_over_mean"
+            else "CV of tokens per expert",
+        )
         if key in EXTRA_SERIES:
             name, unit = EXTRA_SERIES[key]
         ax.set_title(name)
@@ -153,19 +178,27 @@ def _layer_colors(n: int) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run's dump folder or its metrics.jsonl")
-    parser.add_argument("--last", type=int, default=0,
-                        help="heatmap over the last N log rows (default: the whole run)")
+    parser.add_argument(
+        "--last",
+        type=int,
+        default=0,
+        help="heatmap over the last N log rows (default: the whole run)",
+    )
     parser.add_argument("--imbalance", choices=("max_over_mean", "cv"), default="max_over_mean")
-    parser.add_argument("--out", type=Path, help="PNG path (default: expert_load.png next to "
-                                                 "the metrics file)")
+    parser.add_argument(
+        "--out", type=Path, help="PNG path (default: expert_load.png next to the metrics file)"
+    )
     args = parser.parse_args(argv)
     if args.last < 0:
         parser.error("--last must be >= 0")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("error: matplotlib is not installed; pip install matplotlib "
-              "(or pip install -e \".[plot]\")", file=sys.stderr)
+        print(
+            "error: matplotlib is not installed; pip install matplotlib "
+            '(or pip install -e ".[plot]")',
+            file=sys.stderr,
+        )
         return 2
     try:
         metrics = find_metrics(args.run)

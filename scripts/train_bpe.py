@@ -15,11 +15,16 @@ from torchmoe.data.tokenizer import build_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab-size", type=int, default=4096,
-                        help="Ranks in the file, the 256 single bytes included (EOS comes on top).")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="Ranks in the file, the 256 single bytes included (EOS comes on top).",
+    )
     parser.add_argument("--out", type=Path, required=True, help="Ranks file to write.")
-    parser.add_argument("--cache-dir", default="",
-                        help="Corpus cache, as data.cache_dir ('' = ~/.cache/torchmoe).")
+    parser.add_argument(
+        "--cache-dir", default="", help="Corpus cache, as data.cache_dir ('' = ~/.cache/torchmoe)."
+    )
     args = parser.parse_args()
 
     docs = load_stdlib_docs(args.cache_dir)
@@ -32,8 +37,10 @@ def main() -> None:
     # Read the file back the way training will, as a check that it loads and compresses.
     tokenizer = build_tokenizer(str(args.out))
     n_tokens = sum(len(tokenizer.encode(d)) for d in docs)
-    print(f"wrote {args.out}: n_vocab {tokenizer.vocab_size} with EOS; corpus is {n_tokens} "
-          f"tokens, {sum(len(d.encode()) for d in docs) / n_tokens:.2f} bytes per token")
+    print(
+        f"wrote {args.out}: n_vocab {tokenizer.vocab_size} with EOS; corpus is {n_tokens} "
+        f"tokens, {sum(len(d.encode()) for d in docs) / n_tokens:.2f} bytes per token"
+    )
 
 
 if __name__ == "__main__":

@@ -35,20 +35,26 @@ def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Pat
     with torch.device("meta"):
         model = get_model_spec(cfg.model.name).build(cfg)
     model.load_state_dict(state, strict=True, assign=True)  # upcycle_state_dict checked names
-    CheckpointManager(Checkpoint(enable=True), out, model, None, None, None,
-                      TrainState()).save_seed()
+    CheckpointManager(
+        Checkpoint(enable=True), out, model, None, None, None, TrainState()
+    ).save_seed()
     return out / "step-0"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Upcycle a dense checkpoint into an MoE seed checkpoint; other arguments "
-                    "(--config FILE, --section.key value) describe the MoE job.",
-        allow_abbrev=False)
+        "(--config FILE, --section.key value) describe the MoE job.",
+        allow_abbrev=False,
+    )
     parser.add_argument("--dense", type=Path, required=True, help="dense checkpoint step folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for step-0")
-    parser.add_argument("--granularity", type=int, default=1,
-                        help="slices of the dense hidden dim per replica (1 = copies)")
+    parser.add_argument(
+        "--granularity",
+        type=int,
+        default=1,
+        help="slices of the dense hidden dim per replica (1 = copies)",
+    )
     args, job_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, _ = load_config(job_args)
@@ -57,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}: {cfg.moe.num_experts} experts per MoE block, granularity "
-          f"{args.granularity}; train with --checkpoint.enable --checkpoint.folder "
-          f"{args.out.resolve()}")
+    print(
+        f"wrote {path}: {cfg.moe.num_experts} experts per MoE block, granularity "
+        f"{args.granularity}; train with --checkpoint.enable --checkpoint.folder "
+        f"{args.out.resolve()}"
+    )
     return 0
 
 

@@ -16,11 +16,19 @@ def tiny_config(tmp_path, data_cache):
     """A JobConfig for a fast debug-flavor run; keyword overrides use 'section.key' names."""
 
     def make(**overrides):
-        values = {"job.dump_folder": str(tmp_path / "run"), "data.cache_dir": data_cache,
-                  "training.seq_len": "32", "training.local_batch_size": "4",
-                  "training.steps": "4", "metrics.log_freq": "1", "model.dim": "64",
-                  "model.inter_dim": "128", "moe.ffn_hidden_size": "32",
-                  "moe.shared_expert_intermediate_size": "32", "lr_scheduler.warmup_steps": "2"}
+        values = {
+            "job.dump_folder": str(tmp_path / "run"),
+            "data.cache_dir": data_cache,
+            "training.seq_len": "32",
+            "training.local_batch_size": "4",
+            "training.steps": "4",
+            "metrics.log_freq": "1",
+            "model.dim": "64",
+            "model.inter_dim": "128",
+            "moe.ffn_hidden_size": "32",
+            "moe.shared_expert_intermediate_size": "32",
+            "lr_scheduler.warmup_steps": "2",
+        }
         values.update({k: str(v) for k, v in overrides.items()})
         cfg = build_config({}, list(values.items()))
         validate(cfg)

@@ -40,17 +40,53 @@ def random_text(rng: random.Random) -> Callable[[int], str]:
     """Makes text mixing ASCII, whitespace runs, digits, other scripts, emoji, combining marks and
     special-token look-alikes: the cases where byte-level tokenizers tend to break."""
     pieces = [
-        "the", "Return", " value", "__init__", "x=1;", "12345678", "  ", "\n", "\n\n", "\t",
-        "\r\n", "é", "naïve", "中文", "日本語", "🙂", "👩‍💻", "e\u0301", "\u200b", "мир", "عربى",
-        "<|endoftext|>", "<|fim_prefix|>", "'s", "'ll", "!!", "...", "\\", "\x00", "\u2028",
+        "the",
+        "Return",
+        " value",
+        "__init__",
+        "x=1;",
+        "12345678",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "\r\n",
+        "é",
+        "naïve",
+        "中文",
+        "日本語",
+        "🙂",
+        "👩‍💻",
+        "e\u0301",
+        "\u200b",
+        "мир",
+        "عربى",
+        "<|endoftext|>",
+        "<|fim_prefix|>",
+        "'s",
+        "'ll",
+        "!!",
+        "...",
+        "\\",
+        "\x00",
+        "\u2028",
     ]
 
     def make(length: int) -> str:
         out = []
         for _ in range(length):
             if rng.random() < 0.3:
-                out.append(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0xA0, 0x3000),
-                                           rng.randrange(0x1F300, 0x1FAFF)])))
+                out.append(
+                    chr(
+                        rng.choice(
+                            [
+                                rng.randrange(32, 127),
+                                rng.randrange(0xA0, 0x3000),
+                                rng.randrange(0x1F300, 0x1FAFF),
+                            ]
+                        )
+                    )
+                )
             else:
                 out.append(rng.choice(pieces))
         return "".join(out)

@@ -1,3 +1,4 @@
+import itertools
 import random
 import string
 from collections import Counter
@@ -18,7 +19,7 @@ def naive_bpe(texts: list[str], vocab_size: int) -> list[bytes]:
     while len(vocab) < vocab_size:
         pairs: Counter[tuple[int, int]] = Counter()
         for word, n in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += n
         a, b = min(pairs, key=lambda p: (-pairs[p], p))
         merged = vocab[a] + vocab[b]
@@ -29,7 +30,7 @@ def naive_bpe(texts: list[str], vocab_size: int) -> list[bytes]:
         for word, n in words.items():
             out, i = [], 0
             while i < len(word):
-                if word[i:i + 2] == (a, b):
+                if word[i : i + 2] == (a, b):
                     out.append(new_id)
                     i += 2
                 else:
@@ -42,8 +43,10 @@ def naive_bpe(texts: list[str], vocab_size: int) -> list[bytes]:
 
 def random_corpus(rng: random.Random, n_docs: int) -> list[str]:
     words = ["".join(rng.choices("abcdefgh", k=rng.randint(2, 8))) for _ in range(80)]
-    return [" ".join(rng.choices(words, k=rng.randint(5, 30))) + rng.choice([".", "\n", " 123"])
-            for _ in range(n_docs)]
+    return [
+        " ".join(rng.choices(words, k=rng.randint(5, 30))) + rng.choice([".", "\n", " 123"])
+        for _ in range(n_docs)
+    ]
 
 
 def test_incremental_counts_match_full_recount(rng: random.Random) -> None:
@@ -53,8 +56,9 @@ def test_incremental_counts_match_full_recount(rng: random.Random) -> None:
 
 def test_frequent_word_becomes_one_token(rng: random.Random, tmp_path: Path) -> None:
     word = "".join(rng.choices(string.ascii_lowercase, k=9))
-    noise = ["".join(rng.choices(string.ascii_letters + string.digits + ",.;", k=40))
-             for _ in range(20)]
+    noise = [
+        "".join(rng.choices(string.ascii_letters + string.digits + ",.;", k=40)) for _ in range(20)
+    ]
     corpus = [f"the {word} is here, {word} again" for _ in range(30)] + noise
     tokens = train_bpe(corpus, 300)
     assert len(tokens) == 300 and len(set(tokens)) == 300

@@ -1,4 +1,6 @@
+import functools
 import json
+import operator
 import pickle
 import random
 from pathlib import Path
@@ -20,8 +22,10 @@ from torchmoe.data.datasets import (
 
 
 def unique_docs(rng: random.Random, n: int) -> list[str]:
-    return [f"doc{i} " + " ".join(rng.choices(["alpha", "beta", "gamma", "δ", "🙂"], k=5))
-            for i in range(n)]
+    return [
+        f"doc{i} " + " ".join(rng.choices(["alpha", "beta", "gamma", "δ", "🙂"], k=5))
+        for i in range(n)
+    ]
 
 
 def take(stream: DocumentStream, n: int) -> list[str]:
@@ -46,8 +50,13 @@ def local_cfg(path: Path | str, tmp_path: Path, **kw: str) -> Data:
 
 
 def stream_json(path: Path) -> datasets.IterableDataset:
-    return datasets.load_dataset("json", data_files=str(path), split="train", streaming=True,
-                                 cache_dir=str(path.parent / "hf_cache"))
+    return datasets.load_dataset(
+        "json",
+        data_files=str(path),
+        split="train",
+        streaming=True,
+        cache_dir=str(path.parent / "hf_cache"),
+    )
 
 
 def streamed(path: Path, rank: int, world: int) -> StreamedDocuments:
@@ -60,7 +69,7 @@ def test_ranks_get_disjoint_shards_covering_each_epoch(rng: random.Random) -> No
     ranks = [ShuffledDocuments(docs, "x", r, world, seed) for r in range(world)]
     for _ in range(2):  # two epochs
         seen = [take(ranks[r], len(docs[r::world])) for r in range(world)]
-        assert sorted(sum(seen, [])) == sorted(docs)
+        assert sorted(functools.reduce(operator.iadd, seen, [])) == sorted(docs)
 
 
 def test_order_is_seeded_and_reshuffled_per_epoch(rng: random.Random) -> None:
@@ -86,7 +95,7 @@ def test_shuffled_resume_is_exact_across_epochs(rng: random.Random, consumed: in
 def test_resume_with_another_seed_is_an_error(rng: random.Random) -> None:
     docs = unique_docs(rng, 10)
     state = ShuffledDocuments(docs, "x", 0, 1, seed=1).state_dict()
-    with pytest.raises(ConfigError, match="resume with the same training.seed"):
+    with pytest.raises(ConfigError, match=r"resume with the same training.seed"):
         ShuffledDocuments(docs, "x", 0, 1, seed=2).load_state_dict(state)
 
 
@@ -98,8 +107,7 @@ def test_stdlib_docs_source(stdlib_docs: list[str], stdlib_cache: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet"])
-def test_local_file_loads_through_datasets(rng: random.Random, tmp_path: Path,
-                                           suffix: str) -> None:
+def test_local_file_loads_through_datasets(rng: random.Random, tmp_path: Path, suffix: str) -> None:
     docs = unique_docs(rng, 25)
     write_docs(tmp_path / f"corpus{suffix}", docs)
     stream = open_documents(local_cfg(tmp_path / f"corpus{suffix}", tmp_path), 0, 1, seed=3)
@@ -148,8 +156,11 @@ def test_folder_of_mixed_kinds(rng: random.Random, tmp_path: Path) -> None:
 def test_missing_text_field(rng: random.Random, tmp_path: Path) -> None:
     write_docs(tmp_path / "c.jsonl", unique_docs(rng, 5), field="body")
     cfg = local_cfg(tmp_path / "c.jsonl", tmp_path, text_field="text")
-    with pytest.raises(ConfigError, match=r"^data\.text_field = 'text': .* has no such column; "
-                                          r"choose one of \['body', 'id'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.text_field = 'text': .* has no such column; "
+        r"choose one of \['body', 'id'\]",
+    ):
         open_documents(cfg, 0, 1, seed=0)
 
 
@@ -168,9 +179,12 @@ def test_too_few_documents_for_the_ranks(rng: random.Random, tmp_path: Path) -> 
 def test_hub_dataset_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ConfigError, match=r"^data\.dataset = 'c4' could not be loaded \(.*allenai/"
-                                          r"c4.*\); this machine may be offline: use the default "
-                                          r"'stdlib_docs' or a local file$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.dataset = 'c4' could not be loaded \(.*allenai/"
+        r"c4.*\); this machine may be offline: use the default "
+        r"'stdlib_docs' or a local file$",
+    ):
         open_documents(local_cfg("c4", tmp_path), 0, 1, seed=0)
 
 
@@ -182,8 +196,9 @@ def test_streamed_ranks_are_disjoint(rng: random.Random, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("consumed", [0, 4, 11, 12, 13, 30])
-def test_streamed_resume_is_exact_across_epochs(rng: random.Random, tmp_path: Path,
-                                               consumed: int) -> None:
+def test_streamed_resume_is_exact_across_epochs(
+    rng: random.Random, tmp_path: Path, consumed: int
+) -> None:
     docs = unique_docs(rng, 24)
     write_docs(tmp_path / "s.jsonl", docs)
     stream = streamed(tmp_path / "s.jsonl", 1, 2)  # 12 documents per epoch

@@ -18,8 +18,9 @@ def random_docs(rng: random.Random, n: int) -> list[str]:
     return [f"<{i}>" + "".join(rng.choices(words, k=rng.randint(0, 60))) for i in range(n)]
 
 
-def loader(docs: list[str], tokenizer: Tokenizer, seed: int, seq_len: int = 16,
-           batch_size: int = 3) -> PackedLoader:
+def loader(
+    docs: list[str], tokenizer: Tokenizer, seed: int, seq_len: int = 16, batch_size: int = 3
+) -> PackedLoader:
     return PackedLoader(ShuffledDocuments(docs, "x", 0, 1, seed), tokenizer, seq_len, batch_size)
 
 
@@ -27,8 +28,9 @@ def take(batches: PackedLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor
     return [next(batches) for _ in range(n)]
 
 
-def assert_same(a: list[tuple[torch.Tensor, torch.Tensor]],
-                b: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def assert_same(
+    a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
     assert len(a) == len(b)
     for (x1, y1), (x2, y2) in zip(a, b):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
@@ -49,12 +51,13 @@ def test_batches_are_the_document_stream_shifted(rng: random.Random, bundled: To
         assert inputs.dtype == labels.dtype == torch.int64
     inputs = torch.cat([x.flatten() for x, _ in batches]).tolist()
     labels = torch.cat([y.flatten() for _, y in batches]).tolist()
-    assert inputs == stream[:len(inputs)]
-    assert labels == stream[1:len(inputs) + 1]
+    assert inputs == stream[: len(inputs)]
+    assert labels == stream[1 : len(inputs) + 1]
 
 
-def test_same_seed_same_batches_other_seed_other_order(rng: random.Random,
-                                                       bundled: Tokenizer) -> None:
+def test_same_seed_same_batches_other_seed_other_order(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
     docs = random_docs(rng, 20)
     seed = rng.randrange(1000)
     first = take(loader(docs, bundled, seed), 5)
@@ -64,8 +67,9 @@ def test_same_seed_same_batches_other_seed_other_order(rng: random.Random,
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 8, 13])
-def test_resume_yields_the_uninterrupted_batches(rng: random.Random, bundled: Tokenizer,
-                                                 k: int) -> None:
+def test_resume_yields_the_uninterrupted_batches(
+    rng: random.Random, bundled: Tokenizer, k: int
+) -> None:
     docs = random_docs(rng, 12)
     seed = rng.randrange(1000)
     uninterrupted = loader(docs, bundled, seed)
@@ -94,14 +98,20 @@ def test_state_is_plain_python(rng: random.Random, bundled: Tokenizer) -> None:
     assert plain(state) and state["tokens"]
 
 
-def test_resume_of_a_streamed_dataset(rng: random.Random, bundled: Tokenizer,
-                                      tmp_path: Path) -> None:
+def test_resume_of_a_streamed_dataset(
+    rng: random.Random, bundled: Tokenizer, tmp_path: Path
+) -> None:
     path = tmp_path / "s.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in random_docs(rng, 10)))
 
     def streamed_loader() -> PackedLoader:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", streaming=True,
-                                   cache_dir=str(tmp_path / "hf_cache"))
+        ds = datasets.load_dataset(
+            "json",
+            data_files=str(path),
+            split="train",
+            streaming=True,
+            cache_dir=str(tmp_path / "hf_cache"),
+        )
         return PackedLoader(StreamedDocuments(ds, "s", "text", 0, 1), bundled, 8, 2)
 
     uninterrupted = streamed_loader()
@@ -111,13 +121,14 @@ def test_resume_of_a_streamed_dataset(rng: random.Random, bundled: Tokenizer,
     assert_same(take(resumed, 20), take(uninterrupted, 20))
 
 
-def test_build_dataloader_on_stdlib_docs(stdlib_docs: list[str], stdlib_cache: Path,
-                                         bundled: Tokenizer) -> None:
+def test_build_dataloader_on_stdlib_docs(
+    stdlib_docs: list[str], stdlib_cache: Path, bundled: Tokenizer
+) -> None:
     cfg = Data(cache_dir=str(stdlib_cache))
     ranks = [build_dataloader(cfg, bundled, 64, 2, rank, 2, seed=5) for rank in range(2)]
     (x0, y0), (x1, _) = next(ranks[0]), next(ranks[1])
     assert x0.shape == (2, 64) and torch.equal(y0[:, :-1], x0[:, 1:])
     assert not torch.equal(x0, x1)
     tokens = x0.flatten().tolist()
-    first = tokens[:tokens.index(bundled.eos_id)] if bundled.eos_id in tokens else tokens
-    assert any(bundled.encode(doc)[:len(first)] == first for doc in stdlib_docs)
+    first = tokens[: tokens.index(bundled.eos_id)] if bundled.eos_id in tokens else tokens
+    assert any(bundled.encode(doc)[: len(first)] == first for doc in stdlib_docs)

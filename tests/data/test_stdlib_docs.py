@@ -15,10 +15,14 @@ def write_module(path: Path, docstring: str, body: str = "") -> None:
     path.write_text(f'"""{docstring}"""\n{body}')
 
 
-def test_extracts_module_class_function_docstrings_in_path_order(rng: random.Random,
-                                                                 tmp_path: Path) -> None:
+def test_extracts_module_class_function_docstrings_in_path_order(
+    rng: random.Random, tmp_path: Path
+) -> None:
     docs = {tag: long_doc(rng, tag) for tag in ("mod", "cls", "fn", "async", "pkg", "dup")}
-    write_module(tmp_path / "b.py", docs["mod"], f'''
+    write_module(
+        tmp_path / "b.py",
+        docs["mod"],
+        f'''
 class C:
     """{docs["cls"]}"""
 
@@ -33,7 +37,8 @@ except ImportError:
 
 def short():
     """Too short to keep."""
-''')
+''',
+    )
     write_module(tmp_path / "a" / "z.py", docs["pkg"])
     write_module(tmp_path / "a" / "copy.py", docs["pkg"])  # repeats are kept once
     write_module(tmp_path / "c.py", docs["dup"])
@@ -48,8 +53,9 @@ def short():
     assert extract_docstrings(tmp_path) == got
 
 
-def test_real_corpus_is_cached_per_python_version(stdlib_docs: list[str],
-                                                  stdlib_cache: Path) -> None:
+def test_real_corpus_is_cached_per_python_version(
+    stdlib_docs: list[str], stdlib_cache: Path
+) -> None:
     assert len(stdlib_docs) > 1000
     assert all(len(doc) >= MIN_CHARS for doc in stdlib_docs)
     assert len(set(stdlib_docs)) == len(stdlib_docs)
@@ -60,8 +66,9 @@ def test_real_corpus_is_cached_per_python_version(stdlib_docs: list[str],
     assert load_stdlib_docs(str(stdlib_cache)) == stdlib_docs
 
 
-def test_cached_file_is_what_gets_loaded(stdlib_docs: list[str], stdlib_cache: Path,
-                                         tmp_path: Path) -> None:
+def test_cached_file_is_what_gets_loaded(
+    stdlib_docs: list[str], stdlib_cache: Path, tmp_path: Path
+) -> None:
     """A second load must come from the cache, not a new walk of the stdlib."""
     [cache] = stdlib_cache.glob("stdlib_docs*.jsonl")
     copy = tmp_path / cache.name

@@ -49,8 +49,9 @@ def test_tiktoken_splits_text_where_our_regex_does(random_text: Callable[[int], 
     ranks = {bytes([b]): b for b in range(256)}
     for piece in pieces:
         ranks.setdefault(piece, len(ranks))
-    encoding = tiktoken.Encoding("probe", pat_str=PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
-                                 special_tokens={})
+    encoding = tiktoken.Encoding(
+        "probe", pat_str=PRETOKENIZE_PATTERN, mergeable_ranks=ranks, special_tokens={}
+    )
     tokens = [encoding.decode_single_token_bytes(t) for t in encoding.encode_ordinary(text)]
     assert tokens == pieces
 
@@ -72,20 +73,24 @@ def test_edited_ranks_file_is_reread(tmp_path: Path) -> None:
     assert build_tokenizer(str(path)).vocab_size == 258
 
 
-@pytest.mark.parametrize("bad_line, line_no, reason", [
-    ("YWI=", 257, "1 fields instead of 2"),
-    ("YWI= 256 x", 257, "3 fields instead of 2"),
-    ("not*base64 256", 257, "bad base64 or rank"),
-    ("YWI= two", 257, "bad base64 or rank"),
-    ("YWI= 300", 257, "rank 300, expected 256"),
-    ("YQ== 256", 257, "token b'a' repeats rank 97"),
-])
-def test_malformed_line_is_named(tmp_path: Path, bad_line: str, line_no: int,
-                                 reason: str) -> None:
+@pytest.mark.parametrize(
+    "bad_line, line_no, reason",
+    [
+        ("YWI=", 257, "1 fields instead of 2"),
+        ("YWI= 256 x", 257, "3 fields instead of 2"),
+        ("not*base64 256", 257, "bad base64 or rank"),
+        ("YWI= two", 257, "bad base64 or rank"),
+        ("YWI= 300", 257, "rank 300, expected 256"),
+        ("YQ== 256", 257, "token b'a' repeats rank 97"),
+    ],
+)
+def test_malformed_line_is_named(tmp_path: Path, bad_line: str, line_no: int, reason: str) -> None:
     path = tmp_path / "bad.tiktoken"
     write_byte_ranks(path, [bad_line])
-    expected = (rf"^model\.tokenizer_path = '{regex.escape(str(path))}': line {line_no} is "
-                rf"malformed \({regex.escape(reason)}\)")
+    expected = (
+        rf"^model\.tokenizer_path = '{regex.escape(str(path))}': line {line_no} is "
+        rf"malformed \({regex.escape(reason)}\)"
+    )
     with pytest.raises(ConfigError, match=expected):
         build_tokenizer(str(path))
 
@@ -93,7 +98,7 @@ def test_malformed_line_is_named(tmp_path: Path, bad_line: str, line_no: int,
 def test_ranks_file_without_all_bytes(tmp_path: Path) -> None:
     path = tmp_path / "short.tiktoken"
     path.write_text("YQ== 0\n")
-    with pytest.raises(ConfigError, match="model.tokenizer_path .* 255 of the 256 single bytes"):
+    with pytest.raises(ConfigError, match=r"model.tokenizer_path .* 255 of the 256 single bytes"):
         build_tokenizer(str(path))
 
 
@@ -110,6 +115,9 @@ def test_named_encoding_offline(monkeypatch: pytest.MonkeyPatch) -> None:
         raise ConnectionError("name resolution failed")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(ConfigError, match=r"^model\.tokenizer_path = 'cl100k_base' could not be "
-                                          r"loaded \(ConnectionError\).*'bundled'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model\.tokenizer_path = 'cl100k_base' could not be "
+        r"loaded \(ConnectionError\).*'bundled'",
+    ):
         build_tokenizer("cl100k_base")

@@ -4,12 +4,13 @@ import os
 import pickle
 import socket
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multiprocessing.connection import wait
 
 
 def _free_port() -> int:
@@ -19,8 +20,13 @@ def _free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, conn) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -41,7 +47,8 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -
     # fork is cheap (torch already imported) but a child of a process that used CUDA must not
     # touch it, and torch's optimizers do; then start ranks from a clean fork server instead.
     method = os.environ.get("TORCHMOE_TEST_START_METHOD") or (
-        "forkserver" if torch.cuda.is_initialized() else "fork")
+        "forkserver" if torch.cuda.is_initialized() else "fork"
+    )
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["torchmoe.train.trainer"])  # import torch once, not per rank

@@ -19,10 +19,16 @@ TOKENS_PER_RANK, DIM = 11, 16
 
 def make_layer(capacity_factor: float = 0.0) -> MoE:
     torch.manual_seed(0)
-    args = MoEArgs(router=RouterArgs(dim=DIM, num_experts=8, topk=3, enable_expert_bias=True,
-                                     dtype=torch.float64),
-                   hidden_dim=12, shared_hidden_dim=8, grouped_mm="loop",
-                   capacity_factor=capacity_factor, pad_to_capacity=capacity_factor > 0)
+    args = MoEArgs(
+        router=RouterArgs(
+            dim=DIM, num_experts=8, topk=3, enable_expert_bias=True, dtype=torch.float64
+        ),
+        hidden_dim=12,
+        shared_hidden_dim=8,
+        grouped_mm="loop",
+        capacity_factor=capacity_factor,
+        pad_to_capacity=capacity_factor > 0,
+    )
     layer = MoE(args).double()
     layer.init_weights(0.5, 0.3)
     layer.router.expert_bias.copy_(torch.tensor([0, 0, 0, -9, 0, 0, 0, -9.0]))  # 2 empty
@@ -30,8 +36,12 @@ def make_layer(capacity_factor: float = 0.0) -> MoE:
 
 
 def tokens(world: int) -> torch.Tensor:
-    return torch.randn(world * TOKENS_PER_RANK, DIM, dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(1))
+    return torch.randn(
+        world * TOKENS_PER_RANK,
+        DIM,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(1),
+    )
 
 
 def loss(out: torch.Tensor) -> torch.Tensor:
@@ -44,14 +54,22 @@ def check_groups(pad: int):
         assert (counts % pad == 0).all() and x_MD.shape[0] >= counts.sum()
         start = 0
         for n in counts.tolist():
-            filled = int((x_MD[start:start + n].abs().sum(1) > 0).sum())
-            assert (x_MD[start + filled:start + n] == 0).all()
+            filled = int((x_MD[start : start + n].abs().sum(1) > 0).sum())
+            assert (x_MD[start + filled : start + n] == 0).all()
             start += n
+
     return hook
 
 
-def ep_rank(rank: int, ep: int, etp: int, dispatcher: str, pad: int, pad_after_ep: bool,
-            capacity_factor: float):
+def ep_rank(
+    rank: int,
+    ep: int,
+    etp: int,
+    dispatcher: str,
+    pad: int,
+    pad_after_ep: bool,
+    capacity_factor: float,
+):
     layer = make_layer(capacity_factor)
     if not pad_after_ep:
         layer.dispatcher.pad_multiple = pad  # apply_ep keeps it
@@ -73,19 +91,26 @@ def ep_rank(rank: int, ep: int, etp: int, dispatcher: str, pad: int, pad_after_e
     return out.detach(), x.grad, grads
 
 
-@pytest.mark.parametrize("world,ep,etp,dispatcher,pad_after_ep,capacity_factor", [
-    (2, 2, 1, "alltoall", False, 0.0), (2, 2, 1, "allgather", True, 0.0),
-    (4, 2, 2, "alltoall", True, 0.0), (4, 4, 1, "allgather", False, 0.0),
-    (2, 2, 1, "alltoall", False, 0.7), (2, 2, 1, "allgather", False, 0.7),
-    (4, 2, 2, "alltoall", True, 0.7)])
-def test_padded_expert_groups_change_nothing(world, ep, etp, dispatcher, pad_after_ep,
-                                             capacity_factor):
+@pytest.mark.parametrize(
+    "world,ep,etp,dispatcher,pad_after_ep,capacity_factor",
+    [
+        (2, 2, 1, "alltoall", False, 0.0),
+        (2, 2, 1, "allgather", True, 0.0),
+        (4, 2, 2, "alltoall", True, 0.0),
+        (4, 4, 1, "allgather", False, 0.0),
+        (2, 2, 1, "alltoall", False, 0.7),
+        (2, 2, 1, "allgather", False, 0.7),
+        (4, 2, 2, "alltoall", True, 0.7),
+    ],
+)
+def test_padded_expert_groups_change_nothing(
+    world, ep, etp, dispatcher, pad_after_ep, capacity_factor
+):
     """Also in capacity mode (drops, groups padded to capacity): each rank drops over the
     capacity of its own tokens, so the reference runs the ranks' token slices one by one."""
     layer = make_layer(capacity_factor)
     x = tokens(world).requires_grad_()
-    out = torch.cat([layer(xs.view(1, -1, DIM)).view(-1, DIM)
-                     for xs in x.split(TOKENS_PER_RANK)])
+    out = torch.cat([layer(xs.view(1, -1, DIM)).view(-1, DIM) for xs in x.split(TOKENS_PER_RANK)])
     if capacity_factor:
         assert layer.stats[STAT_NAMES.index("dropped")] > 0
     # The same loss as the ranks' sum: each rank's loss weights its own rows from 0.

@@ -30,17 +30,24 @@ def train_steps(rank, cfg, data):
     trainer.checkpoint.load()
     dp, r = trainer.dims.dp, trainer.dims.dp_rank()
     rows = GLOBAL_BATCH // dp
-    trainer.batches = iter((b[r * rows:(r + 1) * rows, :-1], b[r * rows:(r + 1) * rows, 1:])
-                           for b in data)
+    trainer.batches = iter(
+        (b[r * rows : (r + 1) * rows, :-1], b[r * rows : (r + 1) * rows, 1:]) for b in data
+    )
     aux, biases = [], []
     for _ in data:
         trainer.train_step()
         stats = trainer.after_step()
         aux.append(stats["global_aux_loss"].clone())
-        biases.append([m.router.expert_bias.clone() for m in trainer.moe_layers
-                       if m.router.expert_bias is not None])
-    full = get_model_state_dict(trainer.model,
-                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        biases.append(
+            [
+                m.router.expert_bias.clone()
+                for m in trainer.moe_layers
+                if m.router.expert_bias is not None
+            ]
+        )
+    full = get_model_state_dict(
+        trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return aux, biases, full if rank == 0 else None
 
 
@@ -49,15 +56,19 @@ def test_global_aux_loss_and_bias_match_single_process(layout, tmp_path, data_ca
     load_stdlib_docs(data_cache)
     world, overrides = LAYOUTS[layout]
     model = {k: v for k, v in overrides.items() if k.startswith("model.")}
-    seed = config(tmp_path / "seed", data_cache, **{"checkpoint.create_seed_checkpoint": "true"},
-                  **GLOBAL_AUX, **model)
+    seed = config(
+        tmp_path / "seed",
+        data_cache,
+        **{"checkpoint.create_seed_checkpoint": "true"},
+        **GLOBAL_AUX,
+        **model,
+    )
     Trainer(seed, device=torch.device("cpu")).train()
     data = batches(seed=3)[:2]
     results = {}
     for name, ranks, extra in (("reference", 1, model), (layout, world, overrides)):
         shutil.copytree(tmp_path / "seed", tmp_path / name)
-        cfg = config(tmp_path / name, data_cache, dp=ranks,
-                     **GLOBAL_AUX, **extra)
+        cfg = config(tmp_path / name, data_cache, dp=ranks, **GLOBAL_AUX, **extra)
         results[name] = run_ranks(ranks, train_steps, cfg, data)[0]
     (ref_aux, ref_bias, ref_params), (aux, bias, params) = results["reference"], results[layout]
     assert all(a.gt(0).all() for a in ref_aux)  # the loss is on in every layer
@@ -66,5 +77,6 @@ def test_global_aux_loss_and_bias_match_single_process(layout, tmp_path, data_ca
     if model.get("model.name") != "mixtral":  # the DeepSeek flavor balances by bias too
         assert any(b.abs().sum() > 0 for step in ref_bias for b in step)
     for key, ref in ref_params.items():
-        torch.testing.assert_close(params[key], ref, rtol=1e-4, atol=5e-5,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            params[key], ref, rtol=1e-4, atol=5e-5, msg=lambda m, key=key: f"{key}: {m}"
+        )

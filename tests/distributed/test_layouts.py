@@ -28,8 +28,10 @@ LAYOUTS = {
     "fsdp4_x_ep2_allgather": (4, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
     "etp2": (2, {"parallelism.etp": 2}),
     "ep2_x_etp2": (4, {"parallelism.ep": 2, "parallelism.etp": 2}),
-    "ep2_x_etp2_allgather": (4, {"parallelism.ep": 2, "parallelism.etp": 2,
-                                 "moe.dispatcher": "allgather"}),
+    "ep2_x_etp2_allgather": (
+        4,
+        {"parallelism.ep": 2, "parallelism.etp": 2, "moe.dispatcher": "allgather"},
+    ),
     "tp2": (2, {"parallelism.tp": 2}),
     "tp2_q_lora": (2, {"parallelism.tp": 2, "model.q_lora_rank": 32}),
     "fsdp2_x_tp2": (4, {"parallelism.tp": 2}),
@@ -41,23 +43,51 @@ LAYOUTS = {
     "qwen3_tp2": (2, {"parallelism.tp": 2, "model.name": "qwen3_moe"}),
     "mtp_fsdp2_x_ep2": (4, {"parallelism.ep": 2, "model.mtp_num_layers": 1}),
     "qwen3_ep2": (2, {"parallelism.ep": 2, "model.name": "qwen3_moe"}),
-    "tp2_x_ep2_allgather": (2, {"parallelism.tp": 2, "parallelism.ep": 2,
-                                "moe.dispatcher": "allgather"}),
-    **{f"pp2_{schedule}": (2, {"parallelism.pp": 2, "parallelism.pp_schedule": schedule,
-                               "model.n_layers": 4})
-       for schedule in ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
-                        "ZBVZeroBubble", "DualPipeV")},
+    "tp2_x_ep2_allgather": (
+        2,
+        {"parallelism.tp": 2, "parallelism.ep": 2, "moe.dispatcher": "allgather"},
+    ),
+    **{
+        f"pp2_{schedule}": (
+            2,
+            {"parallelism.pp": 2, "parallelism.pp_schedule": schedule, "model.n_layers": 4},
+        )
+        for schedule in (
+            "GPipe",
+            "1F1B",
+            "Interleaved1F1B",
+            "LoopedBFS",
+            "InterleavedZeroBubble",
+            "ZBVZeroBubble",
+            "DualPipeV",
+        )
+    },
     "pp2_x_fsdp2": (4, {"parallelism.pp": 2, "model.n_layers": 4}),
-    "pp2_two_sequences_per_microbatch": (2, {"parallelism.pp": 2, "model.n_layers": 4,
-                                             "parallelism.pp_microbatches": 2}),
+    "pp2_two_sequences_per_microbatch": (
+        2,
+        {"parallelism.pp": 2, "model.n_layers": 4, "parallelism.pp_microbatches": 2},
+    ),
     "pp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2, "model.n_layers": 4}),
     "pp2_x_tp2": (4, {"parallelism.pp": 2, "parallelism.tp": 2, "model.n_layers": 4}),
     "pp2_mtp2": (2, {"parallelism.pp": 2, "model.n_layers": 4, "model.mtp_num_layers": 2}),
-    "pp2_zbv_x_fsdp2_mtp": (4, {"parallelism.pp": 2, "parallelism.pp_schedule": "ZBVZeroBubble",
-                                "model.n_layers": 4, "model.mtp_num_layers": 1}),
-    "pp2_interleaved_x_fsdp2_x_ep2": (4, {"parallelism.pp": 2, "parallelism.ep": 2,
-                                          "parallelism.pp_schedule": "Interleaved1F1B",
-                                          "model.n_layers": 4}),
+    "pp2_zbv_x_fsdp2_mtp": (
+        4,
+        {
+            "parallelism.pp": 2,
+            "parallelism.pp_schedule": "ZBVZeroBubble",
+            "model.n_layers": 4,
+            "model.mtp_num_layers": 1,
+        },
+    ),
+    "pp2_interleaved_x_fsdp2_x_ep2": (
+        4,
+        {
+            "parallelism.pp": 2,
+            "parallelism.ep": 2,
+            "parallelism.pp_schedule": "Interleaved1F1B",
+            "model.n_layers": 4,
+        },
+    ),
 }
 # Balance losses count whole sequences under tensor parallelism (the plan all-reduces the counts
 # over tp), so they are layout-independent there; but Mixtral's and Qwen3's batch-level
@@ -76,17 +106,27 @@ def balance_loss_is_layout_dependent(world: int, overrides: dict) -> bool:
 
 
 def config(folder, cache, dp=1, **overrides):
-    values = {"job.dump_folder": str(folder), "data.cache_dir": cache,
-              "checkpoint.enable": "true", "checkpoint.folder": "ckpt",
-              "checkpoint.interval": "1000", "training.seq_len": str(SEQ),
-              "training.local_batch_size": str(GLOBAL_BATCH // dp), "training.steps": str(STEPS),
-              "metrics.log_freq": "1", "model.dim": "64", "model.inter_dim": "128",
-              "moe.ffn_hidden_size": "32", "moe.shared_expert_intermediate_size": "32",
-              "moe.bias_update_rate": "0.01", "lr_scheduler.warmup_steps": "1",
-              "optimizer.lr": "1e-2",
-              "training.max_norm": "0.1",  # below the gradient norm: clipping is exercised
-              # Adam's eps bounds how much it magnifies float32 noise in near-zero gradients.
-              "optimizer.eps": "1e-6"}
+    values = {
+        "job.dump_folder": str(folder),
+        "data.cache_dir": cache,
+        "checkpoint.enable": "true",
+        "checkpoint.folder": "ckpt",
+        "checkpoint.interval": "1000",
+        "training.seq_len": str(SEQ),
+        "training.local_batch_size": str(GLOBAL_BATCH // dp),
+        "training.steps": str(STEPS),
+        "metrics.log_freq": "1",
+        "model.dim": "64",
+        "model.inter_dim": "128",
+        "moe.ffn_hidden_size": "32",
+        "moe.shared_expert_intermediate_size": "32",
+        "moe.bias_update_rate": "0.01",
+        "lr_scheduler.warmup_steps": "1",
+        "optimizer.lr": "1e-2",
+        "training.max_norm": "0.1",  # below the gradient norm: clipping is exercised
+        # Adam's eps bounds how much it magnifies float32 noise in near-zero gradients.
+        "optimizer.eps": "1e-6",
+    }
     values.update({k: str(v) for k, v in overrides.items()})
     return build_config({}, list(values.items()))
 
@@ -106,12 +146,14 @@ def train_and_collect(rank, cfg, data):
     trainer = Trainer(cfg, device=torch.device("cpu"))
     dp, r = trainer.dims.dp, trainer.dims.dp_rank()
     rows = GLOBAL_BATCH // dp
-    trainer.batches = iter((b[r * rows:(r + 1) * rows, :-1], b[r * rows:(r + 1) * rows, 1:])
-                           for b in data)
+    trainer.batches = iter(
+        (b[r * rows : (r + 1) * rows, :-1], b[r * rows : (r + 1) * rows, 1:]) for b in data
+    )
     losses = trainer.train()
     # every rank: pipeline stages hold different parameters
-    return losses, get_model_state_dict(trainer.model,
-                                        options=StateDictOptions(full_state_dict=True))
+    return losses, get_model_state_dict(
+        trainer.model, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +168,12 @@ def seed_and_references(tmp_path_factory, data_cache):
         key = tuple(sorted(model_overrides.items()))
         if key not in cache:
             name = f"variant{len(cache)}"
-            seed_cfg = config(root / name / "seed", data_cache,
-                              **{"checkpoint.create_seed_checkpoint": "true"}, **model_overrides)
+            seed_cfg = config(
+                root / name / "seed",
+                data_cache,
+                **{"checkpoint.create_seed_checkpoint": "true"},
+                **model_overrides,
+            )
             trainer = Trainer(seed_cfg, device=torch.device("cpu"))
             for moe in trainer.moe_layers:
                 if moe.router.expert_bias is not None:
@@ -135,8 +181,11 @@ def seed_and_references(tmp_path_factory, data_cache):
             trainer.checkpoint.save_seed()
             shutil.copytree(root / name / "seed", root / name / "reference")
             [(losses, params)] = run_ranks(
-                1, train_and_collect, config(root / name / "reference", data_cache,
-                                             **model_overrides), data)
+                1,
+                train_and_collect,
+                config(root / name / "reference", data_cache, **model_overrides),
+                data,
+            )
             cache[key] = (root / name, losses, params)
         return cache[key]
 
@@ -155,22 +204,29 @@ def test_layout_matches_single_process(layout, seed_and_references, data_cache):
     variant, ref_losses, ref_params = get(model_overrides)
     shutil.copytree(variant / "seed", variant / layout)
     dp = data_parallel(world, overrides)
-    cfg = config(variant / layout, data_cache, dp=dp, **overrides, **NO_BALANCE_LOSS
-                 if balance_loss_is_layout_dependent(world, overrides) else {})
+    cfg = config(
+        variant / layout,
+        data_cache,
+        dp=dp,
+        **overrides,
+        **NO_BALANCE_LOSS if balance_loss_is_layout_dependent(world, overrides) else {},
+    )
     results = run_ranks(world, train_and_collect, cfg, data)
     losses, params = merged(results)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
     assert params.keys() == ref_params.keys()
     for name, ref in ref_params.items():
         # Adam moves every weight by ~lr = 1e-2 per step; float32 summation-order noise is ~1e-5.
-        torch.testing.assert_close(params[name], ref, rtol=1e-4, atol=5e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            params[name], ref, rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert all(r[0] == losses for r in results)  # every rank logs the global loss
     # rank 0 logs every layer's expert load, whichever pipeline stage holds the layer
     for logged, ref in zip(logged_rows(variant / layout), logged_rows(variant / "reference")):
         assert logged["per_layer"]["tokens"] == ref["per_layer"]["tokens"]
-        torch.testing.assert_close(logged["per_layer"].get("bias_norm"),
-                                   ref["per_layer"].get("bias_norm"))
+        torch.testing.assert_close(
+            logged["per_layer"].get("bias_norm"), ref["per_layer"].get("bias_norm")
+        )
         assert ("mtp_loss" in logged) == ("mtp_loss" in ref)
         if "mtp_loss" in ref:
             assert logged["mtp_loss"] == pytest.approx(ref["mtp_loss"], rel=1e-5)

@@ -19,9 +19,17 @@ def first_block_weight(rank: int, cfg) -> tuple[str, torch.Tensor]:
 
 def test_stages_start_from_different_weights(tmp_path, data_cache):
     load_stdlib_docs(data_cache)
-    cfg = build_config({}, [("job.dump_folder", str(tmp_path)), ("data.cache_dir", data_cache),
-                            ("parallelism.pp", "3"), ("model.n_layers", "3"),
-                            ("training.local_batch_size", "3"), ("training.seq_len", "32")])
+    cfg = build_config(
+        {},
+        [
+            ("job.dump_folder", str(tmp_path)),
+            ("data.cache_dir", data_cache),
+            ("parallelism.pp", "3"),
+            ("model.n_layers", "3"),
+            ("training.local_batch_size", "3"),
+            ("training.seq_len", "32"),
+        ],
+    )
     # stages 1 and 2 have no embedding: their first block is the first thing they initialise
     _, (name1, w1), (name2, w2) = run_ranks(3, first_block_weight, cfg)
     assert (name1, name2) == ("layers.1.attention.wkv_a.weight", "layers.2.attention.wkv_a.weight")

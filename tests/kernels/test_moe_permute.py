@@ -16,13 +16,21 @@ from torchmoe.kernels import moe_permute_ref as ref
 
 # T, K, E, P, drops: T prime-ish, K up to 3, pad 1 and 16; with drops, about a third of the
 # copies are dropped (expert id -1), as a capacity limit does.
-CASES = [(1, 1, 4, 1, False), (13, 2, 8, 1, False), (37, 3, 8, 16, False),
-         (130, 2, 6, 16, False), (67, 1, 5, 4, False), (0, 2, 4, 16, False),
-         (41, 2, 8, 1, True), (53, 3, 6, 16, True)]
+CASES = [
+    (1, 1, 4, 1, False),
+    (13, 2, 8, 1, False),
+    (37, 3, 8, 16, False),
+    (130, 2, 6, 16, False),
+    (67, 1, 5, 4, False),
+    (0, 2, 4, 16, False),
+    (41, 2, 8, 1, True),
+    (53, 3, 6, 16, True),
+]
 
 
-def random_routing(T: int, K: int, E: int, seed: int, device="cpu", drops: bool = False
-                   ) -> torch.Tensor:
+def random_routing(
+    T: int, K: int, E: int, seed: int, device="cpu", drops: bool = False
+) -> torch.Tensor:
     """Distinct experts per token, drawn from E - 2 of them, so two experts stay empty; with
     ``drops``, a third of the copies dropped."""
     g = torch.Generator().manual_seed(seed)
@@ -68,8 +76,12 @@ def loop_permute(x_TD, dest, M):
 
 def loop_unpermute(y_MD, dest, w_TK):
     zero = y_MD.new_zeros(y_MD.shape[1])
-    return torch.stack([sum((w_TK[t, k] * y_MD[r] for k, r in enumerate(row) if r >= 0), zero)
-                        for t, row in enumerate(dest)])
+    return torch.stack(
+        [
+            sum((w_TK[t, k] * y_MD[r] for k, r in enumerate(row) if r >= 0), zero)
+            for t, row in enumerate(dest)
+        ]
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,10 +165,12 @@ def test_reference_accumulates_in_float32_and_returns_y_dtype():
 
 # ----------------------------------------------------------------------------- Triton kernels
 
+
 def compare_fused_to_reference(fused, device: str, dtype: torch.dtype, cases=CASES, D=48) -> None:
     """Forward and backward of the fused ops equal the references on the same inputs."""
-    tol = ({"rtol": 1e-5, "atol": 3e-4} if dtype == torch.float32 else
-           {"rtol": 1.6e-2, "atol": 1e-2})  # summation order differs
+    tol = (
+        {"rtol": 1e-5, "atol": 3e-4} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    )  # summation order differs
     for T, K, E, P, drops in cases:
         idx = random_routing(T, K, E, seed=T * 7 + P, device=device, drops=drops)
         G = fixed_group_rows(idx, E) if drops and T % 2 else 0
@@ -228,10 +242,15 @@ def _interpreter_main() -> None:
 
 def test_triton_kernels_in_interpreter():
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())
@@ -244,7 +263,7 @@ def test_triton_backend_refuses_cpu_tensors():
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter runs CPU tensors")
-    with pytest.raises(ConfigError, match="moe.permute_backend = 'triton' needs CUDA"):
+    with pytest.raises(ConfigError, match=r"moe.permute_backend = 'triton' needs CUDA"):
         LocalDispatcher(4, "triton").dispatch(torch.randn(3, 2), torch.zeros(3, 1).long())
 
 
@@ -257,8 +276,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_triton_kernels_match_reference_on_gpu(dtype):
     from torchmoe.kernels import moe_permute as fused
 
-    big = [(4096, 8, 64, 16, False), (1000, 6, 64, 1, False), (3001, 2, 8, 16, False),
-           (4097, 8, 64, 16, True), (2001, 4, 16, 1, True)]
+    big = [
+        (4096, 8, 64, 16, False),
+        (1000, 6, 64, 1, False),
+        (3001, 2, 8, 16, False),
+        (4097, 8, 64, 16, True),
+        (2001, 4, 16, 1, True),
+    ]
     compare_fused_to_reference(fused, "cuda", dtype, cases=CASES + big, D=256)
     compare_fused_to_reference(fused, "cuda", dtype, cases=[(300, 4, 16, 16, False)], D=7168)
 
@@ -324,8 +348,13 @@ def test_moe_layer_with_triton_permutation_matches_torch_on_gpu(pad):
     results = []
     for backend in ("triton", "torch"):
         torch.manual_seed(0)
-        args = MoEArgs(router=RouterArgs(dim=128, num_experts=16, topk=4), hidden_dim=64,
-                       shared_hidden_dim=0, grouped_mm="grouped_mm", permute_backend=backend)
+        args = MoEArgs(
+            router=RouterArgs(dim=128, num_experts=16, topk=4),
+            hidden_dim=64,
+            shared_hidden_dim=0,
+            grouped_mm="grouped_mm",
+            permute_backend=backend,
+        )
         layer = MoE(args).cuda()
         layer.init_weights(0.02, 0.02)
         layer.dispatcher.pad_multiple = pad

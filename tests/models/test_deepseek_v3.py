@@ -9,8 +9,13 @@ from torchmoe.models.deepseek_v3.model import build_deepseek_v3
 
 
 def small(**overrides):
-    values = {"model.dim": "64", "model.inter_dim": "96", "moe.ffn_hidden_size": "32",
-              "training.seq_len": "16", **{k: str(v) for k, v in overrides.items()}}
+    values = {
+        "model.dim": "64",
+        "model.inter_dim": "96",
+        "moe.ffn_hidden_size": "32",
+        "training.seq_len": "16",
+        **{k: str(v) for k, v in overrides.items()},
+    }
     return build_config({}, list(values.items()))
 
 

@@ -33,8 +33,10 @@ def test_experts_make_a_llama_style_moe():
 
 
 def test_debug_flavor_trains_without_moe_layers(tiny_config):
-    trainer = Trainer(tiny_config(**{"model.name": "llama", "training.steps": 10,
-                                     "optimizer.lr": 1e-2}), device=torch.device("cpu"))
+    trainer = Trainer(
+        tiny_config(**{"model.name": "llama", "training.steps": 10, "optimizer.lr": 1e-2}),
+        device=torch.device("cpu"),
+    )
     assert trainer.moe_layers == []
     losses = trainer.train()
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3

@@ -16,10 +16,15 @@ FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen3_moe", "llama"]
 
 
 def config(family, **overrides):
-    values = {"model.name": family, "model.dim": 64, "model.inter_dim": 96,
-              "moe.ffn_hidden_size": 32, "training.seq_len": 16,
-              **({"moe.num_experts": 8, "moe.router_topk": 2} if family == "llama" else {}),
-              **overrides}
+    values = {
+        "model.name": family,
+        "model.dim": 64,
+        "model.inter_dim": 96,
+        "moe.ffn_hidden_size": 32,
+        "training.seq_len": 16,
+        **({"moe.num_experts": 8, "moe.router_topk": 2} if family == "llama" else {}),
+        **overrides,
+    }
     cfg = build_config({}, [(k, str(v)) for k, v in values.items()])
     validate(cfg)
     return cfg
@@ -35,22 +40,28 @@ def build(cfg, seed=0):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layer_freq,n_dense,expected", [
-    ("1", 0, "MMMM"),
-    ("2", 0, "MDMD"),
-    ("3", 0, "MDDM"),
-    ("0,1,1,0", 0, "DMMD"),
-    ("1", 1, "DMMM"),
-    ("2", 1, "DDMD"),  # block 0 chosen by the interval, but dense by n_dense_layers
-    ("1,0,1,1", 2, "DDMM"),
-])
+@pytest.mark.parametrize(
+    "layer_freq,n_dense,expected",
+    [
+        ("1", 0, "MMMM"),
+        ("2", 0, "MDMD"),
+        ("3", 0, "MDDM"),
+        ("0,1,1,0", 0, "DMMD"),
+        ("1", 1, "DMMM"),
+        ("2", 1, "DDMD"),  # block 0 chosen by the interval, but dense by n_dense_layers
+        ("1,0,1,1", 2, "DDMM"),
+    ],
+)
 def test_layer_freq_places_moe_blocks_in_every_family(family, layer_freq, n_dense, expected):
-    cfg = config(family, **{"model.n_layers": 4, "model.n_dense_layers": n_dense,
-                            "moe.layer_freq": layer_freq})
+    cfg = config(
+        family,
+        **{"model.n_layers": 4, "model.n_dense_layers": n_dense, "moe.layer_freq": layer_freq},
+    )
     with torch.device("meta"):
         model = get_model_spec(family).build(cfg)
-    kinds = "".join("M" if type(b.feed_forward).__name__ == "MoE" else "D"
-                    for b in model.layers.values())
+    kinds = "".join(
+        "M" if type(b.feed_forward).__name__ == "MoE" else "D" for b in model.layers.values()
+    )
     assert kinds == expected
 
 
@@ -86,8 +97,13 @@ def test_deepseek_v2_lite_is_the_v3_16b_architecture_with_v2_balancing():
     differ = {k for k in V3["16B"]["moe"] if V2["lite"]["moe"][k] != V3["16B"]["moe"][k]}
     assert differ == {"load_balancing_type", "aux_loss_coeff", "enable_expert_bias"}
     cfg = build_config({}, [("model.name", "deepseek_v2"), ("model.flavor", "lite")])
-    assert (cfg.moe.num_experts, cfg.moe.router_topk, cfg.moe.shared_expert_intermediate_size,
-            cfg.moe.router_norm_topk_prob, cfg.model.n_dense_layers) == (64, 6, 2816, False, 1)
+    assert (
+        cfg.moe.num_experts,
+        cfg.moe.router_topk,
+        cfg.moe.shared_expert_intermediate_size,
+        cfg.moe.router_norm_topk_prob,
+        cfg.model.n_dense_layers,
+    ) == (64, 6, 2816, False, 1)
     assert (cfg.moe.load_balancing_type, cfg.moe.aux_loss_coeff) == (["seq_aux_loss"], [1e-3])
     with torch.device("meta"):
         model = get_model_spec("deepseek_v2").build(cfg)
@@ -95,8 +111,7 @@ def test_deepseek_v2_lite_is_the_v3_16b_architecture_with_v2_balancing():
 
 
 def test_deepseek_v2_debug_flavor_trains(tiny_config):
-    cfg = tiny_config(**{"model.name": "deepseek_v2", "training.steps": 10,
-                         "optimizer.lr": 1e-2})
+    cfg = tiny_config(**{"model.name": "deepseek_v2", "training.steps": 10, "optimizer.lr": 1e-2})
     trainer = Trainer(cfg, device=torch.device("cpu"))
     losses = trainer.train()
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
@@ -104,7 +119,6 @@ def test_deepseek_v2_debug_flavor_trains(tiny_config):
 
 
 def test_training_with_multi_token_prediction(tiny_config):
-    cfg = tiny_config(**{"model.mtp_num_layers": 1, "training.steps": 10,
-                         "optimizer.lr": 1e-2})
+    cfg = tiny_config(**{"model.mtp_num_layers": 1, "training.steps": 10, "optimizer.lr": 1e-2})
     losses = Trainer(cfg, device=torch.device("cpu")).train()
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3

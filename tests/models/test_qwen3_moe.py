@@ -25,7 +25,10 @@ def test_real_flavors_have_the_published_sizes():
         assert (e.num_experts, e.router_topk, e.shared_expert_intermediate_size) == (128, 8, 0)
         assert e.router_norm_topk_prob and e.router_score_function == "softmax"
         assert (e.load_balancing_type, e.aux_loss_coeff, e.enable_expert_bias) == (
-            ["aux_loss"], [1e-3], False)
+            ["aux_loss"],
+            [1e-3],
+            False,
+        )
 
 
 def test_every_block_is_moe_with_qk_norms_and_no_shared_experts():
@@ -39,8 +42,14 @@ def test_every_block_is_moe_with_qk_norms_and_no_shared_experts():
 
 
 def test_debug_flavor_trains(tiny_config):
-    cfg = tiny_config(**{"model.name": "qwen3_moe", "moe.shared_expert_intermediate_size": 0,
-                         "training.steps": 10, "optimizer.lr": 1e-2})
+    cfg = tiny_config(
+        **{
+            "model.name": "qwen3_moe",
+            "moe.shared_expert_intermediate_size": 0,
+            "training.steps": 10,
+            "optimizer.lr": 1e-2,
+        }
+    )
     trainer = Trainer(cfg, device=torch.device("cpu"))
     losses = trainer.train()
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3

@@ -13,12 +13,26 @@ from torchmoe.models.registry import get_model_spec
 from torchmoe.models.upcycle import upcycle_state_dict
 
 LAYERS, HIDDEN, VOCAB, SEQ = 3, 48, 101, 16
-COMMON = {"model.dim": 32, "model.n_layers": LAYERS, "model.inter_dim": HIDDEN,
-          "model.vocab_size": VOCAB, "model.init_std": 0.1, "model.rope_theta": 10000.0,
-          "moe.router_dtype": "fp64", "training.seq_len": SEQ}
-SHAPES = {"mla": {"model.n_heads": 2, "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8,
-                  "model.qk_rope_head_dim": 8, "model.v_head_dim": 8},
-          "gqa": {"model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 8}}
+COMMON = {
+    "model.dim": 32,
+    "model.n_layers": LAYERS,
+    "model.inter_dim": HIDDEN,
+    "model.vocab_size": VOCAB,
+    "model.init_std": 0.1,
+    "model.rope_theta": 10000.0,
+    "moe.router_dtype": "fp64",
+    "training.seq_len": SEQ,
+}
+SHAPES = {
+    "mla": {
+        "model.n_heads": 2,
+        "model.kv_lora_rank": 16,
+        "model.qk_nope_head_dim": 8,
+        "model.qk_rope_head_dim": 8,
+        "model.v_head_dim": 8,
+    },
+    "gqa": {"model.n_heads": 4, "model.n_kv_heads": 2, "model.head_dim": 8},
+}
 ATTENTION = {"deepseek_v3": "mla", "llama": "gqa", "mixtral": "gqa"}
 
 
@@ -33,15 +47,30 @@ def dense_config(family: str = "deepseek_v3", **overrides) -> JobConfig:
     return config(family, **{"moe.num_experts": 0, **overrides})
 
 
-def moe_config(granularity: int, replicas: int, topk: int, score: str = "softmax",
-               family: str = "deepseek_v3", **overrides) -> JobConfig:
-    return config(family, **{
-        "moe.num_experts": granularity * replicas, "moe.router_topk": topk,
-        "moe.ffn_hidden_size": HIDDEN // granularity, "moe.shared_expert_intermediate_size": 0,
-        "moe.router_score_function": score, "moe.router_norm_topk_prob": "true",
-        "moe.router_topk_scaling_factor": float(granularity), "moe.router_num_groups": 0,
-        "moe.router_group_topk": 0, "training.seed": int(torch.randint(2**31, ())),
-        **overrides})
+def moe_config(
+    granularity: int,
+    replicas: int,
+    topk: int,
+    score: str = "softmax",
+    family: str = "deepseek_v3",
+    **overrides,
+) -> JobConfig:
+    return config(
+        family,
+        **{
+            "moe.num_experts": granularity * replicas,
+            "moe.router_topk": topk,
+            "moe.ffn_hidden_size": HIDDEN // granularity,
+            "moe.shared_expert_intermediate_size": 0,
+            "moe.router_score_function": score,
+            "moe.router_norm_topk_prob": "true",
+            "moe.router_topk_scaling_factor": float(granularity),
+            "moe.router_num_groups": 0,
+            "moe.router_group_topk": 0,
+            "training.seed": int(torch.randint(2**31, ())),
+            **overrides,
+        },
+    )
 
 
 def build(cfg: JobConfig) -> torch.nn.Module:
@@ -67,41 +96,71 @@ def assert_same_logits_and_experts_matter(moe: torch.nn.Module, dense: torch.nn.
         assert not torch.allclose(moe(tokens), want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("granularity,replicas,topk,score,overrides", [
-    (1, 4, 2, "softmax", {}), (1, 4, 1, "sigmoid", {}), (2, 1, 2, "softmax", {}),
-    (2, 3, 2, "sigmoid", {}), (2, 3, 4, "softmax", {}), (4, 2, 4, "sigmoid", {}),
-    (4, 3, 8, "softmax", {}),
-    (2, 4, 2, "sigmoid", {"moe.router_num_groups": 2, "moe.router_group_topk": 1}),
-    (2, 3, 4, "softmax", {"moe.router_pre_softmax": "false", "moe.router_norm_topk_prob": "false"}),
-])
+@pytest.mark.parametrize(
+    "granularity,replicas,topk,score,overrides",
+    [
+        (1, 4, 2, "softmax", {}),
+        (1, 4, 1, "sigmoid", {}),
+        (2, 1, 2, "softmax", {}),
+        (2, 3, 2, "sigmoid", {}),
+        (2, 3, 4, "softmax", {}),
+        (4, 2, 4, "sigmoid", {}),
+        (4, 3, 8, "softmax", {}),
+        (2, 4, 2, "sigmoid", {"moe.router_num_groups": 2, "moe.router_group_topk": 1}),
+        (
+            2,
+            3,
+            4,
+            "softmax",
+            {"moe.router_pre_softmax": "false", "moe.router_norm_topk_prob": "false"},
+        ),
+    ],
+)
 def test_upcycled_model_computes_the_dense_logits(granularity, replicas, topk, score, overrides):
     dense = build(dense_config())
-    moe = upcycled(dense, moe_config(granularity, replicas, topk, score, **overrides),
-                   granularity)
+    moe = upcycled(dense, moe_config(granularity, replicas, topk, score, **overrides), granularity)
     assert_same_logits_and_experts_matter(moe, dense)
 
 
-@pytest.mark.parametrize("dense_family,moe_family,overrides,pattern", [
-    ("llama", "mixtral", {}, [1, 1, 1]), ("llama", "llama", {"moe.layer_freq": 2}, [1, 0, 1]),
-    ("deepseek_v3", "deepseek_v3", {"model.n_dense_layers": 0, "moe.layer_freq": "0,1,1"},
-     [0, 1, 1])])
+@pytest.mark.parametrize(
+    "dense_family,moe_family,overrides,pattern",
+    [
+        ("llama", "mixtral", {}, [1, 1, 1]),
+        ("llama", "llama", {"moe.layer_freq": 2}, [1, 0, 1]),
+        (
+            "deepseek_v3",
+            "deepseek_v3",
+            {"model.n_dense_layers": 0, "moe.layer_freq": "0,1,1"},
+            [0, 1, 1],
+        ),
+    ],
+)
 def test_families_and_layer_patterns(dense_family, moe_family, overrides, pattern):
     dense = build(dense_config(dense_family))
     moe = upcycled(dense, moe_config(2, 2, 2, family=moe_family, **overrides), 2)
-    assert [type(block.feed_forward).__name__ == "MoE" for block in moe.layers.values()] \
-        == [bool(p) for p in pattern]
+    assert [type(block.feed_forward).__name__ == "MoE" for block in moe.layers.values()] == [
+        bool(p) for p in pattern
+    ]
     assert_same_logits_and_experts_matter(moe, dense)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"moe.force_load_balance": "true"},
-    {"moe.load_balancing_type": "sinkhorn", "moe.enable_expert_bias": "false",
-     "moe.aux_loss_coeff": 0.0}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"moe.force_load_balance": "true"},
+        {
+            "moe.load_balancing_type": "sinkhorn",
+            "moe.enable_expert_bias": "false",
+            "moe.aux_loss_coeff": 0.0,
+        },
+    ],
+)
 def test_training_mode_selections_keep_replicas_whole(overrides):
     """Round-robin and Sinkhorn selection (training only) pick other replicas, whole ones."""
     dense = build(dense_config()).train()
-    assert_same_logits_and_experts_matter(upcycled(dense, moe_config(2, 3, 4, **overrides), 2)
-                                          .train(), dense)
+    assert_same_logits_and_experts_matter(
+        upcycled(dense, moe_config(2, 3, 4, **overrides), 2).train(), dense
+    )
 
 
 def test_multi_token_prediction_blocks_are_upcycled():
@@ -133,29 +192,61 @@ def test_layout_of_experts_and_router_rows():
     assert "layers.1.feed_forward.w1.weight" not in sd
 
 
-@pytest.mark.parametrize("granularity,overrides,message", [
-    (2, {"moe.ffn_hidden_size": 20},
-     "moe.ffn_hidden_size = 20 must be the dense hidden size 48 / granularity 2 = 24"),
-    (4, {"moe.num_experts": 6, "moe.router_topk": 4},
-     "moe.num_experts = 6 must be a multiple of granularity = 4"),
-    (2, {"moe.router_topk": 3}, "moe.router_topk = 3 must be a multiple of granularity = 2"),
-    (1, {"moe.router_norm_topk_prob": "false"},
-     "moe.router_norm_topk_prob = false must be true"),
-    (2, {"moe.router_topk_scaling_factor": 1.0},
-     "moe.router_topk_scaling_factor = 1.0 must be granularity = 2"),
-    (1, {"moe.shared_expert_intermediate_size": 16},
-     "moe.shared_expert_intermediate_size = 16 must be 0"),
-    (2, {"moe.router_num_groups": 4, "moe.router_group_topk": 2, "moe.router_topk": 2},
-     "moe.router_num_groups = 4 must be 0 or leave groups of whole replicas"),
-    (1, {"moe.capacity_factor": 1.5}, "moe.capacity_factor = 1.5 must be 0"),
-    (5, {"moe.num_experts": 5, "moe.router_topk": 5},
-     "granularity = 5 must divide the dense hidden size 48"),
-    (0, {}, "granularity = 0 must be >= 1"),
-    (1, {"model.n_layers": 4}, "the dense checkpoint has no MLP layers.3.feed_forward.w1.weight"),
-    (1, {"moe.num_experts": 0}, "moe.num_experts = 0: the upcycling target must be an MoE"),
-    (1, {"model.dim": 64}, "tok_embeddings.weight has shape (101, 32) in the dense checkpoint "
-                           "but (101, 64) in the MoE model"),
-])
+@pytest.mark.parametrize(
+    "granularity,overrides,message",
+    [
+        (
+            2,
+            {"moe.ffn_hidden_size": 20},
+            "moe.ffn_hidden_size = 20 must be the dense hidden size 48 / granularity 2 = 24",
+        ),
+        (
+            4,
+            {"moe.num_experts": 6, "moe.router_topk": 4},
+            "moe.num_experts = 6 must be a multiple of granularity = 4",
+        ),
+        (2, {"moe.router_topk": 3}, "moe.router_topk = 3 must be a multiple of granularity = 2"),
+        (
+            1,
+            {"moe.router_norm_topk_prob": "false"},
+            "moe.router_norm_topk_prob = false must be true",
+        ),
+        (
+            2,
+            {"moe.router_topk_scaling_factor": 1.0},
+            "moe.router_topk_scaling_factor = 1.0 must be granularity = 2",
+        ),
+        (
+            1,
+            {"moe.shared_expert_intermediate_size": 16},
+            "moe.shared_expert_intermediate_size = 16 must be 0",
+        ),
+        (
+            2,
+            {"moe.router_num_groups": 4, "moe.router_group_topk": 2, "moe.router_topk": 2},
+            "moe.router_num_groups = 4 must be 0 or leave groups of whole replicas",
+        ),
+        (1, {"moe.capacity_factor": 1.5}, "moe.capacity_factor = 1.5 must be 0"),
+        (
+            5,
+            {"moe.num_experts": 5, "moe.router_topk": 5},
+            "granularity = 5 must divide the dense hidden size 48",
+        ),
+        (0, {}, "granularity = 0 must be >= 1"),
+        (
+            1,
+            {"model.n_layers": 4},
+            "the dense checkpoint has no MLP layers.3.feed_forward.w1.weight",
+        ),
+        (1, {"moe.num_experts": 0}, "moe.num_experts = 0: the upcycling target must be an MoE"),
+        (
+            1,
+            {"model.dim": 64},
+            "tok_embeddings.weight has shape (101, 32) in the dense checkpoint "
+            "but (101, 64) in the MoE model",
+        ),
+    ],
+)
 def test_configs_that_cannot_upcycle_are_one_line_errors(granularity, overrides, message):
     dense = build(dense_config()).state_dict()
     g = max(granularity, 1)

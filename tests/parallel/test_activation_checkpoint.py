@@ -13,8 +13,11 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint, Compile
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.activation_checkpoint import (RECOMPUTE_MODULES, apply_ac,
-                                                     check_recompute_modules)
+from torchmoe.parallel.activation_checkpoint import (
+    RECOMPUTE_MODULES,
+    apply_ac,
+    check_recompute_modules,
+)
 from torchmoe.parallel.compile import apply_compile
 
 MODELS = {  # [model]/[moe] overrides of the debug flavors
@@ -61,8 +64,7 @@ def with_ac(net: torch.nn.Module, mode: str, model: str = "") -> torch.nn.Module
     mode, every, modules = MODES[mode]
     modules = [m for m in modules if m not in LACKS.get(model, ())]
     ac = copy.deepcopy(net)
-    apply_ac(ac, ActivationCheckpoint(mode=mode, every_n_layers=every,
-                                      recompute_modules=modules))
+    apply_ac(ac, ActivationCheckpoint(mode=mode, every_n_layers=every, recompute_modules=modules))
     return ac
 
 
@@ -77,8 +79,10 @@ def loss_of(net: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name.replace("._checkpoint_wrapped_module", ""): p.grad
-            for name, p in net.named_parameters()}
+    return {
+        name.replace("._checkpoint_wrapped_module", ""): p.grad
+        for name, p in net.named_parameters()
+    }
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -134,8 +138,9 @@ def test_every_n_layers_chooses_positions_0_n_2n(tiny_config):
     ac = with_ac(net, "full_every_2")
     wrapped = [type(b).__name__ == "CheckpointWrapper" for b in ac.layers.values()]
     assert wrapped == [True, False, True, False, True]
-    apply_ac(net, ActivationCheckpoint(mode="selective", every_n_layers=3,
-                                       recompute_modules=["moe"]))
+    apply_ac(
+        net, ActivationCheckpoint(mode="selective", every_n_layers=3, recompute_modules=["moe"])
+    )
     patched = ["forward" in vars(b.feed_forward) for b in net.layers.values()]
     assert patched == [True, False, False, True, False]
 
@@ -144,13 +149,21 @@ def test_module_recompute_keeps_module_types(tiny_config):
     """Plans find MoE layers by type (FSDP, dry run); module-level recompute keeps it."""
     net, _ = build(tiny_config, "dsv3_q_lora")
     ac = with_ac(net, "all_modules")
-    assert [type(b.feed_forward).__name__ for b in ac.layers.values()] == \
-        ["FeedForward", "MoE", "MoE"]
+    assert [type(b.feed_forward).__name__ for b in ac.layers.values()] == [
+        "FeedForward",
+        "MoE",
+        "MoE",
+    ]
     block = ac.layers["1"]
     checkpointed = {name for name, m in block.named_modules() if "forward" in vars(m)}
     # moe covers its shared experts and activation, mla_up_proj covers MLA's norms
-    assert checkpointed == {"attention_norm", "ffn_norm", "attention.up_proj",
-                            "attention.inner_attention", "feed_forward"}
+    assert checkpointed == {
+        "attention_norm",
+        "ffn_norm",
+        "attention.up_proj",
+        "attention.inner_attention",
+        "feed_forward",
+    }
 
 
 class _LiveStorages(TorchDispatchMode):
@@ -162,7 +175,7 @@ class _LiveStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 self.seen[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
@@ -186,8 +199,11 @@ def activation_bytes(net: torch.nn.Module, batch: torch.Tensor) -> int:
 def test_checkpointing_holds_fewer_activations(tiny_config, model):
     net, _ = build(tiny_config, model)
     batch = tokens()
-    held = {mode: activation_bytes(with_ac(net, mode, model), batch)
-            for mode in MODES if supported(model, mode)}
+    held = {
+        mode: activation_bytes(with_ac(net, mode, model), batch)
+        for mode in MODES
+        if supported(model, mode)
+    }
     none = activation_bytes(net, batch)
     assert held["full"] < held["op"] < none
     assert held["full"] < held["full_every_2"] < none
@@ -195,19 +211,38 @@ def test_checkpointing_holds_fewer_activations(tiny_config, model):
         assert n < none, mode
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"activation_checkpoint.mode": "selective",
-      "activation_checkpoint.recompute_modules": "moe,attn"},
-     "recompute_modules = ['moe', 'attn']: unknown module 'attn'; choose from core_attn, "
-     "mla_up_proj, layernorm, mlp, moe, moe_act"),
-    ({"activation_checkpoint.mode": "full", "activation_checkpoint.recompute_modules": "moe"},
-     "recompute_modules = ['moe'] needs activation_checkpoint.mode = 'selective', not 'full'"),
-    ({"activation_checkpoint.mode": "selective",
-      "activation_checkpoint.recompute_modules": "mlp,mlp"},
-     "recompute_modules = ['mlp', 'mlp'] lists 'mlp' twice"),
-    ({"activation_checkpoint.every_n_layers": 2},
-     "every_n_layers = 2 has no effect with activation_checkpoint.mode = 'none'"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (
+            {
+                "activation_checkpoint.mode": "selective",
+                "activation_checkpoint.recompute_modules": "moe,attn",
+            },
+            "recompute_modules = ['moe', 'attn']: unknown module 'attn'; choose from core_attn, "
+            "mla_up_proj, layernorm, mlp, moe, moe_act",
+        ),
+        (
+            {
+                "activation_checkpoint.mode": "full",
+                "activation_checkpoint.recompute_modules": "moe",
+            },
+            "recompute_modules = ['moe'] needs activation_checkpoint.mode = 'selective', "
+            "not 'full'",
+        ),
+        (
+            {
+                "activation_checkpoint.mode": "selective",
+                "activation_checkpoint.recompute_modules": "mlp,mlp",
+            },
+            "recompute_modules = ['mlp', 'mlp'] lists 'mlp' twice",
+        ),
+        (
+            {"activation_checkpoint.every_n_layers": 2},
+            "every_n_layers = 2 has no effect with activation_checkpoint.mode = 'none'",
+        ),
+    ],
+)
 def test_bad_config_is_one_clear_line(tiny_config, overrides, fragment):
     with pytest.raises(ConfigError) as err:
         tiny_config(**overrides)
@@ -216,18 +251,23 @@ def test_bad_config_is_one_clear_line(tiny_config, overrides, fragment):
 
 def test_module_the_model_lacks_is_one_clear_line(tiny_config):
     net, _ = build(tiny_config, "mixtral")
-    with pytest.raises(ConfigError, match=r"^activation_checkpoint.recompute_modules = "
-                       r"\['mla_up_proj'\]: this model has no 'mla_up_proj' module") as err:
-        check_recompute_modules(net, ActivationCheckpoint(mode="selective",
-                                                          recompute_modules=["mla_up_proj"]))
+    with pytest.raises(
+        ConfigError,
+        match=r"^activation_checkpoint.recompute_modules = "
+        r"\['mla_up_proj'\]: this model has no 'mla_up_proj' module",
+    ) as err:
+        check_recompute_modules(
+            net, ActivationCheckpoint(mode="selective", recompute_modules=["mla_up_proj"])
+        )
     assert "\n" not in str(err.value)
 
 
 def _train_each_mode(rank: int, cfg_by_mode: dict) -> dict:
     from torchmoe.train.trainer import Trainer
 
-    return {mode: Trainer(cfg, device=torch.device("cpu")).train()
-            for mode, cfg in cfg_by_mode.items()}
+    return {
+        mode: Trainer(cfg, device=torch.device("cpu")).train() for mode, cfg in cfg_by_mode.items()
+    }
 
 
 def test_modes_under_fsdp_tensor_and_expert_parallelism(tiny_config, data_cache, monkeypatch):
@@ -239,16 +279,29 @@ def test_modes_under_fsdp_tensor_and_expert_parallelism(tiny_config, data_cache,
 
     load_stdlib_docs(data_cache)  # generate once, before ranks fork
     monkeypatch.setenv("WORLD_SIZE", "4")  # for config validation
-    layout = {"parallelism.tp": 2, "parallelism.ep": 2, "model.q_lora_rank": 32,
-              "training.steps": 2, "training.local_batch_size": 2,
-              "moe.load_balancing_type": "none", "moe.aux_loss_coeff": 0.0}
+    layout = {
+        "parallelism.tp": 2,
+        "parallelism.ep": 2,
+        "model.q_lora_rank": 32,
+        "training.steps": 2,
+        "training.local_batch_size": 2,
+        "moe.load_balancing_type": "none",
+        "moe.aux_loss_coeff": 0.0,
+    }
     not_moe = [m for m in RECOMPUTE_MODULES if m != "moe"]  # so mlp / moe_act apply
-    modes = {"none": {}, "full": {"activation_checkpoint.mode": "full"},
-             "op": {"activation_checkpoint.mode": "selective"},
-             "modules": {"activation_checkpoint.mode": "selective",
-                         "activation_checkpoint.recompute_modules": ",".join(not_moe)},
-             "moe": {"activation_checkpoint.mode": "selective",
-                     "activation_checkpoint.recompute_modules": "moe"}}
+    modes = {
+        "none": {},
+        "full": {"activation_checkpoint.mode": "full"},
+        "op": {"activation_checkpoint.mode": "selective"},
+        "modules": {
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.recompute_modules": ",".join(not_moe),
+        },
+        "moe": {
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.recompute_modules": "moe",
+        },
+    }
     cfgs = {m: tiny_config(**layout, **extra) for m, extra in modes.items()}
     for losses in run_ranks(4, _train_each_mode, cfgs):
         for mode in modes:
@@ -260,8 +313,11 @@ def test_composes_with_fullgraph_compile(tiny_config, mode):
     """One MoE block, checkpointed and compiled whole (what the plan does with grouped-GEMM
     experts): the region, buffer updates included, traces into one graph; same numbers and
     token counts as eager without checkpointing."""
-    net, cfg = build(tiny_config, "dsv3", **{"model.n_layers": 1, "model.n_dense_layers": 0,
-                                             "moe.grouped_mm": "grouped_mm"})
+    net, cfg = build(
+        tiny_config,
+        "dsv3",
+        **{"model.n_layers": 1, "model.n_dense_layers": 0, "moe.grouped_mm": "grouped_mm"},
+    )
     compiled = with_ac(net, mode)
     apply_compile(compiled, Compile(enable=True), fullgraph=True)  # a graph break would raise
     batch = tokens()

@@ -15,11 +15,18 @@ from torchmoe.parallel.compile import apply_compile
 
 def _tiny_moe_model(**overrides: str) -> torch.nn.Module:
     """One MLA + MoE block (a dense block would only add compile time) with a balance loss."""
-    values = {"model.dim": "64", "model.n_layers": "1", "model.n_dense_layers": "0",
-              "moe.ffn_hidden_size": "32", "moe.shared_expert_intermediate_size": "32",
-              "training.seq_len": "32", "moe.grouped_mm": "grouped_mm",
-              "moe.load_balancing_type": "seq_aux_loss", "moe.aux_loss_coeff": "0.1",
-              **overrides}
+    values = {
+        "model.dim": "64",
+        "model.n_layers": "1",
+        "model.n_dense_layers": "0",
+        "moe.ffn_hidden_size": "32",
+        "moe.shared_expert_intermediate_size": "32",
+        "training.seq_len": "32",
+        "moe.grouped_mm": "grouped_mm",
+        "moe.load_balancing_type": "seq_aux_loss",
+        "moe.aux_loss_coeff": "0.1",
+        **overrides,
+    }
     cfg = build_config({}, list(values.items()))
     model = get_model_spec(cfg.model.name).build(cfg)
     model.init_weights(0.02, cfg.model.n_layers)
@@ -58,16 +65,33 @@ def test_compiled_block_matches_eager_with_counts_and_aux_scale():
     assert gate.abs().sum() > 0
 
 
-@pytest.mark.parametrize("options", [
-    {"moe.capacity_factor": "0.8", "moe.pad_to_capacity": "true", "moe.drop_policy": "probs",
-     "moe.z_loss_coeff": "0.01"},
-    {"moe.capacity_factor": "1.0", "moe.drop_policy": "position",
-     "moe.load_balancing_type": "aux_loss,global_aux_loss", "moe.aux_loss_coeff": "0.1,0.1"},
-    {"moe.load_balancing_type": "sinkhorn", "moe.aux_loss_coeff": "0",
-     "moe.enable_expert_bias": "false", "moe.router_num_groups": "0",
-     "moe.router_group_topk": "0", "moe.router_score_function": "softmax"},
-    {"moe.force_load_balance": "true"},
-], ids=["capacity_padded_zloss", "capacity_position_global_aux", "sinkhorn", "forced_balance"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {
+            "moe.capacity_factor": "0.8",
+            "moe.pad_to_capacity": "true",
+            "moe.drop_policy": "probs",
+            "moe.z_loss_coeff": "0.01",
+        },
+        {
+            "moe.capacity_factor": "1.0",
+            "moe.drop_policy": "position",
+            "moe.load_balancing_type": "aux_loss,global_aux_loss",
+            "moe.aux_loss_coeff": "0.1,0.1",
+        },
+        {
+            "moe.load_balancing_type": "sinkhorn",
+            "moe.aux_loss_coeff": "0",
+            "moe.enable_expert_bias": "false",
+            "moe.router_num_groups": "0",
+            "moe.router_group_topk": "0",
+            "moe.router_score_function": "softmax",
+        },
+        {"moe.force_load_balance": "true"},
+    ],
+    ids=["capacity_padded_zloss", "capacity_position_global_aux", "sinkhorn", "forced_balance"],
+)
 def test_routing_options_compile_fullgraph_and_match_eager(options):
     torch.manual_seed(0)
     eager = _tiny_moe_model(**options)
@@ -88,10 +112,15 @@ def test_compiled_training_step_matches_eager_on_gpu(tiny_config, ac_mode):
     from torchmoe.train.trainer import Trainer
 
     def run(compile_: bool) -> list[float]:
-        cfg = tiny_config(**{"compile.enable": compile_, "training.steps": 3,
-                             "activation_checkpoint.mode": ac_mode,
-                             "moe.load_balancing_type": "seq_aux_loss",
-                             "moe.aux_loss_coeff": 0.01})
+        cfg = tiny_config(
+            **{
+                "compile.enable": compile_,
+                "training.steps": 3,
+                "activation_checkpoint.mode": ac_mode,
+                "moe.load_balancing_type": "seq_aux_loss",
+                "moe.aux_loss_coeff": 0.01,
+            }
+        )
         torch.manual_seed(0)
         return Trainer(cfg, device=torch.device("cuda")).train()
 
@@ -106,8 +135,9 @@ def test_mtp_blocks_are_compiled_and_checkpointed_like_the_others():
     from torchmoe.parallel.activation_checkpoint import apply_ac
 
     torch.manual_seed(0)
-    eager = _tiny_moe_model(**{"model.mtp_num_layers": "1", "model.mtp_loss_scale": "0.5",
-                               "moe.grouped_mm": "loop"})
+    eager = _tiny_moe_model(
+        **{"model.mtp_num_layers": "1", "model.mtp_loss_scale": "0.5", "moe.grouped_mm": "loop"}
+    )
     compiled = copy.deepcopy(eager)
     apply_ac(compiled, ActivationCheckpoint(mode="full"))
     apply_compile(compiled, Compile(enable=True), fullgraph=False)

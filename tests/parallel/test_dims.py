@@ -28,37 +28,58 @@ def test_explicit_dp_shard_times_ep_fills_the_world():
     assert (dims.dp_shard, dims.edp) == (4, 2)
 
 
-@pytest.mark.parametrize("world,parallelism,model,fragment", [
-    (4, dict(dp_shard=3), {}, "= 3 but there are 4 ranks"),
-    (6, dict(dp_replicate=4), {}, "= 4 does not divide the 6 ranks"),
-    (4, dict(ep=3), {}, "parallelism.ep = 3 x parallelism.etp = 1 must divide"),
-    (4, dict(ep=4), {"moe.num_experts": "6", "moe.router_num_groups": "0",
-                     "moe.router_group_topk": "0"}, "moe.num_experts = 6 is not divisible"),
-    (2, dict(cp=2), {}, "parallelism.cp = 2 is not available yet"),
-    (4, dict(ep=2, etp=4), {}, "parallelism.ep = 2 x parallelism.etp = 4 must divide"),
-    (4, dict(pp=3), {}, "x pp = 3 does not divide the 4 ranks"),
-])
+@pytest.mark.parametrize(
+    "world,parallelism,model,fragment",
+    [
+        (4, dict(dp_shard=3), {}, "= 3 but there are 4 ranks"),
+        (6, dict(dp_replicate=4), {}, "= 4 does not divide the 6 ranks"),
+        (4, dict(ep=3), {}, "parallelism.ep = 3 x parallelism.etp = 1 must divide"),
+        (
+            4,
+            dict(ep=4),
+            {"moe.num_experts": "6", "moe.router_num_groups": "0", "moe.router_group_topk": "0"},
+            "moe.num_experts = 6 is not divisible",
+        ),
+        (2, dict(cp=2), {}, "parallelism.cp = 2 is not available yet"),
+        (4, dict(ep=2, etp=4), {}, "parallelism.ep = 2 x parallelism.etp = 4 must divide"),
+        (4, dict(pp=3), {}, "x pp = 3 does not divide the 4 ranks"),
+    ],
+)
 def test_validation_errors(world, parallelism, model, fragment):
-    cfg = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()]
-                       + list(model.items()))
+    cfg = build_config(
+        {}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()] + list(model.items())
+    )
     with pytest.raises(ConfigError, match=fragment):
         ParallelDims.from_config(cfg.parallelism, world).check_model(cfg)
 
 
-@pytest.mark.parametrize("key,value,fragment", [
-    ("model.n_heads", "3", "model.n_heads = 3 is not divisible by parallelism.tp = 2"),
-    ("model.name", "mixtral", "model.n_kv_heads = 2 is not divisible by parallelism.tp = 4"),
-    ("training.seq_len", "33", "training.seq_len = 33 is not divisible by parallelism.tp = 2 "
-                               "(sequence parallel splits it)"),
-    ("moe.ffn_hidden_size", "33", "moe.ffn_hidden_size = 33 is not divisible by "
-                                  "parallelism.etp = 2"),
-    ("model.n_layers", "1", "model.n_layers = 1 is fewer than the parallelism.pp = 2"),
-])
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("model.n_heads", "3", "model.n_heads = 3 is not divisible by parallelism.tp = 2"),
+        ("model.name", "mixtral", "model.n_kv_heads = 2 is not divisible by parallelism.tp = 4"),
+        (
+            "training.seq_len",
+            "33",
+            "training.seq_len = 33 is not divisible by parallelism.tp = 2 "
+            "(sequence parallel splits it)",
+        ),
+        (
+            "moe.ffn_hidden_size",
+            "33",
+            "moe.ffn_hidden_size = 33 is not divisible by parallelism.etp = 2",
+        ),
+        ("model.n_layers", "1", "model.n_layers = 1 is fewer than the parallelism.pp = 2"),
+    ],
+)
 def test_shape_checks_come_first_and_name_both_keys(key, value, fragment):
     """Checked against the degrees before any is refused as not yet available."""
     tp = 4 if value == "mixtral" else 2
-    cfg = build_config({}, [(key, value), ("model.n_dense_layers", "0")] + [
-        (f"parallelism.{k}", str(d)) for k, d in (("tp", tp), ("pp", 2), ("etp", 2))])
+    cfg = build_config(
+        {},
+        [(key, value), ("model.n_dense_layers", "0")]
+        + [(f"parallelism.{k}", str(d)) for k, d in (("tp", tp), ("pp", 2), ("etp", 2))],
+    )
     dims = ParallelDims.from_config(cfg.parallelism, 2 * tp)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         dims.check_model(cfg)

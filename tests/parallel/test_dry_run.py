@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def dry_run(ngpu: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "COMM_MODE": "fake", "NGPU": str(ngpu)}
-    return subprocess.run(["./run_train.sh", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300)
+    return subprocess.run(
+        ["./run_train.sh", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
 
 
 def table(out: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -21,8 +22,11 @@ def table(out: str) -> tuple[list[str], dict[str, list[str]]]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("GiB per rank"))
     columns = lines[start].split()[3:]
-    cells = {" ".join(line.split()[:-len(columns)]): line.split()[-len(columns):]
-             for line in lines[start + 1:] if line.strip()}
+    cells = {
+        " ".join(line.split()[: -len(columns)]): line.split()[-len(columns) :]
+        for line in lines[start + 1 :]
+        if line.strip()
+    }
     return columns, cells
 
 
@@ -36,8 +40,7 @@ def rows(out: str) -> list[str]:
 
 
 def test_671b_on_256_ranks_with_ep64():
-    proc = dry_run(256, "--config", "train_configs/deepseek_v3_671b.toml",
-                   "--parallelism.ep", "64")
+    proc = dry_run(256, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.ep", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "256 ranks: dp_replicate 1 dp_shard 256 tp 1 pp 1 ep 64 etp 1" in out
@@ -50,9 +53,19 @@ def test_671b_on_256_ranks_with_ep64():
 
 
 def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
-    proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.tp",
-                   "2", "--parallelism.pp", "16", "--parallelism.ep", "64",
-                   "--training.local_batch_size", "16")
+    proc = dry_run(
+        1024,
+        "--config",
+        "train_configs/deepseek_v3_671b.toml",
+        "--parallelism.tp",
+        "2",
+        "--parallelism.pp",
+        "16",
+        "--parallelism.ep",
+        "64",
+        "--training.local_batch_size",
+        "16",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "1024 ranks: dp_replicate 1 dp_shard 32 tp 2 pp 16 ep 64 etp 1" in out
@@ -69,12 +82,26 @@ def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
     assert "UserWarning" not in proc.stderr
 
 
-@pytest.mark.parametrize("ngpu,extra,layout", [
-    (8, [], "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8"),
-    (64, ["--parallelism.pp", "4", "--parallelism.pp_schedule", "Interleaved1F1B",
-          "--training.local_batch_size", "8", "--parallelism.dp_replicate", "2"],
-     "64 ranks: dp_replicate 2 dp_shard 8 tp 1 pp 4 ep 8"),
-])
+@pytest.mark.parametrize(
+    "ngpu,extra,layout",
+    [
+        (8, [], "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8"),
+        (
+            64,
+            [
+                "--parallelism.pp",
+                "4",
+                "--parallelism.pp_schedule",
+                "Interleaved1F1B",
+                "--training.local_batch_size",
+                "8",
+                "--parallelism.dp_replicate",
+                "2",
+            ],
+            "64 ranks: dp_replicate 2 dp_shard 8 tp 1 pp 4 ep 8",
+        ),
+    ],
+)
 def test_mixtral_8x7b_seed_layouts(ngpu, extra, layout):
     proc = dry_run(ngpu, "--config", "train_configs/mixtral_8x7b.toml", *extra)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -88,14 +115,13 @@ def test_fewer_experts_per_rank_means_smaller_fsdp_buffers():
     base = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "1")
     ep8 = dry_run(16, "--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")
     assert base.returncode == ep8.returncode == 0, base.stderr[-2000:] + ep8.stderr[-2000:]
-    assert (gib(ep8.stdout, "rank 0", "FSDP-buf")
-            < gib(base.stdout, "rank 0", "FSDP-buf") / 4)
+    assert gib(ep8.stdout, "rank 0", "FSDP-buf") < gib(base.stdout, "rank 0", "FSDP-buf") / 4
 
 
 def test_invalid_layout_is_the_usual_one_line_error():
-    proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml",
-                   "--parallelism.ep", "3")
+    proc = dry_run(1024, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.ep", "3")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: parallelism.ep = 3 x parallelism.etp = 1 must divide dp_shard x cp x tp = 1024, "
-        "the ranks expert parallelism borrows from; on fewer GPUs lower parallelism.ep"]
+        "the ranks expert parallelism borrows from; on fewer GPUs lower parallelism.ep"
+    ]

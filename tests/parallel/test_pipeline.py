@@ -11,10 +11,20 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.pipeline import (LocalStages, balance_ranks, balanced_split,
-                                        describe_layout, num_stages, rank_loads, split_stage,
-                                        stage_costs, stage_ids, stage_layout, unit_costs,
-                                        validate_pipeline)
+from torchmoe.parallel.pipeline import (
+    LocalStages,
+    balance_ranks,
+    balanced_split,
+    describe_layout,
+    num_stages,
+    rank_loads,
+    split_stage,
+    stage_costs,
+    stage_ids,
+    stage_layout,
+    unit_costs,
+    validate_pipeline,
+)
 
 
 def meta_model(cfg):
@@ -35,9 +45,11 @@ def test_balanced_split_is_optimal(n, stages):
         first, last = torch.rand(2, generator=g, dtype=torch.float64).tolist()
         counts = balanced_split(costs, stages, first, last)
         assert len(counts) == stages and sum(counts) == n and min(counts) >= 1
-        best = min(max(stage_costs(c, costs, first, last))
-                   for cuts in itertools.combinations(range(1, n), stages - 1)
-                   for c in [[b - a for a, b in zip((0, *cuts), (*cuts, n))]])
+        best = min(
+            max(stage_costs(c, costs, first, last))
+            for cuts in itertools.combinations(range(1, n), stages - 1)
+            for c in [[b - a for a, b in zip((0, *cuts), (*cuts, n))]]
+        )
         assert max(stage_costs(counts, costs, first, last)) == pytest.approx(best, rel=1e-12)
 
 
@@ -59,8 +71,9 @@ def test_several_stages_per_rank_balance_the_ranks():
         start = balanced_split(costs, len(owner), first, last)
         refined = balance_ranks(start, costs, first, last, owner)
         assert sum(refined) == 12 and min(refined) >= 1
-        assert (max(rank_loads(refined, costs, first, last, owner))
-                <= max(rank_loads(start, costs, first, last, owner)))
+        assert max(rank_loads(refined, costs, first, last, owner)) <= max(
+            rank_loads(start, costs, first, last, owner)
+        )
 
 
 def test_moe_blocks_cost_more_than_dense_ones_and_the_split_follows():
@@ -75,8 +88,7 @@ def test_moe_blocks_cost_more_than_dense_ones_and_the_split_follows():
     layout = stage_layout(model, cfg)
     assert sum(layout) == 61 and len(layout) == 16
     even = balanced_split([1.0] * 61, 16)  # split by count
-    assert (max(stage_costs(layout, costs, first, last))
-            < max(stage_costs(even, costs, first, last)))
+    assert max(stage_costs(layout, costs, first, last)) < max(stage_costs(even, costs, first, last))
     assert layout[0] > layout[1]  # the dense blocks are cheap: the first stage takes more
 
 
@@ -84,16 +96,22 @@ def test_describe_layout_names_each_stage():
     cfg = config(**{"parallelism.pp": 2, "model.n_layers": 5})
     model = meta_model(cfg)
     text = describe_layout(model, cfg, [2, 3])
-    assert re.fullmatch(r"stage 0: embedding \+ blocks 0-1 \(\d+%\); "
-                        r"stage 1: blocks 2-4 \+ head \(\d+%\)", text), text
+    assert re.fullmatch(
+        r"stage 0: embedding \+ blocks 0-1 \(\d+%\); "
+        r"stage 1: blocks 2-4 \+ head \(\d+%\)",
+        text,
+    ), text
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("1F1B", [[0], [1], [2], [3]]),
-    ("Interleaved1F1B", [[0, 4], [1, 5], [2, 6], [3, 7]]),
-    ("ZBVZeroBubble", [[0, 7], [1, 6], [2, 5], [3, 4]]),
-    ("DualPipeV", [[0, 7], [1, 6], [2, 5], [3, 4]]),
-])
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("1F1B", [[0], [1], [2], [3]]),
+        ("Interleaved1F1B", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+        ("ZBVZeroBubble", [[0, 7], [1, 6], [2, 5], [3, 4]]),
+        ("DualPipeV", [[0, 7], [1, 6], [2, 5], [3, 4]]),
+    ],
+)
 def test_stage_ids_loop_or_v(schedule, expected):
     stages = 4 if schedule == "1F1B" else 8
     assert [stage_ids(r, 4, stages, schedule) for r in range(4)] == expected
@@ -116,52 +134,112 @@ def test_split_stages_partition_the_parameters_under_their_own_names():
     assert list(both.layers.keys()) == ["0", "3", "4"]
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    ({"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 2, "model.n_layers": 8}, 4),
-    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 3", "model.n_layers": 4}, 2),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"}, 4),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B",
-      "parallelism.pp_stages_per_rank": 3, "model.n_layers": 6}, 6),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 2, "model.n_layers": 8}, 4),
+        ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 3", "model.n_layers": 4}, 2),
+        ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"}, 4),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_schedule": "Interleaved1F1B",
+                "parallelism.pp_stages_per_rank": 3,
+                "model.n_layers": 6,
+            },
+            6,
+        ),
+    ],
+)
 def test_stage_count(overrides, expected):
     assert num_stages(config(**overrides)) == expected
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"parallelism.pp_layout": "3"},
-     "parallelism.pp_layout = [3] has no effect with parallelism.pp = 1"),
-    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 2", "model.n_layers": 4},
-     "parallelism.pp_layout = [1, 2] must list non-negative block counts adding up to "
-     "model.n_layers = 4"),
-    ({"parallelism.pp": 2, "parallelism.pp_layout": "1, 1, 2", "model.n_layers": 4},
-     "parallelism.pp_layout gives 3 pipeline stages, which must be parallelism.pp = 2 x"),
-    ({"parallelism.pp": 2, "parallelism.pp_layout": "2, 2",
-      "parallelism.pp_layers_per_stage": 2, "model.n_layers": 4},
-     "parallelism.pp_layout and parallelism.pp_layers_per_stage both set the split"),
-    ({"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 3, "model.n_layers": 4},
-     "parallelism.pp_layers_per_stage = 3 does not divide model.n_layers = 4"),
-    ({"parallelism.pp": 2, "parallelism.pp_stages_per_rank": 2},
-     "parallelism.pp_schedule = '1F1B' runs 1 stage(s) per rank but the layout gives 2"),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "DualPipeV",
-      "parallelism.pp_stages_per_rank": 3, "model.n_layers": 6},
-     "parallelism.pp_schedule = 'DualPipeV' runs 2 stage(s) per rank but the layout gives 3"),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"},
-     "4 pipeline stages (parallelism.pp x pp_stages_per_rank) but only model.n_layers = 3"),
-    ({"parallelism.pp": 2, "parallelism.pp_microbatches": 3},
-     "parallelism.pp_microbatches = 3 must divide training.local_batch_size = 8"),
-    ({"parallelism.pp": 4, "model.n_layers": 4, "training.local_batch_size": 2},
-     "parallelism.pp_schedule = '1F1B' needs at least one micro-batch per stage (4) but has 2"),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "DualPipeV", "model.n_layers": 4,
-      "training.local_batch_size": 2},
-     "parallelism.pp_schedule = 'DualPipeV' needs at least one micro-batch per stage (4) but "
-     "has 2"),
-    ({"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B", "model.n_layers": 4,
-      "training.local_batch_size": 5},
-     "rounds of parallelism.pp = 2: 5 micro-batches is not a multiple of 2 rounds"),
-    ({"parallelism.pp": 3, "parallelism.pp_layout": "2, 0, 2", "model.n_layers": 4,
-      "training.local_batch_size": 3},
-     "parallelism.pp_layout = [2, 0, 2] leaves pipeline rank 1 (stages [1]) without blocks"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (
+            {"parallelism.pp_layout": "3"},
+            "parallelism.pp_layout = [3] has no effect with parallelism.pp = 1",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_layout": "1, 2", "model.n_layers": 4},
+            "parallelism.pp_layout = [1, 2] must list non-negative block counts adding up to "
+            "model.n_layers = 4",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_layout": "1, 1, 2", "model.n_layers": 4},
+            "parallelism.pp_layout gives 3 pipeline stages, which must be parallelism.pp = 2 x",
+        ),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_layout": "2, 2",
+                "parallelism.pp_layers_per_stage": 2,
+                "model.n_layers": 4,
+            },
+            "parallelism.pp_layout and parallelism.pp_layers_per_stage both set the split",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_layers_per_stage": 3, "model.n_layers": 4},
+            "parallelism.pp_layers_per_stage = 3 does not divide model.n_layers = 4",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_stages_per_rank": 2},
+            "parallelism.pp_schedule = '1F1B' runs 1 stage(s) per rank but the layout gives 2",
+        ),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_schedule": "DualPipeV",
+                "parallelism.pp_stages_per_rank": 3,
+                "model.n_layers": 6,
+            },
+            "parallelism.pp_schedule = 'DualPipeV' runs 2 stage(s) per rank but the layout gives 3",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"},
+            "4 pipeline stages (parallelism.pp x pp_stages_per_rank) but only model.n_layers = 3",
+        ),
+        (
+            {"parallelism.pp": 2, "parallelism.pp_microbatches": 3},
+            "parallelism.pp_microbatches = 3 must divide training.local_batch_size = 8",
+        ),
+        (
+            {"parallelism.pp": 4, "model.n_layers": 4, "training.local_batch_size": 2},
+            "parallelism.pp_schedule = '1F1B' needs at least one micro-batch per stage (4) "
+            "but has 2",
+        ),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_schedule": "DualPipeV",
+                "model.n_layers": 4,
+                "training.local_batch_size": 2,
+            },
+            "parallelism.pp_schedule = 'DualPipeV' needs at least one micro-batch per stage "
+            "(4) but has 2",
+        ),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_schedule": "Interleaved1F1B",
+                "model.n_layers": 4,
+                "training.local_batch_size": 5,
+            },
+            "rounds of parallelism.pp = 2: 5 micro-batches is not a multiple of 2 rounds",
+        ),
+        (
+            {
+                "parallelism.pp": 3,
+                "parallelism.pp_layout": "2, 0, 2",
+                "model.n_layers": 4,
+                "training.local_batch_size": 3,
+            },
+            "parallelism.pp_layout = [2, 0, 2] leaves pipeline rank 1 (stages [1]) without blocks",
+        ),
+    ],
+)
 def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
     cfg = config(**{"training.local_batch_size": 8} | overrides)
     with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
@@ -170,9 +248,17 @@ def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
 
 
 def test_mtp_inputs_travel_with_the_hidden_state_and_need_the_labels():
-    cfg = config(**{"parallelism.pp": 2, "model.n_layers": 2, "model.mtp_num_layers": 2,
-                    "model.dim": 64, "model.inter_dim": 128, "moe.ffn_hidden_size": 32,
-                    "moe.shared_expert_intermediate_size": 32})
+    cfg = config(
+        **{
+            "parallelism.pp": 2,
+            "model.n_layers": 2,
+            "model.mtp_num_layers": 2,
+            "model.dim": 64,
+            "model.inter_dim": 128,
+            "moe.ffn_hidden_size": 32,
+            "moe.shared_expert_intermediate_size": 32,
+        }
+    )
     torch.manual_seed(0)
     model = get_model_spec(cfg.model.name).build(cfg)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers)

@@ -11,17 +11,21 @@ from torchmoe.train.trainer import Trainer
 
 def test_trainer_uses_the_configured_plan(tiny_config):
     custom_plan.CALLS.clear()
-    cfg = tiny_config(**{"parallelism.plan": "tests.parallel.custom_plan:my_parallelize",
-                         "training.steps": 1})
+    cfg = tiny_config(
+        **{"parallelism.plan": "tests.parallel.custom_plan:my_parallelize", "training.steps": 1}
+    )
     Trainer(cfg, device=torch.device("cpu")).train()
     assert custom_plan.CALLS == [1]
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("no_colon", "must look like 'package.module:function'"),
-    ("not_a_module_xyz:f", "cannot import 'not_a_module_xyz'"),
-    ("tests.parallel.custom_plan:missing", "has no function 'missing'"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("no_colon", "must look like 'package.module:function'"),
+        ("not_a_module_xyz:f", "cannot import 'not_a_module_xyz'"),
+        ("tests.parallel.custom_plan:missing", "has no function 'missing'"),
+    ],
+)
 def test_bad_plan_is_one_clear_line(spec, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
         load_plan(spec)

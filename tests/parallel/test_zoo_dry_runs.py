@@ -8,19 +8,34 @@ import pytest
 from tests.parallel.test_dry_run import dry_run, gib
 
 RECIPES = [  # recipe, GPUs, the layout its header documents, the model line
-    ("qwen3_30b_a3b", 8, "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
-     "qwen3_moe/30B-A3B, 30.5B parameters"),
-    ("qwen3_235b_a22b", 128, "128 ranks: dp_replicate 1 dp_shard 128 tp 1 pp 1 ep 8 etp 1",
-     "qwen3_moe/235B-A22B, 235.1B parameters"),
-    ("mixtral_8x22b", 64, "64 ranks: dp_replicate 1 dp_shard 64 tp 1 pp 1 ep 1 etp 8",
-     "mixtral/8x22B, 140.6B parameters"),
-    ("deepseek_v2_lite", 8, "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
-     "deepseek_v2/lite, 15.7B parameters"),
+    (
+        "qwen3_30b_a3b",
+        8,
+        "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
+        "qwen3_moe/30B-A3B, 30.5B parameters",
+    ),
+    (
+        "qwen3_235b_a22b",
+        128,
+        "128 ranks: dp_replicate 1 dp_shard 128 tp 1 pp 1 ep 8 etp 1",
+        "qwen3_moe/235B-A22B, 235.1B parameters",
+    ),
+    (
+        "mixtral_8x22b",
+        64,
+        "64 ranks: dp_replicate 1 dp_shard 64 tp 1 pp 1 ep 1 etp 8",
+        "mixtral/8x22B, 140.6B parameters",
+    ),
+    (
+        "deepseek_v2_lite",
+        8,
+        "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
+        "deepseek_v2/lite, 15.7B parameters",
+    ),
 ]
 
 
-@pytest.mark.parametrize("recipe,ngpu,layout,model",
-                         [pytest.param(*r, id=r[0]) for r in RECIPES])
+@pytest.mark.parametrize("recipe,ngpu,layout,model", [pytest.param(*r, id=r[0]) for r in RECIPES])
 def test_recipe_plans_its_layout(recipe, ngpu, layout, model):
     proc = dry_run(ngpu, "--config", f"train_configs/{recipe}.toml")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -9,9 +9,17 @@ from torchmoe.quant.float8 import apply_float8_linears
 
 
 def test_eligible_linears_convert_and_excluded_ones_stay():
-    cfg = build_config({}, [("model.dim", "64"), ("model.inter_dim", "128"),
-                            ("moe.ffn_hidden_size", "32"), ("training.seq_len", "16"),
-                            ("model.qk_rope_head_dim", "8"), ("quantize.float8_linear", "true")])
+    cfg = build_config(
+        {},
+        [
+            ("model.dim", "64"),
+            ("model.inter_dim", "128"),
+            ("moe.ffn_hidden_size", "32"),
+            ("training.seq_len", "16"),
+            ("model.qk_rope_head_dim", "8"),
+            ("quantize.float8_linear", "true"),
+        ],
+    )
     torch.manual_seed(0)
     model = build_deepseek_v3(cfg)
     model.init_weights(0.02, cfg.model.n_layers)

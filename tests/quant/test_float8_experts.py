@@ -13,7 +13,8 @@ from torchmoe.quant.float8 import apply_float8_experts
 
 needs_sm90 = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="torchao's float8 grouped GEMM needs a CUDA sm90+ GPU")
+    reason="torchao's float8 grouped GEMM needs a CUDA sm90+ GPU",
+)
 
 
 def _quantize(**overrides: str):
@@ -21,8 +22,12 @@ def _quantize(**overrides: str):
 
 
 def _moe_layer(dim: int = 256, hidden: int = 512, experts: int = 8) -> MoE:
-    args = MoEArgs(RouterArgs(dim=dim, num_experts=experts, topk=2), hidden_dim=hidden,
-                   shared_hidden_dim=hidden, grouped_mm="grouped_mm")
+    args = MoEArgs(
+        RouterArgs(dim=dim, num_experts=experts, topk=2),
+        hidden_dim=hidden,
+        shared_hidden_dim=hidden,
+        grouped_mm="grouped_mm",
+    )
     layer = MoE(args)
     layer.init_weights(0.02, 0.02)
     return layer
@@ -62,23 +67,35 @@ def test_float8_layer_is_close_to_bf16_and_backpropagates():
 def test_float8_experts_train(tiny_config):
     from torchmoe.train.trainer import Trainer
 
-    cfg = tiny_config(**{"quantize.float8_experts": "true", "training.steps": 30,
-                         "model.dim": 128, "moe.ffn_hidden_size": 128, "training.seq_len": 64})
+    cfg = tiny_config(
+        **{
+            "quantize.float8_experts": "true",
+            "training.steps": 30,
+            "model.dim": 128,
+            "moe.ffn_hidden_size": 128,
+            "training.seq_len": 64,
+        }
+    )
     losses = Trainer(cfg, device=torch.device("cuda")).train()
     assert losses[-1] < losses[0] - 1.0, losses
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    ({"moe.grouped_mm": "loop"}, "set moe.grouped_mm = 'auto' or 'grouped_mm'"),
-    ({"moe.ffn_hidden_size": "40"}, "per-rank expert hidden size 40"),
-])
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        ({"moe.grouped_mm": "loop"}, "set moe.grouped_mm = 'auto' or 'grouped_mm'"),
+        ({"moe.ffn_hidden_size": "40"}, "per-rank expert hidden size 40"),
+    ],
+)
 def test_bad_float8_expert_settings_are_one_line(tiny_config, overrides, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
         tiny_config(**{"quantize.float8_experts": "true", **overrides})
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU"
+)
 def test_float8_experts_refused_without_a_gpu(tiny_config):
-    with pytest.raises(ConfigError, match="needs a CUDA GPU of compute capability 9.0"):
+    with pytest.raises(ConfigError, match=r"needs a CUDA GPU of compute capability 9.0"):
         tiny_config(**{"quantize.float8_experts": "true"})

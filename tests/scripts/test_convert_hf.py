@@ -33,15 +33,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_seed(folder: Path, step: str = "step-0") -> dict[str, torch.Tensor]:
     """Every model tensor of a torchmoe checkpoint, by name."""
     meta = dcp.FileSystemReader(str(folder / step)).read_metadata().state_dict_metadata
-    state = {k.removeprefix("train.model."): torch.empty(tuple(v.size), dtype=v.properties.dtype)
-             for k, v in meta.items() if k.startswith("train.model.")}
+    state = {
+        k.removeprefix("train.model."): torch.empty(tuple(v.size), dtype=v.properties.dtype)
+        for k, v in meta.items()
+        if k.startswith("train.model.")
+    }
     dcp.load({"train": {"model": state}}, checkpoint_id=str(folder / step))
     return state
 
 
 def from_pretrained(folder: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager", dtype=torch.float32).eval()
+        folder, attn_implementation="eager", dtype=torch.float32
+    ).eval()
 
 
 def run(script, *args: str) -> int:
@@ -53,9 +57,21 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
     hf = tiny_hf(case)
     hf.save_pretrained(tmp_path / "hf")
     assert run(script, "import", "--hf", tmp_path / "hf", "--out", tmp_path / "ckpt") == 0
-    assert run(script, "export", "--checkpoint", tmp_path / "ckpt" / "step-0", "--config",
-               tmp_path / "ckpt" / "model.toml", "--out", tmp_path / "out",
-               "--max-shard-size", "40KB") == 0
+    assert (
+        run(
+            script,
+            "export",
+            "--checkpoint",
+            tmp_path / "ckpt" / "step-0",
+            "--config",
+            tmp_path / "ckpt" / "model.toml",
+            "--out",
+            tmp_path / "out",
+            "--max-shard-size",
+            "40KB",
+        )
+        == 0
+    )
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     before, after = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
     if hf.config.tie_word_embeddings:  # written untied: torchmoe's head is its own tensor
@@ -66,16 +82,20 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
         assert not changed
     else:  # exported with DeepSeek's own (interleaved) rotary layout
         assert {k.split(".")[-2] for k in changed} == {"q_proj", "kv_a_proj_with_mqa"}
-    assert_same_logits(lambda t: from_pretrained(tmp_path / "out")(t).logits, hf,
-                       hf.config.vocab_size)
+    assert_same_logits(
+        lambda t: from_pretrained(tmp_path / "out")(t).logits, hf, hf.config.vocab_size
+    )
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("deepseek_v3", {"model.mtp_num_layers": 2}),  # MTP layers, random expert bias
-    ("qwen3_moe", {"moe.layer_freq": "0,1,1", "moe.shared_expert_intermediate_size": 0}),
-    # softmax over the top-k logits equals Mixtral's renormalised top-k of the full softmax
-    ("mixtral", {"moe.router_pre_softmax": "false", "moe.shared_expert_intermediate_size": 0}),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("deepseek_v3", {"model.mtp_num_layers": 2}),  # MTP layers, random expert bias
+        ("qwen3_moe", {"moe.layer_freq": "0,1,1", "moe.shared_expert_intermediate_size": 0}),
+        # softmax over the top-k logits equals Mixtral's renormalised top-k of the full softmax
+        ("mixtral", {"moe.router_pre_softmax": "false", "moe.shared_expert_intermediate_size": 0}),
+    ],
+)
 def test_export_then_import_is_the_identity(family, overrides, tiny_config, tmp_path, script):
     cfg = tiny_config(**{"model.name": family, **overrides})
     torch.manual_seed(0)
@@ -85,11 +105,23 @@ def test_export_then_import_is_the_identity(family, overrides, tiny_config, tmp_
         for name, t in model.state_dict().items():
             if "norm" in name or name.endswith("expert_bias"):
                 t.normal_()
-    CheckpointManager(cfg.checkpoint, tmp_path / "seed", model, None, None, None,
-                      TrainState()).save_seed()
+    CheckpointManager(
+        cfg.checkpoint, tmp_path / "seed", model, None, None, None, TrainState()
+    ).save_seed()
     (tmp_path / "recipe.toml").write_text(to_toml(cfg))
-    assert run(script, "export", "--checkpoint", tmp_path / "seed" / "step-0", "--config",
-               tmp_path / "recipe.toml", "--out", tmp_path / "hf") == 0
+    assert (
+        run(
+            script,
+            "export",
+            "--checkpoint",
+            tmp_path / "seed" / "step-0",
+            "--config",
+            tmp_path / "recipe.toml",
+            "--out",
+            tmp_path / "hf",
+        )
+        == 0
+    )
     assert run(script, "import", "--hf", tmp_path / "hf", "--out", tmp_path / "back") == 0
     before, after = load_seed(tmp_path / "seed"), load_seed(tmp_path / "back")
     assert before.keys() == after.keys() == model.state_dict().keys()
@@ -107,10 +139,22 @@ def test_training_starts_from_an_import_and_its_steps_export(tmp_path, script, c
     assert "--model.name mixtral" in overrides and f"--checkpoint.folder {ckpt}" in overrides
     text = tmp_path / "text.txt"
     text.write_text("Experts route tokens; routers pick experts.\n" * 200)
-    train = ["--job.dump_folder", str(tmp_path / "run"), "--data.dataset", str(text),
-             "--training.seq_len", "32", "--training.local_batch_size", "2",
-             "--training.steps", "2", "--checkpoint.interval", "2",
-             "--lr_scheduler.warmup_steps", "1"]
+    train = [
+        "--job.dump_folder",
+        str(tmp_path / "run"),
+        "--data.dataset",
+        str(text),
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--training.steps",
+        "2",
+        "--checkpoint.interval",
+        "2",
+        "--lr_scheduler.warmup_steps",
+        "1",
+    ]
     cfg, _ = load_config(["--config", str(ckpt / "model.toml"), *train])
     same, _ = load_config(shlex.split(overrides) + train)  # the printed overrides say the same
     assert (same.model, same.moe, same.checkpoint) == (cfg.model, cfg.moe, cfg.checkpoint)
@@ -121,10 +165,24 @@ def test_training_starts_from_an_import_and_its_steps_export(tmp_path, script, c
     trainer.model.train()
     trainer.train()
     assert trainer.checkpoint.saved_steps() == [0, 2]  # step-2 holds the optimizer state too
-    assert run(script, "export", "--checkpoint", ckpt / "step-2", "--config",
-               ckpt / "model.toml", *train, "--out", tmp_path / "out") == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json",
-                                                                    "model.safetensors"]
+    assert (
+        run(
+            script,
+            "export",
+            "--checkpoint",
+            ckpt / "step-2",
+            "--config",
+            ckpt / "model.toml",
+            *train,
+            "--out",
+            tmp_path / "out",
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     trainer.model.eval()
     assert_same_logits(trainer.model, from_pretrained(tmp_path / "out"), 4224)
 
@@ -158,17 +216,19 @@ def _broken_hf(root: Path, tmp_path: Path, case: str) -> Path:
     return hf
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no_config", "config.json: no such file"),
-    ("model_type", "model_type = 'gpt2' has no torchmoe converter"),
-    ("unsupported", "sliding_window = 4096 is not supported"),
-    ("missing_tensor", "tensor model.layers.1.block_sparse_moe.experts.3.w2.weight is missing"),
-    ("shape", "has shape [32, 64], config.json implies [40, 64]"),
-    ("out_taken", "already exists and is not an empty folder"),
-    ("no_hf_flag", "the following arguments are required: --hf"),
-])
-def test_import_mistakes_are_one_line_and_exit_2(case, message, imported, tmp_path, script,
-                                                 capsys):
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no_config", "config.json: no such file"),
+        ("model_type", "model_type = 'gpt2' has no torchmoe converter"),
+        ("unsupported", "sliding_window = 4096 is not supported"),
+        ("missing_tensor", "tensor model.layers.1.block_sparse_moe.experts.3.w2.weight is missing"),
+        ("shape", "has shape [32, 64], config.json implies [40, 64]"),
+        ("out_taken", "already exists and is not an empty folder"),
+        ("no_hf_flag", "the following arguments are required: --hf"),
+    ],
+)
+def test_import_mistakes_are_one_line_and_exit_2(case, message, imported, tmp_path, script, capsys):
     hf = _broken_hf(imported, tmp_path, case)
     out = imported / "ckpt" if case == "out_taken" else tmp_path / "ckpt"
     args = ["import", "--out", out] + ([] if case == "no_hf_flag" else ["--hf", hf])
@@ -177,27 +237,53 @@ def test_import_mistakes_are_one_line_and_exit_2(case, message, imported, tmp_pa
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("case,extra,message", [
-    ("no_checkpoint", [], "not a torchmoe checkpoint"),
-    ("other_model", ["--model.n_layers", "1"], "which the recipe's model lacks"),
-    ("inexpressible", ["--moe.router_norm_topk_prob", "false"],
-     "moe.router_norm_topk_prob = False cannot be expressed as MixtralForCausalLM"),
-    ("shard_size", ["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
-    ("recipe_key", ["--model.dimm", "3"], "unknown key 'model.dimm'"),
-])
-def test_export_mistakes_are_one_line_and_exit_2(case, extra, message, imported, tmp_path,
-                                                 script, capsys):
+@pytest.mark.parametrize(
+    "case,extra,message",
+    [
+        ("no_checkpoint", [], "not a torchmoe checkpoint"),
+        ("other_model", ["--model.n_layers", "1"], "which the recipe's model lacks"),
+        (
+            "inexpressible",
+            ["--moe.router_norm_topk_prob", "false"],
+            "moe.router_norm_topk_prob = False cannot be expressed as MixtralForCausalLM",
+        ),
+        ("shard_size", ["--max-shard-size", "lots"], "--max-shard-size 'lots'"),
+        ("recipe_key", ["--model.dimm", "3"], "unknown key 'model.dimm'"),
+    ],
+)
+def test_export_mistakes_are_one_line_and_exit_2(
+    case, extra, message, imported, tmp_path, script, capsys
+):
     ckpt = imported / "ckpt"
     step = ckpt / ("step-7" if case == "no_checkpoint" else "step-0")
-    code = run(script, "export", "--checkpoint", step, "--config", ckpt / "model.toml",
-               "--out", tmp_path / "out", *extra)
+    code = run(
+        script,
+        "export",
+        "--checkpoint",
+        step,
+        "--config",
+        ckpt / "model.toml",
+        "--out",
+        tmp_path / "out",
+        *extra,
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_the_script_prints_one_line_not_a_traceback(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_hf.py"), "import",
-                           "--hf", str(tmp_path), "--out", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "convert_hf.py"),
+            "import",
+            "--hf",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ")
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr

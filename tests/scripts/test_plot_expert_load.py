@@ -24,13 +24,25 @@ def write_metrics(folder, rows=12, extra=False):
         tokens = rng.integers(0, 500, (LAYERS, EXPERTS)).astype(float)
         tokens[0, 5] = 0
         mean = tokens.mean(1)
-        per_layer = {"tokens": tokens.tolist(), "max_over_mean": (tokens.max(1) / mean).tolist(),
-                     "cv": (tokens.std(1) / mean).tolist(), "dead": (tokens == 0).sum(1).tolist()}
+        per_layer = {
+            "tokens": tokens.tolist(),
+            "max_over_mean": (tokens.max(1) / mean).tolist(),
+            "cv": (tokens.std(1) / mean).tolist(),
+            "dead": (tokens == 0).sum(1).tolist(),
+        }
         if extra:
             per_layer["entropy"] = rng.uniform(1, 2, LAYERS).tolist()
             per_layer["dropped_frac"] = rng.uniform(0, 0.1, LAYERS).tolist()
-        lines.append(json.dumps({"step": 5 * (i + 1), "loss": 9 - i * rng.uniform(0.1, 0.3),
-                                 "aux_loss": rng.uniform(0, 1e-3), "per_layer": per_layer}))
+        lines.append(
+            json.dumps(
+                {
+                    "step": 5 * (i + 1),
+                    "loss": 9 - i * rng.uniform(0.1, 0.3),
+                    "aux_loss": rng.uniform(0, 1e-3),
+                    "per_layer": per_layer,
+                }
+            )
+        )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return [json.loads(line) for line in lines]
@@ -60,22 +72,36 @@ def test_heatmap_load_over_the_last_rows(tmp_path, script):
     np.testing.assert_allclose(module.relative_load(read[-3:]), want)
     out = tmp_path / "plots" / "last3.png"
     out.parent.mkdir()
-    assert module.main([str(tmp_path / "metrics.jsonl"), "--last", "3", "--imbalance", "cv",
-                        "--out", str(out)]) == 0
+    assert (
+        module.main(
+            [str(tmp_path / "metrics.jsonl"), "--last", "3", "--imbalance", "cv", "--out", str(out)]
+        )
+        == 0
+    )
     png_size(out)
 
 
 def test_runs_as_a_script(tmp_path, script):
     write_metrics(tmp_path)
-    proc = subprocess.run([sys.executable, script("plot_expert_load").__file__, str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, script("plot_expert_load").__file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     png_size(tmp_path / "expert_load.png")
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "no metrics.jsonl"), ("empty", "is empty"), ("not_json", "line 2 is not JSON"),
-    ("no_loads", "has no per-layer expert loads")])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no metrics.jsonl"),
+        ("empty", "is empty"),
+        ("not_json", "line 2 is not JSON"),
+        ("no_loads", "has no per-layer expert loads"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(case, message, tmp_path, script, capsys):
     metrics = tmp_path / "metrics.jsonl"
     if case == "empty":

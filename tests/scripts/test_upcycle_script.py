@@ -12,17 +12,27 @@ from torchmoe.train.trainer import Trainer
 
 Trainer = functools.partial(Trainer, device=torch.device("cpu"))
 DENSE = {"moe.num_experts": 0, "model.n_dense_layers": 3}
-MOE = {"moe.num_experts": 6, "moe.router_topk": 2, "moe.ffn_hidden_size": 64,  # 128 / 2
-       "moe.shared_expert_intermediate_size": 0, "moe.router_topk_scaling_factor": 2.0,
-       "moe.router_num_groups": 0, "moe.router_group_topk": 0,
-       "moe.router_score_function": "softmax"}
+MOE = {
+    "moe.num_experts": 6,
+    "moe.router_topk": 2,
+    "moe.ffn_hidden_size": 64,  # 128 / 2
+    "moe.shared_expert_intermediate_size": 0,
+    "moe.router_topk_scaling_factor": 2.0,
+    "moe.router_num_groups": 0,
+    "moe.router_group_topk": 0,
+    "moe.router_score_function": "softmax",
+}
 
 
 @pytest.fixture
 def dense(tiny_config):
     """A dense model trained one step, checkpointed with its optimizer state."""
-    trainer = Trainer(tiny_config(**DENSE, **{"checkpoint.enable": "true", "training.steps": 1,
-                                              "checkpoint.folder": "dense"}))
+    trainer = Trainer(
+        tiny_config(
+            **DENSE,
+            **{"checkpoint.enable": "true", "training.steps": 1, "checkpoint.folder": "dense"},
+        )
+    )
     trainer.train()
     return trainer
 
@@ -35,16 +45,29 @@ def moe_recipe(tiny_config, tmp_path, **overrides):
     return str(path), cfg
 
 
-def test_upcycled_checkpoint_starts_training_from_the_dense_model(dense, tiny_config, tmp_path,
-                                                                  script):
+def test_upcycled_checkpoint_starts_training_from_the_dense_model(
+    dense, tiny_config, tmp_path, script
+):
     recipe, _ = moe_recipe(tiny_config, tmp_path)
     out = tmp_path / "upcycled"
-    code = script("upcycle").main(["--dense", str(dense.checkpoint.folder / "step-1"),
-                                   "--config", recipe, "--granularity", "2", "--out", str(out),
-                                   "--training.seed", str(int(torch.randint(1000, ())))])
+    code = script("upcycle").main(
+        [
+            "--dense",
+            str(dense.checkpoint.folder / "step-1"),
+            "--config",
+            recipe,
+            "--granularity",
+            "2",
+            "--out",
+            str(out),
+            "--training.seed",
+            str(int(torch.randint(1000, ()))),
+        ]
+    )
     assert code == 0 and sorted(p.name for p in out.iterdir()) == ["step-0"]
-    moe = Trainer(tiny_config(**MOE, **{"checkpoint.enable": "true",
-                                        "checkpoint.folder": str(out)}))
+    moe = Trainer(
+        tiny_config(**MOE, **{"checkpoint.enable": "true", "checkpoint.folder": str(out)})
+    )
     assert moe.checkpoint.load() == 0
     tokens = torch.randint(0, moe.cfg.model.vocab_size, (2, 32))
     with torch.no_grad():
@@ -52,22 +75,28 @@ def test_upcycled_checkpoint_starts_training_from_the_dense_model(dense, tiny_co
     assert moe.train()  # and trains on from there
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no_checkpoint", "not a torchmoe checkpoint"),
-    ("granularity", "moe.num_experts = 6 must be a multiple of granularity = 4"),
-    ("other_dim", "has shape"),
-    ("out_taken", "already holds a step-0"),
-])
-def test_mistakes_are_one_line_and_exit_2(case, message, dense, tiny_config, tmp_path, script,
-                                          capsys):
-    recipe, _ = moe_recipe(tiny_config, tmp_path, **{"model.dim": 32} if case == "other_dim"
-                           else {})
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no_checkpoint", "not a torchmoe checkpoint"),
+        ("granularity", "moe.num_experts = 6 must be a multiple of granularity = 4"),
+        ("other_dim", "has shape"),
+        ("out_taken", "already holds a step-0"),
+    ],
+)
+def test_mistakes_are_one_line_and_exit_2(
+    case, message, dense, tiny_config, tmp_path, script, capsys
+):
+    recipe, _ = moe_recipe(
+        tiny_config, tmp_path, **{"model.dim": 32} if case == "other_dim" else {}
+    )
     step = dense.checkpoint.folder / ("step-9" if case == "no_checkpoint" else "step-1")
     out = tmp_path / "upcycled"
     if case == "out_taken":
         (out / "step-0").mkdir(parents=True)
     granularity = "4" if case == "granularity" else "2"
-    code = script("upcycle").main(["--dense", str(step), "--config", recipe, "--granularity",
-                                   granularity, "--out", str(out)])
+    code = script("upcycle").main(
+        ["--dense", str(step), "--config", recipe, "--granularity", granularity, "--out", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err

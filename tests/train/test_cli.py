@@ -10,8 +10,16 @@ from pathlib import Path
 from torchmoe.config.load import build_config, read_toml
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = ["--training.steps", "3", "--training.seq_len", "32", "--training.local_batch_size", "2",
-        "--metrics.log_freq", "1"]
+FAST = [
+    "--training.steps",
+    "3",
+    "--training.seq_len",
+    "32",
+    "--training.local_batch_size",
+    "2",
+    "--metrics.log_freq",
+    "1",
+]
 
 
 # These run the CPU path even on a GPU machine (ranks would otherwise share its GPUs).
@@ -20,9 +28,14 @@ CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 def run(cmd, tmp_path, data_cache, **env):
     full_env = {**CPU_ENV, "NGPU": "1", **env}
-    return subprocess.run(cmd + FAST + ["--job.dump_folder", str(tmp_path),
-                                        "--data.cache_dir", data_cache],
-                          capture_output=True, text=True, cwd=REPO, env=full_env, timeout=300)
+    return subprocess.run(
+        cmd + FAST + ["--job.dump_folder", str(tmp_path), "--data.cache_dir", data_cache],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=full_env,
+        timeout=300,
+    )
 
 
 def test_run_train_sh_trains_the_default_recipe_through_torchrun(tmp_path, data_cache):
@@ -34,8 +47,12 @@ def test_run_train_sh_trains_the_default_recipe_through_torchrun(tmp_path, data_
 
 
 def test_fsdp2_x_ep2_on_four_cpu_ranks(tmp_path, data_cache):
-    proc = run(["./run_train.sh", "--parallelism.dp_shard", "2", "--parallelism.ep", "2"],
-               tmp_path, data_cache, NGPU="4")
+    proc = run(
+        ["./run_train.sh", "--parallelism.dp_shard", "2", "--parallelism.ep", "2"],
+        tmp_path,
+        data_cache,
+        NGPU="4",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "4 ranks: dp_replicate 1 dp_shard 4 tp 1 pp 1 ep 2 (edp 2)" in out
@@ -47,32 +64,66 @@ def test_two_nodes_with_static_rendezvous(tmp_path, data_cache):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = {**CPU_ENV, "NGPU": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": port}
+    env = {**CPU_ENV, "NGPU": "1", "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     cmd = ["./run_train.sh"] + FAST + ["--data.cache_dir", data_cache]
-    nodes = [subprocess.Popen(cmd + ["--job.dump_folder", str(tmp_path / f"node{i}")], cwd=REPO,
-                              env={**env, "NODE_RANK": str(i)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    nodes = [
+        subprocess.Popen(
+            cmd + ["--job.dump_folder", str(tmp_path / f"node{i}")],
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "2 ranks: dp_replicate 1 dp_shard 2" in outs[0]
 
 
 def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):
-    cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
-           "--model.n_layers", "2", "--model.dim", "256", "--moe.num_experts", "16",
-           "--parallelism.ep", "1",
-           "--checkpoint.enable", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchmoe.train",
+        "--config",
+        "train_configs/deepseek_v3.toml",
+        "--model.n_layers",
+        "2",
+        "--model.dim",
+        "256",
+        "--moe.num_experts",
+        "16",
+        "--parallelism.ep",
+        "1",
+        "--checkpoint.enable",
+        "false",
+    ]
     proc = run(cmd, tmp_path, data_cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "model deepseek_v3/16B" in proc.stderr
 
 
 def test_print_config_output_loads_back(tmp_path):
-    cmd = [sys.executable, "-m", "torchmoe.train", "--config", "train_configs/deepseek_v3.toml",
-           "--model.n_layers", "4", "--print-config"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120,
-                          env={**os.environ, "WORLD_SIZE": "8"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torchmoe.train",
+        "--config",
+        "train_configs/deepseek_v3.toml",
+        "--model.n_layers",
+        "4",
+        "--print-config",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "WORLD_SIZE": "8"},
+    )
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "resolved.toml").write_text(proc.stdout)
     cfg = build_config(read_toml(str(tmp_path / "resolved.toml")), [])

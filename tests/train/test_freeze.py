@@ -21,18 +21,34 @@ from torchmoe.train.optim import build_optimizer
 
 STEPS, SEQ, VOCAB = 3, 16, 101
 FROZEN = [1, 6]  # one in each half of the experts: both ep ranks hold one
-LAYOUTS = {"single": (1, {}), "fsdp2": (2, {}), "ep2": (2, {"parallelism.ep": 2}),
-           "etp2": (2, {"parallelism.etp": 2}),
-           "fsdp2_x_ep2": (4, {"parallelism.ep": 2, "parallelism.dp_shard": 2})}
+LAYOUTS = {
+    "single": (1, {}),
+    "fsdp2": (2, {}),
+    "ep2": (2, {"parallelism.ep": 2}),
+    "etp2": (2, {"parallelism.etp": 2}),
+    "fsdp2_x_ep2": (4, {"parallelism.ep": 2, "parallelism.dp_shard": 2}),
+}
 
 
 def config(**overrides) -> JobConfig:
-    values = {"model.dim": 32, "model.inter_dim": 64, "model.n_heads": 2,
-              "model.kv_lora_rank": 16, "model.qk_nope_head_dim": 8, "model.qk_rope_head_dim": 8,
-              "model.v_head_dim": 8, "model.vocab_size": VOCAB, "moe.ffn_hidden_size": 16,
-              "moe.shared_expert_intermediate_size": 16, "optimizer.weight_decay": 0.1,
-              "optimizer.lr": 1e-2, "training.seq_len": SEQ, "moe.freeze_router": "true",
-              "moe.freeze_experts": ",".join(map(str, FROZEN)), **overrides}
+    values = {
+        "model.dim": 32,
+        "model.inter_dim": 64,
+        "model.n_heads": 2,
+        "model.kv_lora_rank": 16,
+        "model.qk_nope_head_dim": 8,
+        "model.qk_rope_head_dim": 8,
+        "model.v_head_dim": 8,
+        "model.vocab_size": VOCAB,
+        "moe.ffn_hidden_size": 16,
+        "moe.shared_expert_intermediate_size": 16,
+        "optimizer.weight_decay": 0.1,
+        "optimizer.lr": 1e-2,
+        "training.seq_len": SEQ,
+        "moe.freeze_router": "true",
+        "moe.freeze_experts": ",".join(map(str, FROZEN)),
+        **overrides,
+    }
     return build_config({}, [(k, str(v)) for k, v in values.items()])
 
 
@@ -75,8 +91,11 @@ def train_frozen(rank: int, cfg: JobConfig, seed: int):
 
 
 def frozen_grad_mass(model: torch.nn.Module) -> float:
-    return sum(full(p.grad)[FROZEN].abs().sum().item()
-               for name, p in model.named_parameters() if ".experts." in name)
+    return sum(
+        full(p.grad)[FROZEN].abs().sum().item()
+        for name, p in model.named_parameters()
+        if ".experts." in name
+    )
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -84,7 +103,8 @@ def test_frozen_experts_and_routers_stay_bit_identical(layout):
     world, overrides = LAYOUTS[layout]
     cfg = config(**overrides)
     before, after, frozen_grads, requires_grad = run_ranks(
-        world, train_frozen, cfg, int(torch.randint(2**30, ())))[0]
+        world, train_frozen, cfg, int(torch.randint(2**30, ()))
+    )[0]
     assert frozen_grads["before"] > 0 and frozen_grads["after"] == 0
     others = [e for e in range(cfg.moe.num_experts) if e not in FROZEN]
     n_experts = n_routers = 0

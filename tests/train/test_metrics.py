@@ -10,8 +10,9 @@ from torchmoe.train.metrics import expert_load_stats, flops_per_token, peak_flop
 
 
 def test_flops_per_token_of_16b_with_4_layers():
-    cfg = build_config({}, [("model.flavor", "16B"), ("model.n_layers", "4"),
-                            ("training.seq_len", "4096")])
+    cfg = build_config(
+        {}, [("model.flavor", "16B"), ("model.n_layers", "4"), ("training.seq_len", "4096")]
+    )
     with torch.device("meta"):
         model = build_deepseek_v3(cfg)
     d, V, H = 2048, 102400, 16
@@ -62,17 +63,31 @@ def test_log_line_and_row_carry_per_layer_moe_values(tiny_config, caplog):
 
     from torchmoe.train.trainer import Trainer
 
-    cfg = tiny_config(**{"training.steps": 2, "moe.capacity_factor": 0.5,
-                         "moe.load_balancing_type": "seq_aux_loss,global_aux_loss",
-                         "moe.aux_loss_coeff": "0.01,0.02", "moe.z_loss_coeff": 0.001})
+    cfg = tiny_config(
+        **{
+            "training.steps": 2,
+            "moe.capacity_factor": 0.5,
+            "moe.load_balancing_type": "seq_aux_loss,global_aux_loss",
+            "moe.aux_loss_coeff": "0.01,0.02",
+            "moe.z_loss_coeff": 0.001,
+        }
+    )
     with caplog.at_level(logging.INFO):
         Trainer(cfg).train()
     rows = [json.loads(line) for line in open(f"{cfg.job.dump_folder}/metrics.jsonl")]
     last = rows[-1]
     layers = last["per_layer"]
     n_moe = cfg.model.n_layers - cfg.model.n_dense_layers
-    for key in ("seq_aux_loss", "global_aux_loss", "z_loss", "entropy", "dropped_frac",
-                "bias_norm", "cv", "max_over_mean"):
+    for key in (
+        "seq_aux_loss",
+        "global_aux_loss",
+        "z_loss",
+        "entropy",
+        "dropped_frac",
+        "bias_norm",
+        "cv",
+        "max_over_mean",
+    ):
         assert len(layers[key]) == n_moe, key
     assert "aux_loss" not in layers  # not configured, so not logged
     assert all(0 < d < 1 for d in layers["dropped_frac"])

@@ -35,7 +35,9 @@ def _field_map(section: str) -> dict[str, dataclasses.Field]:
 def _check_name(section: str, key: str | None, where: str) -> dataclasses.Field | None:
     sections = section_types()
     if section not in sections:
-        raise ConfigError(f"{where}: unknown section [{section}]{_did_you_mean(section, list(sections))}")
+        raise ConfigError(
+            f"{where}: unknown section [{section}]{_did_you_mean(section, list(sections))}"
+        )
     if key is None:
         return None
     fmap = _field_map(section)
@@ -59,11 +61,14 @@ def _typed(f: dataclasses.Field, name: str, value: Any, where: str, from_cli: bo
             values = [v.strip() for v in value.split(",") if v.strip()]
         else:
             values = value if isinstance(value, list) else [value]
-        bad = ConfigError(f"{where}: {name} = {value!r} is not a {item.__name__} or a list of "
-                          f"{item.__name__}s")
+        bad = ConfigError(
+            f"{where}: {name} = {value!r} is not a {item.__name__} or a list of {item.__name__}s"
+        )
         if not from_cli and isinstance(value, str) and "," in value:
-            raise ConfigError(f"{where}: {name} = {value!r}: write several values as a TOML "
-                              f"list, {name.split('.')[1]} = {value.split(',')!r}")
+            raise ConfigError(
+                f"{where}: {name} = {value!r}: write several values as a TOML "
+                f"list, {name.split('.')[1]} = {value.split(',')!r}"
+            )
         return [_scalar(item, v, bad, from_cli) for v in values]
     bad = ConfigError(f"{where}: {name} = {value!r} is not a valid {kind.__name__}")
     return _scalar(kind, value, bad, from_cli)
@@ -89,8 +94,11 @@ def _scalar(kind: type, value: Any, bad: ConfigError, from_cli: bool) -> Any:
     raise bad
 
 
-_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-           ("le", "<=", lambda v, b: v <= b))
+_BOUNDS = (
+    ("ge", ">=", lambda v, b: v >= b),
+    ("gt", ">", lambda v, b: v > b),
+    ("le", "<=", lambda v, b: v <= b),
+)
 
 
 def _check_range(f: dataclasses.Field, name: str, value: Any) -> None:
@@ -98,9 +106,11 @@ def _check_range(f: dataclasses.Field, name: str, value: Any) -> None:
     choices = meta.get("choices")
     for item in value if isinstance(value, list) else [value]:
         if choices and item not in choices:
-            raise ConfigError(f"{name} = {value!r} is not allowed; choose "
-                              f"{'from' if isinstance(value, list) else 'one of'}: "
-                              f"{', '.join(map(str, choices))}")
+            raise ConfigError(
+                f"{name} = {value!r} is not allowed; choose "
+                f"{'from' if isinstance(value, list) else 'one of'}: "
+                f"{', '.join(map(str, choices))}"
+            )
         if isinstance(item, float) and not math.isfinite(item):
             raise ConfigError(f"{name} = {value!r} must be a finite number")
         for bound, word, holds in _BOUNDS:
@@ -119,8 +129,9 @@ def read_toml(path: str) -> dict:
     except tomli.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: malformed TOML: {e}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start}); save the recipe "
-                          "as UTF-8") from None
+        raise ConfigError(
+            f"--config {path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8"
+        ) from None
 
 
 def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[str]]:
@@ -133,7 +144,9 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[s
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --section.key value"
+            )
         name, eq, value = arg[2:].partition("=")
         if name in ("print-config", "help"):
             flags.add(name)
@@ -166,8 +179,10 @@ def _flavor_values(name: str, flavor: str) -> dict[str, dict[str, Any]]:
 
     spec = get_model_spec(name)
     if flavor not in spec.flavors:
-        raise ConfigError(f"model.flavor = {flavor!r} is not a flavor of {name}"
-                          f"{_did_you_mean(flavor, list(spec.flavors))}")
+        raise ConfigError(
+            f"model.flavor = {flavor!r} is not a flavor of {name}"
+            f"{_did_you_mean(flavor, list(spec.flavors))}"
+        )
     return spec.flavors[flavor]
 
 
@@ -180,8 +195,9 @@ def build_config(toml: dict, overrides: list[tuple[str, str]], where: str = "rec
             raise ConfigError(f"{where}: '{section}' must be a [{section}] table")
         for key, value in table.items():
             f = _check_name(section, key, where)
-            values.setdefault(section, {})[key] = _typed(f, f"{section}.{key}", value, where,
-                                                         from_cli=False)
+            values.setdefault(section, {})[key] = _typed(
+                f, f"{section}.{key}", value, where, from_cli=False
+            )
     for name, raw in overrides:
         section, _, key = name.partition(".")
         f = _check_name(section, key, f"--{name}")
@@ -189,8 +205,9 @@ def build_config(toml: dict, overrides: list[tuple[str, str]], where: str = "rec
 
     cfg = JobConfig()
     model_sec = values.get("model", {})
-    flavor = _flavor_values(model_sec.get("name", cfg.model.name),
-                            model_sec.get("flavor", cfg.model.flavor))
+    flavor = _flavor_values(
+        model_sec.get("name", cfg.model.name), model_sec.get("flavor", cfg.model.flavor)
+    )
     for section, table in flavor.items():
         for key, value in table.items():
             values.setdefault(section, {}).setdefault(key, value)
@@ -236,7 +253,9 @@ def to_toml(cfg: JobConfig, with_help: bool = False) -> str:
         for f in dataclasses.fields(sec):
             if with_help:
                 meta = f.metadata
-                extra = [f"one of {', '.join(map(str, meta['choices']))}"] if meta["choices"] else []
+                extra = (
+                    [f"one of {', '.join(map(str, meta['choices']))}"] if meta["choices"] else []
+                )
                 extra += [f"{w} {meta[b]:g}" for b, w, _ in _BOUNDS if meta[b] is not None]
                 lines.append(f"# {meta['help']}" + (f" ({'; '.join(extra)})" if extra else ""))
             lines.append(f"{f.name} = {_toml_value(getattr(sec, f.name))}")

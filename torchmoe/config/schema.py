@@ -10,8 +10,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, ge: float | None = None,
-        gt: float | None = None, le: float | None = None) -> Any:
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> Any:
     """A config field with its help text and the range the loader enforces."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le}
     if isinstance(default, list):
@@ -30,8 +37,10 @@ class Model:
     name: str = opt("deepseek_v3", "Model family (see torchmoe/models/registry.py).")
     flavor: str = opt("debug", "Named size of the family; its values fill every key not set.")
     tokenizer_path: str = opt(
-        "bundled", "'bundled' (the BPE shipped in the repo), a tiktoken ranks file, or a "
-        "tiktoken encoding name such as cl100k_base (needs the network once).")
+        "bundled",
+        "'bundled' (the BPE shipped in the repo), a tiktoken ranks file, or a "
+        "tiktoken encoding name such as cl100k_base (needs the network once).",
+    )
     vocab_size: int = opt(4224, "Embedding rows; must be >= the tokenizer's vocabulary.", gt=0)
     dim: int = opt(256, "Hidden size.", gt=0)
     n_layers: int = opt(3, "Transformer blocks.", gt=0)
@@ -54,75 +63,112 @@ class Model:
     rope_mscale: float = opt(1.0, "YaRN: attention temperature coefficient.", ge=0)
     init_std: float = opt(0.02, "Std of the truncated-normal init of input projections.", gt=0)
     mtp_num_layers: int = opt(
-        0, "Multi-token prediction depth (DeepSeek-V3): extra blocks that each predict one "
-        "more token ahead; 0 = off.", ge=0)
+        0,
+        "Multi-token prediction depth (DeepSeek-V3): extra blocks that each predict one "
+        "more token ahead; 0 = off.",
+        ge=0,
+    )
     mtp_loss_scale: float = opt(0.1, "Weight of the mean multi-token prediction loss.", ge=0)
 
 
 @dataclass
 class MoE:
-    num_experts: int = opt(8, "Routed experts per MoE layer; 0 = a dense model (every block a "
-                              "SwiGLU MLP).", ge=0)
+    num_experts: int = opt(
+        8, "Routed experts per MoE layer; 0 = a dense model (every block a SwiGLU MLP).", ge=0
+    )
     layer_freq: list[int] = opt(
-        [1], "Which blocks are MoE: an int n (every n-th block, counting from block 0) or a "
+        [1],
+        "Which blocks are MoE: an int n (every n-th block, counting from block 0) or a "
         "0/1 list with one entry per block, e.g. [0,1,1,1]. Blocks before model.n_dense_layers "
-        "stay dense either way.")
+        "stay dense either way.",
+    )
     router_topk: int = opt(2, "Experts each token is sent to.", gt=0)
     ffn_hidden_size: int = opt(128, "Hidden size of each routed expert.", gt=0)
     shared_expert_intermediate_size: int = opt(
-        128, "Total hidden size of the shared experts (e.g. 2 x 1408); 0 = none.", ge=0)
+        128, "Total hidden size of the shared experts (e.g. 2 x 1408); 0 = none.", ge=0
+    )
     router_score_function: str = opt("sigmoid", "Router scores.", choices=("softmax", "sigmoid"))
     router_pre_softmax: bool = opt(
-        True, "Softmax scores: softmax over all experts, then top-k (true), or top-k on the "
-        "logits, then softmax over the k chosen (false; Megatron's default).")
+        True,
+        "Softmax scores: softmax over all experts, then top-k (true), or top-k on the "
+        "logits, then softmax over the k chosen (false; Megatron's default).",
+    )
     router_norm_topk_prob: bool = opt(True, "Renormalise the top-k weights to sum to 1.")
-    router_topk_scaling_factor: float = opt(1.0, "Routed scaling factor on the top-k weights.",
-                                            gt=0)
+    router_topk_scaling_factor: float = opt(
+        1.0, "Routed scaling factor on the top-k weights.", gt=0
+    )
     router_num_groups: int = opt(0, "Group-limited routing: expert groups (0 = off).", ge=0)
     router_group_topk: int = opt(0, "Group-limited routing: groups each token may use.", ge=0)
     router_dtype: str = opt("fp32", "Precision of the router math.", choices=("fp32", "fp64"))
     load_balancing_type: list[str] = opt(
-        ["none"], "Balancing methods, combinable: aux_loss (Switch/GShard, over the micro-batch), "
+        ["none"],
+        "Balancing methods, combinable: aux_loss (Switch/GShard, over the micro-batch), "
         "seq_aux_loss (per sequence, DeepSeek-V2/V3), global_aux_loss (expert counts over all "
         "data-parallel ranks' micro-batches), sinkhorn (S-BASE selection, no loss; alone), none.",
-        choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
+        choices=("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"),
+    )
     aux_loss_coeff: list[float] = opt(
-        [0.0], "Weight of each balance loss in load_balancing_type (one value for all, or one "
-        "per type).", ge=0)
-    z_loss_coeff: float = opt(0.0, "Router z-loss weight (mean squared logsumexp of the "
-                                    "logits, ST-MoE); 0 = off.", ge=0)
+        [0.0],
+        "Weight of each balance loss in load_balancing_type (one value for all, or one per type).",
+        ge=0,
+    )
+    z_loss_coeff: float = opt(
+        0.0, "Router z-loss weight (mean squared logsumexp of the logits, ST-MoE); 0 = off.", ge=0
+    )
     input_jitter_eps: float = opt(
-        0.0, "Multiply router inputs by uniform noise in [1 - eps, 1 + eps] in training "
-        "(Switch); 0 = off.", ge=0, le=1)
+        0.0,
+        "Multiply router inputs by uniform noise in [1 - eps, 1 + eps] in training "
+        "(Switch); 0 = off.",
+        ge=0,
+        le=1,
+    )
     enable_expert_bias: bool = opt(
-        True, "Aux-loss-free balancing: a per-expert bias that only affects expert selection.")
+        True, "Aux-loss-free balancing: a per-expert bias that only affects expert selection."
+    )
     bias_update_rate: float = opt(1e-3, "Expert-bias step after each optimizer step.", ge=0)
     force_load_balance: bool = opt(
-        False, "Benchmark mode: ignore the scores and assign experts round-robin, the best "
-        "case for speed. Never for real training.")
+        False,
+        "Benchmark mode: ignore the scores and assign experts round-robin, the best "
+        "case for speed. Never for real training.",
+    )
     capacity_factor: float = opt(
-        0.0, "Token dropping: each expert takes at most capacity_factor x T x K / E copies "
-        "of its T local tokens; the rest skip the experts (residual only). 0 = dropless.", ge=0)
-    drop_policy: str = opt("probs", "Capacity mode: per expert, keep the copies with the "
-                                     "highest router weight (probs) or the earliest (position).",
-                           choices=("probs", "position"))
+        0.0,
+        "Token dropping: each expert takes at most capacity_factor x T x K / E copies "
+        "of its T local tokens; the rest skip the experts (residual only). 0 = dropless.",
+        ge=0,
+    )
+    drop_policy: str = opt(
+        "probs",
+        "Capacity mode: per expert, keep the copies with the "
+        "highest router weight (probs) or the earliest (position).",
+        choices=("probs", "position"),
+    )
     pad_to_capacity: bool = opt(
-        False, "Capacity mode: pad every expert's group to exactly its capacity (static GEMM "
-        "shapes).")
+        False,
+        "Capacity mode: pad every expert's group to exactly its capacity (static GEMM shapes).",
+    )
     freeze_experts: list[int] = opt(
-        [], "Expert ids whose routed-expert weights do not train (in every MoE layer).")
+        [], "Expert ids whose routed-expert weights do not train (in every MoE layer)."
+    )
     freeze_router: bool = opt(False, "Do not train the router gates.")
     dispatcher: str = opt(
-        "alltoall", "Expert-parallel token exchange: all-to-all of the routed copies, or "
+        "alltoall",
+        "Expert-parallel token exchange: all-to-all of the routed copies, or "
         "all-gather of all tokens + reduce-scatter (small groups, large top-k).",
-        choices=("alltoall", "allgather"))
+        choices=("alltoall", "allgather"),
+    )
     grouped_mm: str = opt(
-        "auto", "Expert GEMMs: torch._grouped_mm, a per-expert loop, or auto (grouped_mm on "
-        "CUDA sm90+, loop elsewhere).", choices=("auto", "grouped_mm", "loop"))
+        "auto",
+        "Expert GEMMs: torch._grouped_mm, a per-expert loop, or auto (grouped_mm on "
+        "CUDA sm90+, loop elsewhere).",
+        choices=("auto", "grouped_mm", "loop"),
+    )
     permute_backend: str = opt(
-        "auto", "Token permutation (dispatch gather, combine weighted sum): fused Triton "
+        "auto",
+        "Token permutation (dispatch gather, combine weighted sum): fused Triton "
         "kernels, plain torch ops, or auto (Triton on CUDA, torch elsewhere).",
-        choices=("auto", "triton", "torch"))
+        choices=("auto", "triton", "torch"),
+    )
 
 
 @dataclass
@@ -132,14 +178,21 @@ class Training:
     seq_len: int = opt(128, "Tokens per sequence.", gt=0)
     local_batch_size: int = opt(8, "Sequences per micro-batch on each rank.", gt=0)
     global_batch_size: int = opt(
-        -1, "Sequences per optimizer step over all ranks; more than local x data-parallel "
-        "ranks means gradient accumulation. -1 = no accumulation.", ge=-1)
+        -1,
+        "Sequences per optimizer step over all ranks; more than local x data-parallel "
+        "ranks means gradient accumulation. -1 = no accumulation.",
+        ge=-1,
+    )
     max_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0)
     mixed_precision_param: str = opt(
-        "auto", "Compute dtype (autocast on one rank, FSDP parameter dtype on several): "
-        "auto = bfloat16 on CUDA, float32 on CPU.", choices=("auto", "bfloat16", "float32"))
-    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduction dtype.",
-                                      choices=("float32", "bfloat16"))
+        "auto",
+        "Compute dtype (autocast on one rank, FSDP parameter dtype on several): "
+        "auto = bfloat16 on CUDA, float32 on CPU.",
+        choices=("auto", "bfloat16", "float32"),
+    )
+    mixed_precision_reduce: str = opt(
+        "float32", "FSDP gradient reduction dtype.", choices=("float32", "bfloat16")
+    )
     deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU).")
 
 
@@ -151,33 +204,49 @@ class Optimizer:
     beta2: float = opt(0.95, "Adam beta2.", ge=0, le=1)
     eps: float = opt(1e-8, "Adam epsilon.", gt=0)
     weight_decay: float = opt(0.1, "Decoupled weight decay (never on norms or biases).", ge=0)
-    implementation: str = opt("auto", "auto = fused on CUDA, foreach elsewhere.",
-                              choices=("auto", "fused", "foreach", "for-loop"))
+    implementation: str = opt(
+        "auto",
+        "auto = fused on CUDA, foreach elsewhere.",
+        choices=("auto", "fused", "foreach", "for-loop"),
+    )
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = opt(20, "Linear warm-up steps.", ge=0)
-    decay_type: str = opt("cosine", "Decay after warm-up.",
-                          choices=("cosine", "linear", "constant"))
+    decay_type: str = opt(
+        "cosine", "Decay after warm-up.", choices=("cosine", "linear", "constant")
+    )
     decay_ratio: float = opt(
-        -1.0, "Fraction of steps that decay (the rest after warm-up stays at peak, WSD style); "
-        "-1 = all steps after warm-up.", ge=-1, le=1)
+        -1.0,
+        "Fraction of steps that decay (the rest after warm-up stays at peak, WSD style); "
+        "-1 = all steps after warm-up.",
+        ge=-1,
+        le=1,
+    )
     min_lr_factor: float = opt(0.1, "Final LR as a fraction of the peak.", ge=0, le=1)
 
 
 @dataclass
 class Data:
     dataset: str = opt(
-        "stdlib_docs", "'stdlib_docs' (offline, generated from Python's standard library), "
-        "c4, fineweb, an HF hub name, or a local .txt/.json/.jsonl/.parquet file or folder.")
+        "stdlib_docs",
+        "'stdlib_docs' (offline, generated from Python's standard library), "
+        "c4, fineweb, an HF hub name, or a local .txt/.json/.jsonl/.parquet file or folder.",
+    )
     dataset_config: str = opt("", "HF dataset config name (e.g. 'en' for c4).")
     split: str = opt("train", "Dataset split.")
     text_field: str = opt("text", "Column holding the document text.")
-    streaming: bool = opt(True, "Stream HF hub datasets instead of downloading them whole "
-                                "(local files are always read whole).")
-    cache_dir: str = opt("", "Where generated data (and, when set, HF datasets' cache under "
-                             "<cache_dir>/huggingface) is kept; '' = ~/.cache/torchmoe.")
+    streaming: bool = opt(
+        True,
+        "Stream HF hub datasets instead of downloading them whole "
+        "(local files are always read whole).",
+    )
+    cache_dir: str = opt(
+        "",
+        "Where generated data (and, when set, HF datasets' cache under "
+        "<cache_dir>/huggingface) is kept; '' = ~/.cache/torchmoe.",
+    )
 
 
 @dataclass
@@ -185,16 +254,19 @@ class Checkpoint:
     enable: bool = opt(False, "Save checkpoints and resume from the latest one.")
     folder: str = opt("checkpoint", "Checkpoint folder, relative to job.dump_folder.")
     interval: int = opt(500, "Save every n steps (and at the last step).", gt=0)
-    load_step: int = opt(-1, "Resume from this step; -1 = the latest checkpoint, if any.",
-                         ge=-1)
+    load_step: int = opt(-1, "Resume from this step; -1 = the latest checkpoint, if any.", ge=-1)
     keep_latest_k: int = opt(0, "Keep only the newest k checkpoints; 0 = keep all.", ge=0)
     create_seed_checkpoint: bool = opt(
-        False, "Initialise the model on one rank, save it as step-0 and exit. Runs that find "
-        "only step-0 load its weights, so every parallel layout starts from the same model.")
+        False,
+        "Initialise the model on one rank, save it as step-0 and exit. Runs that find "
+        "only step-0 load its weights, so every parallel layout starts from the same model.",
+    )
     exclude_from_loading: list[str] = opt(
-        [], "Parts of the checkpoint not to restore on resume: dataloader (read the data "
+        [],
+        "Parts of the checkpoint not to restore on resume: dataloader (read the data "
         "afresh, e.g. after changing the data-parallel size), rng.",
-        choices=("dataloader", "rng"))
+        choices=("dataloader", "rng"),
+    )
 
 
 @dataclass
@@ -202,8 +274,11 @@ class Metrics:
     log_freq: int = opt(10, "Log every n steps.", gt=0)
     enable_tensorboard: bool = opt(False, "Write TensorBoard scalars (needs tensorboard).")
     save_tb_folder: str = opt("tb", "TensorBoard folder, relative to job.dump_folder.")
-    save_jsonl: bool = opt(True, "Append each log line to job.dump_folder/metrics.jsonl "
-                                 "(rank 0 writes it, and the TensorBoard files).")
+    save_jsonl: bool = opt(
+        True,
+        "Append each log line to job.dump_folder/metrics.jsonl "
+        "(rank 0 writes it, and the TensorBoard files).",
+    )
 
 
 @dataclass
@@ -216,47 +291,80 @@ class Parallelism:
     etp: int = opt(1, "Expert tensor-parallel degree.", gt=0)
     cp: int = opt(1, "Context-parallel degree (reserved).", gt=0)
     pp_schedule: str = opt(
-        "1F1B", "Pipeline schedule of torch.distributed.pipelining, named as torch names it: "
+        "1F1B",
+        "Pipeline schedule of torch.distributed.pipelining, named as torch names it: "
         "GPipe, 1F1B (one stage per rank); Interleaved1F1B, LoopedBFS, InterleavedZeroBubble "
         "(stages looped over the ranks); ZBVZeroBubble, DualPipeV (two stages per rank in a V).",
-        choices=("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble",
-                 "ZBVZeroBubble", "DualPipeV"))
+        choices=(
+            "GPipe",
+            "1F1B",
+            "Interleaved1F1B",
+            "LoopedBFS",
+            "InterleavedZeroBubble",
+            "ZBVZeroBubble",
+            "DualPipeV",
+        ),
+    )
     pp_microbatches: int = opt(
-        0, "Pipeline micro-batches per local batch, which they split evenly; 0 = one per "
-        "sequence (training.local_batch_size).", ge=0)
+        0,
+        "Pipeline micro-batches per local batch, which they split evenly; 0 = one per "
+        "sequence (training.local_batch_size).",
+        ge=0,
+    )
     pp_stages_per_rank: int = opt(
-        0, "Pipeline stages each pp rank holds (virtual stages); 0 = from pp_layout or "
-        "pp_layers_per_stage when set, else 1 for GPipe/1F1B and 2 for the others.", ge=0)
+        0,
+        "Pipeline stages each pp rank holds (virtual stages); 0 = from pp_layout or "
+        "pp_layers_per_stage when set, else 1 for GPipe/1F1B and 2 for the others.",
+        ge=0,
+    )
     pp_layers_per_stage: int = opt(
-        0, "Transformer blocks in every pipeline stage (n_layers / this stages in all); 0 = "
-        "split by cost (parameters and FLOPs) or by pp_layout.", ge=0)
+        0,
+        "Transformer blocks in every pipeline stage (n_layers / this stages in all); 0 = "
+        "split by cost (parameters and FLOPs) or by pp_layout.",
+        ge=0,
+    )
     pp_layout: list[int] = opt(
-        [], "Transformer blocks of each pipeline stage in order, e.g. [3, 4, 4, 3]: its length "
+        [],
+        "Transformer blocks of each pipeline stage in order, e.g. [3, 4, 4, 3]: its length "
         "is the stage count (a multiple of pp). The embedding goes with the first stage, the "
-        "final norm and output head with the last. Empty = split by cost.")
-    plan: str = opt("", "Parallelize function 'package.module:function' with the signature of "
-                        "torchmoe.parallel.plans.parallelize; '' = the model's own plan.")
+        "final norm and output head with the last. Empty = split by cost.",
+    )
+    plan: str = opt(
+        "",
+        "Parallelize function 'package.module:function' with the signature of "
+        "torchmoe.parallel.plans.parallelize; '' = the model's own plan.",
+    )
     fsdp_reshard_after_forward: str = opt(
-        "default", "Free gathered FSDP weights after forward: default (all but the last "
+        "default",
+        "Free gathered FSDP weights after forward: default (all but the last "
         "block; never under pipeline parallelism), always, or never (keeps them for backward, "
         "ZeRO-2 style).",
-        choices=("default", "always", "never"))
-    fsdp_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and optimizer "
-                                        "state in CPU memory (FSDP CPUOffloadPolicy).")
+        choices=("default", "always", "never"),
+    )
+    fsdp_cpu_offload: bool = opt(
+        False,
+        "Keep sharded parameters, gradients and optimizer "
+        "state in CPU memory (FSDP CPUOffloadPolicy).",
+    )
 
 
 @dataclass
 class ActivationCheckpoint:
     mode: str = opt(
-        "none", "Recompute activations in backward: none; full (whole blocks); selective "
+        "none",
+        "Recompute activations in backward: none; full (whole blocks); selective "
         "(op-level policy, or the modules in recompute_modules).",
-        choices=("none", "full", "selective"))
+        choices=("none", "full", "selective"),
+    )
     every_n_layers: int = opt(
-        1, "Checkpoint one block of every n (1 = all); the rest keep their activations.", gt=0)
+        1, "Checkpoint one block of every n (1 = all); the rest keep their activations.", gt=0
+    )
     recompute_modules: list[str] = opt(
-        [], "mode = selective: recompute only these modules (Megatron names: core_attn, "
+        [],
+        "mode = selective: recompute only these modules (Megatron names: core_attn, "
         "mla_up_proj, layernorm, mlp, moe, moe_act). Empty = op-level policy that saves "
-        "matmul, attention, top-k and communication outputs and recomputes the rest.")
+        "matmul, attention, top-k and communication outputs and recomputes the rest.",
+    )
 
 
 @dataclass
@@ -266,15 +374,20 @@ class Compile:
 
 @dataclass
 class Quantize:
-    float8_linear: bool = opt(False, "Train dense linears in float8 through torchao "
-                                     "(needs an sm89+ GPU to be fast).")
-    float8_recipe: str = opt("tensorwise", "torchao float8 scaling recipe.",
-                             choices=("tensorwise", "rowwise"))
+    float8_linear: bool = opt(
+        False, "Train dense linears in float8 through torchao (needs an sm89+ GPU to be fast)."
+    )
+    float8_recipe: str = opt(
+        "tensorwise", "torchao float8 scaling recipe.", choices=("tensorwise", "rowwise")
+    )
     float8_experts: bool = opt(
-        False, "Train the routed experts' grouped GEMMs in float8 (torchao, rowwise scales; "
-        "needs CUDA sm90+).")
-    float8_exclude: list[str] = opt(["output", "router"],
-                               "Modules whose name contains one of these stay in high precision.")
+        False,
+        "Train the routed experts' grouped GEMMs in float8 (torchao, rowwise scales; "
+        "needs CUDA sm90+).",
+    )
+    float8_exclude: list[str] = opt(
+        ["output", "router"], "Modules whose name contains one of these stay in high precision."
+    )
 
 
 @dataclass

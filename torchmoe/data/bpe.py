@@ -7,6 +7,7 @@ merges by rank at encode time.
 
 import base64
 import heapq
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -43,7 +44,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> list[bytes]:
     pair_count: dict[Pair, int] = defaultdict(int)
     words_with: dict[Pair, set[int]] = defaultdict(set)  # may hold stale entries; re-checked
     for w, word in enumerate(words):
-        for pair in zip(word, word[1:]):
+        for pair in itertools.pairwise(word):
             pair_count[pair] += freqs[w]
             words_with[pair].add(w)
     # Max-heap of (-count, pair). Counts only grow through fresh pushes; an entry whose count
@@ -54,8 +55,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> list[bytes]:
     while len(vocab) < vocab_size:
         best = _pop_best(heap, pair_count)
         if best is None:
-            raise ValueError(f"the corpus has no pairs left to merge at {len(vocab)} tokens; "
-                             f"give more text or a vocab_size <= {len(vocab)}")
+            raise ValueError(
+                f"the corpus has no pairs left to merge at {len(vocab)} tokens; "
+                f"give more text or a vocab_size <= {len(vocab)}"
+            )
         merged = vocab[best[0]] + vocab[best[1]]
         new_id = id_of.get(merged)
         if new_id is None:  # the same bytes can arise from two different splits
@@ -68,7 +71,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> list[bytes]:
                 continue
             for pair in zip(words[w], words[w][1:]):
                 pair_count[pair] -= freqs[w]
-            for pair in zip(new_word, new_word[1:]):
+            for pair in itertools.pairwise(new_word):
                 pair_count[pair] += freqs[w]
                 words_with[pair].add(w)
                 changed.add(pair)

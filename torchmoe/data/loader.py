@@ -20,8 +20,9 @@ class PackedLoader:
     loader continues with identical batches.
     """
 
-    def __init__(self, documents: DocumentStream, tokenizer: Tokenizer, seq_len: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self, documents: DocumentStream, tokenizer: Tokenizer, seq_len: int, batch_size: int
+    ) -> None:
         self._documents, self._tokenizer = documents, tokenizer
         self._seq_len, self._batch_size = seq_len, batch_size
         self._tokens: list[int] = []
@@ -34,30 +35,39 @@ class PackedLoader:
         n_inputs = self._batch_size * self._seq_len
         while len(self._tokens) - self._start < n_inputs + 1:
             self._append_document()
-        window = torch.tensor(self._tokens[self._start:self._start + n_inputs + 1],
-                              dtype=torch.int64)
+        window = torch.tensor(
+            self._tokens[self._start : self._start + n_inputs + 1], dtype=torch.int64
+        )
         self._start += n_inputs  # the last label is the next batch's first input
         inputs = window[:-1].view(self._batch_size, self._seq_len)
         labels = window[1:].view(self._batch_size, self._seq_len)
         return inputs, labels
 
     def _append_document(self) -> None:
-        del self._tokens[:self._start]
+        del self._tokens[: self._start]
         self._start = 0
         self._tokens += self._tokenizer.encode(next(self._documents))
         self._tokens.append(self._tokenizer.eos_id)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python only, so it pickles into a checkpoint as is."""
-        return {"documents": self._documents.state_dict(), "tokens": self._tokens[self._start:]}
+        return {"documents": self._documents.state_dict(), "tokens": self._tokens[self._start :]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._documents.load_state_dict(state["documents"])
         self._tokens, self._start = list(state["tokens"]), 0
 
 
-def build_dataloader(cfg: Data, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                     dp_rank: int, dp_world: int, seed: int) -> PackedLoader:
+def build_dataloader(
+    cfg: Data,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    dp_rank: int,
+    dp_world: int,
+    seed: int,
+) -> PackedLoader:
     """The training batches of one data-parallel rank, as configured by ``[data]``."""
-    return PackedLoader(open_documents(cfg, dp_rank, dp_world, seed), tokenizer, seq_len,
-                        batch_size)
+    return PackedLoader(
+        open_documents(cfg, dp_rank, dp_world, seed), tokenizer, seq_len, batch_size
+    )

@@ -21,10 +21,21 @@ MIN_CHARS = 200
 FORMAT_VERSION = 1
 _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 # Tests, demos, the IDE and bundled third-party code are not the library's documentation.
-EXCLUDED_DIRS = frozenset({
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "lib2to3",
-    "turtledemo", "ensurepip", "__phello__", "__pycache__",
-})
+EXCLUDED_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "__phello__",
+        "__pycache__",
+    }
+)
 
 
 def resolve_cache_dir(cache_dir: str) -> Path:

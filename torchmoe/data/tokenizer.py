@@ -12,14 +12,16 @@ from torchmoe.config.errors import ConfigError
 # How text is cut into pieces before byte-pair merging; merges never cross a piece boundary.
 # The BPE trainer and tiktoken (at encode time) must both use exactly this pattern, or the
 # learned merges would not reproduce. It is written for the `regex` module / Rust fancy-regex.
-PRETOKENIZE_PATTERN = "|".join((
-    r"'(?:s|t|re|ve|m|ll|d)",  # English contractions: it's, don't, we're, ...
-    r" ?\p{L}+",  # a word, carrying the single space before it
-    r"\p{N}{1,3}",  # digits, at most three per piece, so numbers do not bloat the vocabulary
-    r" ?[^\s\p{L}\p{N}]+",  # a run of punctuation/symbols, carrying the space before it
-    r"\s+(?!\S)",  # whitespace, leaving its last space to the word that follows
-    r"\s+",  # whitespace before a piece that takes no leading space (a digit, a newline run)
-))
+PRETOKENIZE_PATTERN = "|".join(
+    (
+        r"'(?:s|t|re|ve|m|ll|d)",  # English contractions: it's, don't, we're, ...
+        r" ?\p{L}+",  # a word, carrying the single space before it
+        r"\p{N}{1,3}",  # digits, at most three per piece, so numbers do not bloat the vocabulary
+        r" ?[^\s\p{L}\p{N}]+",  # a run of punctuation/symbols, carrying the space before it
+        r"\s+(?!\S)",  # whitespace, leaving its last space to the word that follows
+        r"\s+",  # whitespace before a piece that takes no leading space (a digit, a newline run)
+    )
+)
 
 EOS_TOKEN = "<|endoftext|>"
 BUNDLED_RANKS = Path(__file__).parent / "assets" / "stdlib_bpe_4k.tiktoken"
@@ -78,12 +80,15 @@ def read_ranks(path: Path, spec: str) -> dict[bytes, int]:
             except ValueError as e:
                 raise ConfigError(
                     f"{_KEY} = {spec!r}: line {line_no} is malformed ({e}); each line must be "
-                    "'<base64 token bytes> <rank>' with ranks 0, 1, 2, ... in order") from None
+                    "'<base64 token bytes> <rank>' with ranks 0, 1, 2, ... in order"
+                ) from None
             ranks[token] = len(ranks)
     missing = sum(bytes([b]) not in ranks for b in range(256))
     if missing:
-        raise ConfigError(f"{_KEY} = {spec!r}: {missing} of the 256 single bytes have no rank, so "
-                          f"some text could not be encoded; {_CHOICES}")
+        raise ConfigError(
+            f"{_KEY} = {spec!r}: {missing} of the 256 single bytes have no rank, so "
+            f"some text could not be encoded; {_CHOICES}"
+        )
     return ranks
 
 
@@ -109,8 +114,11 @@ def _parse_line(line: bytes, expected_rank: int, ranks: dict[bytes, int]) -> byt
 def _from_ranks_file(path: Path, spec: str) -> Tokenizer:
     ranks = read_ranks(path, spec)
     encoding = tiktoken.Encoding(
-        name=path.stem, pat_str=PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
-        special_tokens={EOS_TOKEN: len(ranks)})
+        name=path.stem,
+        pat_str=PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={EOS_TOKEN: len(ranks)},
+    )
     return Tokenizer(encoding)
 
 
@@ -120,5 +128,6 @@ def _from_encoding_name(name: str) -> Tokenizer:
     except OSError as e:  # tiktoken downloads the ranks on first use; network errors are OSError
         raise ConfigError(
             f"{_KEY} = {name!r} could not be loaded ({type(e).__name__}); tiktoken downloads it "
-            "once and this machine may be offline: use 'bundled' or a ranks file") from e
+            "once and this machine may be offline: use 'bundled' or a ranks file"
+        ) from e
     return Tokenizer(encoding)

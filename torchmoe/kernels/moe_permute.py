@@ -32,6 +32,7 @@ CHUNK = 128  # copies per program of the index kernels (the all-pairs rank is CH
 
 # ----------------------------------------------------------------------------- indices
 
+
 @triton.jit
 def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, E, CHUNK: tl.constexpr):
     """rank[c] = earlier copies of the chunk with c's expert; hist[chunk, e] = copies of e."""
@@ -50,8 +51,7 @@ def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, E, CHUNK: tl.constexpr
 
 
 @triton.jit
-def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E,
-                  CHUNK: tl.constexpr):
+def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E, CHUNK: tl.constexpr):
     """dest[c] = first row of (c's chunk, c's expert) + rank[c]; src[dest[c]] = c; dest -1
     for a dropped copy."""
     chunk = tl.program_id(0)
@@ -68,8 +68,9 @@ def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E,
 # An opaque custom op rather than a triton_op: inductor (torch 2.11) fails to generate code
 # for the small torch glue between the two kernels when it can see inside.
 @custom_op("torchmoe::permute_indices", mutates_args=())
-def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1,
-                    group_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute_indices(
+    topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_rows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dest_TK, src_M, padded counts_E); see ``moe_permute_ref.permute_indices``."""
     T, K = topk_idx_TK.shape
     E, P, N = num_experts, pad_multiple, T * K
@@ -88,27 +89,44 @@ def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: i
     # that expert in earlier chunks (an exclusive scan over chunks).
     start_CE = torch.cumsum(hist_CE, 0) - hist_CE + (torch.cumsum(padded_E, 0) - padded_E)
     if N > 0:
-        wrap_triton(_place_kernel)[(C,)](expert_N, rank_N, start_CE, dest_N, src_M, N, E,
-                                         CHUNK=CHUNK)
+        wrap_triton(_place_kernel)[(C,)](
+            expert_N, rank_N, start_CE, dest_N, src_M, N, E, CHUNK=CHUNK
+        )
     return dest_N.view(T, K), src_M, padded_E
 
 
 @permute_indices.register_fake
-def _(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_rows: int = 0
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(
+    topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_rows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, K = topk_idx_TK.shape
     rows = num_rows(T * K, num_experts, pad_multiple, group_rows)
     new = topk_idx_TK.new_empty
-    return new((T, K), dtype=torch.int64), new((rows,), dtype=torch.int64), \
-        new((num_experts,), dtype=torch.int64)
+    return (
+        new((T, K), dtype=torch.int64),
+        new((rows,), dtype=torch.int64),
+        new((num_experts,), dtype=torch.int64),
+    )
 
 
 # ----------------------------------------------------------------------------- data movement
 
+
 @triton.jit
-def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
-                         HAS_W: tl.constexpr, WITH_DW: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scatter_rows_kernel(
+    x_ptr,
+    dest_ptr,
+    w_ptr,
+    y_ptr,
+    out_ptr,
+    dw_ptr,
+    K,
+    D,
+    HAS_W: tl.constexpr,
+    WITH_DW: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[dest[t, k]] = x[t] (times w[t, k] if HAS_W); with WITH_DW also
     dw[t, k] = dot(y[dest[t, k]], x[t]). One program per token t, looping over D."""
     t = tl.program_id(0).to(tl.int64)
@@ -128,8 +146,9 @@ def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
         if HAS_W:
             tl.store(out_ptr + row_ptrs, w[:, None] * x.to(tl.float32)[None, :], mask=tile_ok)
         else:
-            tl.store(out_ptr + row_ptrs, tl.broadcast_to(x[None, :], (BLOCK_K, BLOCK_D)),
-                     mask=tile_ok)
+            tl.store(
+                out_ptr + row_ptrs, tl.broadcast_to(x[None, :], (BLOCK_K, BLOCK_D)), mask=tile_ok
+            )
         if WITH_DW:
             y = tl.load(y_ptr + row_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
             dw += tl.sum(y * x.to(tl.float32)[None, :], axis=1)
@@ -138,8 +157,17 @@ def _scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, dw_ptr, K, D,
 
 
 @triton.jit
-def _gather_sum_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, K, D, HAS_W: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_sum_kernel(
+    y_ptr,
+    dest_ptr,
+    w_ptr,
+    out_ptr,
+    K,
+    D,
+    HAS_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """out[t] = sum_k y[dest[t, k]] (times w[t, k] if HAS_W), in float32. One program per t."""
     t = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
@@ -151,16 +179,16 @@ def _gather_sum_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, K, D, HAS_W: tl.constexp
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
-        y = tl.load(y_ptr + rows[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+        y = tl.load(
+            y_ptr + rows[:, None] * D + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(tl.float32)
         if HAS_W:
             y = y * w[:, None]
         tl.store(out_ptr + t * D + ds, tl.sum(y, axis=0), mask=d_ok)
 
 
 @triton.jit
-def _zero_empty_rows_kernel(out_ptr, src_ptr, M, D, BLOCK_R: tl.constexpr,
-                            BLOCK_D: tl.constexpr):
+def _zero_empty_rows_kernel(out_ptr, src_ptr, M, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[r] = 0 for every row r that holds no copy (src[r] < 0)."""
     rs = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     src = tl.load(src_ptr + rs, mask=rs < M, other=0)
@@ -169,8 +197,9 @@ def _zero_empty_rows_kernel(out_ptr, src_ptr, M, D, BLOCK_R: tl.constexpr,
     d_end = D * tl.max(empty.to(tl.int32), axis=0)  # most blocks have nothing to zero
     for d0 in range(0, d_end, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + rs[:, None] * D + ds[None, :], zeros,
-                 mask=empty[:, None] & (ds < D)[None, :])
+        tl.store(
+            out_ptr + rs[:, None] * D + ds[None, :], zeros, mask=empty[:, None] & (ds < D)[None, :]
+        )
 
 
 def _blocks(K: int, D: int) -> tuple[int, int]:
@@ -179,9 +208,13 @@ def _blocks(K: int, D: int) -> tuple[int, int]:
     return block_k, min(triton.next_power_of_2(D), max(128, 4096 // block_k))
 
 
-def _scatter_rows(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor,
-                  w_TK: torch.Tensor | None = None, y_MD: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _scatter_rows(
+    x_TD: torch.Tensor,
+    dest_TK: torch.Tensor,
+    src_M: torch.Tensor,
+    w_TK: torch.Tensor | None = None,
+    y_MD: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[M, D] rows: (w *) x at each copy's row, zero elsewhere; plus dot(y row, x) per copy when
     ``y_MD`` is given (the weight gradient, in w's dtype)."""
     (T, K), D, M = dest_TK.shape, x_TD.shape[1], src_M.shape[0]
@@ -190,29 +223,50 @@ def _scatter_rows(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor
     block_k, block_d = _blocks(K, D)
     if T > 0:
         wrap_triton(_scatter_rows_kernel)[(T,)](
-            x_TD, dest_TK, w_TK if w_TK is not None else x_TD, y_MD if y_MD is not None else x_TD,
-            out_MD, dw_TK if dw_TK is not None else x_TD, K, D, HAS_W=w_TK is not None,
-            WITH_DW=y_MD is not None, BLOCK_K=block_k, BLOCK_D=block_d)
+            x_TD,
+            dest_TK,
+            w_TK if w_TK is not None else x_TD,
+            y_MD if y_MD is not None else x_TD,
+            out_MD,
+            dw_TK if dw_TK is not None else x_TD,
+            K,
+            D,
+            HAS_W=w_TK is not None,
+            WITH_DW=y_MD is not None,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+        )
     if M > 0:  # padding, unused rows or rows left by dropped copies may exist
         block_r = 16
         wrap_triton(_zero_empty_rows_kernel)[(triton.cdiv(M, block_r),)](
-            out_MD, src_M, M, D, BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(D), 256))
+            out_MD, src_M, M, D, BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(D), 256)
+        )
     return out_MD, dw_TK
 
 
-def _gather_sum(y_MD: torch.Tensor, dest_TK: torch.Tensor, w_TK: torch.Tensor | None
-                ) -> torch.Tensor:
+def _gather_sum(
+    y_MD: torch.Tensor, dest_TK: torch.Tensor, w_TK: torch.Tensor | None
+) -> torch.Tensor:
     (T, K), D = dest_TK.shape, y_MD.shape[1]
     out_TD = y_MD.new_empty(T, D)
     block_k, block_d = _blocks(K, D)
     if T > 0:
         wrap_triton(_gather_sum_kernel)[(T,)](
-            y_MD, dest_TK, w_TK if w_TK is not None else y_MD, out_TD, K, D,
-            HAS_W=w_TK is not None, BLOCK_K=block_k, BLOCK_D=block_d)
+            y_MD,
+            dest_TK,
+            w_TK if w_TK is not None else y_MD,
+            out_TD,
+            K,
+            D,
+            HAS_W=w_TK is not None,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+        )
     return out_TD
 
 
 # ----------------------------------------------------------------------------- custom ops
+
 
 @triton_op("torchmoe::permute", mutates_args=())
 def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor) -> torch.Tensor:
@@ -221,20 +275,29 @@ def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor) -> t
 
 
 @triton_op("torchmoe::unpermute", mutates_args=())
-def unpermute(y_MD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor,
-              weight_TK: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute(
+    y_MD: torch.Tensor,
+    dest_TK: torch.Tensor,
+    src_M: torch.Tensor,
+    weight_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Combine [T, D]; see ``moe_permute_ref.unpermute``. ``src_M`` serves the backward."""
     w_TK = weight_TK.contiguous() if weight_TK is not None else None
     return _gather_sum(y_MD.contiguous(), dest_TK.contiguous(), w_TK)
 
 
 @triton_op("torchmoe::unpermute_backward", mutates_args=())
-def unpermute_backward(grad_TD: torch.Tensor, y_MD: torch.Tensor, dest_TK: torch.Tensor,
-                       src_M: torch.Tensor, weight_TK: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def unpermute_backward(
+    grad_TD: torch.Tensor,
+    y_MD: torch.Tensor,
+    dest_TK: torch.Tensor,
+    src_M: torch.Tensor,
+    weight_TK: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_y [M, D], grad_weight [T, K]) of the weighted ``unpermute``, in one pass."""
-    grad_y, grad_w = _scatter_rows(grad_TD.contiguous(), dest_TK.contiguous(), src_M,
-                                   weight_TK.contiguous(), y_MD.contiguous())
+    grad_y, grad_w = _scatter_rows(
+        grad_TD.contiguous(), dest_TK.contiguous(), src_M, weight_TK.contiguous(), y_MD.contiguous()
+    )
     return grad_y, grad_w
 
 

@@ -34,8 +34,9 @@ def num_rows(num_copies: int, num_experts: int, pad_multiple: int, group_rows: i
     return -(-rows // pad_multiple) * pad_multiple
 
 
-def permute_indices(topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1,
-                    group_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute_indices(
+    topk_idx_TK: torch.Tensor, num_experts: int, pad_multiple: int = 1, group_rows: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each copy goes. Returns ``dest_TK`` (row of copy (t, k); -1 for a dropped copy,
     whose expert id is -1), ``src_M`` (copy held by each row, -1 for padding/unused rows) and
     ``counts_E`` (padded rows per expert, int64: the groups the experts see). Groups are padded
@@ -73,8 +74,12 @@ def permute(x_TD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor) -> t
     return rows[:M]
 
 
-def unpermute(y_MD: torch.Tensor, dest_TK: torch.Tensor, src_M: torch.Tensor,
-              weight_TK: torch.Tensor | None = None) -> torch.Tensor:
+def unpermute(
+    y_MD: torch.Tensor,
+    dest_TK: torch.Tensor,
+    src_M: torch.Tensor,
+    weight_TK: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Combine: out[t] = sum_k weight[t, k] * y[dest[t, k]] (weights 1 when None) over the
     copies that were not dropped, summed in float32 (or y's wider dtype), returned in y's
     dtype. Reads only rows that hold copies. ``src_M`` is unused here; it keeps the signature

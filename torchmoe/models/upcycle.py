@@ -42,35 +42,69 @@ def check_upcycling(cfg: JobConfig, granularity: int, dense_hidden: int) -> None
         raise ConfigError("moe.num_experts = 0: the upcycling target must be an MoE config")
     if dense_hidden % g:
         raise ConfigError(f"granularity = {g} must divide the dense hidden size {dense_hidden}")
-    renormalised = e.router_norm_topk_prob or (e.router_score_function == "softmax"
-                                               and not e.router_pre_softmax)
+    renormalised = e.router_norm_topk_prob or (
+        e.router_score_function == "softmax" and not e.router_pre_softmax
+    )
     per_group = e.num_experts // e.router_num_groups if e.router_num_groups else 0
     rules = [
-        (e.num_experts % g == 0, "moe.num_experts", e.num_experts,
-         f"a multiple of granularity = {g}"),
-        (e.ffn_hidden_size * g == dense_hidden, "moe.ffn_hidden_size", e.ffn_hidden_size,
-         f"the dense hidden size {dense_hidden} / granularity {g} = {dense_hidden // g}"),
-        (e.router_topk % g == 0, "moe.router_topk", e.router_topk,
-         f"a multiple of granularity = {g} (a token takes every slice of a replica)"),
-        (renormalised, "moe.router_norm_topk_prob", "false",
-         "true (or moe.router_pre_softmax = false with softmax scores)"),
-        (e.router_topk_scaling_factor == g, "moe.router_topk_scaling_factor",
-         e.router_topk_scaling_factor, f"granularity = {g}"),
-        (e.shared_expert_intermediate_size == 0, "moe.shared_expert_intermediate_size",
-         e.shared_expert_intermediate_size, "0 (shared experts would add to the dense output)"),
-        (per_group % g == 0, "moe.router_num_groups", e.router_num_groups,
-         f"0 or leave groups of whole replicas ({per_group} experts per group is not a "
-         f"multiple of granularity = {g})"),
-        (e.capacity_factor == 0, "moe.capacity_factor", e.capacity_factor,
-         "0 (dropped copies would skip part of the MLP)"),
+        (
+            e.num_experts % g == 0,
+            "moe.num_experts",
+            e.num_experts,
+            f"a multiple of granularity = {g}",
+        ),
+        (
+            e.ffn_hidden_size * g == dense_hidden,
+            "moe.ffn_hidden_size",
+            e.ffn_hidden_size,
+            f"the dense hidden size {dense_hidden} / granularity {g} = {dense_hidden // g}",
+        ),
+        (
+            e.router_topk % g == 0,
+            "moe.router_topk",
+            e.router_topk,
+            f"a multiple of granularity = {g} (a token takes every slice of a replica)",
+        ),
+        (
+            renormalised,
+            "moe.router_norm_topk_prob",
+            "false",
+            "true (or moe.router_pre_softmax = false with softmax scores)",
+        ),
+        (
+            e.router_topk_scaling_factor == g,
+            "moe.router_topk_scaling_factor",
+            e.router_topk_scaling_factor,
+            f"granularity = {g}",
+        ),
+        (
+            e.shared_expert_intermediate_size == 0,
+            "moe.shared_expert_intermediate_size",
+            e.shared_expert_intermediate_size,
+            "0 (shared experts would add to the dense output)",
+        ),
+        (
+            per_group % g == 0,
+            "moe.router_num_groups",
+            e.router_num_groups,
+            f"0 or leave groups of whole replicas ({per_group} experts per group is not a "
+            f"multiple of granularity = {g})",
+        ),
+        (
+            e.capacity_factor == 0,
+            "moe.capacity_factor",
+            e.capacity_factor,
+            "0 (dropped copies would skip part of the MLP)",
+        ),
     ]
     for ok, key, value, want in rules:
         if not ok:
             raise ConfigError(f"{key} = {value} must be {want} to upcycle a dense model")
 
 
-def upcycle_state_dict(dense: dict[str, torch.Tensor], cfg: JobConfig, granularity: int = 1
-                       ) -> dict[str, torch.Tensor]:
+def upcycle_state_dict(
+    dense: dict[str, torch.Tensor], cfg: JobConfig, granularity: int = 1
+) -> dict[str, torch.Tensor]:
     """The state dict of the model ``cfg`` describes, from the dense model's ``dense`` (both
     with torchmoe parameter names). Router rows are drawn with std ``model.init_std`` from seed
     ``training.seed``; expert biases start at zero. Tensors outside MoE layers are shared with
@@ -80,12 +114,16 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], cfg: JobConfig, granulari
         target = get_model_spec(cfg.model.name).build(cfg)
     prefixes = tuple(f"{name}." for name, m in target.named_modules() if isinstance(m, MoE))
     if any(".router." in name for name in dense):
-        raise ConfigError("the dense checkpoint already has routers; upcycle a model trained "
-                          "with moe.num_experts = 0")
+        raise ConfigError(
+            "the dense checkpoint already has routers; upcycle a model trained "
+            "with moe.num_experts = 0"
+        )
     for prefix in prefixes:
         if f"{prefix}w1.weight" not in dense:
-            raise ConfigError(f"the dense checkpoint has no MLP {prefix}w1.weight where the MoE "
-                              "model has an MoE layer; use the dense model's [model] keys")
+            raise ConfigError(
+                f"the dense checkpoint has no MLP {prefix}w1.weight where the MoE "
+                "model has an MoE layer; use the dense model's [model] keys"
+            )
     dense_hidden = dense[f"{prefixes[0]}w1.weight"].shape[0] if prefixes else 0
     check_upcycling(cfg, granularity, dense_hidden)
 
@@ -97,8 +135,9 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], cfg: JobConfig, granulari
     return out
 
 
-def _upcycle_mlp(dense: dict[str, torch.Tensor], prefix: str, cfg: JobConfig, g: int,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+def _upcycle_mlp(
+    dense: dict[str, torch.Tensor], prefix: str, cfg: JobConfig, g: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
     """One dense MLP -> the state of one MoE layer, laid out as the module docstring says."""
     w1_FD, w3_FD, w2_DF = (dense[f"{prefix}{w}.weight"] for w in ("w1", "w3", "w2"))
     F, D = w1_FD.shape
@@ -119,13 +158,19 @@ def _check_fits(state: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
     """Other [model] keys or another family than the dense model's show up here."""
     missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
     if missing:
-        raise ConfigError(f"the MoE model needs {missing[0]}, which the dense checkpoint lacks; "
-                          "use the dense model's family and [model] keys")
+        raise ConfigError(
+            f"the MoE model needs {missing[0]}, which the dense checkpoint lacks; "
+            "use the dense model's family and [model] keys"
+        )
     if extra:
-        raise ConfigError(f"the dense checkpoint's {extra[0]} has no place in the MoE model; "
-                          "use the dense model's family and [model] keys")
+        raise ConfigError(
+            f"the dense checkpoint's {extra[0]} has no place in the MoE model; "
+            "use the dense model's family and [model] keys"
+        )
     wrong = [name for name, t in want.items() if state[name].shape != t.shape]
     if wrong:
-        raise ConfigError(f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)} in the dense "
-                          f"checkpoint but {tuple(want[wrong[0]].shape)} in the MoE model; use "
-                          "the dense model's [model] keys")
+        raise ConfigError(
+            f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)} in the dense "
+            f"checkpoint but {tuple(want[wrong[0]].shape)} in the MoE model; use "
+            "the dense model's [model] keys"
+        )

@@ -31,8 +31,12 @@ import importlib
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.utils.checkpoint import (CheckpointPolicy, SelectiveCheckpointContext, checkpoint,
-                                    create_selective_checkpoint_contexts)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    SelectiveCheckpointContext,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint
@@ -57,28 +61,33 @@ _UP_PROJ_NORMS = ("q_norm", "kv_norm")
 
 
 def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
-    """Checkpoint the blocks (``model.layers``, then MTP depths) that ``every_n_layers``
-    chooses, as ``cfg.mode`` says (see the module docstring). Full and op-level modes wrap whole blocks in
-    ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward``
-    in place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP.
-    Blocks are counted by their index in the whole model, so a pipeline stage checkpoints the
-    blocks it would in one piece. Module names are checked against the whole model by
-    ``check_recompute_modules`` (a stage may lack some). Uses no mesh dimension."""
+    """Checkpoint the blocks (``model.layers``, then MTP depths) that ``every_n_layers`` chooses, as
+    ``cfg.mode`` says (see the module docstring). Full and op-level modes wrap whole blocks in
+    ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward`` in
+    place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP. Blocks are
+    counted by their index in the whole model, so a pipeline stage checkpoints the blocks it would
+    in one piece. Module names are checked against the whole model by ``check_recompute_modules`` (a
+    stage may lack some). Uses no mesh dimension."""
     if cfg.mode == "none":
         return
-    chosen = [(parent, name) for i, (parent, name) in enumerate(block_slots(model))
-              if (int(name) if name.isdigit() else i) % cfg.every_n_layers == 0]
+    chosen = [
+        (parent, name)
+        for i, (parent, name) in enumerate(block_slots(model))
+        if (int(name) if name.isdigit() else i) % cfg.every_n_layers == 0
+    ]
     if cfg.mode == "selective" and cfg.recompute_modules:
         for parent, name in chosen:
             for module in _modules_to_recompute(getattr(parent, name), cfg.recompute_modules):
-                module.forward = functools.partial(checkpoint, module.forward,
-                                                   use_reentrant=False, preserve_rng_state=False)
+                module.forward = functools.partial(
+                    checkpoint, module.forward, use_reentrant=False, preserve_rng_state=False
+                )
         return
     # full: no context_fn at all (torch.compile rejects torch's default one passed explicitly)
     op_level = {"context_fn": _op_level_contexts} if cfg.mode == "selective" else {}
     for parent, name in chosen:
-        parent.register_module(name, checkpoint_wrapper(getattr(parent, name),
-                                                        preserve_rng_state=False, **op_level))
+        parent.register_module(
+            name, checkpoint_wrapper(getattr(parent, name), preserve_rng_state=False, **op_level)
+        )
 
 
 def check_recompute_modules(model: nn.Module, cfg: ActivationCheckpoint) -> None:
@@ -90,7 +99,8 @@ def check_recompute_modules(model: nn.Module, cfg: ActivationCheckpoint) -> None
         if not any(issubclass(k, RECOMPUTE_MODULES[name]) for k in kinds):
             raise ConfigError(
                 f"activation_checkpoint.recompute_modules = {names}: this model has no "
-                f"{name!r} module ({RECOMPUTE_MODULES[name].__name__}); remove {name!r}")
+                f"{name!r} module ({RECOMPUTE_MODULES[name].__name__}); remove {name!r}"
+            )
 
 
 def _modules_to_recompute(block: nn.Module, names: list[str]) -> list[nn.Module]:
@@ -104,22 +114,30 @@ def _modules_to_recompute(block: nn.Module, names: list[str]) -> list[nn.Module]
         if isinstance(module, MLAUpProjection):
             parent = fqn.rpartition(".")[0]
             covered.update(f"{parent}.{n}" if parent else n for n in _UP_PROJ_NORMS)
-    return [m for fqn, m in selected.items() if fqn not in covered
-            and not any(fqn.startswith(f"{other}.") for other in selected)]
+    return [
+        m
+        for fqn, m in selected.items()
+        if fqn not in covered and not any(fqn.startswith(f"{other}.") for other in selected)
+    ]
 
 
 # Ops whose outputs the op-level policy saves: costly to recompute, cheap to keep. max is the
 # full reduction (float8 scales); the collectives are those of DTensor redistributes and the
 # dispatchers' functional collectives (their autograd wrappers call these).
 _SAVE_OPS = (
-    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten._grouped_mm.default",
-    "aten._scaled_mm.default", "aten._scaled_grouped_mm.default",
+    "aten.mm.default",
+    "aten.addmm.default",
+    "aten.bmm.default",
+    "aten._grouped_mm.default",
+    "aten._scaled_mm.default",
+    "aten._scaled_grouped_mm.default",
     "aten._scaled_dot_product_flash_attention.default",
     "aten._scaled_dot_product_flash_attention_for_cpu.default",
     "aten._scaled_dot_product_efficient_attention.default",
     "aten._scaled_dot_product_cudnn_attention.default",
     "aten._scaled_dot_product_fused_attention_overrideable.default",
-    "aten.topk.default", "aten.max.default",
+    "aten.topk.default",
+    "aten.max.default",
     "_c10d_functional.all_to_all_single.default",
     "_c10d_functional.all_gather_into_tensor.default",
     "_c10d_functional.reduce_scatter_tensor.default",

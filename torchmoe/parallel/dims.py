@@ -78,7 +78,8 @@ class ParallelDims:
             if world_size % others:
                 raise ConfigError(
                     f"parallelism: dp_replicate x cp x tp x pp = {others} does not divide the "
-                    f"{world_size} ranks; change the degrees or NGPU")
+                    f"{world_size} ranks; change the degrees or NGPU"
+                )
             dp_shard = world_size // others
         elif others * dp_shard != world_size and others * dp_shard * p.ep == world_size:
             dp_shard *= p.ep
@@ -86,7 +87,8 @@ class ParallelDims:
             raise ConfigError(
                 f"parallelism: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} "
                 f"x tp {p.tp} x pp {p.pp} = {others * dp_shard} but there are {world_size} "
-                "ranks; make the product equal NGPU x NNODES (dp_shard = -1 takes the rest)")
+                "ranks; make the product equal NGPU x NNODES (dp_shard = -1 takes the rest)"
+            )
         dims = cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, p.ep, p.etp, world_size)
         dims._check_expert_folding()
         return dims
@@ -97,7 +99,8 @@ class ParallelDims:
             raise ConfigError(
                 f"parallelism.ep = {self.ep} x parallelism.etp = {self.etp} must divide "
                 f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from; "
-                "on fewer GPUs lower parallelism.ep")
+                "on fewer GPUs lower parallelism.ep"
+            )
 
     @property
     def dp(self) -> int:
@@ -116,23 +119,36 @@ class ParallelDims:
 
         shape_rules = [  # (key, value, degree key, degree, why)
             ("moe.num_experts", cfg.moe.num_experts, "ep", self.ep, ""),
-            *((f"model.{key}", getattr(cfg.model, key), "tp", self.tp, "")
-              for key in get_model_spec(cfg.model.name).heads_keys),
-            ("training.seq_len", cfg.training.seq_len, "tp", self.tp,
-             " (sequence parallel splits it)"),
+            *(
+                (f"model.{key}", getattr(cfg.model, key), "tp", self.tp, "")
+                for key in get_model_spec(cfg.model.name).heads_keys
+            ),
+            (
+                "training.seq_len",
+                cfg.training.seq_len,
+                "tp",
+                self.tp,
+                " (sequence parallel splits it)",
+            ),
             ("moe.ffn_hidden_size", cfg.moe.ffn_hidden_size, "etp", self.etp, ""),
         ]
         for key, value, degree_key, degree, why in shape_rules:
             if value % degree:
-                raise ConfigError(f"{key} = {value} is not divisible by parallelism.{degree_key}"
-                                  f" = {degree}{why}; pick degrees that divide it")
+                raise ConfigError(
+                    f"{key} = {value} is not divisible by parallelism.{degree_key}"
+                    f" = {degree}{why}; pick degrees that divide it"
+                )
         if cfg.model.n_layers < self.pp:
-            raise ConfigError(f"model.n_layers = {cfg.model.n_layers} is fewer than the "
-                              f"parallelism.pp = {self.pp} pipeline stages")
+            raise ConfigError(
+                f"model.n_layers = {cfg.model.n_layers} is fewer than the "
+                f"parallelism.pp = {self.pp} pipeline stages"
+            )
         for key, available in _AVAILABLE.items():
             if getattr(self, key) > available:
-                raise ConfigError(f"parallelism.{key} = {getattr(self, key)} is not available "
-                                  f"yet; use {available}")
+                raise ConfigError(
+                    f"parallelism.{key} = {getattr(self, key)} is not available "
+                    f"yet; use {available}"
+                )
 
     def build_meshes(self, device_type: str) -> None:
         if self.world_size > 1:
@@ -143,8 +159,16 @@ class ParallelDims:
         return self.meshes.dp.get_local_rank() if self.meshes else 0
 
     def shape(self, names: tuple[str, ...]) -> tuple[int, ...]:
-        sizes = {"pp": self.pp, "dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard,
-                 "cp": self.cp, "tp": self.tp, "edp": self.edp, "ep": self.ep, "etp": self.etp}
+        sizes = {
+            "pp": self.pp,
+            "dp_replicate": self.dp_replicate,
+            "dp_shard": self.dp_shard,
+            "cp": self.cp,
+            "tp": self.tp,
+            "edp": self.edp,
+            "ep": self.ep,
+            "etp": self.etp,
+        }
         return tuple(sizes[n] for n in names)
 
 
@@ -153,6 +177,10 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
     assert math.prod(dims.shape(DENSE_DIMS)) == dims.world_size == dist.get_world_size()
     dense = init_device_mesh(device_type, dims.shape(DENSE_DIMS), mesh_dim_names=DENSE_DIMS)
     expert = init_device_mesh(device_type, dims.shape(EXPERT_DIMS), mesh_dim_names=EXPERT_DIMS)
-    return Meshes(dense, expert, dense["dp_replicate", "dp_shard"]._flatten("dp"),
-                  dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"),
-                  dense["pp", "dp_replicate", "dp_shard"]._flatten("dp_pp"))
+    return Meshes(
+        dense,
+        expert,
+        dense["dp_replicate", "dp_shard"]._flatten("dp"),
+        dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"),
+        dense["pp", "dp_replicate", "dp_shard"]._flatten("dp_pp"),
+    )

@@ -21,8 +21,13 @@ from torchmoe.models.moe.moe import MoE
 from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
-from torchmoe.parallel.pipeline import (describe_layout, microbatches, split_stage, stage_ids,
-                                        stage_layout)
+from torchmoe.parallel.pipeline import (
+    describe_layout,
+    microbatches,
+    split_stage,
+    stage_ids,
+    stage_layout,
+)
 from torchmoe.parallel.plans import load_plan
 
 GiB = 2**30
@@ -39,13 +44,20 @@ def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
     m, a = cfg.model, block.attention
     # norm input (fp32), projection input, q, k, v (repeated per head), rotary parts in fp32,
     # attention output and the output projection's input
-    attention = (FP32 * m.dim + BF16 * m.dim + BF16 * a.n_heads * (3 * a.qk_head_dim
-                 + 2 * a.v_head_dim) + FP32 * a.n_heads * a.qk_head_dim)
+    attention = (
+        FP32 * m.dim
+        + BF16 * m.dim
+        + BF16 * a.n_heads * (3 * a.qk_head_dim + 2 * a.v_head_dim)
+        + FP32 * a.n_heads * a.qk_head_dim
+    )
     ffn = block.feed_forward
     if isinstance(ffn, MoE):
         e, k = cfg.moe, cfg.moe.router_topk
-        mlp = (FP32 * (2 * m.dim + 3 * e.num_experts) + BF16 * k * (3 * m.dim + 4 * e.ffn_hidden_size)
-               + BF16 * (m.dim + 3 * e.shared_expert_intermediate_size))
+        mlp = (
+            FP32 * (2 * m.dim + 3 * e.num_experts)
+            + BF16 * k * (3 * m.dim + 4 * e.ffn_hidden_size)
+            + BF16 * (m.dim + 3 * e.shared_expert_intermediate_size)
+        )
     else:
         mlp = FP32 * m.dim + BF16 * (m.dim + 3 * m.inter_dim)
     return attention + mlp
@@ -65,15 +77,18 @@ def in_flight(schedule: str, pp: int, pp_rank: int, stages_per_rank: int, m: int
     return min(m * stages_per_rank, (stages_per_rank - 1) * pp + 2 * (pp - 1 - pp_rank) + 1)
 
 
-def stage_activations(part: nn.Module, dims: ParallelDims, cfg: JobConfig, tokens: float
-                      ) -> tuple[float, float]:
+def stage_activations(
+    part: nn.Module, dims: ParallelDims, cfg: JobConfig, tokens: float
+) -> tuple[float, float]:
     """Bytes one micro-batch of ``tokens`` (per rank) leaves in ``part`` until its backward,
     and the bytes one recomputed block adds while it runs backward."""
     per_layer = [activation_bytes_per_token(cfg, b) * tokens for b in part.layers.values()]
     ac = cfg.activation_checkpoint
     if ac.mode == "full":  # checkpointed blocks keep their input; the others everything
-        stored = sum(FP32 * cfg.model.dim * tokens if int(key) % ac.every_n_layers == 0 else size
-                     for key, size in zip(part.layers.keys(), per_layer))
+        stored = sum(
+            FP32 * cfg.model.dim * tokens if int(key) % ac.every_n_layers == 0 else size
+            for key, size in zip(part.layers.keys(), per_layer)
+        )
         recompute = max(per_layer, default=0)
     else:  # selective frees little of what this per-token count holds: an upper bound
         stored, recompute = sum(per_layer), 0.0
@@ -83,19 +98,23 @@ def stage_activations(part: nn.Module, dims: ParallelDims, cfg: JobConfig, token
     return stored, recompute
 
 
-def estimate(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank: int
-             ) -> dict[str, float]:
+def estimate(
+    parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank: int
+) -> dict[str, float]:
     """Bytes a rank holding the planned pipeline stages ``parts`` holds, by kind (one part,
     the whole model, without pipeline parallelism)."""
     numel = sum(_local_numel(p) for part in parts for p in part.parameters())
 
     def unsharded_by_fsdp(block: nn.Module) -> int:
         """A block's weights as FSDP gathers them: experts stay split over ep x etp."""
-        return sum(p.numel() // (dims.ep * dims.etp if ".experts." in f".{name}" else dims.tp)
-                   for name, p in block.named_parameters())
+        return sum(
+            p.numel() // (dims.ep * dims.etp if ".experts." in f".{name}" else dims.tp)
+            for name, p in block.named_parameters()
+        )
 
-    gathered = max((unsharded_by_fsdp(b) for part in parts for b in part.layers.values()),
-                   default=0)
+    gathered = max(
+        (unsharded_by_fsdp(b) for part in parts for b in part.layers.values()), default=0
+    )
     m = microbatches(cfg) if dims.pp > 1 else 1
     tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / dims.tp  # seq. parallel
     stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
@@ -104,9 +123,13 @@ def estimate(parts: list[nn.Module], dims: ParallelDims, cfg: JobConfig, pp_rank
     if dims.dp > 1 and dims.pp > 1:  # torch keeps a stage's weights gathered and its
         # gradients unsharded (fp32 reduce dtype) until the step's last micro-batch
         fsdp = sum(unsharded_by_fsdp(part) for part in parts) * (BF16 + FP32)
-    return {"params": numel * FP32, "grads": numel * FP32, "AdamW": numel * 2 * FP32,
-            "FSDP-buf": fsdp,
-            "activations": flight * sum(stored) / len(stored) + max(recompute)}
+    return {
+        "params": numel * FP32,
+        "grads": numel * FP32,
+        "AdamW": numel * 2 * FP32,
+        "FSDP-buf": fsdp,
+        "activations": flight * sum(stored) / len(stored) + max(recompute),
+    }
 
 
 def dry_run(cfg: JobConfig) -> None:
@@ -131,27 +154,34 @@ def dry_run(cfg: JobConfig) -> None:
             rows["rank 0"] = estimate([plan(model, dims, cfg)], dims, cfg, 0)
         else:
             layout = stage_layout(model, cfg)
-            pipeline = (f"pipeline {cfg.parallelism.pp_schedule}, {microbatches(cfg)} "
-                        f"micro-batches: {describe_layout(model, cfg, layout)}")
+            pipeline = (
+                f"pipeline {cfg.parallelism.pp_schedule}, {microbatches(cfg)} "
+                f"micro-batches: {describe_layout(model, cfg, layout)}"
+            )
             parts = [plan(split_stage(model, layout, s), dims, cfg) for s in range(len(layout))]
             for r in range(dims.pp):
                 ids = stage_ids(r, dims.pp, len(layout), cfg.parallelism.pp_schedule)
-                name = f"pp rank {r} (stage{'s' if len(ids) > 1 else ''} " \
-                       f"{', '.join(map(str, ids))})"
+                name = (
+                    f"pp rank {r} (stage{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))})"
+                )
                 rows[name] = estimate([parts[s] for s in ids], dims, cfg, r)
     finally:
         dist.destroy_process_group()
     d = dims
-    print(f"dry run: {cfg.model.name}/{cfg.model.flavor}, {total_params / 1e9:.1f}B parameters, "
-          f"{world} ranks: dp_replicate {d.dp_replicate} dp_shard {d.dp_shard} tp {d.tp} "
-          f"pp {d.pp} ep {d.ep} etp {d.etp} (experts sharded over edp {d.edp}); "
-          f"local batch {cfg.training.local_batch_size} x seq {cfg.training.seq_len}, "
-          f"activation checkpointing {cfg.activation_checkpoint.mode}")
+    print(
+        f"dry run: {cfg.model.name}/{cfg.model.flavor}, {total_params / 1e9:.1f}B parameters, "
+        f"{world} ranks: dp_replicate {d.dp_replicate} dp_shard {d.dp_shard} tp {d.tp} "
+        f"pp {d.pp} ep {d.ep} etp {d.etp} (experts sharded over edp {d.edp}); "
+        f"local batch {cfg.training.local_batch_size} x seq {cfg.training.seq_len}, "
+        f"activation checkpointing {cfg.activation_checkpoint.mode}"
+    )
     if pipeline:
         print(pipeline)
-    print("columns: fp32 parameters, fp32 gradients, AdamW's two fp32 moments, FSDP's gathered "
-          "bf16 weights of two blocks (under pp: of all the rank's stages, and their unsharded "
-          "fp32 gradients), activations (estimate), total")
+    print(
+        "columns: fp32 parameters, fp32 gradients, AdamW's two fp32 moments, FSDP's gathered "
+        "bf16 weights of two blocks (under pp: of all the rank's stages, and their unsharded "
+        "fp32 gradients), activations (estimate), total"
+    )
     width = max(len(name) for name in rows) + 2
     kinds = list(next(iter(rows.values())))
     print(f"{'GiB per rank':<{width}}" + "".join(f"{k:>12}" for k in kinds + ["total"]))

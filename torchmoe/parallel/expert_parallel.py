@@ -26,9 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import (all_gather_tensor_autograd,
-                                                       all_to_all_single_autograd,
-                                                       reduce_scatter_tensor_autograd)
+from torch.distributed._functional_collectives import (
+    all_gather_tensor_autograd,
+    all_to_all_single_autograd,
+    reduce_scatter_tensor_autograd,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -46,37 +48,46 @@ class AllToAllState:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    def __init__(self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto",
-                 pad_multiple: int = 1):
+    def __init__(
+        self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
+    ):
         super().__init__(num_experts, backend, pad_multiple)
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         x_MD, counts_E, local = self.permute(x_TD, topk_idx_TK, self.num_experts, 1)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_SL = recv_counts.view(self.ep, -1)  # tokens from source rank s for local expert l
         # One host sync for both split lists (all_to_all_single needs them on the host).
         send_splits, recv_splits = torch.stack(
-            [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]).tolist()
+            [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]
+        ).tolist()
         x_sent = x_MD[: sum(send_splits)]  # rows past the kept copies: room left by drops
         x_recv = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
         # Received blocks are ordered (source, local expert); experts want (local expert,
         # source), padded: a second permutation, one copy per received row, stable in order.
         S, L = recv_SL.shape
-        expert_R = torch.repeat_interleave(torch.arange(S * L, device=x_MD.device) % L,
-                                           recv_SL.flatten(), output_size=sum(recv_splits))
-        x_LD, counts_L, regroup = self.permute(x_recv, expert_R.unsqueeze(1), L,
-                                               self.pad_multiple, self.group_rows(capacity, S))
+        expert_R = torch.repeat_interleave(
+            torch.arange(S * L, device=x_MD.device) % L,
+            recv_SL.flatten(),
+            output_size=sum(recv_splits),
+        )
+        x_LD, counts_L, regroup = self.permute(
+            x_recv, expert_R.unsqueeze(1), L, self.pad_multiple, self.group_rows(capacity, S)
+        )
         return x_LD, counts_L, AllToAllState(local, regroup, send_splits, recv_splits)
 
-    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
-                ) -> torch.Tensor:
+    def combine(
+        self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
+    ) -> torch.Tensor:
         y_recv = self.unpermute(y_MD, None, state.regroup)
-        y_back = all_to_all_single_autograd(y_recv, state.send_splits, state.recv_splits,
-                                            self.group)
+        y_back = all_to_all_single_autograd(
+            y_recv, state.send_splits, state.recv_splits, self.group
+        )
         # Back to the buffer's full row count (dropped copies left rows unsent at the end).
         missing = state.local.src_M.shape[0] - y_back.shape[0]
         y_back = F.pad(y_back, (0, 0, 0, missing)) if missing else y_back
@@ -91,16 +102,18 @@ class AllGatherState:
 
 
 class AllGatherDispatcher(LocalDispatcher):
-    def __init__(self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto",
-                 pad_multiple: int = 1):
+    def __init__(
+        self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
+    ):
         super().__init__(num_experts, backend, pad_multiple)
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
         self.local_experts = num_experts // self.ep
         self.first = ep_mesh.get_local_rank() * self.local_experts
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
         x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         K = idx_all.shape[1]
@@ -115,13 +128,18 @@ class AllGatherDispatcher(LocalDispatcher):
         x_kept = x_all[kept // K]  # grouped by local expert, unpadded
         if self.pad_multiple == 1 and not capacity:
             return x_kept, counts[:L], AllGatherState(kept, local.numel(), None)
-        x_LD, counts_L, padding = self.permute(x_kept, local[kept].unsqueeze(1), L,
-                                               self.pad_multiple,
-                                               self.group_rows(capacity, self.ep))
+        x_LD, counts_L, padding = self.permute(
+            x_kept,
+            local[kept].unsqueeze(1),
+            L,
+            self.pad_multiple,
+            self.group_rows(capacity, self.ep),
+        )
         return x_LD, counts_L, AllGatherState(kept, local.numel(), padding)
 
-    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState
-                ) -> torch.Tensor:
+    def combine(
+        self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState
+    ) -> torch.Tensor:
         if state.padding is not None:
             y_MD = self.unpermute(y_MD, None, state.padding)
         w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
@@ -195,7 +213,6 @@ def apply_ep(model: nn.Module, expert_mesh: DeviceMesh, dispatcher: str) -> None
         if "ep" in names:
             cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
             local = moe.dispatcher  # keeps its permute backend and padding
-            moe.dispatcher = cls(num_experts, expert_mesh["ep"], local.backend,
-                                 local.pad_multiple)
+            moe.dispatcher = cls(num_experts, expert_mesh["ep"], local.backend, local.pad_multiple)
         if "etp" in names:
             moe.dispatcher = ExpertTensorParallelDispatcher(moe.dispatcher, expert_mesh["etp"])

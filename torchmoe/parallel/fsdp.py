@@ -3,17 +3,22 @@
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy,
-                                    fully_shard)
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from torchmoe.models.common.transformer import block_slots
 from torchmoe.models.moe.moe import MoE
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh | None,
-               param_dtype: torch.dtype, reduce_dtype: torch.dtype,
-               reshard_after_forward: str = "default", cpu_offload: bool = False,
-               token_mesh: DeviceMesh | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    expert_dp_mesh: DeviceMesh | None,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    reshard_after_forward: str = "default",
+    cpu_offload: bool = False,
+    token_mesh: DeviceMesh | None = None,
+) -> None:
     """Shard ``model`` with fully_shard: each MoE layer's experts on ``expert_dp_mesh`` (the
     expert view's ``dp_replicate x edp``; given when experts are split by ep/etp or replicated
     over tp), its router and shared experts on ``token_mesh`` (given under tensor parallelism:
@@ -34,8 +39,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, expert_dp_mesh: DeviceMesh
         kw["offload_policy"] = CPUOffloadPolicy()
     blocks = [getattr(parent, name) for parent, name in block_slots(model)]
     for i, block in enumerate(blocks):
-        reshard = {"always": True, "never": False}.get(reshard_after_forward,
-                                                      i < len(blocks) - 1)
+        reshard = {"always": True, "never": False}.get(reshard_after_forward, i < len(blocks) - 1)
         moe = getattr(block, "feed_forward", None)
         if isinstance(moe, MoE) and expert_dp_mesh is not None:
             fully_shard(moe.experts, mesh=expert_dp_mesh, reshard_after_forward=reshard, **kw)

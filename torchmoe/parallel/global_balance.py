@@ -30,8 +30,9 @@ class AllReduceCounts(nn.Module):
         return all_reduce(counts, "sum", self.group)
 
 
-def apply_balance_counts(model: nn.Module, token_mesh: DeviceMesh, tp_mesh: DeviceMesh | None
-                         ) -> None:
+def apply_balance_counts(
+    model: nn.Module, token_mesh: DeviceMesh, tp_mesh: DeviceMesh | None
+) -> None:
     """Install the count all-reduces (module docstring) in every MoE layer whose losses need
     them: ``token_mesh`` (dp x tp) for the global aux loss, ``tp_mesh`` (when tp > 1) for the
     per-micro-batch and per-sequence losses."""

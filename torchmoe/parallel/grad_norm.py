@@ -6,8 +6,9 @@ from torch.distributed.tensor import DTensor, Replicate
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
-                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm_(
+    params: list[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Clip in place to ``max_norm`` (no clipping when it is 0) and return the total norm (a
     non-finite norm makes the gradients non-finite too; the trainer stops before the update).
 
@@ -27,8 +28,11 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float().square())
-    total = (torch.stack(squares).sum() if squares
-             else torch.zeros((), device=params[0].device if params else None))
+    total = (
+        torch.stack(squares).sum()
+        if squares
+        else torch.zeros((), device=params[0].device if params else None)
+    )
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
     total = total.sqrt()
@@ -36,7 +40,10 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
         # A tensor coefficient, not a Python float: no host sync, the GPU keeps its queue.
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for mesh, grads in groups.items():
-            scale = coef if mesh is None else DTensor.from_local(
-                coef, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            scale = (
+                coef
+                if mesh is None
+                else DTensor.from_local(coef, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            )
             torch._foreach_mul_(grads, scale)
     return total

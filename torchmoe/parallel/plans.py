@@ -8,7 +8,7 @@ built on the meta device. Swap it without touching torchmoe:
 """
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,10 +30,13 @@ ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
     """float8 (linears, experts) -> tensor parallel -> expert parallel (and the balance
-    losses' count all-reduces) -> activation checkpointing -> compile -> FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    losses' count all-reduces) -> activation checkpointing -> compile -> FSDP. Each step is a
+    public ``apply_*`` a custom plan can reuse, reorder or replace."""
     if cfg.quantize.float8_linear and dims.tp > 1:
-        raise ConfigError("quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
-                          "use tp = 1 or turn float8 off")
+        raise ConfigError(
+            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
+            "use tp = 1 or turn float8 off"
+        )
     apply_float8_linears(model, cfg.quantize)
     apply_float8_experts(model, cfg.quantize)
     if dims.tp > 1:
@@ -41,21 +44,25 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
     if dims.ep * dims.etp > 1:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     if dims.meshes is not None:
-        apply_balance_counts(model, dims.meshes.dp_tp,
-                             dims.meshes.dense["tp"] if dims.tp > 1 else None)
+        apply_balance_counts(
+            model, dims.meshes.dp_tp, dims.meshes.dense["tp"] if dims.tp > 1 else None
+        )
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
     if dims.world_size // dims.pp > 1:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
         split_experts = dims.ep * dims.etp * dims.tp > 1  # experts' FSDP mesh differs from dp's
-        apply_fsdp(model, meshes.dp_mesh(),
-                   meshes.expert_dp_mesh() if split_experts else None,
-                   param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
-                   reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
-                   reshard_after_forward=_reshard_policy(dims, cfg),
-                   cpu_offload=cfg.parallelism.fsdp_cpu_offload,
-                   token_mesh=meshes.dp_tp if dims.tp > 1 else None)
+        apply_fsdp(
+            model,
+            meshes.dp_mesh(),
+            meshes.expert_dp_mesh() if split_experts else None,
+            param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
+            reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
+            reshard_after_forward=_reshard_policy(dims, cfg),
+            cpu_offload=cfg.parallelism.fsdp_cpu_offload,
+            token_mesh=meshes.dp_tp if dims.tp > 1 else None,
+        )
     return model
 
 
@@ -88,7 +95,9 @@ def load_plan(spec: str) -> ParallelizeFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"parallelism.plan = {spec!r}: cannot import {module_name!r} ({e})")
+        raise ConfigError(
+            f"parallelism.plan = {spec!r}: cannot import {module_name!r} ({e})"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"parallelism.plan = {spec!r}: {module_name} has no function {attr!r}")

@@ -1,12 +1,13 @@
 """apply_tp: tensor parallelism with sequence parallelism over the dense view's ``tp`` dim.
 
-Between blocks the residual stream is sequence-sharded (each rank holds its ``Shard(1)`` part
-as a plain tensor); norms run on their shard (``SequenceParallel``). Attention all-gathers the sequence, projects queries and keys /
-values for its local heads (column-parallel ``wq``/``wq_b``/``wkv_b``; the small shared
-projections ``wq_a``/``wkv_a`` and their norms stay replicated as DTensors so their gradients
-sum over heads), runs the attention kernel on local heads, and reduce-scatters through the
-row-parallel ``wo``; GQA splits query and key/value heads alike. Dense SwiGLUs are column/row parallel the same way. The output head is
-column parallel and the loss runs vocabulary-parallel (``loss_parallel``).
+Between blocks the residual stream is sequence-sharded (each rank holds its ``Shard(1)`` part as a
+plain tensor); norms run on their shard (``SequenceParallel``). Attention all-gathers the sequence,
+projects queries and keys / values for its local heads (column-parallel ``wq``/``wq_b``/``wkv_b``;
+the small shared projections ``wq_a``/``wkv_a`` and their norms stay replicated as DTensors so their
+gradients sum over heads), runs the attention kernel on local heads, and reduce-scatters through the
+row-parallel ``wo``; GQA splits query and key/value heads alike. Dense SwiGLUs are column/row
+parallel the same way. The output head is column parallel and the loss runs vocabulary-parallel
+(``loss_parallel``).
 
 MoE layers keep their sequence shard: each tp rank routes only its own tokens, so experts never
 see a token twice. The router, shared experts and (without expert parallelism) the experts are
@@ -17,10 +18,15 @@ them over data-parallel x tp ranks, which also sums their gradients over ``tp``.
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle,
-                                               PrepareModuleInput, PrepareModuleInputOutput,
-                                               RowwiseParallel, SequenceParallel,
-                                               parallelize_module)
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from torchmoe.models.common.attention import GQA
 from torchmoe.models.moe.moe import MoE
@@ -40,16 +46,25 @@ def _attention_projections(attention: nn.Module) -> dict[str, ParallelStyle]:
     if isinstance(attention, GQA):
         plan = {f"attention.{n}": heads for n in ("wq", "wk", "wv")}
         if attention.args.qk_norm:  # per-head norms over head_dim: the heads stay sharded
-            plan.update({"attention.q_norm": ReplicateParallel(),
-                         "attention.k_norm": ReplicateParallel()})
+            plan.update(
+                {"attention.q_norm": ReplicateParallel(), "attention.k_norm": ReplicateParallel()}
+            )
         return plan
-    plan = {"attention.wkv_a": ReplicateParallel(), "attention.kv_norm": ReplicateParallel(),
-            "attention.wkv_b": heads}
+    plan = {
+        "attention.wkv_a": ReplicateParallel(),
+        "attention.kv_norm": ReplicateParallel(),
+        "attention.wkv_b": heads,
+    }
     if attention.args.q_lora_rank == 0:
         plan["attention.wq"] = heads
     else:
-        plan.update({"attention.wq_a": ReplicateParallel(),
-                     "attention.q_norm": ReplicateParallel(), "attention.wq_b": heads})
+        plan.update(
+            {
+                "attention.wq_a": ReplicateParallel(),
+                "attention.q_norm": ReplicateParallel(),
+                "attention.wq_b": heads,
+            }
+        )
     return plan
 
 
@@ -60,19 +75,23 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     outer = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
-                                  use_local_output=False),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False
+        ),
     }  # a pipeline stage may lack some of these
-    parallelize_module(model, tp_mesh, {k: v for k, v in outer.items()
-                                        if getattr(model, k) is not None})
-    local_heads = PrepareModuleInput(input_layouts=(Shard(2),) * 3,
-                                     desired_input_layouts=(Shard(2),) * 3,
-                                     use_local_output=True)
+    parallelize_module(
+        model, tp_mesh, {k: v for k, v in outer.items() if getattr(model, k) is not None}
+    )
+    local_heads = PrepareModuleInput(
+        input_layouts=(Shard(2),) * 3, desired_input_layouts=(Shard(2),) * 3, use_local_output=True
+    )
     for block in model.layers.values():
         plan = {
             "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), Replicate()),
-                                            desired_input_layouts=(Replicate(), Replicate())),
+            "attention": PrepareModuleInput(
+                input_layouts=(Shard(1), Replicate()),
+                desired_input_layouts=(Replicate(), Replicate()),
+            ),
             "attention.inner_attention": local_heads,
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
@@ -80,15 +99,22 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         }
         if isinstance(block.feed_forward, MoE):
             plan["feed_forward"] = PrepareModuleInputOutput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                use_local_input=True, output_layouts=(Shard(1),),
-                desired_output_layouts=(Shard(1),), use_local_output=True)
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Shard(1),),
+                use_local_input=True,
+                output_layouts=(Shard(1),),
+                desired_output_layouts=(Shard(1),),
+                use_local_output=True,
+            )
         else:
-            plan.update({
-                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
-                                                   desired_input_layouts=(Replicate(),)),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w3": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            })
+            plan.update(
+                {
+                    "feed_forward": PrepareModuleInput(
+                        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                    ),
+                    "feed_forward.w1": ColwiseParallel(),
+                    "feed_forward.w3": ColwiseParallel(),
+                    "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+                }
+            )
         parallelize_module(block, tp_mesh, plan)

@@ -18,17 +18,24 @@ def validate_float8(cfg: JobConfig, planning: bool) -> None:
     if not cfg.quantize.float8_experts:
         return
     if cfg.moe.grouped_mm == "loop":
-        raise ConfigError("quantize.float8_experts = true runs the experts as float8 grouped "
-                          "GEMMs; set moe.grouped_mm = 'auto' or 'grouped_mm', not 'loop'")
+        raise ConfigError(
+            "quantize.float8_experts = true runs the experts as float8 grouped "
+            "GEMMs; set moe.grouped_mm = 'auto' or 'grouped_mm', not 'loop'"
+        )
     hidden = cfg.moe.ffn_hidden_size // cfg.parallelism.etp
     if cfg.model.dim % 16 or hidden % 16:
-        raise ConfigError(f"quantize.float8_experts = true needs model.dim = {cfg.model.dim} and "
-                          f"the per-rank expert hidden size {hidden} (moe.ffn_hidden_size / "
-                          "parallelism.etp) to be multiples of 16")
-    if not planning and not (torch.cuda.is_available()
-                             and torch.cuda.get_device_capability()[0] >= 9):
-        raise ConfigError("quantize.float8_experts = true needs a CUDA GPU of compute capability "
-                          "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine")
+        raise ConfigError(
+            f"quantize.float8_experts = true needs model.dim = {cfg.model.dim} and "
+            f"the per-rank expert hidden size {hidden} (moe.ffn_hidden_size / "
+            "parallelism.etp) to be multiples of 16"
+        )
+    if not planning and not (
+        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    ):
+        raise ConfigError(
+            "quantize.float8_experts = true needs a CUDA GPU of compute capability "
+            "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine"
+        )
 
 
 def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
@@ -44,8 +51,11 @@ def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
             return False
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
-    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(cfg.float8_recipe),
-                               module_filter_fn=eligible)
+    convert_to_float8_training(
+        model,
+        config=Float8LinearConfig.from_recipe_name(cfg.float8_recipe),
+        module_filter_fn=eligible,
+    )
 
 
 def apply_float8_experts(model: nn.Module, cfg: Quantize) -> None:
@@ -59,7 +69,10 @@ def apply_float8_experts(model: nn.Module, cfg: Quantize) -> None:
     from torchao.prototype.moe_training.config import Float8TrainingOpConfig
     from torchao.quantization import quantize_
 
-    quantize_(model, Float8TrainingOpConfig(),
-              filter_fn=lambda module, _fqn: isinstance(module, GroupedExperts))
+    quantize_(
+        model,
+        Float8TrainingOpConfig(),
+        filter_fn=lambda module, _fqn: isinstance(module, GroupedExperts),
+    )
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         moe.dispatcher.pad_multiple = FLOAT8_GROUP_ALIGNMENT

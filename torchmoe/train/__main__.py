@@ -2,8 +2,8 @@
 
 ``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints it with every
 key's meaning and range. With ``COMM_MODE=fake`` and ``WORLD_SIZE=N`` it plans the layout for N
-ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors print one line and exit with status 2; a
-non-finite loss prints one line and exits with status 1.
+ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors
+print one line and exit with status 2; a non-finite loss prints one line and exits with status 1.
 """
 
 import logging
@@ -17,8 +17,11 @@ from torchmoe.config.load import load_config, to_toml
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     log_rank = int(os.environ.get("LOG_RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == log_rank else logging.WARNING,
-                        format="[torchmoe %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == log_rank else logging.WARNING,
+        format="[torchmoe %(asctime)s] %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Checkpoint
@@ -62,14 +65,18 @@ class _ModelAndOptimizer:
         return StateDictOptions(flatten_optimizer_state_dict=self.flat)
 
     def state_dict(self) -> dict:
-        return {"model": get_model_state_dict(self.model),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer,
-                                                      options=self._options())}
+        return {
+            "model": get_model_state_dict(self.model),
+            "optimizer": get_optimizer_state_dict(
+                self.model, self.optimizer, options=self._options()
+            ),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         set_model_state_dict(self.model, sd["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, sd["optimizer"],
-                                 options=self._options())
+        set_optimizer_state_dict(
+            self.model, self.optimizer, sd["optimizer"], options=self._options()
+        )
 
 
 class _Pickled:
@@ -121,12 +128,16 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     try:
         saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{option} {step_dir}: not a torchmoe checkpoint ({e}); pass a step "
-                          "folder such as outputs/run/checkpoint/step-100") from None
+        raise ConfigError(
+            f"{option} {step_dir}: not a torchmoe checkpoint ({e}); pass a step "
+            "folder such as outputs/run/checkpoint/step-100"
+        ) from None
     prefix = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
-    weights = {key[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-               for key, m in saved.items()
-               if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    weights = {
+        key[len(prefix) :]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for key, m in saved.items()
+        if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
     if not weights:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
     dcp.load({"train": {"model": weights}}, checkpoint_id=str(step_dir))
@@ -136,21 +147,35 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
 class CheckpointManager:
     """Saves and restores the whole training state under ``folder``."""
 
-    def __init__(self, cfg: Checkpoint, folder: Path, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any,
-                 train_state: TrainState, dp_rank: int = 0):
+    def __init__(
+        self,
+        cfg: Checkpoint,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        dataloader: Any,
+        train_state: TrainState,
+        dp_rank: int = 0,
+    ):
         self.cfg, self.folder = cfg, folder
         self.model = model
-        self.states = {"train": _ModelAndOptimizer(model, optimizer),
-                       "lr_scheduler": lr_scheduler,
-                       "dataloader": _Pickled(dataloader, f"dp_rank_{dp_rank}"),
-                       "rng": _RNG(), "train_state": _Pickled(train_state)}
+        self.states = {
+            "train": _ModelAndOptimizer(model, optimizer),
+            "lr_scheduler": lr_scheduler,
+            "dataloader": _Pickled(dataloader, f"dp_rank_{dp_rank}"),
+            "rng": _RNG(),
+            "train_state": _Pickled(train_state),
+        }
 
     def saved_steps(self) -> list[int]:
         if not self.folder.is_dir():
             return []
-        return sorted(int(m.group(1)) for p in self.folder.iterdir()
-                      if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+        return sorted(
+            int(m.group(1))
+            for p in self.folder.iterdir()
+            if (m := _STEP_DIR.match(p.name)) and p.is_dir()
+        )
 
     def load(self) -> int | None:
         """Load the requested (or latest) checkpoint; returns its step, or None for a fresh
@@ -165,12 +190,20 @@ class CheckpointManager:
             step = steps[-1]
         elif step not in steps:
             have = ", ".join(map(str, steps)) or "none"
-            raise ConfigError(f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
-                              f"{self.folder} (saved steps: {have})")
+            raise ConfigError(
+                f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
+                f"{self.folder} (saved steps: {have})"
+            )
         path = self.folder / f"step-{step}"
-        states = {"train": _ModelOnly(self.model)} if step == 0 else {
-            key: state for key, state in self.states.items()
-            if key not in self.cfg.exclude_from_loading}
+        states = (
+            {"train": _ModelOnly(self.model)}
+            if step == 0
+            else {
+                key: state
+                for key, state in self.states.items()
+                if key not in self.cfg.exclude_from_loading
+            }
+        )
         try:
             if step:
                 saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -179,9 +212,11 @@ class CheckpointManager:
         except (CheckpointException, ValueError, RuntimeError, KeyError) as e:  # mismatches
             lines = str(e).strip().splitlines() or [type(e).__name__]
             reason = lines[-1] if isinstance(e, CheckpointException) else lines[0]
-            raise ConfigError(f"checkpoint {path} does not fit this job ({reason[:200]}); "
-                              "resume with the config that saved it, or use a new "
-                              "checkpoint.folder") from e
+            raise ConfigError(
+                f"checkpoint {path} does not fit this job ({reason[:200]}); "
+                "resume with the config that saved it, or use a new "
+                "checkpoint.folder"
+            ) from e
         self.states["train"].flat = True  # new checkpoints in the current format
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
         return step
@@ -189,8 +224,10 @@ class CheckpointManager:
     def save_seed(self) -> None:
         """Write the freshly initialised weights as step-0 (see module docstring)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
-            raise ConfigError("checkpoint.create_seed_checkpoint: run it on one rank (NGPU=1), "
-                              "then start the parallel run from the same checkpoint.folder")
+            raise ConfigError(
+                "checkpoint.create_seed_checkpoint: run it on one rank (NGPU=1), "
+                "then start the parallel run from the same checkpoint.folder"
+            )
         self._save(0, {"train": _ModelOnly(self.model)})
 
     def maybe_save(self, step: int, last_step: int) -> None:

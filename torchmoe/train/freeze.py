@@ -79,6 +79,7 @@ def _local_expert_rows(param: torch.Tensor) -> tuple[int, int]:
     """(first global expert, number of experts) of this rank's shard of ``param``."""
     if not isinstance(param, DTensor):
         return 0, param.shape[0]
-    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                          param.placements)
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
     return offset[0], shape[0]

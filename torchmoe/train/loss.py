@@ -1,6 +1,6 @@
 """The language-model loss: summed token cross-entropy, compiled when [compile] is on."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_entropy_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of -log p(label), computed in float32 whatever the logits' dtype."""
-    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(),
-                           reduction="sum")
+    return F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(), reduction="sum")
 
 
 def build_loss_fn(compile_loss: bool) -> LossFn:

@@ -28,4 +28,5 @@ def check_model_fits(model: nn.Module, device: torch.device, shards: int = 1) ->
         raise ConfigError(
             f"model.flavor: {n_params / 1e9:.1f}B parameters need ~{need / 2**30:.0f} GiB for "
             f"weights, gradients and AdamW state, but {device} has {have / 2**30:.0f} GiB; pick "
-            "a smaller flavor, fewer --model.n_layers, or more GPUs with [parallelism]")
+            "a smaller flavor, fewer --model.n_layers, or more GPUs with [parallelism]"
+        )

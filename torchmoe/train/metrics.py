@@ -24,8 +24,15 @@ from torchmoe.models.moe.moe import LOSS_NAMES, STAT_NAMES, MoE
 logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment.
-_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-              "L40S": 362e12, "B200": 2250e12}
+_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+}
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -44,9 +51,12 @@ def flops_per_token(module: nn.Module, cfg: JobConfig) -> float:
     for _, moe in moe_layers(module):
         routed = sum(p.numel() for p in moe.experts.parameters())
         active -= routed * (1 - moe.args.router.topk / moe.args.router.num_experts)
-    attention = sum(6 * a.n_heads * cfg.training.seq_len * (a.qk_head_dim + a.v_head_dim)
-                    for a in (block.attention for block in module.modules()
-                              if isinstance(block, TransformerBlock)))
+    attention = sum(
+        6 * a.n_heads * cfg.training.seq_len * (a.qk_head_dim + a.v_head_dim)
+        for a in (
+            block.attention for block in module.modules() if isinstance(block, TransformerBlock)
+        )
+    )
     return 6 * active + attention
 
 
@@ -65,8 +75,9 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def moe_step_stats(counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int,
-                   bias_norm_L: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def moe_step_stats(
+    counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int, bias_norm_L: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
     """One step's MoE statistics from the layers' buffers summed over ranks (moe.py): routed
     copies per expert [L, E]; per layer [L], each loss term as its mean over the ``shards``
     token shards of the step (micro-batches x ranks), the mean router entropy per token, the
@@ -88,10 +99,17 @@ def expert_load_stats(counts_LE: torch.Tensor) -> dict:
     max_over_mean = counts.max(dim=1).values / mean
     cv = counts.std(dim=1, correction=0) / mean
     dead = (counts == 0).sum(dim=1)
-    return {"load_max_over_mean": max_over_mean.max().item(), "load_cv": cv.mean().item(),
-            "dead_experts": int(dead.sum().item()),
-            "per_layer": {"max_over_mean": max_over_mean.tolist(), "cv": cv.tolist(),
-                          "dead": dead.tolist(), "tokens": counts_LE.tolist()}}
+    return {
+        "load_max_over_mean": max_over_mean.max().item(),
+        "load_cv": cv.mean().item(),
+        "dead_experts": int(dead.sum().item()),
+        "per_layer": {
+            "max_over_mean": max_over_mean.tolist(),
+            "cv": cv.tolist(),
+            "dead": dead.tolist(),
+            "tokens": counts_LE.tolist(),
+        },
+    }
 
 
 def _layer_rows(window: dict[str, torch.Tensor], steps: int, cfg: JobConfig) -> dict:
@@ -124,8 +142,9 @@ class Window:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: JobConfig, flops_per_token: float, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self, cfg: JobConfig, flops_per_token: float, device: torch.device, dtype: torch.dtype
+    ):
         """``flops_per_token``: of the whole model (every pipeline stage)."""
         self.cfg = cfg
         self.device = device
@@ -160,23 +179,34 @@ class MetricsLogger:
         elapsed = time.perf_counter() - w.start
         tps = w.tokens / elapsed
         tflops = tps * self.flops_per_token / 1e12
-        row = {"step": step, "loss": w.loss / w.steps, "aux_loss": 0.0,
-               "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tps, "tflops": tflops,
-               "mfu": tflops * 1e12 / self.peak if self.peak else None,
-               "memory_gib": self._peak_memory()}
+        row = {
+            "step": step,
+            "loss": w.loss / w.steps,
+            "aux_loss": 0.0,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "tflops": tflops,
+            "mfu": tflops * 1e12 / self.peak if self.peak else None,
+            "memory_gib": self._peak_memory(),
+        }
         if "tokens" in w.moe:
             row.update(_layer_rows(w.moe, w.steps, self.cfg))
         if "mtp_loss" in w.moe:
             row["mtp_loss"] = (w.moe["mtp_loss"] / w.steps).item()
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
-        line = (f"step {step:5d} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f} | "
-                + (f"mtp {row['mtp_loss']:.4f} | " if "mtp_loss" in row else "")
-                + f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
-                f"tflops {tflops:.3g} | mfu {mfu} | mem {row['memory_gib']:.2f}GiB")
+        line = (
+            f"step {step:5d} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f} | "
+            + (f"mtp {row['mtp_loss']:.4f} | " if "mtp_loss" in row else "")
+            + f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
+            f"tflops {tflops:.3g} | mfu {mfu} | mem {row['memory_gib']:.2f}GiB"
+        )
         if "per_layer" in row:
-            line += (f" | load max/mean {row['load_max_over_mean']:.2f} "
-                     f"cv {row['load_cv']:.2f} dead {row['dead_experts']} "
-                     f"entropy {row['router_entropy']:.2f}")
+            line += (
+                f" | load max/mean {row['load_max_over_mean']:.2f} "
+                f"cv {row['load_cv']:.2f} dead {row['dead_experts']} "
+                f"entropy {row['router_entropy']:.2f}"
+            )
         if "dropped_frac" in row:
             line += f" dropped {100 * row['dropped_frac']:.1f}%"
         logger.info(line)

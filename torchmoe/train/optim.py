@@ -8,18 +8,27 @@ from torch import nn
 from torchmoe.config.schema import LRScheduler, Optimizer
 
 
-def build_optimizer(model: nn.Module, cfg: Optimizer, device: torch.device
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: Optimizer, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW with no weight decay on 1-D parameters (norm weights, biases). The expert bias is a
     buffer moved by its own rule, so the optimizer never sees it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     impl = cfg.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=impl == "fused", foreach=impl == "foreach")
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=impl == "fused",
+        foreach=impl == "foreach",
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
@@ -42,8 +51,10 @@ def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
     return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * shape
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int
-                       ) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: LRScheduler, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``lr_factor`` as a scheduler, so its position is saved with checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg))
+        optimizer, lambda step: lr_factor(step, total_steps, cfg)
+    )

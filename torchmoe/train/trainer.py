@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.config.errors import ConfigError
@@ -28,17 +28,18 @@ from torchmoe.data.loader import build_dataloader
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.moe.balance import set_aux_loss_scale, update_expert_bias
 from torchmoe.models.moe.experts import use_grouped_mm
+from torchmoe.models.moe.moe import STAT_NAMES
 from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
+from torchmoe.parallel.pipeline import Pipeline, build_pipeline
+from torchmoe.parallel.pipeline import microbatches as microbatches_of
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
+from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
-from torchmoe.train.freeze import ExpertFreezer, freeze_routers
-from torchmoe.models.moe.moe import STAT_NAMES
-from torchmoe.parallel.pipeline import Pipeline, build_pipeline, microbatches as microbatches_of
 from torchmoe.train.metrics import MetricsLogger, flops_per_token, moe_layers, moe_step_stats
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 
@@ -96,8 +97,10 @@ class Trainer:
 
         self.tokenizer = build_tokenizer(cfg.model.tokenizer_path)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's {self.tokenizer.vocab_size} tokens; raise it")
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the "
+                f"tokenizer's {self.tokenizer.vocab_size} tokens; raise it"
+            )
 
         spec = get_model_spec(cfg.model.name)
         with torch.device("meta"):
@@ -116,9 +119,16 @@ class Trainer:
         if self.dims.pp > 1:
             fsdp = self.dims.world_size // self.dims.pp > 1  # casts the hidden states
             self.pipeline = build_pipeline(
-                model, self.dims, cfg, plan, self._materialize, self.device,
+                model,
+                self.dims,
+                cfg,
+                plan,
+                self._materialize,
+                self.device,
                 lambda logits, labels: self.loss_fn(logits, labels) / self.global_tokens,
-                hidden_dtype=self.dtype if fsdp else torch.float32, logits_dtype=self.dtype)
+                hidden_dtype=self.dtype if fsdp else torch.float32,
+                logits_dtype=self.dtype,
+            )
             model = self.pipeline.model
         else:
             model = plan(model, self.dims, cfg)
@@ -131,16 +141,29 @@ class Trainer:
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.dataloader = build_dataloader(cfg.data, self.tokenizer, t.seq_len,
-                                           t.local_batch_size, dp_rank=self.dims.dp_rank(),
-                                           dp_world=self.dims.dp, seed=t.seed)
+        self.dataloader = build_dataloader(
+            cfg.data,
+            self.tokenizer,
+            t.seq_len,
+            t.local_batch_size,
+            dp_rank=self.dims.dp_rank(),
+            dp_world=self.dims.dp,
+            seed=t.seed,
+        )
         self.batches = iter(self.dataloader)  # the loader itself: a resume moves it in place
         self.accum_steps = self._accumulation_steps()
         self.global_tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.accum_steps
         self.state = TrainState()
         self.checkpoint = CheckpointManager(
-            cfg.checkpoint, Path(cfg.job.dump_folder) / cfg.checkpoint.folder, model,
-            self.optimizer, self.lr_scheduler, self.dataloader, self.state, self.dims.dp_rank())
+            cfg.checkpoint,
+            Path(cfg.job.dump_folder) / cfg.checkpoint.folder,
+            model,
+            self.optimizer,
+            self.lr_scheduler,
+            self.dataloader,
+            self.state,
+            self.dims.dp_rank(),
+        )
         self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype)
         self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
         self.mtp = cfg.model.mtp_num_layers > 0
@@ -156,8 +179,9 @@ class Trainer:
                 dtensor_random.manual_seed(seed, self.dims.meshes.dense)
             torch.manual_seed(seed)
         model.to_empty(device=self.device)
-        model.init_weights(self.cfg.model.init_std, self.cfg.model.n_layers,
-                           buffer_device=self.device)
+        model.init_weights(
+            self.cfg.model.init_std, self.cfg.model.n_layers, buffer_device=self.device
+        )
 
     @property
     def token_shards(self) -> int:
@@ -177,13 +201,29 @@ class Trainer:
     def _log_model(self, model: nn.Module) -> None:
         cfg = self.cfg
         n_params = sum(p.numel() for p in model.parameters())
-        experts = ("torch._grouped_mm" if use_grouped_mm(cfg.moe.grouped_mm, self.device)
-                   else "per-expert loop")
+        experts = (
+            "torch._grouped_mm"
+            if use_grouped_mm(cfg.moe.grouped_mm, self.device)
+            else "per-expert loop"
+        )
         d = self.dims
-        logger.info("model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s; "
-                    "%d ranks: dp_replicate %d dp_shard %d tp %d pp %d ep %d (edp %d)",
-                    cfg.model.name, cfg.model.flavor, n_params / 1e9, self.device, self.dtype,
-                    experts, d.world_size, d.dp_replicate, d.dp_shard, d.tp, d.pp, d.ep, d.edp)
+        logger.info(
+            "model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s; "
+            "%d ranks: dp_replicate %d dp_shard %d tp %d pp %d ep %d (edp %d)",
+            cfg.model.name,
+            cfg.model.flavor,
+            n_params / 1e9,
+            self.device,
+            self.dtype,
+            experts,
+            d.world_size,
+            d.dp_replicate,
+            d.dp_shard,
+            d.tp,
+            d.pp,
+            d.ep,
+            d.edp,
+        )
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns (loss, grad norm, lr
@@ -201,8 +241,11 @@ class Trainer:
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.training.max_norm,
-                                    meshes.dense["pp"].get_group() if self.pipeline else None)
+        grad_norm = clip_grad_norm_(
+            list(self.model.parameters()),
+            self.cfg.training.max_norm,
+            meshes.dense["pp"].get_group() if self.pipeline else None,
+        )
         if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
             dist.all_reduce(loss_mean, group=meshes.dp_pp.get_group())
         # The step's one host sync: the values the non-finite check and the log need.
@@ -212,7 +255,8 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{what} is {value} at step {self.state.step + 1}; stopping before the "
                     "update. Try a lower optimizer.lr, more lr_scheduler.warmup_steps or "
-                    "training.max_norm > 0")
+                    "training.max_norm > 0"
+                )
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         if self.freezer is not None:
@@ -238,14 +282,19 @@ class Trainer:
         p, losses = self.pipeline, []
         # stages check their inputs' strides against the static shapes they were built with
         inputs, labels = inputs.contiguous(), labels.contiguous()
-        with (torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
-              loss_parallel() if self.dims.tp > 1 else nullcontext()):
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
+            loss_parallel() if self.dims.tp > 1 else nullcontext(),
+        ):
             # the MTP modules of the last stage read the labels, as the loss does
-            p.schedule.step(*([inputs] if p.has_first else []),
-                            target=labels if p.has_last else None, losses=losses,
-                            return_outputs=False, **({"labels": labels} if self.mtp else {}))
-        return sum((_full(loss.detach()) for loss in losses),
-                   torch.zeros((), device=self.device))
+            p.schedule.step(
+                *([inputs] if p.has_first else []),
+                target=labels if p.has_last else None,
+                losses=losses,
+                return_outputs=False,
+                **({"labels": labels} if self.mtp else {}),
+            )
+        return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
 
     def after_step(self) -> dict[str, torch.Tensor]:
         """Expert-bias update from this step's token counts, summed over every rank that
@@ -270,8 +319,8 @@ class Trainer:
         flat = torch.cat([counts.flatten(), stats.flatten(), mtp.to(counts)])
         if self.dims.meshes:
             dist.all_reduce(flat)
-        counts = flat[:counts.numel()].view_as(counts)
-        stats = flat[counts.numel():counts.numel() + stats.numel()].view_as(stats)
+        counts = flat[: counts.numel()].view_as(counts)
+        stats = flat[counts.numel() : counts.numel() + stats.numel()].view_as(stats)
         out = {}
         if self.moe_blocks:
             rate = self.cfg.moe.bias_update_rate

@@ -43,8 +43,17 @@ def reference_attention(attn: GQA, x: torch.Tensor, cos_sin: torch.Tensor) -> to
 
 def make(qk_norm: bool) -> GQA:
     torch.manual_seed(0)
-    attn = GQA(GQAArgs(dim=D, n_heads=H, n_kv_heads=G, head_dim=K, softmax_scale=K ** -0.5,
-                       qk_norm=qk_norm, norm_eps=EPS))
+    attn = GQA(
+        GQAArgs(
+            dim=D,
+            n_heads=H,
+            n_kv_heads=G,
+            head_dim=K,
+            softmax_scale=K**-0.5,
+            qk_norm=qk_norm,
+            norm_eps=EPS,
+        )
+    )
     attn.init_weights(0.2, 0.2)
     return attn
 
@@ -56,8 +65,9 @@ def test_qk_norm_matches_a_hand_written_reference():
         attn.k_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(B, S, D)
     cos_sin = rope_cos_sin(RopeArgs(head_dim=K, theta=1e4), S)
-    torch.testing.assert_close(attn(x, cos_sin), reference_attention(attn, x, cos_sin),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        attn(x, cos_sin), reference_attention(attn, x, cos_sin), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -65,5 +75,6 @@ def test_qk_norm_parameters_exist_only_when_asked_and_init_to_one(qk_norm):
     attn = make(qk_norm)
     names = {name for name, _ in attn.named_parameters()}
     assert ({"q_norm.weight", "k_norm.weight"} <= names) == qk_norm
-    assert not qk_norm or (attn.q_norm.weight.shape == (K,)
-                           and torch.equal(attn.k_norm.weight, torch.ones(K)))
+    assert not qk_norm or (
+        attn.q_norm.weight.shape == (K,) and torch.equal(attn.k_norm.weight, torch.ones(K))
+    )

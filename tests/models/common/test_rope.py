@@ -4,8 +4,13 @@ import math
 
 import torch
 
-from torchmoe.models.common.rope import (RopeArgs, apply_rope, inverse_frequencies, rope_cos_sin,
-                                         yarn_softmax_mscale)
+from torchmoe.models.common.rope import (
+    RopeArgs,
+    apply_rope,
+    inverse_frequencies,
+    rope_cos_sin,
+    yarn_softmax_mscale,
+)
 
 
 def test_scores_depend_only_on_relative_position():

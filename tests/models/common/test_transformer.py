@@ -16,13 +16,22 @@ B, S, DEPTH, SCALE = 2, 12, 2, 0.3
 
 
 def config(**overrides):
-    values = {"model.dim": 64, "model.inter_dim": 96, "moe.ffn_hidden_size": 32,
-              "moe.shared_expert_intermediate_size": 32, "model.n_layers": 2,
-              "training.seq_len": S, "model.mtp_num_layers": DEPTH,
-              "model.mtp_loss_scale": SCALE, "moe.router_dtype": "fp64",
-              # balance losses off: the filled positions past the end reach the MTP block's
-              # router (a semantic difference from the truncated reference, by design)
-              "moe.load_balancing_type": "none", "moe.aux_loss_coeff": 0, **overrides}
+    values = {
+        "model.dim": 64,
+        "model.inter_dim": 96,
+        "moe.ffn_hidden_size": 32,
+        "moe.shared_expert_intermediate_size": 32,
+        "model.n_layers": 2,
+        "training.seq_len": S,
+        "model.mtp_num_layers": DEPTH,
+        "model.mtp_loss_scale": SCALE,
+        "moe.router_dtype": "fp64",
+        # balance losses off: the filled positions past the end reach the MTP block's
+        # router (a semantic difference from the truncated reference, by design)
+        "moe.load_balancing_type": "none",
+        "moe.aux_loss_coeff": 0,
+        **overrides,
+    }
     cfg = build_config({}, [(k, str(v)) for k, v in values.items()])
     validate(cfg)
     return cfg
@@ -53,11 +62,11 @@ def reference_mtp_loss(model, tokens, labels):
     losses = []
     for k, mtp in enumerate(model.mtp, start=1):
         n = S - k
-        emb = model.tok_embeddings(labels[:, k - 1:k - 1 + n])
+        emb = model.tok_embeddings(labels[:, k - 1 : k - 1 + n])
         x = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h[:, :n])], dim=-1))
         h = mtp.block(x, cos_sin[:n])
         logits = model.output(mtp.norm(h))
-        losses.append(F.cross_entropy(logits.flatten(0, 1), labels[:, k:k + n].flatten()))
+        losses.append(F.cross_entropy(logits.flatten(0, 1), labels[:, k : k + n].flatten()))
     return SCALE * sum(losses) / len(losses)
 
 
@@ -104,8 +113,16 @@ def test_gradient_reaches_mtp_and_main_model_at_the_loss_scale():
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     full, quarter = grads(1.0), grads(0.25)
-    for prefix in ("mtp.0.eh_proj", "mtp.1.eh_proj", "mtp.1.block.attention", "mtp.0.norm",
-                   "layers.0.attention", "layers.1.feed_forward", "tok_embeddings", "output"):
+    for prefix in (
+        "mtp.0.eh_proj",
+        "mtp.1.eh_proj",
+        "mtp.1.block.attention",
+        "mtp.0.norm",
+        "layers.0.attention",
+        "layers.1.feed_forward",
+        "tok_embeddings",
+        "output",
+    ):
         assert any(n.startswith(prefix) and g.abs().sum() > 0 for n, g in full.items()), prefix
     for name, g in full.items():
         torch.testing.assert_close(quarter[name], 0.25 * g, rtol=1e-9, atol=1e-14, msg=name)
@@ -140,6 +157,9 @@ def test_init_covers_mtp_and_leaves_the_main_model_as_without_mtp():
 
 
 def test_depth_must_leave_a_target_in_the_sequence():
-    with pytest.raises(ConfigError, match=r"model.mtp_num_layers = 12 leaves no token to "
-                                          r"predict within training.seq_len = 12"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.mtp_num_layers = 12 leaves no token to "
+        r"predict within training.seq_len = 12",
+    ):
         config(**{"model.mtp_num_layers": 12})

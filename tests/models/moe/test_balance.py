@@ -2,9 +2,15 @@
 
 import torch
 
-from torchmoe.models.moe.balance import (attach_aux_loss, expert_counts, sequence_aux_loss,
-                                         sequence_counts, set_aux_loss_scale, switch_aux_loss,
-                                         update_expert_bias)
+from torchmoe.models.moe.balance import (
+    attach_aux_loss,
+    expert_counts,
+    sequence_aux_loss,
+    sequence_counts,
+    set_aux_loss_scale,
+    switch_aux_loss,
+    update_expert_bias,
+)
 
 
 def switch(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -31,7 +37,7 @@ def test_sequence_aux_loss_is_mean_of_per_sequence_losses():
     B, S, E, K = 3, 5, 6, 2
     probs = torch.randn(B * S, E, dtype=torch.float64).softmax(-1)
     idx = torch.stack([torch.randperm(E)[:K] for _ in range(B * S)])
-    per_seq = [switch(probs[b * S:(b + 1) * S], idx[b * S:(b + 1) * S]) for b in range(B)]
+    per_seq = [switch(probs[b * S : (b + 1) * S], idx[b * S : (b + 1) * S]) for b in range(B)]
     got = sequence_aux_loss(probs, sequence_counts(idx, B, E, probs.dtype))
     torch.testing.assert_close(got, torch.stack(per_seq).mean())
 

@@ -27,8 +27,8 @@ def test_groups_hold_each_experts_tokens_in_order_then_zero_padding(pad):
     start = 0
     for e, n in enumerate(counts.tolist()):
         mine = x[[t for t in range(T) if e in idx[t]]]
-        assert torch.equal(x_MD[start:start + len(mine)], mine)
-        assert (x_MD[start + len(mine):start + n] == 0).all()
+        assert torch.equal(x_MD[start : start + len(mine)], mine)
+        assert (x_MD[start + len(mine) : start + n] == 0).all()
         start += n
     assert (x_MD[start:] == 0).all()
     y = torch.randn_like(x_MD)
@@ -39,17 +39,21 @@ def test_groups_hold_each_experts_tokens_in_order_then_zero_padding(pad):
 
 def moe_layer(grouped_mm: str, dtype: torch.dtype) -> MoE:
     torch.manual_seed(0)
-    args = MoEArgs(router=RouterArgs(dim=16, num_experts=8, topk=3, dtype=dtype,
-                                     enable_expert_bias=True),
-                   hidden_dim=12, shared_hidden_dim=8, grouped_mm=grouped_mm)
+    args = MoEArgs(
+        router=RouterArgs(dim=16, num_experts=8, topk=3, dtype=dtype, enable_expert_bias=True),
+        hidden_dim=12,
+        shared_hidden_dim=8,
+        grouped_mm=grouped_mm,
+    )
     layer = MoE(args).to(dtype)
     layer.init_weights(0.5, 0.3)
     layer.router.expert_bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, -9, -9.0]))  # 2 empty
     return layer
 
 
-@pytest.mark.parametrize("grouped_mm,dtype", [("loop", torch.float64),
-                                              ("grouped_mm", torch.float32)])
+@pytest.mark.parametrize(
+    "grouped_mm,dtype", [("loop", torch.float64), ("grouped_mm", torch.float32)]
+)
 def test_padded_dispatch_gives_the_same_moe_outputs_and_gradients(grouped_mm, dtype):
     x = torch.randn(2, 19, 16, dtype=dtype)
     results = []
@@ -101,6 +105,6 @@ def test_torch_backend_compiles_without_graph_breaks(pad):
 def test_config_refuses_triton_permutation_without_cuda(tiny_config):
     from torchmoe.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="moe.permute_backend = 'triton'.*no CUDA"):
+    with pytest.raises(ConfigError, match=r"moe.permute_backend = 'triton'.*no CUDA"):
         tiny_config(**{"moe.permute_backend": "triton"})
     tiny_config(**{"moe.permute_backend": "torch"})

@@ -14,14 +14,16 @@ def naive_route(x_D, gate_ED, bias_E, a: RouterArgs):
     """Scores, choice and weights for one token, written as plainly as possible."""
     logits = gate_ED @ x_D
     scores = logits.softmax(-1) if a.score_function == "softmax" else logits.sigmoid()
-    choice = [float(s.detach()) + (float(bias_E[i]) if bias_E is not None else 0.0)
-              for i, s in enumerate(scores)]
+    choice = [
+        float(s.detach()) + (float(bias_E[i]) if bias_E is not None else 0.0)
+        for i, s in enumerate(scores)
+    ]
     allowed = list(range(len(choice)))
     if a.num_groups:
         size = len(choice) // a.num_groups
         group_scores = []
         for g in range(a.num_groups):
-            members = sorted(choice[g * size:(g + 1) * size], reverse=True)
+            members = sorted(choice[g * size : (g + 1) * size], reverse=True)
             group_scores.append(sum(members[:2]) if bias_E is not None else members[0])
         best = sorted(range(a.num_groups), key=lambda g: -group_scores[g])[: a.group_topk]
         allowed = [i for i in allowed if i // size in best]
@@ -59,11 +61,23 @@ def test_moe_matches_per_token_loop(case):
     score, norm, groups, bias = CASES[case]
     torch.manual_seed(case)
     D, E, K, F_ = 12, 8, 3, 10
-    args = MoEArgs(router=RouterArgs(dim=D, num_experts=E, topk=K, score_function=score,
-                                     norm_topk_prob=norm, scaling_factor=2.5,
-                                     num_groups=groups, group_topk=2 if groups else 0,
-                                     enable_expert_bias=bias, dtype=torch.float64),
-                   hidden_dim=F_, shared_hidden_dim=6, grouped_mm="loop")
+    args = MoEArgs(
+        router=RouterArgs(
+            dim=D,
+            num_experts=E,
+            topk=K,
+            score_function=score,
+            norm_topk_prob=norm,
+            scaling_factor=2.5,
+            num_groups=groups,
+            group_topk=2 if groups else 0,
+            enable_expert_bias=bias,
+            dtype=torch.float64,
+        ),
+        hidden_dim=F_,
+        shared_hidden_dim=6,
+        grouped_mm="loop",
+    )
     layer = MoE(args).double()
     layer.init_weights(0.5, 0.3)
     if bias:
@@ -87,8 +101,12 @@ def test_moe_matches_per_token_loop(case):
 
 def test_token_counts_and_aux_loss_are_recorded_once_per_forward():
     torch.manual_seed(0)
-    args = MoEArgs(router=RouterArgs(dim=8, num_experts=4, topk=2), hidden_dim=8,
-                   balance_coeffs={"aux_loss": 0.1}, grouped_mm="loop")
+    args = MoEArgs(
+        router=RouterArgs(dim=8, num_experts=4, topk=2),
+        hidden_dim=8,
+        balance_coeffs={"aux_loss": 0.1},
+        grouped_mm="loop",
+    )
     layer = MoE(args)
     layer.init_weights(0.5, 0.5)
     x = torch.randn(3, 5, 8, requires_grad=True)

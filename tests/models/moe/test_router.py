@@ -52,8 +52,9 @@ def test_expert_bias_changes_selection_not_weights():
 def test_weights_renormalised_and_scaled():
     torch.manual_seed(0)
     logits = torch.randn(5, 6)
-    r, x = router_with_logits(logits, topk=2, score_function="sigmoid", norm_topk_prob=True,
-                              scaling_factor=2.5)
+    r, x = router_with_logits(
+        logits, topk=2, score_function="sigmoid", norm_topk_prob=True, scaling_factor=2.5
+    )
     w = r(x).topk_weight_TK
     torch.testing.assert_close(w.sum(-1), torch.full((5,), 2.5))
 

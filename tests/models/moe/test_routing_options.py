@@ -9,8 +9,14 @@ import math
 import pytest
 import torch
 
-from torchmoe.models.moe.balance import (entropy_sum, expert_counts, sequence_aux_loss,
-                                         sequence_counts, switch_aux_loss, z_loss)
+from torchmoe.models.moe.balance import (
+    entropy_sum,
+    expert_counts,
+    sequence_aux_loss,
+    sequence_counts,
+    switch_aux_loss,
+    z_loss,
+)
 from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
 from torchmoe.models.moe.moe import STAT_NAMES, MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs, TopKRouter, sinkhorn_log
@@ -42,8 +48,9 @@ def reference_route(x, weight, bias, a: RouterArgs) -> tuple[list, list]:
         choice = [s + (float(bias[e]) if bias is not None else 0.0) for e, s in enumerate(scores)]
         if a.num_groups:
             size = E // a.num_groups
-            groups = [sorted(choice[g * size:(g + 1) * size], reverse=True)
-                      for g in range(a.num_groups)]
+            groups = [
+                sorted(choice[g * size : (g + 1) * size], reverse=True) for g in range(a.num_groups)
+            ]
             group_score = [sum(g[:2]) if bias is not None else g[0] for g in groups]
             best = sorted(range(a.num_groups), key=lambda g: -group_score[g])[: a.group_topk]
             choice = [c if e // size in best else -math.inf for e, c in enumerate(choice)]
@@ -61,26 +68,43 @@ def reference_route(x, weight, bias, a: RouterArgs) -> tuple[list, list]:
 
 
 ROUTER_OPTIONS = [
-    dict(score_function=s, pre_softmax=pre, norm_topk_prob=norm, scaling_factor=scale,
-         num_groups=groups, group_topk=2 if groups else 0, enable_expert_bias=bias, topk=k)
+    dict(
+        score_function=s,
+        pre_softmax=pre,
+        norm_topk_prob=norm,
+        scaling_factor=scale,
+        num_groups=groups,
+        group_topk=2 if groups else 0,
+        enable_expert_bias=bias,
+        topk=k,
+    )
     for s, pre, norm, scale, groups, bias, k in itertools.product(
-        ("softmax", "sigmoid"), (True, False), (True, False), (1.0, 2.5), (0, 4), (False, True),
-        (1, 3))
+        ("softmax", "sigmoid"),
+        (True, False),
+        (True, False),
+        (1.0, 2.5),
+        (0, 4),
+        (False, True),
+        (1, 3),
+    )
     if s == "softmax" or pre  # pre_softmax only means something for softmax
 ]
 
 
-@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: "-".join(
-    f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "options", ROUTER_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
+)
 def test_router_matches_loop_reference(options):
     seed = ROUTER_OPTIONS.index(options)
     router, x = make_router(seed, **options)
     got = router(x)
-    want_idx, want_w = reference_route(x, router.gate.weight.detach(), router.expert_bias,
-                                       router.args)
+    want_idx, want_w = reference_route(
+        x, router.gate.weight.detach(), router.expert_bias, router.args
+    )
     assert got.topk_idx_TK.tolist() == want_idx
-    torch.testing.assert_close(got.topk_weight_TK, torch.tensor(want_w, dtype=F64),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got.topk_weight_TK, torch.tensor(want_w, dtype=F64), rtol=1e-10, atol=1e-12
+    )
     assert torch.allclose(got.probs_TE.sum(-1), torch.ones(T, dtype=F64))
 
 
@@ -104,8 +128,9 @@ def reference_sinkhorn(logits, tol=1e-13):
 def test_sinkhorn_converges_to_the_balanced_assignment():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(T, E, generator=g, dtype=F64) * 2
-    torch.testing.assert_close(sinkhorn_log(logits, iters=300).exp(), reference_sinkhorn(logits),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        sinkhorn_log(logits, iters=300).exp(), reference_sinkhorn(logits), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_sinkhorn_routing_balances_skewed_logits_in_training_only():
@@ -122,8 +147,9 @@ def test_sinkhorn_routing_balances_skewed_logits_in_training_only():
     load = [expert_counts(r.topk_idx_TK, E, F64).max() for r in (balanced, plain)]
     assert load[0] < load[1]
     # weights are the chosen experts' scores either way
-    torch.testing.assert_close(balanced.topk_weight_TK,
-                               balanced.probs_TE.gather(1, balanced.topk_idx_TK))
+    torch.testing.assert_close(
+        balanced.topk_weight_TK, balanced.probs_TE.gather(1, balanced.topk_idx_TK)
+    )
 
 
 def test_forced_balance_is_round_robin_and_keeps_gradients():
@@ -179,15 +205,16 @@ def test_aux_losses_match_loops():
     assert abs(got - loop_switch(probs, idx)) < 1e-12
     B = 4
     S = T // B
-    want_seq = sum(loop_switch(probs[b * S:(b + 1) * S], idx[b * S:(b + 1) * S])
-                   for b in range(B)) / B
+    want_seq = (
+        sum(loop_switch(probs[b * S : (b + 1) * S], idx[b * S : (b + 1) * S]) for b in range(B)) / B
+    )
     counts = sequence_counts(idx, B, E, F64)
     assert abs(sequence_aux_loss(probs, counts).item() - want_seq) < 1e-12
 
 
 def test_global_aux_loss_averaged_over_shards_is_the_whole_batch_loss():
     probs, idx = random_routing_inputs(12)
-    halves = [(probs[:T // 2], idx[:T // 2]), (probs[T // 2:], idx[T // 2:])]
+    halves = [(probs[: T // 2], idx[: T // 2]), (probs[T // 2 :], idx[T // 2 :])]
     global_counts = sum(expert_counts(i, E, F64) for _, i in halves)
     per_shard = [switch_aux_loss(p, global_counts) for p, _ in halves]
     local = [switch_aux_loss(p, expert_counts(i, E, F64)) for p, i in halves]
@@ -241,9 +268,14 @@ def reference_moe_output(layer: MoE, x_TD, idx_TK, weight_TK):
 @pytest.mark.parametrize("policy,pad", [("probs", False), ("position", False), ("probs", True)])
 def test_moe_layer_drops_over_capacity_and_counts(policy, pad):
     torch.manual_seed(13)
-    args = MoEArgs(router=RouterArgs(dim=D, num_experts=E, topk=2, dtype=F64), hidden_dim=6,
-                   capacity_factor=0.75, drop_policy=policy, pad_to_capacity=pad,
-                   grouped_mm="loop")
+    args = MoEArgs(
+        router=RouterArgs(dim=D, num_experts=E, topk=2, dtype=F64),
+        hidden_dim=6,
+        capacity_factor=0.75,
+        drop_policy=policy,
+        pad_to_capacity=pad,
+        grouped_mm="loop",
+    )
     layer = MoE(args).double()
     layer.init_weights(0.5, 0.5)
     with torch.no_grad():
@@ -262,5 +294,7 @@ def test_moe_layer_drops_over_capacity_and_counts(policy, pad):
     if pad:
         assert groups == [[capacity] * E]
     else:
-        assert groups[0] == expert_counts(kept.clamp_min(0)[kept >= 0].view(-1, 1), E,
-                                          F64).long().tolist()
+        assert (
+            groups[0]
+            == expert_counts(kept.clamp_min(0)[kept >= 0].view(-1, 1), E, F64).long().tolist()
+        )

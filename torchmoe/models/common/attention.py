@@ -32,16 +32,22 @@ class ScaledDotProductAttention(nn.Module):
         super().__init__()
         self.scale = scale
 
-    def forward(self, q_BSHK: torch.Tensor, k_BSGK: torch.Tensor, v_BSGV: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self, q_BSHK: torch.Tensor, k_BSGK: torch.Tensor, v_BSGV: torch.Tensor
+    ) -> torch.Tensor:
         groups = q_BSHK.shape[2] // k_BSGK.shape[2]  # GQA: each key/value head serves a group
         k_BSHK = k_BSGK.repeat_interleave(groups, dim=2) if groups > 1 else k_BSGK
         v_BSHV = v_BSGV.repeat_interleave(groups, dim=2) if groups > 1 else v_BSGV
         v_dim = v_BSHV.shape[-1]
         pad = q_BSHK.shape[-1] - v_dim
         v = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
-        out = F.scaled_dot_product_attention(q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2),
-                                             v.transpose(1, 2), is_causal=True, scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            q_BSHK.transpose(1, 2),
+            k_BSHK.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=self.scale,
+        )
         return out.transpose(1, 2)[..., :v_dim]
 
 
@@ -67,9 +73,14 @@ class MLAUpProjection(nn.Module):
     from the small latents (``recompute_modules = ["mla_up_proj"]``).
     """
 
-    def forward(self, mla: "MLA", q_in: torch.Tensor, kv_latent: torch.Tensor,
-                k_pe: torch.Tensor, cos_sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        mla: "MLA",
+        q_in: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = mla.args
         B, S, _ = q_in.shape
         q = mla.wq(q_in) if a.q_lora_rank == 0 else mla.wq_b(mla.q_norm(q_in))
@@ -102,8 +113,9 @@ class MLA(nn.Module):
             self.wq_b = nn.Linear(a.q_lora_rank, a.n_heads * self.qk_head_dim, bias=False)
         self.wkv_a = nn.Linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(a.kv_lora_rank, eps=a.norm_eps)
-        self.wkv_b = nn.Linear(a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim),
-                               bias=False)
+        self.wkv_b = nn.Linear(
+            a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False
+        )
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
         self.up_proj = MLAUpProjection()
         self.inner_attention = ScaledDotProductAttention(a.softmax_scale)

@@ -44,9 +44,12 @@ def inverse_frequencies(args: RopeArgs) -> torch.Tensor:
     freqs = 1.0 / (args.theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if args.factor <= 1.0:
         return freqs
-    low = max(math.floor(_correction_dim(args.beta_fast, dim, args.theta, args.original_seq_len)), 0)
-    high = min(math.ceil(_correction_dim(args.beta_slow, dim, args.theta, args.original_seq_len)),
-               dim - 1)
+    low = max(
+        math.floor(_correction_dim(args.beta_fast, dim, args.theta, args.original_seq_len)), 0
+    )
+    high = min(
+        math.ceil(_correction_dim(args.beta_slow, dim, args.theta, args.original_seq_len)), dim - 1
+    )
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -54,8 +57,7 @@ def inverse_frequencies(args: RopeArgs) -> torch.Tensor:
     return freqs / args.factor * (1 - keep) + freqs * keep
 
 
-def rope_cos_sin(args: RopeArgs, seq_len: int, device: torch.device | None = None
-                 ) -> torch.Tensor:
+def rope_cos_sin(args: RopeArgs, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """cos and sin tables stacked as [seq_len, head_dim / 2, 2], float32."""
     freqs = inverse_frequencies(args).to(device)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), freqs)

@@ -57,8 +57,9 @@ class MTPModule(nn.Module):
         self.block = block
         self.norm = RMSNorm(dim, eps=norm_eps)
 
-    def forward(self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos_sin: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos_sin: torch.Tensor
+    ) -> torch.Tensor:
         """The next depth's hidden state (before ``norm``)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
         return self.block(x, cos_sin)
@@ -97,9 +98,17 @@ class Decoder(nn.Module):
     the last stage, which holds the MTP modules: no stage needs a copy of the embedding.
     """
 
-    def __init__(self, vocab_size: int, dim: int, blocks: list[TransformerBlock],
-                 norm_eps: float, rope: RopeArgs, max_seq_len: int,
-                 mtp_blocks: list[TransformerBlock] | None = None, mtp_loss_scale: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        blocks: list[TransformerBlock],
+        norm_eps: float,
+        rope: RopeArgs,
+        max_seq_len: int,
+        mtp_blocks: list[TransformerBlock] | None = None,
+        mtp_loss_scale: float = 0.0,
+    ):
         super().__init__()
         self.rope = rope
         self.dim = dim
@@ -110,8 +119,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
         # after the head, so models without MTP initialise exactly as before it existed
-        self.mtp = (nn.ModuleList(MTPModule(b, dim, norm_eps) for b in mtp_blocks)
-                    if mtp_blocks else None)
+        self.mtp = (
+            nn.ModuleList(MTPModule(b, dim, norm_eps) for b in mtp_blocks) if mtp_blocks else None
+        )
         self.mtp_loss_scale = mtp_loss_scale
         self.register_buffer("rope_cos_sin", rope_cos_sin(rope, max_seq_len), persistent=False)
         self.register_buffer("mtp_loss_sum", torch.zeros(()), persistent=False)
@@ -125,10 +135,11 @@ class Decoder(nn.Module):
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
             if self.mtp_depth and labels is None and self.output is None:
-                raise ValueError("the first pipeline stage of a model with multi-token "
-                                 "prediction needs the labels: the last stage reads them")
-            mtp_inputs = (self.mtp_inputs(labels) if self.mtp_depth and labels is not None
-                          else [])
+                raise ValueError(
+                    "the first pipeline stage of a model with multi-token "
+                    "prediction needs the labels: the last stage reads them"
+                )
+            mtp_inputs = self.mtp_inputs(labels) if self.mtp_depth and labels is not None else []
         else:
             h, *mtp_inputs = tokens.split(self.dim, dim=-1)
         for layer in self.layers.values():
@@ -143,11 +154,18 @@ class Decoder(nn.Module):
     def mtp_inputs(self, labels_BS: torch.Tensor) -> list[torch.Tensor]:
         """What depth k (1-based) reads at position t: the embedding of token t + k
         (labels[t + k - 1]); past the end, of token 0."""
-        return [self.tok_embeddings(_shift_left(labels_BS, k - 1, 0))
-                for k in range(1, self.mtp_depth + 1)]
+        return [
+            self.tok_embeddings(_shift_left(labels_BS, k - 1, 0))
+            for k in range(1, self.mtp_depth + 1)
+        ]
 
-    def mtp_loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor,
-                 inputs: list[torch.Tensor], cos_sin: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(
+        self,
+        h_BSD: torch.Tensor,
+        labels_BS: torch.Tensor,
+        inputs: list[torch.Tensor],
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
         """L for the main model's last hidden state ``h_BSD`` (before the final norm) and the
         depths' ``inputs`` (``mtp_inputs``).
 
@@ -162,16 +180,20 @@ class Decoder(nn.Module):
             h_BSD = module(h_BSD, emb_BSD, cos_sin)
             logits_TV = self.output(module.norm(h_BSD)).flatten(0, 1)
             logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
-            losses.append(F.cross_entropy(logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(),
-                                          ignore_index=_IGNORE))
+            losses.append(
+                F.cross_entropy(
+                    logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(), ignore_index=_IGNORE
+                )
+            )
         loss = torch.stack(losses).sum() * (self.mtp_loss_scale / len(self.mtp))
         if not is_recomputing():
             self.mtp_loss_sum.add_(loss.detach())
         return loss
 
     @torch.no_grad()
-    def init_weights(self, init_std: float, n_layers: int, buffer_device: torch.device | None = None
-                     ) -> None:
+    def init_weights(
+        self, init_std: float, n_layers: int, buffer_device: torch.device | None = None
+    ) -> None:
         """Initialise every parameter and buffer in place (see models/common/init.py); call
         after ``to_empty`` when the model was built on the meta device."""
         device = buffer_device or self.rope_cos_sin.device

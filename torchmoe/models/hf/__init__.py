@@ -6,8 +6,13 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.models.hf import deepseek_v2, deepseek_v3, llama, mixtral, qwen3_moe
 from torchmoe.models.hf.adapter import HFAdapter
 
-_ADAPTERS = (deepseek_v3.ADAPTER, deepseek_v2.ADAPTER, mixtral.ADAPTER, qwen3_moe.ADAPTER,
-             llama.ADAPTER)
+_ADAPTERS = (
+    deepseek_v3.ADAPTER,
+    deepseek_v2.ADAPTER,
+    mixtral.ADAPTER,
+    qwen3_moe.ADAPTER,
+    llama.ADAPTER,
+)
 
 
 def _find(attribute: str, value: str, error: str) -> HFAdapter:
@@ -20,8 +25,11 @@ def _find(attribute: str, value: str, error: str) -> HFAdapter:
 
 
 def adapter_for_model_type(model_type: str) -> HFAdapter:
-    return _find("model_type", model_type,
-                 f"config.json: model_type = {model_type!r} has no torchmoe converter")
+    return _find(
+        "model_type",
+        model_type,
+        f"config.json: model_type = {model_type!r} has no torchmoe converter",
+    )
 
 
 def adapter_for_family(family: str) -> HFAdapter:

@@ -1,8 +1,9 @@
 """What each family module provides: how config.json and torchmoe's [model]/[moe] keys
 translate both ways, and the tensor name rules."""
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Callable, Collection
+from typing import Any
 
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.hf.mapping import Rule

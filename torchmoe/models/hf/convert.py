@@ -4,8 +4,9 @@ Export then import gives back every tensor bit for bit (float32 stays float32)."
 
 import json
 import shlex
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any
 
 import torch
 
@@ -22,8 +23,9 @@ from torchmoe.train.checkpoint import CheckpointManager, TrainState
 
 def _empty_folder(path: Path, flag: str) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"{flag} {path} already exists and is not an empty folder; choose a "
-                          "new one")
+        raise ConfigError(
+            f"{flag} {path} already exists and is not an empty folder; choose a new one"
+        )
 
 
 def _meta_state(cfg: JobConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -43,14 +45,17 @@ def _flavor(family: str, values: dict) -> str:
     return next(iter(flavors))
 
 
-def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
-                   ) -> tuple[JobConfig, dict]:
+def config_from_hf(
+    hf: dict, names: Collection[str], family: str | None = None
+) -> tuple[JobConfig, dict]:
     """config.json and the checkpoint's tensor names -> (validated JobConfig, the [model]/[moe]
     values it sets)."""
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise ConfigError(f"config.json: quantization_config ({method}) describes quantized "
-                          "weights; convert them to bfloat16 or float32 first")
+        raise ConfigError(
+            f"config.json: quantization_config ({method}) describes quantized "
+            "weights; convert them to bfloat16 or float32 first"
+        )
     adapter = adapter_for_model_type(hf.get("model_type"))
     values = adapter.to_job(hf, names)
     name = family or adapter.family
@@ -60,25 +65,33 @@ def config_from_hf(hf: dict, names: Collection[str], family: str | None = None
     return cfg, values
 
 
-def _check_names(hf_dir: Path, have: dict[str, torch.Tensor],
-                 want: dict[str, torch.Tensor]) -> None:
+def _check_names(
+    hf_dir: Path, have: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
+) -> None:
     """The folder's tensors must be exactly those config.json implies, with their shapes."""
     missing = [k for k in want if k not in have]
     if missing:
-        raise ConfigError(f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} missing); "
-                          "config.json describes a model with it")
+        raise ConfigError(
+            f"{hf_dir}: tensor {missing[0]} is missing ({len(missing)} missing); "
+            "config.json describes a model with it"
+        )
     extra = [k for k in have if k not in want]
     if extra:
-        raise ConfigError(f"{hf_dir}: tensor {extra[0]} does not belong to the model config.json "
-                          f"describes ({len(extra)} such tensors)")
+        raise ConfigError(
+            f"{hf_dir}: tensor {extra[0]} does not belong to the model config.json "
+            f"describes ({len(extra)} such tensors)"
+        )
     for k, t in want.items():
         if tuple(have[k].shape) != tuple(t.shape):
-            raise ConfigError(f"{hf_dir}: tensor {k} has shape {list(have[k].shape)}, "
-                              f"config.json implies {list(t.shape)}")
+            raise ConfigError(
+                f"{hf_dir}: tensor {k} has shape {list(have[k].shape)}, "
+                f"config.json implies {list(t.shape)}"
+            )
 
 
-def read_hf(hf_dir: Path, family: str | None = None
-            ) -> tuple[JobConfig, dict, dict[str, torch.Tensor]]:
+def read_hf(
+    hf_dir: Path, family: str | None = None
+) -> tuple[JobConfig, dict, dict[str, torch.Tensor]]:
     """A Hugging Face folder -> (JobConfig, the [model]/[moe] values it sets, torchmoe state
     dict in the model's dtypes)."""
     hf = read_json(hf_dir / "config.json")
@@ -103,8 +116,9 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     model, _ = _meta_state(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     out.mkdir(parents=True, exist_ok=True)
-    CheckpointManager(Checkpoint(enable=True), out, model, None, None, None,
-                      TrainState()).save_seed()
+    CheckpointManager(
+        Checkpoint(enable=True), out, model, None, None, None, TrainState()
+    ).save_seed()
     (out / "model.toml").write_text(model_toml(cfg, values, hf_dir, out))
     return cfg, values
 
@@ -119,8 +133,10 @@ def model_toml(cfg: JobConfig, values: dict, hf_dir: Path, out: Path) -> str:
     keys that start training from its weights."""
     lines = [f"# Written by scripts/convert_hf.py import from {hf_dir.resolve()}."]
     section = None
-    for dotted, value in _keys(cfg, values) + [("checkpoint.enable", True),
-                                               ("checkpoint.folder", str(out.resolve()))]:
+    for dotted, value in _keys(cfg, values) + [
+        ("checkpoint.enable", True),
+        ("checkpoint.folder", str(out.resolve())),
+    ]:
         s, k = dotted.split(".")
         if s != section:
             lines += ["", f"[{s}]"] if section else [f"[{s}]"]
@@ -131,6 +147,7 @@ def model_toml(cfg: JobConfig, values: dict, hf_dir: Path, out: Path) -> str:
 
 def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
     """The same keys as ``--section.key value`` arguments (shell-quoted)."""
+
     def arg(value: Any) -> str:
         if isinstance(value, list):
             return ",".join(map(str, value))
@@ -140,15 +157,17 @@ def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
     return shlex.join(args + ["--checkpoint.enable", "--checkpoint.folder", str(out.resolve())])
 
 
-def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int
-              ) -> JobConfig:
+def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int) -> JobConfig:
     """Write the model of checkpoint ``step_dir`` (built by ``--config ... [--section.key value
     ...]``) as a Hugging Face folder: config.json and safetensors."""
     _empty_folder(out, "--out")
     cfg, _ = load_config(recipe_args)
     adapter = adapter_for_family(cfg.model.name)
-    hf = {"architectures": [adapter.architecture], "model_type": adapter.model_type,
-          **adapter.to_hf_config(cfg)}
+    hf = {
+        "architectures": [adapter.architecture],
+        "model_type": adapter.model_type,
+        **adapter.to_hf_config(cfg),
+    }
     _, expected = _meta_state(cfg)
     state = read_dcp_model(step_dir, expected)
     tensors = to_hf(state, adapter.rules(cfg, hf), adapter.family)

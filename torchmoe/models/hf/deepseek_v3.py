@@ -10,7 +10,8 @@ the usual layer names plus ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm
 (``shared_head.head``), which torchmoe shares with the main model: export writes them, import
 reads the main model's. transformers itself does not run these layers."""
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.hf.adapter import HFAdapter
@@ -19,8 +20,11 @@ from torchmoe.models.hf.mapping import Rule
 from torchmoe.models.hf.rules import decoder_rules, ffn_rules, mla_rules, relocate
 
 ARCHITECTURE = "DeepseekV3ForCausalLM"
-FIXED = {"moe.router_score_function": "sigmoid", "moe.router_pre_softmax": True,
-         "moe.enable_expert_bias": True}
+FIXED = {
+    "moe.router_score_function": "sigmoid",
+    "moe.router_pre_softmax": True,
+    "moe.enable_expert_bias": True,
+}
 
 
 def _mtp_depth(names: Collection[str], n_layers: int) -> int:
@@ -37,19 +41,25 @@ def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
     values = mla_to_job(hf)
     groups = get(hf, "n_group") or 1
     values["model"]["mtp_num_layers"] = _mtp_depth(names, values["model"]["n_layers"])
-    values["moe"].update(router_norm_topk_prob=get(hf, "norm_topk_prob"),
-                         router_num_groups=groups if groups > 1 else 0,
-                         router_group_topk=get(hf, "topk_group") if groups > 1 else 0)
+    values["moe"].update(
+        router_norm_topk_prob=get(hf, "norm_topk_prob"),
+        router_num_groups=groups if groups > 1 else 0,
+        router_group_topk=get(hf, "topk_group") if groups > 1 else 0,
+    )
     return with_fixed(values, FIXED)
 
 
 def to_hf_config(cfg: JobConfig) -> dict[str, Any]:
     expressible(cfg, FIXED, ARCHITECTURE)
     e = cfg.moe
-    return {**mla_to_hf(cfg, ARCHITECTURE), "rope_interleave": True,
-            "norm_topk_prob": e.router_norm_topk_prob,
-            "n_group": e.router_num_groups or 1, "topk_group": e.router_group_topk or 1,
-            "num_nextn_predict_layers": cfg.model.mtp_num_layers}
+    return {
+        **mla_to_hf(cfg, ARCHITECTURE),
+        "rope_interleave": True,
+        "norm_topk_prob": e.router_norm_topk_prob,
+        "n_group": e.router_num_groups or 1,
+        "topk_group": e.router_group_topk or 1,
+        "num_nextn_predict_layers": cfg.model.mtp_num_layers,
+    }
 
 
 def rules(cfg: JobConfig, hf: dict) -> list[Rule]:
@@ -57,13 +67,15 @@ def rules(cfg: JobConfig, hf: dict) -> list[Rule]:
     mtp = []
     for k in range(cfg.model.mtp_num_layers):
         ours, layer = f"mtp.{k}.", f"model.layers.{cfg.model.n_layers + k}."
-        mtp += [Rule(ours + "enorm.weight", layer + "enorm.weight"),
-                Rule(ours + "hnorm.weight", layer + "hnorm.weight"),
-                Rule(ours + "eh_proj.weight", layer + "eh_proj.weight"),
-                Rule(ours + "norm.weight", layer + "shared_head.norm.weight"),
-                Rule("tok_embeddings.weight", layer + "embed_tokens.weight", copy=True),
-                Rule("output.weight", layer + "shared_head.head.weight", copy=True),
-                *relocate(block, ours + "block.", layer)]
+        mtp += [
+            Rule(ours + "enorm.weight", layer + "enorm.weight"),
+            Rule(ours + "hnorm.weight", layer + "hnorm.weight"),
+            Rule(ours + "eh_proj.weight", layer + "eh_proj.weight"),
+            Rule(ours + "norm.weight", layer + "shared_head.norm.weight"),
+            Rule("tok_embeddings.weight", layer + "embed_tokens.weight", copy=True),
+            Rule("output.weight", layer + "shared_head.head.weight", copy=True),
+            *relocate(block, ours + "block.", layer),
+        ]
     return mtp + block  # MTP first: its layer names would also match the block rules
 
 

@@ -17,8 +17,9 @@ INDEX = "model.safetensors.index.json"
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"{path}: no such file; a Hugging Face model folder holds config.json "
-                          "and *.safetensors")
+        raise ConfigError(
+            f"{path}: no such file; a Hugging Face model folder holds config.json and *.safetensors"
+        )
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -39,8 +40,10 @@ def safetensors_files(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"{folder}: no *.safetensors files; convert .bin checkpoints with "
-                          "transformers' save_pretrained first")
+        raise ConfigError(
+            f"{folder}: no *.safetensors files; convert .bin checkpoints with "
+            "transformers' save_pretrained first"
+        )
     for f in files:
         if not f.is_file():
             raise ConfigError(f"{index}: shard {f.name} is missing from {folder}")
@@ -55,14 +58,14 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
         if tensors.keys() & shard.keys():
-            raise ConfigError(f"{f}: repeats tensor {sorted(tensors.keys() & shard.keys())[0]} "
-                              "of another shard")
+            raise ConfigError(
+                f"{f}: repeats tensor {sorted(tensors.keys() & shard.keys())[0]} of another shard"
+            )
         tensors.update(shard)
     return tensors
 
 
-def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int
-                      ) -> None:
+def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
     """Write ``tensors`` (in order) into shards of at most ``max_shard_bytes`` (a larger tensor
     gets a shard of its own) plus an index, or into model.safetensors when one shard will do."""
     shards: list[list[str]] = [[]]
@@ -75,16 +78,24 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         shards[-1].append(name)
         size += nbytes
     n = len(shards)
-    files = (["model.safetensors"] if n == 1 else
-             [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+    files = (
+        ["model.safetensors"]
+        if n == 1
+        else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     for names, file in zip(shards, files):  # copies one shard at a time (experts are views)
-        save_file({k: tensors[k].clone(memory_format=torch.contiguous_format) for k in names},
-                  folder / file, metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k].clone(memory_format=torch.contiguous_format) for k in names},
+            folder / file,
+            metadata={"format": "pt"},
+        )
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: f for names, f in zip(shards, files) for k in names}}
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: f for names, f in zip(shards, files) for k in names},
+        }
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -95,15 +106,21 @@ def read_dcp_model(step_dir: Path, expected: dict[str, torch.Tensor]) -> dict[st
     stored = read_model_weights(step_dir, "--checkpoint")
     for name, t in expected.items():
         if name not in stored:
-            raise ConfigError(f"--checkpoint {step_dir} has no tensor {name}; the recipe describes "
-                              "another model than the one saved (use the recipe and overrides "
-                              "it was trained with)")
+            raise ConfigError(
+                f"--checkpoint {step_dir} has no tensor {name}; the recipe describes "
+                "another model than the one saved (use the recipe and overrides "
+                "it was trained with)"
+            )
         if stored[name].shape != t.shape:
-            raise ConfigError(f"--checkpoint {step_dir}: {name} has shape "
-                              f"{list(stored[name].shape)}, the recipe builds {list(t.shape)}; use "
-                              "the recipe and overrides it was trained with")
+            raise ConfigError(
+                f"--checkpoint {step_dir}: {name} has shape "
+                f"{list(stored[name].shape)}, the recipe builds {list(t.shape)}; use "
+                "the recipe and overrides it was trained with"
+            )
     extra = sorted(stored.keys() - expected.keys())
     if extra:
-        raise ConfigError(f"--checkpoint {step_dir} holds {extra[0]}, which the recipe's model "
-                          f"lacks ({len(extra)} such tensors); use the recipe it was trained with")
+        raise ConfigError(
+            f"--checkpoint {step_dir} holds {extra[0]}, which the recipe's model "
+            f"lacks ({len(extra)} such tensors); use the recipe it was trained with"
+        )
     return stored

@@ -1,7 +1,8 @@
 """Llama (transformers LlamaForCausalLM): the dense GQA baseline, rotate-half RoPE. Tied
 embeddings import as two tensors (torchmoe's output head is its own)."""
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.hf.adapter import HFAdapter
@@ -14,14 +15,26 @@ FIXED = {"moe.num_experts": 0, "model.mtp_num_layers": 0}
 
 
 def to_job(hf: dict, names: Collection[str]) -> dict[str, dict[str, Any]]:
-    return with_fixed({"model": {**gqa_to_job(hf), "n_dense_layers": 0,
-                                 "inter_dim": get(hf, "intermediate_size")}}, FIXED)
+    return with_fixed(
+        {
+            "model": {
+                **gqa_to_job(hf),
+                "n_dense_layers": 0,
+                "inter_dim": get(hf, "intermediate_size"),
+            }
+        },
+        FIXED,
+    )
 
 
 def to_hf_config(cfg: JobConfig) -> dict[str, Any]:
     expressible(cfg, FIXED, ARCHITECTURE)
-    return {**gqa_to_hf(cfg), "attention_bias": False, "mlp_bias": False,
-            "intermediate_size": cfg.model.inter_dim}
+    return {
+        **gqa_to_hf(cfg),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "intermediate_size": cfg.model.inter_dim,
+    }
 
 
 def rules(cfg: JobConfig, hf: dict) -> list[Rule]:

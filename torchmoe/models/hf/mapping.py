@@ -8,8 +8,8 @@ import). A rule may also carry a transform and its inverse (the RoPE channel per
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -52,16 +52,19 @@ def _matches(name: str, rules: list[Rule], side: str) -> list[tuple[Rule, dict[s
     return out
 
 
-def to_hf(state: dict[str, torch.Tensor], rules: list[Rule], family: str
-          ) -> dict[str, torch.Tensor]:
+def to_hf(
+    state: dict[str, torch.Tensor], rules: list[Rule], family: str
+) -> dict[str, torch.Tensor]:
     """torchmoe state dict -> Hugging Face names and layouts (tensors may be views)."""
     out = {}
     for name, t in state.items():
         hits = _matches(name, rules, "ours")
         primary = [h for h in hits if not h[0].copy][:1]
         if not primary:
-            raise ConfigError(f"torchmoe tensor {name} has no Hugging Face name in the {family} "
-                              "mapping (torchmoe/models/hf); the model and the mapping disagree")
+            raise ConfigError(
+                f"torchmoe tensor {name} has no Hugging Face name in the {family} "
+                "mapping (torchmoe/models/hf); the model and the mapping disagree"
+            )
         for rule, groups in primary + [h for h in hits if h[0].copy]:
             if rule.per_expert:
                 for e, t_e in enumerate(t.unbind(0)):

@@ -3,7 +3,7 @@ Llama-style models rotate channel i with i + R/2 ("rotate half"). Both give pair
 frequency, so permuting the rows of the q/k projections (and of per-head q/k norm weights)
 moves a checkpoint between the two without changing any q.k product."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,8 +20,9 @@ def pairs_to_halves(w: torch.Tensor, rope_dim: int) -> torch.Tensor:
     return w.reshape(-1, rope_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def on_rope_tail(w: torch.Tensor, group: int, rope_dim: int,
-                 fn: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+def on_rope_tail(
+    w: torch.Tensor, group: int, rope_dim: int, fn: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
     """Apply ``fn(rows, rope_dim)`` to the last ``rope_dim`` rows of each group of ``group``
     rows (MLA: the rotary part of each query head, or of the key/value down projection)."""
     rest = w.shape[1:]

@@ -16,25 +16,35 @@ from torchmoe.models.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_halv
 
 def relocate(rules: list[Rule], ours: str, hf: str) -> list[Rule]:
     """The block rules (``layers.{layer}.*``) moved under the prefixes ``ours`` and ``hf``."""
-    return [Rule(r.ours.replace("layers.{layer}.", ours, 1),
-                 r.hf.replace("model.layers.{layer}.", hf, 1), r.to_hf, r.from_hf)
-            for r in rules if r.ours.startswith("layers.{layer}.")]
+    return [
+        Rule(
+            r.ours.replace("layers.{layer}.", ours, 1),
+            r.hf.replace("model.layers.{layer}.", hf, 1),
+            r.to_hf,
+            r.from_hf,
+        )
+        for r in rules
+        if r.ours.startswith("layers.{layer}.")
+    ]
 
 
 def decoder_rules() -> list[Rule]:
     """Embedding, block norms, final norm and output head."""
-    return [Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
-            Rule("norm.weight", "model.norm.weight"),
-            Rule("output.weight", "lm_head.weight"),
-            Rule("layers.{layer}.attention_norm.weight",
-                 "model.layers.{layer}.input_layernorm.weight"),
-            Rule("layers.{layer}.ffn_norm.weight",
-                 "model.layers.{layer}.post_attention_layernorm.weight")]
+    return [
+        Rule("tok_embeddings.weight", "model.embed_tokens.weight"),
+        Rule("norm.weight", "model.norm.weight"),
+        Rule("output.weight", "lm_head.weight"),
+        Rule("layers.{layer}.attention_norm.weight", "model.layers.{layer}.input_layernorm.weight"),
+        Rule(
+            "layers.{layer}.ffn_norm.weight", "model.layers.{layer}.post_attention_layernorm.weight"
+        ),
+    ]
 
 
 def gqa_rules(head_dim: int) -> list[Rule]:
     """GQA with rotate-half RoPE on the Hugging Face side: q/k rows and the per-head q/k norm
     weights (Qwen3) permuted to torchmoe's adjacent pairs."""
+
     def imp(w: torch.Tensor) -> torch.Tensor:
         return halves_to_pairs(w, head_dim)
 
@@ -42,12 +52,14 @@ def gqa_rules(head_dim: int) -> list[Rule]:
         return pairs_to_halves(w, head_dim)
 
     a, h = "layers.{layer}.attention.", "model.layers.{layer}.self_attn."
-    return [Rule(a + "wq.weight", h + "q_proj.weight", exp, imp),
-            Rule(a + "wk.weight", h + "k_proj.weight", exp, imp),
-            Rule(a + "wv.weight", h + "v_proj.weight"),
-            Rule(a + "wo.weight", h + "o_proj.weight"),
-            Rule(a + "q_norm.weight", h + "q_norm.weight", exp, imp),
-            Rule(a + "k_norm.weight", h + "k_norm.weight", exp, imp)]
+    return [
+        Rule(a + "wq.weight", h + "q_proj.weight", exp, imp),
+        Rule(a + "wk.weight", h + "k_proj.weight", exp, imp),
+        Rule(a + "wv.weight", h + "v_proj.weight"),
+        Rule(a + "wo.weight", h + "o_proj.weight"),
+        Rule(a + "q_norm.weight", h + "q_norm.weight", exp, imp),
+        Rule(a + "k_norm.weight", h + "k_norm.weight", exp, imp),
+    ]
 
 
 def mla_rules(cfg: JobConfig, interleaved: bool) -> list[Rule]:
@@ -60,37 +72,47 @@ def mla_rules(cfg: JobConfig, interleaved: bool) -> list[Rule]:
     def rotary(group: int) -> tuple:
         if interleaved:
             return ()
-        return (lambda w: on_rope_tail(w, group, r, pairs_to_halves),
-                lambda w: on_rope_tail(w, group, r, halves_to_pairs))
+        return (
+            lambda w: on_rope_tail(w, group, r, pairs_to_halves),
+            lambda w: on_rope_tail(w, group, r, halves_to_pairs),
+        )
 
-    return [Rule(a + "wq.weight", h + "q_proj.weight", *rotary(qk)),
-            Rule(a + "wq_a.weight", h + "q_a_proj.weight"),
-            Rule(a + "q_norm.weight", h + "q_a_layernorm.weight"),
-            Rule(a + "wq_b.weight", h + "q_b_proj.weight", *rotary(qk)),
-            Rule(a + "wkv_a.weight", h + "kv_a_proj_with_mqa.weight",
-                 *rotary(m.kv_lora_rank + r)),
-            Rule(a + "kv_norm.weight", h + "kv_a_layernorm.weight"),
-            Rule(a + "wkv_b.weight", h + "kv_b_proj.weight"),
-            Rule(a + "wo.weight", h + "o_proj.weight")]
+    return [
+        Rule(a + "wq.weight", h + "q_proj.weight", *rotary(qk)),
+        Rule(a + "wq_a.weight", h + "q_a_proj.weight"),
+        Rule(a + "q_norm.weight", h + "q_a_layernorm.weight"),
+        Rule(a + "wq_b.weight", h + "q_b_proj.weight", *rotary(qk)),
+        Rule(a + "wkv_a.weight", h + "kv_a_proj_with_mqa.weight", *rotary(m.kv_lora_rank + r)),
+        Rule(a + "kv_norm.weight", h + "kv_a_layernorm.weight"),
+        Rule(a + "wkv_b.weight", h + "kv_b_proj.weight"),
+        Rule(a + "wo.weight", h + "o_proj.weight"),
+    ]
 
 
-def swiglu_rules(ours: str, hf: str,
-                 names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-                 ) -> list[Rule]:
+def swiglu_rules(
+    ours: str, hf: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+) -> list[Rule]:
     """A FeedForward (w1 gate, w3 up, w2 down) under prefix ``ours`` <-> ``hf``."""
-    return [Rule(f"{ours}.{w}.weight", f"{hf}.{n}.weight")
-            for w, n in zip(("w1", "w3", "w2"), names)]
+    return [
+        Rule(f"{ours}.{w}.weight", f"{hf}.{n}.weight") for w, n in zip(("w1", "w3", "w2"), names)
+    ]
 
 
-def ffn_rules(hf_block: str = "mlp",
-              experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-              ) -> list[Rule]:
+def ffn_rules(
+    hf_block: str = "mlp", experts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+) -> list[Rule]:
     """Dense SwiGLU blocks, and MoE blocks: router gate and bias, per-expert SwiGLUs <-> grouped
     tensors, shared experts (``hf_block``: the MoE module's Hugging Face name)."""
     ours, hf = "layers.{layer}.feed_forward", "model.layers.{layer}." + hf_block
-    return (swiglu_rules(ours, "model.layers.{layer}.mlp")
-            + [Rule(f"{ours}.router.gate.weight", f"{hf}.gate.weight"),
-               Rule(f"{ours}.router.expert_bias", f"{hf}.gate.e_score_correction_bias")]
-            + [Rule(f"{ours}.experts.{w}", f"{hf}.experts.{{expert}}.{n}.weight")
-               for w, n in zip(("w1", "w3", "w2"), experts)]
-            + swiglu_rules(f"{ours}.shared_experts", f"{hf}.shared_experts"))
+    return (
+        swiglu_rules(ours, "model.layers.{layer}.mlp")
+        + [
+            Rule(f"{ours}.router.gate.weight", f"{hf}.gate.weight"),
+            Rule(f"{ours}.router.expert_bias", f"{hf}.gate.e_score_correction_bias"),
+        ]
+        + [
+            Rule(f"{ours}.experts.{w}", f"{hf}.experts.{{expert}}.{n}.weight")
+            for w, n in zip(("w1", "w3", "w2"), experts)
+        ]
+        + swiglu_rules(f"{ours}.shared_experts", f"{hf}.shared_experts")
+    )

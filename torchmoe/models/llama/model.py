@@ -22,11 +22,11 @@ def validate(cfg: JobConfig) -> None:
     """Cross-key checks of [model] and [moe] for GQA families."""
     m = cfg.model
     if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = "
-                          f"{m.n_heads}")
+        raise ConfigError(
+            f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
+        )
     if m.head_dim % 2:
-        raise ConfigError(f"model.head_dim = {m.head_dim} must be even (channels rotate in "
-                          "pairs)")
+        raise ConfigError(f"model.head_dim = {m.head_dim} must be even (channels rotate in pairs)")
     validate_mtp(cfg)
     validate_moe(cfg)
 
@@ -35,9 +35,15 @@ def build_gqa_decoder(cfg: JobConfig, qk_norm: bool = False) -> Decoder:
     """The GQA model for ``cfg`` (``qk_norm``: per-head q/k RMSNorm, as Qwen3); call under
     ``torch.device("meta")`` to allocate nothing."""
     m = cfg.model
-    attention = GQAArgs(dim=m.dim, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                        head_dim=m.head_dim, softmax_scale=m.head_dim ** -0.5, qk_norm=qk_norm,
-                        norm_eps=m.norm_eps)
+    attention = GQAArgs(
+        dim=m.dim,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        head_dim=m.head_dim,
+        softmax_scale=m.head_dim**-0.5,
+        qk_norm=qk_norm,
+        norm_eps=m.norm_eps,
+    )
     moe = moe_args(cfg)
 
     def block(is_moe: bool) -> TransformerBlock:
@@ -46,10 +52,16 @@ def build_gqa_decoder(cfg: JobConfig, qk_norm: bool = False) -> Decoder:
 
     pattern = moe_layer_pattern(cfg)
     rope = RopeArgs(head_dim=m.head_dim, theta=m.rope_theta)
-    return Decoder(m.vocab_size, m.dim, [block(is_moe) for is_moe in pattern], m.norm_eps, rope,
-                   cfg.training.seq_len,
-                   mtp_blocks=[block(pattern[-1]) for _ in range(m.mtp_num_layers)],
-                   mtp_loss_scale=m.mtp_loss_scale)
+    return Decoder(
+        m.vocab_size,
+        m.dim,
+        [block(is_moe) for is_moe in pattern],
+        m.norm_eps,
+        rope,
+        cfg.training.seq_len,
+        mtp_blocks=[block(pattern[-1]) for _ in range(m.mtp_num_layers)],
+        mtp_loss_scale=m.mtp_loss_scale,
+    )
 
 
 def build_llama(cfg: JobConfig) -> Decoder:

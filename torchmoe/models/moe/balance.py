@@ -11,12 +11,12 @@ compile, and wherever a layer's output is far from the final loss.
 import torch
 
 
-def expert_counts(topk_idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype
-                  ) -> torch.Tensor:
+def expert_counts(topk_idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """Routed copies per expert [E] (dropped ones, id -1, included: they were routed)."""
     flat = topk_idx_TK.flatten()
     return torch.zeros(num_experts, dtype=dtype, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=dtype))
+        0, flat, torch.ones_like(flat, dtype=dtype)
+    )
 
 
 def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,14 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Ten
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
-def sequence_counts(topk_idx_TK: torch.Tensor, batch: int, num_experts: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def sequence_counts(
+    topk_idx_TK: torch.Tensor, batch: int, num_experts: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Routed copies per sequence and expert [B, E] (tokens are sequence-major)."""
     idx_BN = topk_idx_TK.reshape(batch, -1)
     return torch.zeros(batch, num_experts, dtype=dtype, device=idx_BN.device).scatter_add_(
-        1, idx_BN, torch.ones_like(idx_BN, dtype=dtype))
+        1, idx_BN, torch.ones_like(idx_BN, dtype=dtype)
+    )
 
 
 def sequence_aux_loss(probs_TE: torch.Tensor, counts_BE: torch.Tensor) -> torch.Tensor:
@@ -71,14 +73,16 @@ def set_aux_loss_scale(scale: float) -> None:
 
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, aux: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, out: torch.Tensor, aux: torch.Tensor
+    ) -> torch.Tensor:
         ctx.aux_dtype = aux.dtype
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return grad_out, torch.ones((), dtype=ctx.aux_dtype, device=grad_out.device)
 
 
@@ -90,8 +94,9 @@ def attach_aux_loss(out: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_expert_bias(expert_bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-                       rate: float) -> None:
+def update_expert_bias(
+    expert_bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float
+) -> None:
     """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts and lower
     it for over-loaded ones by ``rate``, from the token counts of the last optimizer step."""
     counts = tokens_per_expert_E.to(expert_bias_E.dtype)

@@ -18,8 +18,13 @@ def expert_capacity(num_copies: int, num_experts: int, capacity_factor: float) -
     return math.ceil(capacity_factor * num_copies / num_experts)
 
 
-def drop_over_capacity(topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                       num_experts: int, capacity: int, policy: str) -> torch.Tensor:
+def drop_over_capacity(
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    policy: str,
+) -> torch.Tensor:
     """``topk_idx_TK`` with the copies beyond each expert's capacity set to -1."""
     idx_N = topk_idx_TK.flatten()
     N = idx_N.numel()

@@ -50,15 +50,21 @@ class LocalDispatcher(nn.Module):
         self.backend = backend
         self.pad_multiple = pad_multiple
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Returns tokens grouped by expert [M, D] (padding rows zero), rows per expert [E]
         (padded, int64: the groups the experts see), and the state for ``combine``. Copies
         with expert id -1 (dropped) are not dispatched. ``capacity`` > 0 pads every group to
         exactly the copies an expert may take (times the ranks whose tokens it receives); no
         expert may have more copies (the MoE layer drops over capacity first)."""
-        return self.permute(x_TD, topk_idx_TK, self.num_experts, self.pad_multiple,
-                            self.group_rows(capacity, sources=1))
+        return self.permute(
+            x_TD,
+            topk_idx_TK,
+            self.num_experts,
+            self.pad_multiple,
+            self.group_rows(capacity, sources=1),
+        )
 
     def group_rows(self, capacity: int, sources: int) -> int:
         """Fixed rows per group for ``capacity`` copies from each of ``sources`` token sets,
@@ -66,36 +72,49 @@ class LocalDispatcher(nn.Module):
         P = self.pad_multiple
         return -(-capacity * sources // P) * P if capacity else 0
 
-    def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: DispatchState
-                ) -> torch.Tensor:
+    def combine(
+        self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: DispatchState
+    ) -> torch.Tensor:
         """Weighted sum of each token's K expert outputs -> [T, D] in y's dtype. Reads only
         rows that hold copies: padding and unused rows may hold anything, NaN included."""
         return self.unpermute(y_MD, topk_weight_TK, state)
 
-    def permute(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, num_experts: int,
-                pad_multiple: int, group_rows: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+    def permute(
+        self,
+        x_TD: torch.Tensor,
+        idx_TK: torch.Tensor,
+        num_experts: int,
+        pad_multiple: int,
+        group_rows: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """``dispatch`` over any group ids (expert-parallel dispatchers regroup with it)."""
         ops = self._ops(x_TD.device)
-        dest_TK, src_M, counts_E = ops.permute_indices(idx_TK, num_experts, pad_multiple,
-                                                       group_rows)
+        dest_TK, src_M, counts_E = ops.permute_indices(
+            idx_TK, num_experts, pad_multiple, group_rows
+        )
         return ops.permute(x_TD, dest_TK, src_M), counts_E, DispatchState(dest_TK, src_M)
 
-    def unpermute(self, y_MD: torch.Tensor, weight_TK: torch.Tensor | None,
-                  state: DispatchState) -> torch.Tensor:
+    def unpermute(
+        self, y_MD: torch.Tensor, weight_TK: torch.Tensor | None, state: DispatchState
+    ) -> torch.Tensor:
         """Inverse of ``permute``: per token, the (weighted, if given) sum of its rows."""
         return self._ops(y_MD.device).unpermute(y_MD, state.dest_TK, state.src_M, weight_TK)
 
     def _ops(self, device: torch.device) -> ModuleType:
         """The kernels module for ``backend`` on ``device`` (Triton runs CPU tensors only in
         its interpreter, TRITON_INTERPRET=1, which tests use)."""
-        if self.backend == "torch" or (self.backend == "auto" and (
-                device.type != "cuda" or moe_permute_fused is None)):
+        if self.backend == "torch" or (
+            self.backend == "auto" and (device.type != "cuda" or moe_permute_fused is None)
+        ):
             return moe_permute_ref
         if moe_permute_fused is None:
-            raise ConfigError("moe.permute_backend = 'triton' needs the triton package, which "
-                              "is not installed; use 'auto' or 'torch'")
+            raise ConfigError(
+                "moe.permute_backend = 'triton' needs the triton package, which "
+                "is not installed; use 'auto' or 'torch'"
+            )
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(f"moe.permute_backend = 'triton' needs CUDA, but the MoE layer "
-                              f"runs on {device.type}; use 'auto' or 'torch'")
+            raise ConfigError(
+                f"moe.permute_backend = 'triton' needs CUDA, but the MoE layer "
+                f"runs on {device.type}; use 'auto' or 'torch'"
+            )
         return moe_permute_fused

@@ -7,7 +7,7 @@ That layout matches Hugging Face's per-expert linears (conversion is a stack) an
 ``torch._grouped_mm`` the column-major right operand it wants (``w.transpose(-2, -1)``).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +48,14 @@ class GroupedExperts(nn.Module):
         """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
         return self.compute(x_MD, counts_E, self.w1, self.w2, self.w3)
 
-    def compute(self, x_MD: torch.Tensor, counts_E: torch.Tensor, w1: torch.Tensor,
-                w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    def compute(
+        self,
+        x_MD: torch.Tensor,
+        counts_E: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w3: torch.Tensor,
+    ) -> torch.Tensor:
         """The SwiGLU experts on given weights (a parallel plan may pass local shards)."""
         if torch.is_autocast_enabled(x_MD.device.type):  # autocast does not cover _grouped_mm
             dtype = torch.get_autocast_dtype(x_MD.device.type)
@@ -64,21 +70,33 @@ class GroupedExperts(nn.Module):
         trunc_normal_(self.w2, out_std)
 
 
-def _grouped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                    w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
-                    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _grouped_swiglu(
+    x_MD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
     # cumsum then cast (not cumsum(dtype=int32)): inductor folds the cumsum of fixed group
     # sizes (pad_to_capacity) into an int64 constant otherwise.
     offsets = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    h_MF = act(torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
-               torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets))
+    h_MF = act(
+        torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
+        torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets),
+    )
     return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
 
 
-def _looped_swiglu(x_MD: torch.Tensor, counts_E: torch.Tensor, w1_EFD: torch.Tensor,
-                   w2_EDF: torch.Tensor, w3_EFD: torch.Tensor,
-                   act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _looped_swiglu(
+    x_MD: torch.Tensor,
+    counts_E: torch.Tensor,
+    w1_EFD: torch.Tensor,
+    w2_EDF: torch.Tensor,
+    w3_EFD: torch.Tensor,
+    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """Reference path: one dense matmul chain per expert (syncs once for the counts). Rows past
     the last group (a dispatcher's static-size padding) come out as zeros."""
     counts = counts_E.tolist()

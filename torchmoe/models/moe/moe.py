@@ -26,9 +26,15 @@ import torch
 from torch import nn
 
 from torchmoe.models.common.mlp import FeedForward
-from torchmoe.models.moe.balance import (attach_aux_loss, entropy_sum, expert_counts,
-                                         sequence_aux_loss, sequence_counts, switch_aux_loss,
-                                         z_loss)
+from torchmoe.models.moe.balance import (
+    attach_aux_loss,
+    entropy_sum,
+    expert_counts,
+    sequence_aux_loss,
+    sequence_counts,
+    switch_aux_loss,
+    z_loss,
+)
 from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
 from torchmoe.models.moe.dispatch import LocalDispatcher
 from torchmoe.models.moe.experts import GroupedExperts
@@ -73,8 +79,9 @@ class MoE(nn.Module):
         self.global_counts: nn.Module = nn.Identity()
         self.dispatcher = LocalDispatcher(r.num_experts, args.permute_backend)
         self.experts = GroupedExperts(r.dim, args.hidden_dim, r.num_experts, args.grouped_mm)
-        self.shared_experts = (FeedForward(r.dim, args.shared_hidden_dim)
-                               if args.shared_hidden_dim > 0 else None)
+        self.shared_experts = (
+            FeedForward(r.dim, args.shared_hidden_dim) if args.shared_hidden_dim > 0 else None
+        )
         self.register_buffer("tokens_per_expert", torch.zeros(r.num_experts), persistent=False)
         self.register_buffer("stats", torch.zeros(len(STAT_NAMES)), persistent=False)
 
@@ -83,19 +90,20 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         routing = self.router(x_TD)
-        counts_E = expert_counts(routing.topk_idx_TK, a.router.num_experts,
-                                 routing.probs_TE.dtype)
+        counts_E = expert_counts(routing.topk_idx_TK, a.router.num_experts, routing.probs_TE.dtype)
         losses = self._losses(routing, counts_E, B)
         idx_TK, capacity = routing.topk_idx_TK, 0
         if a.capacity_factor > 0:
             capacity = expert_capacity(idx_TK.numel(), a.router.num_experts, a.capacity_factor)
-            idx_TK = drop_over_capacity(idx_TK, routing.topk_weight_TK, a.router.num_experts,
-                                        capacity, a.drop_policy)
+            idx_TK = drop_over_capacity(
+                idx_TK, routing.topk_weight_TK, a.router.num_experts, capacity, a.drop_policy
+            )
         if not is_recomputing():
             self._record(routing, counts_E, losses, idx_TK)
 
         x_MD, group_rows_E, state = self.dispatcher.dispatch(
-            x_TD, idx_TK, capacity if a.pad_to_capacity else 0)
+            x_TD, idx_TK, capacity if a.pad_to_capacity else 0
+        )
         y_MD = self.experts(x_MD, group_rows_E)
         out_TD = self.dispatcher.combine(y_MD, routing.topk_weight_TK, state)
         if self.shared_experts is not None:
@@ -104,37 +112,49 @@ class MoE(nn.Module):
             out_TD = attach_aux_loss(out_TD, sum(losses.values()))
         return out_TD.view(B, S, D)
 
-    def _losses(self, routing: Routing, counts_E: torch.Tensor, batch: int
-                ) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, routing: Routing, counts_E: torch.Tensor, batch: int
+    ) -> dict[str, torch.Tensor]:
         """The weighted balance losses and z-loss of this forward, by name (LOSS_NAMES)."""
         a = self.args
         probs, c = routing.probs_TE, a.balance_coeffs
         losses = {}
         if "aux_loss" in c:
-            losses["aux_loss"] = c["aux_loss"] * switch_aux_loss(probs,
-                                                                 self.batch_counts(counts_E))
+            losses["aux_loss"] = c["aux_loss"] * switch_aux_loss(probs, self.batch_counts(counts_E))
         if "seq_aux_loss" in c:
-            counts_BE = sequence_counts(routing.topk_idx_TK, batch, a.router.num_experts,
-                                        probs.dtype)
+            counts_BE = sequence_counts(
+                routing.topk_idx_TK, batch, a.router.num_experts, probs.dtype
+            )
             losses["seq_aux_loss"] = c["seq_aux_loss"] * sequence_aux_loss(
-                probs, self.batch_counts(counts_BE))
+                probs, self.batch_counts(counts_BE)
+            )
         if "global_aux_loss" in c:
             losses["global_aux_loss"] = c["global_aux_loss"] * switch_aux_loss(
-                probs, self.global_counts(counts_E))
+                probs, self.global_counts(counts_E)
+            )
         if a.z_loss_coeff > 0:
             losses["z_loss"] = a.z_loss_coeff * z_loss(routing.logits_TE)
         return losses
 
     @torch.no_grad()
-    def _record(self, routing: Routing, counts_E: torch.Tensor,
-                losses: dict[str, torch.Tensor], idx_TK: torch.Tensor) -> None:
+    def _record(
+        self,
+        routing: Routing,
+        counts_E: torch.Tensor,
+        losses: dict[str, torch.Tensor],
+        idx_TK: torch.Tensor,
+    ) -> None:
         """Add this forward's counts and values to the step buffers (module docstring)."""
         self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
         zero = self.stats.new_zeros(())
         T, K = idx_TK.shape
         values = [losses.get(name, zero).to(self.stats.dtype) for name in LOSS_NAMES]
-        values += [entropy_sum(routing.probs_TE).to(self.stats.dtype), zero + T,
-                   (idx_TK < 0).sum().to(self.stats.dtype), zero + T * K]
+        values += [
+            entropy_sum(routing.probs_TE).to(self.stats.dtype),
+            zero + T,
+            (idx_TK < 0).sum().to(self.stats.dtype),
+            zero + T * K,
+        ]
         self.stats.add_(torch.stack(values))
 
     def init_weights(self, std: float, out_std: float) -> None:

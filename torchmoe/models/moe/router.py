@@ -60,8 +60,7 @@ def sinkhorn_log(logits_TE: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.
     return log_p
 
 
-def round_robin(num_tokens: int, topk: int, num_experts: int, device: torch.device
-                ) -> torch.Tensor:
+def round_robin(num_tokens: int, topk: int, num_experts: int, device: torch.device) -> torch.Tensor:
     """Expert (t * K + k) mod E for copy (t, k): every expert gets the same share."""
     copies = torch.arange(num_tokens * topk, device=device).view(num_tokens, topk)
     return copies % num_experts
@@ -84,8 +83,9 @@ class TopKRouter(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             x_TD = x_TD.to(a.dtype)
             if self.training and a.input_jitter_eps > 0:
-                x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - a.input_jitter_eps,
-                                                              1 + a.input_jitter_eps)
+                x_TD = x_TD * torch.empty_like(x_TD).uniform_(
+                    1 - a.input_jitter_eps, 1 + a.input_jitter_eps
+                )
             logits_TE = nn.functional.linear(x_TD, self.gate.weight.to(a.dtype))
             if a.score_function == "softmax":
                 scores_TE = probs_TE = logits_TE.softmax(dim=-1)
