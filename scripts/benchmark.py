@@ -89,12 +89,10 @@ def run_variant(recipe: list[str], warmup: int, steps: int, profile: bool) -> di
     trainer = Trainer(cfg)
     for _ in range(warmup):
         trainer.train_step()
-        trainer.after_step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        loss, *_ = trainer.train_step()
-        trainer.after_step()
+        loss = trainer.train_step().loss
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     if profile:
@@ -117,7 +115,6 @@ def _print_kernels(trainer) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             trainer.train_step()
-            trainer.after_step()
         torch.cuda.synchronize()
     print(
         prof.key_averages().table(
@@ -163,7 +160,7 @@ def _fwd_bwd(fn, *inputs: torch.Tensor):
 def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
     """(phase, forward + backward ms) for one MoE layer of the recipe, bf16, eager."""
     from torchmoe.config.load import load_config
-    from torchmoe.models.moe.from_config import moe_args
+    from torchmoe.config.model_args import moe_args
     from torchmoe.models.moe.moe import MoE
 
     cfg, _ = load_config(recipe + _QUIET)

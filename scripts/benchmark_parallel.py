@@ -111,7 +111,6 @@ def main(argv: list[str]) -> None:
 
     def step():
         trainer.train_step()
-        trainer.after_step()
 
     for _ in range(args.warmup):
         step()

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.models.hf.convert import cli_overrides, export_hf, import_hf
+from torchmoe.convert.hf.convert import cli_overrides, export_hf, import_hf
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 

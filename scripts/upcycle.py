@@ -5,7 +5,7 @@
 
 reads the model weights of the dense checkpoint (a seed or a training checkpoint; the optimizer
 state is not read), turns every block that ``my_moe.toml`` makes MoE into experts
-(torchmoe/models/upcycle.py says how and which [moe] keys that needs), and writes
+(torchmoe/convert/upcycle.py says how and which [moe] keys that needs), and writes
 ``<out>/step-0``, a seed checkpoint. Fine-tune from it with
 
     ./run_train.sh --config my_moe.toml --checkpoint.enable --checkpoint.folder /path/upcycled
@@ -22,9 +22,9 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config
+from torchmoe.config.registry import build_model
 from torchmoe.config.schema import Checkpoint, JobConfig
-from torchmoe.models.registry import get_model_spec
-from torchmoe.models.upcycle import upcycle_state_dict
+from torchmoe.convert.upcycle import upcycle_state_dict
 from torchmoe.train.checkpoint import CheckpointManager, TrainState, read_model_weights
 
 
@@ -33,7 +33,7 @@ def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Pat
     if (out / "step-0").exists():
         raise ConfigError(f"--out {out} already holds a step-0; choose a new folder")
     with torch.device("meta"):
-        model = get_model_spec(cfg.model.name).build(cfg)
+        model = build_model(cfg)
     model.load_state_dict(state, strict=True, assign=True)  # upcycle_state_dict checked names
     CheckpointManager(
         Checkpoint(enable=True), out, model, None, None, None, TrainState()

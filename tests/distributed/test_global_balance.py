@@ -35,8 +35,7 @@ def train_steps(rank, cfg, data):
     )
     aux, biases = [], []
     for _ in data:
-        trainer.train_step()
-        stats = trainer.after_step()
+        stats = trainer.train_step().moe
         aux.append(stats["global_aux_loss"].clone())
         biases.append(
             [

@@ -5,7 +5,7 @@ import torch
 
 from tests.models.test_model_zoo import assert_causal
 from torchmoe.config.load import build_config
-from torchmoe.models.deepseek_v3.model import build_deepseek_v3
+from torchmoe.config.registry import build_model
 
 
 def small(**overrides):
@@ -21,7 +21,7 @@ def small(**overrides):
 
 def materialise(cfg, seed=0):
     with torch.device("meta"):
-        model = build_deepseek_v3(cfg)
+        model = build_model(cfg)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=torch.device("cpu"))

@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from torchmoe.config.load import build_config  # noqa: E402
-from torchmoe.models.hf.convert import config_from_hf, read_hf  # noqa: E402
-from torchmoe.models.registry import get_model_spec  # noqa: E402
+from torchmoe.config.registry import build_model  # noqa: E402
+from torchmoe.convert.hf.convert import config_from_hf, read_hf  # noqa: E402
 
 _COMMON = dict(
     vocab_size=128,
@@ -192,7 +192,7 @@ def tiny_hf(case: str, seed: int = 0, **overrides):
 
 def torchmoe_from_hf(hf_dir: Path, family: str | None = None):
     cfg, _, state = read_hf(hf_dir, family)
-    model = get_model_spec(cfg.model.name).build(cfg)
+    model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     return cfg, model.eval()
 

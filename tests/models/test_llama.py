@@ -4,9 +4,9 @@ builder making the blocks ``moe.layer_freq`` selects MoE once experts are config
 import torch
 
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model
 from torchmoe.config.validate import validate
 from torchmoe.models.common.mlp import FeedForward
-from torchmoe.models.llama.model import build_llama
 from torchmoe.models.moe.moe import MoE
 from torchmoe.train.trainer import Trainer
 
@@ -16,7 +16,7 @@ def meta_model(**overrides):
     cfg = build_config({}, list(values.items()))
     validate(cfg)
     with torch.device("meta"):
-        return build_llama(cfg)
+        return build_model(cfg)
 
 
 def test_8b_flavor_is_llama_3_8b():

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model
 from torchmoe.config.validate import validate
 from torchmoe.models.deepseek_v2.flavors import FLAVORS as V2
 from torchmoe.models.deepseek_v3.flavors import FLAVORS as V3
-from torchmoe.models.registry import get_model_spec
 from torchmoe.train.trainer import Trainer
 
 FAMILIES = ["deepseek_v3", "deepseek_v2", "mixtral", "qwen3_moe", "llama"]
@@ -32,7 +32,7 @@ def config(family, **overrides):
 
 def build(cfg, seed=0):
     with torch.device("meta"):
-        model = get_model_spec(cfg.model.name).build(cfg)
+        model = build_model(cfg)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=torch.device("cpu"))
@@ -58,7 +58,7 @@ def test_layer_freq_places_moe_blocks_in_every_family(family, layer_freq, n_dens
         **{"model.n_layers": 4, "model.n_dense_layers": n_dense, "moe.layer_freq": layer_freq},
     )
     with torch.device("meta"):
-        model = get_model_spec(family).build(cfg)
+        model = build_model(cfg)
     kinds = "".join(
         "M" if type(b.feed_forward).__name__ == "MoE" else "D" for b in model.layers.values()
     )
@@ -69,7 +69,7 @@ def test_layer_freq_places_moe_blocks_in_every_family(family, layer_freq, n_dens
 def test_no_experts_means_a_dense_model(family):
     cfg = config(family, **{"moe.num_experts": 0, "model.n_layers": 2})
     with torch.device("meta"):
-        model = get_model_spec(family).build(cfg)
+        model = build_model(cfg)
     assert all(type(b.feed_forward).__name__ == "FeedForward" for b in model.layers.values())
 
 
@@ -106,7 +106,7 @@ def test_deepseek_v2_lite_is_the_v3_16b_architecture_with_v2_balancing():
     ) == (64, 6, 2816, False, 1)
     assert (cfg.moe.load_balancing_type, cfg.moe.aux_loss_coeff) == (["seq_aux_loss"], [1e-3])
     with torch.device("meta"):
-        model = get_model_spec("deepseek_v2").build(cfg)
+        model = build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == 15_706_484_224  # 15.7B
 
 

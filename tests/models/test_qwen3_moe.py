@@ -4,8 +4,8 @@ and the debug flavor training through the Trainer."""
 import torch
 
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model
 from torchmoe.models.moe.moe import MoE
-from torchmoe.models.qwen3_moe.model import build_qwen3_moe
 from torchmoe.train.trainer import Trainer
 
 
@@ -13,7 +13,7 @@ def meta_model(**overrides):
     values = {"model.name": "qwen3_moe", **{k: str(v) for k, v in overrides.items()}}
     cfg = build_config({}, list(values.items()))
     with torch.device("meta"):
-        return build_qwen3_moe(cfg), cfg
+        return build_model(cfg), cfg
 
 
 def test_real_flavors_have_the_published_sizes():

@@ -8,9 +8,9 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.registry import get_model_spec
-from torchmoe.models.upcycle import upcycle_state_dict
+from torchmoe.convert.upcycle import upcycle_state_dict
 
 LAYERS, HIDDEN, VOCAB, SEQ = 3, 48, 101, 16
 COMMON = {
@@ -39,7 +39,7 @@ ATTENTION = {"deepseek_v3": "mla", "llama": "gqa", "mixtral": "gqa"}
 def config(family: str, **overrides) -> JobConfig:
     values = {"model.name": family, **COMMON, **SHAPES[ATTENTION[family]], **overrides}
     cfg = build_config({}, [(k, str(v)) for k, v in values.items()])
-    get_model_spec(family).validate(cfg)
+    get_model_spec(family).check(cfg)
     return cfg
 
 
@@ -74,7 +74,7 @@ def moe_config(
 
 
 def build(cfg: JobConfig) -> torch.nn.Module:
-    model = get_model_spec(cfg.model.name).build(cfg)
+    model = build_model(cfg)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers)
     return model.double().eval()
 
@@ -171,8 +171,8 @@ def test_multi_token_prediction_blocks_are_upcycled():
     with torch.no_grad():
         for model in (dense, moe):
             model(tokens, labels)
-    assert dense.mtp_loss_sum > 0
-    torch.testing.assert_close(moe.mtp_loss_sum, dense.mtp_loss_sum, rtol=1e-10, atol=0)
+    assert dense.mtp.loss_sum > 0
+    torch.testing.assert_close(moe.mtp.loss_sum, dense.mtp.loss_sum, rtol=1e-10, atol=0)
 
 
 def test_layout_of_experts_and_router_rows():

@@ -10,9 +10,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.registry import build_model
 from torchmoe.config.schema import ActivationCheckpoint, Compile
 from torchmoe.models.moe.moe import MoE
-from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import (
     RECOMPUTE_MODULES,
     apply_ac,
@@ -44,7 +44,7 @@ def build(tiny_config, model: str, **overrides) -> tuple[torch.nn.Module, object
     """A float32 debug model (3 blocks; DeepSeek's first is dense) with a random expert bias."""
     cfg = tiny_config(**MODELS[model], **{"training.seq_len": 16, **overrides})
     with torch.device("meta"):
-        net = get_model_spec(cfg.model.name).build(cfg)
+        net = build_model(cfg)
     net.to_empty(device="cpu")
     torch.manual_seed(0)
     net.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=torch.device("cpu"))

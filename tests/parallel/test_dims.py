@@ -1,11 +1,15 @@
 """ParallelDims: degree resolution and one test per validation error class."""
 
+import math
 import re
 
 import pytest
+import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
+from torchmoe.config.parallel_checks import check_parallel_shapes
+from torchmoe.config.registry import get_model_spec
 from torchmoe.parallel.dims import DENSE_DIMS, EXPERT_DIMS, ParallelDims
 
 
@@ -50,7 +54,8 @@ def test_validation_errors(world, parallelism, model, fragment):
         {}, [(f"parallelism.{k}", str(v)) for k, v in parallelism.items()] + list(model.items())
     )
     with pytest.raises(ConfigError, match=fragment):
-        ParallelDims.from_config(cfg.parallelism, world).check_model(cfg)
+        ParallelDims.from_config(cfg.parallelism, world)
+        check_parallel_shapes(cfg, get_model_spec(cfg.model.name).heads_keys)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +85,30 @@ def test_shape_checks_come_first_and_name_both_keys(key, value, fragment):
         [(key, value), ("model.n_dense_layers", "0")]
         + [(f"parallelism.{k}", str(d)) for k, d in (("tp", tp), ("pp", 2), ("etp", 2))],
     )
-    dims = ParallelDims.from_config(cfg.parallelism, 2 * tp)
+    ParallelDims.from_config(cfg.parallelism, 2 * tp)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        dims.check_model(cfg)
+        check_parallel_shapes(cfg, get_model_spec(cfg.model.name).heads_keys)
+
+
+@pytest.mark.parametrize(
+    "degrees,fsdp",
+    [
+        ({}, False),
+        ({"dp_shard": 2}, True),
+        ({"dp_replicate": 2}, True),
+        ({"tp": 2}, True),  # FSDP on a size-1 data mesh shards the per-token modules over tp
+        ({"pp": 2}, False),
+        ({"pp": 2, "dp_shard": 2}, True),
+        ({"ep": 2}, True),
+        ({"pp": 2, "tp": 2}, True),
+    ],
+)
+def test_one_of_autocast_or_fsdp_mixed_precision_in_every_layout(degrees, fsdp):
+    """The plan applies FSDP exactly where ``fsdp_enabled`` holds, and then the trainer must not
+    autocast too: bf16 compute comes from one of the two, float32 from neither."""
+    p = build_config({}, [(f"parallelism.{k}", str(v)) for k, v in degrees.items()]).parallelism
+    world = math.prod(degrees.values())
+    dims = ParallelDims.from_config(p, world)
+    assert dims.fsdp_enabled == fsdp
+    assert dims.mixed_precision(torch.bfloat16) == ("fsdp" if fsdp else "autocast")
+    assert dims.mixed_precision(torch.float32) == "none"

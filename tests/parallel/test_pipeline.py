@@ -1,5 +1,6 @@
-"""Stage layout, splitting and the pp_* key checks of torchmoe/parallel/pipeline.py (one
-process; the schedules against the single process are in tests/distributed/test_layouts.py)."""
+"""Stage layout (parallel/pipeline_layout.py), splitting (pipeline_stage.py) and the pp_* key
+checks (config/pipeline_keys.py), on one process (the schedules against the single process are
+in tests/distributed/test_layouts.py)."""
 
 import itertools
 import re
@@ -9,27 +10,24 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
+from torchmoe.config.pipeline_keys import check_pipeline, num_stages, stage_ids
+from torchmoe.config.registry import build_model
 from torchmoe.models.moe.moe import MoE
-from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.pipeline import (
-    LocalStages,
+from torchmoe.parallel.pipeline_layout import (
     balance_ranks,
     balanced_split,
     describe_layout,
-    num_stages,
     rank_loads,
-    split_stage,
     stage_costs,
-    stage_ids,
     stage_layout,
     unit_costs,
-    validate_pipeline,
 )
+from torchmoe.parallel.pipeline_stage import LocalStages, split_stage
 
 
 def meta_model(cfg):
     with torch.device("meta"):
-        return get_model_spec(cfg.model.name).build(cfg)
+        return build_model(cfg)
 
 
 def config(**overrides):
@@ -243,7 +241,7 @@ def test_stage_count(overrides, expected):
 def test_bad_pipeline_keys_are_one_line_errors(overrides, fragment):
     cfg = config(**{"training.local_batch_size": 8} | overrides)
     with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
-        validate_pipeline(cfg)
+        check_pipeline(cfg)
     assert "\n" not in str(err.value)
 
 
@@ -260,7 +258,7 @@ def test_mtp_inputs_travel_with_the_hidden_state_and_need_the_labels():
         }
     )
     torch.manual_seed(0)
-    model = get_model_spec(cfg.model.name).build(cfg)
+    model = build_model(cfg)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers)
     tokens, labels = torch.randint(0, 1000, (2, 2, 16)).unbind(0)
     first = split_stage(model, [1, 1], 0)

@@ -4,7 +4,7 @@ import torch
 from torchao.float8.float8_linear import Float8Linear
 
 from torchmoe.config.load import build_config
-from torchmoe.models.deepseek_v3.model import build_deepseek_v3
+from torchmoe.config.registry import build_model
 from torchmoe.quant.float8 import apply_float8_linears
 
 
@@ -21,7 +21,7 @@ def test_eligible_linears_convert_and_excluded_ones_stay():
         ],
     )
     torch.manual_seed(0)
-    model = build_deepseek_v3(cfg)
+    model = build_model(cfg)
     model.init_weights(0.02, cfg.model.n_layers)
     apply_float8_linears(model, cfg.quantize)
     kinds = {name: type(m) for name, m in model.named_modules()}
@@ -37,6 +37,6 @@ def test_eligible_linears_convert_and_excluded_ones_stay():
 
 def test_off_by_default_changes_nothing():
     cfg = build_config({}, [("model.dim", "64"), ("training.seq_len", "16")])
-    model = build_deepseek_v3(cfg)
+    model = build_model(cfg)
     apply_float8_linears(model, cfg.quantize)
     assert not any(isinstance(m, Float8Linear) for m in model.modules())

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tests.models.test_hf_parity import TINY, assert_same_logits, tiny_hf  # noqa: E402
 from torchmoe.config.load import load_config, to_toml  # noqa: E402
-from torchmoe.models.hf.convert import import_hf  # noqa: E402
-from torchmoe.models.hf.io import read_safetensors  # noqa: E402
-from torchmoe.models.registry import get_model_spec  # noqa: E402
+from torchmoe.config.registry import build_model  # noqa: E402
+from torchmoe.convert.hf.convert import import_hf  # noqa: E402
+from torchmoe.convert.hf.io import read_safetensors  # noqa: E402
 from torchmoe.train.checkpoint import CheckpointManager, TrainState  # noqa: E402
 from torchmoe.train.trainer import Trainer  # noqa: E402
 
@@ -99,7 +99,7 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
 def test_export_then_import_is_the_identity(family, overrides, tiny_config, tmp_path, script):
     cfg = tiny_config(**{"model.name": family, **overrides})
     torch.manual_seed(0)
-    model = get_model_spec(family).build(cfg)
+    model = build_model(cfg)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers)
     with torch.no_grad():
         for name, t in model.state_dict().items():

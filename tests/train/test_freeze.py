@@ -11,8 +11,8 @@ from torch.distributed.tensor import DTensor
 
 from tests.distributed.launcher import run_ranks
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
 from torchmoe.parallel.plans import parallelize
@@ -63,7 +63,7 @@ def train_frozen(rank: int, cfg: JobConfig, seed: int):
     dims = ParallelDims.from_config(cfg.parallelism, world)
     dims.build_meshes("cpu")
     with torch.device("meta"):
-        model = get_model_spec(cfg.model.name).build(cfg)
+        model = build_model(cfg)
     freeze_routers(model)
     model = parallelize(model, dims, cfg)
     model.to_empty(device="cpu")

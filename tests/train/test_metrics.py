@@ -5,8 +5,9 @@ import math
 import torch
 
 from torchmoe.config.load import build_config
-from torchmoe.models.deepseek_v3.model import build_deepseek_v3
-from torchmoe.train.metrics import expert_load_stats, flops_per_token, peak_flops
+from torchmoe.config.registry import build_model
+from torchmoe.models.flops import flops_per_token
+from torchmoe.train.metrics import expert_load_stats, peak_flops
 
 
 def test_flops_per_token_of_16b_with_4_layers():
@@ -14,7 +15,7 @@ def test_flops_per_token_of_16b_with_4_layers():
         {}, [("model.flavor", "16B"), ("model.n_layers", "4"), ("training.seq_len", "4096")]
     )
     with torch.device("meta"):
-        model = build_deepseek_v3(cfg)
+        model = build_model(cfg)
     d, V, H = 2048, 102400, 16
     attention_params = d * H * 192 + d * (512 + 64) + 512 * H * 256 + H * 128 * d + 512
     norms = 2 * d
@@ -22,7 +23,7 @@ def test_flops_per_token_of_16b_with_4_layers():
     active_moe = (6 + 2) * 3 * d * 1408 + d * 64  # top-6 routed + 2 shared, router
     active = 4 * (attention_params + norms) + dense_ffn + 3 * active_moe + d + V * d
     expected = 6 * active + 6 * 4 * H * 4096 * (192 + 128)
-    assert flops_per_token(model, cfg) == expected
+    assert flops_per_token(model, cfg.training.seq_len) == expected
     assert 3.7e9 < expected < 3.8e9  # ~245 TFLOP/s at 65.5k tokens/s, as the issue quotes
 
 
@@ -39,22 +40,25 @@ def test_expert_load_stats():
     assert abs(stats["load_cv"] - cv1 / 2) < 1e-12  # mean over layers of (0, cv1)
 
 
-def test_moe_step_stats_normalise_per_shard_and_per_token():
-    from torchmoe.models.moe.moe import STAT_NAMES
-    from torchmoe.train.metrics import moe_step_stats
+def test_step_values_normalise_per_shard_and_per_token():
+    from torchmoe.models.moe.moe import StepStats
+    from torchmoe.train.moe_stats import ReducedStep, step_values
 
     g = torch.Generator().manual_seed(0)
     counts = torch.randint(0, 50, (2, 4), generator=g).float()
-    raw = torch.rand(2, len(STAT_NAMES), generator=g, dtype=torch.float64) + 1
+    raw = torch.rand(2, len(StepStats._fields), generator=g, dtype=torch.float64) + 1
     bias_norm = torch.rand(2, generator=g)
-    out = moe_step_stats(counts, raw, shards=4, bias_norm_L=bias_norm)
-    col = {n: raw[:, i] for i, n in enumerate(STAT_NAMES)}
+    mtp = torch.rand((), generator=g)
+    step = ReducedStep(counts, StepStats.unpack(raw), mtp)
+    out = step_values(step, shards=4, bias_norm_L=bias_norm)
+    col = {n: raw[:, i] for i, n in enumerate(StepStats._fields)}
     torch.testing.assert_close(out["z_loss"], col["z_loss"] / 4)
     torch.testing.assert_close(out["global_aux_loss"], col["global_aux_loss"] / 4)
     torch.testing.assert_close(out["entropy"], col["entropy_sum"] / col["tokens"])
     torch.testing.assert_close(out["dropped_frac"], col["dropped"] / col["copies"])
     assert out["bias_norm"] is bias_norm
     assert out["tokens"] is counts
+    torch.testing.assert_close(out["mtp_loss"], mtp / 4)
 
 
 def test_log_line_and_row_carry_per_layer_moe_values(tiny_config, caplog):

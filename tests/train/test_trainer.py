@@ -103,8 +103,7 @@ def test_resuming_into_another_model_is_one_clear_error(tiny_config):
 
 def test_expert_bias_follows_the_steps_token_counts(tiny_config):
     trainer = Trainer(tiny_config(**{"moe.bias_update_rate": 0.01}))
-    trainer.train_step()
-    counts = trainer.after_step()["tokens"][0]
+    counts = trainer.train_step().moe["tokens"][0]
     assert counts.sum().item() == 4 * 32 * trainer.cfg.moe.router_topk
     expected = 0.01 * torch.sign(counts.mean() - counts)
     torch.testing.assert_close(trainer.moe_layers[0].router.expert_bias, expected)
@@ -168,10 +167,9 @@ def test_freezing_keys_keep_router_and_chosen_experts_fixed(tiny_config):
 def test_multi_token_prediction_loss_is_trained_and_logged(tiny_config):
     trainer = Trainer(tiny_config(**{"model.mtp_num_layers": 2, "model.mtp_loss_scale": 0.3}))
     mtp_params = [p for n, p in trainer.model.named_parameters() if n.startswith("mtp.")]
-    trainer.train_step()
+    stats = trainer.train_step().moe
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mtp_params)
-    stats = trainer.after_step()
     # 0.3 x the mean of two cross entropies of a near-uniform model over the vocabulary
     assert 0.3 * 0.8 * math.log(trainer.cfg.model.vocab_size) < stats["mtp_loss"].item()
-    assert trainer.model.mtp_loss_sum.item() == 0  # reset for the next step
-    assert "mtp_loss" not in Trainer(tiny_config()).after_step()
+    assert trainer.model.mtp.loss_sum.item() == 0  # reset for the next step
+    assert "mtp_loss" not in Trainer(tiny_config()).train_step().moe

@@ -17,7 +17,9 @@ from typing import Any
 import tomli
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.registry import get_model_spec
 from torchmoe.config.schema import JobConfig, section_types
+from torchmoe.config.validate import validate
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -175,8 +177,6 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[s
 
 
 def _flavor_values(name: str, flavor: str) -> dict[str, dict[str, Any]]:
-    from torchmoe.models.registry import get_model_spec
-
     spec = get_model_spec(name)
     if flavor not in spec.flavors:
         raise ConfigError(
@@ -225,8 +225,6 @@ def load_config(argv: list[str]) -> tuple[JobConfig, set[str]]:
     path, overrides, flags = parse_cli(argv)
     toml = read_toml(path) if path else {}
     cfg = build_config(toml, overrides, where=f"--config {path}" if path else "defaults")
-    from torchmoe.config.validate import validate
-
     validate(cfg)
     return cfg, flags
 

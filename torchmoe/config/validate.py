@@ -1,4 +1,6 @@
-"""Checks that span several keys, run once the whole config is known."""
+"""Every check that spans several keys, run once the whole config is known: the family's
+(config/model_checks.py), parallelism's (parallel_checks.py, pipeline_keys.py), and the rest
+here. One ConfigError for the first problem, before anything is built."""
 
 import importlib.util
 import os
@@ -6,17 +8,20 @@ import os
 import torch
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.config.schema import ActivationCheckpoint, JobConfig
-from torchmoe.models.registry import get_model_spec
-from torchmoe.parallel.activation_checkpoint import RECOMPUTE_MODULES
-from torchmoe.parallel.dims import ParallelDims
-from torchmoe.parallel.pipeline import validate_pipeline
-from torchmoe.quant.float8 import validate_float8
+from torchmoe.config.parallel_checks import (
+    check_activation_checkpoint,
+    check_parallel_shapes,
+    resolve_dp_shard,
+)
+from torchmoe.config.pipeline_keys import check_pipeline
+from torchmoe.config.registry import get_model_spec
+from torchmoe.config.schema import JobConfig
 
 
 def validate(cfg: JobConfig) -> None:
     """Raise a ConfigError for the first inconsistency; WORLD_SIZE gives the rank count."""
-    get_model_spec(cfg.model.name).validate(cfg)
+    spec = get_model_spec(cfg.model.name)
+    spec.check(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.checkpoint.load_step != -1 and not cfg.checkpoint.enable:
         raise ConfigError(
@@ -35,8 +40,13 @@ def validate(cfg: JobConfig) -> None:
             "pick other experts; set activation_checkpoint.mode = 'none' or "
             "moe.input_jitter_eps = 0"
         )
-    validate_activation_checkpoint(cfg.activation_checkpoint)
-    validate_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
+    if cfg.quantize.float8_linear and cfg.parallelism.tp > 1:
+        raise ConfigError(
+            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
+            "use tp = 1 or turn float8 off"
+        )
+    check_activation_checkpoint(cfg.activation_checkpoint)
+    check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "metrics.enable_tensorboard = true but tensorboard is not installed; "
@@ -47,40 +57,41 @@ def validate(cfg: JobConfig) -> None:
             "parallelism.fsdp_cpu_offload = true offloads GPU memory to pinned "
             "host memory and needs CUDA; this machine has none"
         )
-    dims = ParallelDims.from_config(cfg.parallelism, world)
-    dims.check_model(cfg)
-    validate_pipeline(cfg)
+    p = cfg.parallelism
+    dp = p.dp_replicate * resolve_dp_shard(p, world)
+    check_parallel_shapes(cfg, spec.heads_keys)
+    check_pipeline(cfg)
     t = cfg.training
-    per_step = t.local_batch_size * dims.dp
+    per_step = t.local_batch_size * dp
     if t.global_batch_size != -1 and t.global_batch_size % per_step:
         raise ConfigError(
             f"training.global_batch_size = {t.global_batch_size} must be a "
-            f"multiple of training.local_batch_size x {dims.dp} data-parallel "
+            f"multiple of training.local_batch_size x {dp} data-parallel "
             f"ranks = {per_step}"
         )
 
 
-def validate_activation_checkpoint(ac: ActivationCheckpoint) -> None:
-    """Keys of [activation_checkpoint] that contradict the mode or name no known module."""
-    modules = ac.recompute_modules
-    if modules and ac.mode != "selective":
+def check_float8(cfg: JobConfig, planning: bool) -> None:
+    """One-line errors for float8 settings this machine or model cannot run (``planning``: a
+    dry run on a CPU may plan a GPU job)."""
+    if not cfg.quantize.float8_experts:
+        return
+    if cfg.moe.grouped_mm == "loop":
         raise ConfigError(
-            f"activation_checkpoint.recompute_modules = {modules} needs "
-            f"activation_checkpoint.mode = 'selective', not {ac.mode!r}"
+            "quantize.float8_experts = true runs the experts as float8 grouped "
+            "GEMMs; set moe.grouped_mm = 'auto' or 'grouped_mm', not 'loop'"
         )
-    for name in modules:
-        if name not in RECOMPUTE_MODULES:
-            raise ConfigError(
-                f"activation_checkpoint.recompute_modules = {modules}: unknown "
-                f"module {name!r}; choose from {', '.join(RECOMPUTE_MODULES)}"
-            )
-        if modules.count(name) > 1:
-            raise ConfigError(
-                f"activation_checkpoint.recompute_modules = {modules} lists {name!r} twice"
-            )
-    if ac.mode == "none" and ac.every_n_layers != 1:
+    hidden = cfg.moe.ffn_hidden_size // cfg.parallelism.etp
+    if cfg.model.dim % 16 or hidden % 16:
         raise ConfigError(
-            f"activation_checkpoint.every_n_layers = {ac.every_n_layers} has no "
-            "effect with activation_checkpoint.mode = 'none'; pick full or "
-            "selective"
+            f"quantize.float8_experts = true needs model.dim = {cfg.model.dim} and "
+            f"the per-rank expert hidden size {hidden} (moe.ffn_hidden_size / "
+            "parallelism.etp) to be multiples of 16"
+        )
+    if not planning and not (
+        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    ):
+        raise ConfigError(
+            "quantize.float8_experts = true needs a CUDA GPU of compute capability "
+            "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine"
         )

@@ -15,16 +15,15 @@ neighbouring ranks - inside one node - and ``pp``/``dp_replicate`` span nodes.
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from torchmoe.config.errors import ConfigError
-from torchmoe.config.schema import JobConfig, Parallelism
+from torchmoe.config.parallel_checks import resolve_dp_shard
+from torchmoe.config.schema import Parallelism
 
 DENSE_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EXPERT_DIMS = ("pp", "dp_replicate", "edp", "ep", "etp")
-# Degrees this version implements; the others are validated but refused with a clear message.
-_AVAILABLE = {"cp": 1}
 
 
 @dataclass
@@ -65,42 +64,10 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, p: Parallelism, world_size: int) -> "ParallelDims":
-        """Resolve ``dp_shard`` and check that the degrees multiply to the world size.
-
-        ``dp_shard = -1`` takes the ranks left over. An explicit ``dp_shard`` is the dense FSDP
-        degree, which ``ep`` borrows from; if instead ``dp_shard x ep`` (times the rest) fills
-        the world, ``dp_shard`` is read as the experts' FSDP degree and EP multiplies it:
-        "FSDP2 x EP2" on 4 ranks. Either way every rank is used once.
-        """
-        others = p.dp_replicate * p.cp * p.tp * p.pp
-        dp_shard = p.dp_shard
-        if dp_shard == -1:
-            if world_size % others:
-                raise ConfigError(
-                    f"parallelism: dp_replicate x cp x tp x pp = {others} does not divide the "
-                    f"{world_size} ranks; change the degrees or NGPU"
-                )
-            dp_shard = world_size // others
-        elif others * dp_shard != world_size and others * dp_shard * p.ep == world_size:
-            dp_shard *= p.ep
-        if others * dp_shard != world_size:
-            raise ConfigError(
-                f"parallelism: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} "
-                f"x tp {p.tp} x pp {p.pp} = {others * dp_shard} but there are {world_size} "
-                "ranks; make the product equal NGPU x NNODES (dp_shard = -1 takes the rest)"
-            )
-        dims = cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, p.ep, p.etp, world_size)
-        dims._check_expert_folding()
-        return dims
-
-    def _check_expert_folding(self) -> None:
-        block = self.dp_shard * self.cp * self.tp
-        if block % (self.ep * self.etp):
-            raise ConfigError(
-                f"parallelism.ep = {self.ep} x parallelism.etp = {self.etp} must divide "
-                f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from; "
-                "on fewer GPUs lower parallelism.ep"
-            )
+        """The degrees of ``p`` on ``world_size`` ranks (``dp_shard`` resolved as
+        config/parallel_checks.py reads it; a ConfigError when they do not fill the world)."""
+        dp_shard = resolve_dp_shard(p, world_size)
+        return cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, p.ep, p.etp, world_size)
 
     @property
     def dp(self) -> int:
@@ -112,43 +79,43 @@ class ParallelDims:
         """Ranks over which FSDP shards each expert (per data-parallel replica)."""
         return self.dp_shard * self.cp * self.tp // (self.ep * self.etp)
 
-    def check_model(self, cfg: JobConfig) -> None:
-        """Degrees against the model's shape, then against what this version implements; one
-        ConfigError per problem, before anything is allocated."""
-        from torchmoe.models.registry import get_model_spec  # the registry imports the plans
+    @property
+    def fsdp_enabled(self) -> bool:
+        """The plan shards with FSDP2: more than one rank per pipeline stage (data-parallel or
+        tensor-parallel ranks; with tp alone FSDP runs on a size-1 data mesh to shard the
+        per-token modules over tp)."""
+        return self.world_size // self.pp > 1
 
-        shape_rules = [  # (key, value, degree key, degree, why)
-            ("moe.num_experts", cfg.moe.num_experts, "ep", self.ep, ""),
-            *(
-                (f"model.{key}", getattr(cfg.model, key), "tp", self.tp, "")
-                for key in get_model_spec(cfg.model.name).heads_keys
-            ),
-            (
-                "training.seq_len",
-                cfg.training.seq_len,
-                "tp",
-                self.tp,
-                " (sequence parallel splits it)",
-            ),
-            ("moe.ffn_hidden_size", cfg.moe.ffn_hidden_size, "etp", self.etp, ""),
-        ]
-        for key, value, degree_key, degree, why in shape_rules:
-            if value % degree:
-                raise ConfigError(
-                    f"{key} = {value} is not divisible by parallelism.{degree_key}"
-                    f" = {degree}{why}; pick degrees that divide it"
-                )
-        if cfg.model.n_layers < self.pp:
-            raise ConfigError(
-                f"model.n_layers = {cfg.model.n_layers} is fewer than the "
-                f"parallelism.pp = {self.pp} pipeline stages"
-            )
-        for key, available in _AVAILABLE.items():
-            if getattr(self, key) > available:
-                raise ConfigError(
-                    f"parallelism.{key} = {getattr(self, key)} is not available "
-                    f"yet; use {available}"
-                )
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        """Experts are split over ranks: expert or expert-tensor parallelism."""
+        return self.ep * self.etp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Ranks read different batches."""
+        return self.dp > 1
+
+    @property
+    def experts_split(self) -> bool:
+        """Experts' FSDP mesh differs from the dense one: split over ep/etp or replicated
+        over tp."""
+        return self.ep * self.etp * self.tp > 1
+
+    def mixed_precision(self, dtype: torch.dtype) -> str:
+        """Who runs compute in ``dtype``: "fsdp" (its mixed-precision policy casts the
+        parameters) whenever FSDP is on, else "autocast"; "none" for float32. Never both."""
+        if dtype == torch.float32:
+            return "none"
+        return "fsdp" if self.fsdp_enabled else "autocast"
 
     def build_meshes(self, device_type: str) -> None:
         if self.world_size > 1:

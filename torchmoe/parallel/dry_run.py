@@ -16,18 +16,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from torchmoe.config.pipeline_keys import microbatches, stage_ids
+from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.moe import MoE
-from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
-from torchmoe.parallel.pipeline import (
-    describe_layout,
-    microbatches,
-    split_stage,
-    stage_ids,
-    stage_layout,
-)
+from torchmoe.parallel.pipeline_layout import describe_layout, stage_layout
+from torchmoe.parallel.pipeline_stage import split_stage
 from torchmoe.parallel.plans import load_plan
 
 GiB = 2**30
@@ -115,12 +111,12 @@ def estimate(
     gathered = max(
         (unsharded_by_fsdp(b) for part in parts for b in part.layers.values()), default=0
     )
-    m = microbatches(cfg) if dims.pp > 1 else 1
+    m = microbatches(cfg) if dims.pp_enabled else 1
     tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / dims.tp  # seq. parallel
     stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
     flight = in_flight(cfg.parallelism.pp_schedule, dims.pp, pp_rank, len(parts), m)
-    fsdp = 2 * gathered * BF16 if dims.dp > 1 else 0
-    if dims.dp > 1 and dims.pp > 1:  # torch keeps a stage's weights gathered and its
+    fsdp = 2 * gathered * BF16 if dims.dp_enabled else 0
+    if dims.dp_enabled and dims.pp_enabled:  # torch keeps a stage's weights gathered and its
         # gradients unsharded (fp32 reduce dtype) until the step's last micro-batch
         fsdp = sum(unsharded_by_fsdp(part) for part in parts) * (BF16 + FP32)
     return {
@@ -141,16 +137,14 @@ def dry_run(cfg: JobConfig) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         dims = ParallelDims.from_config(cfg.parallelism, world)
-        dims.check_model(cfg)
         dims.build_meshes("cpu")
-        spec = get_model_spec(cfg.model.name)
-        plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
+        plan = load_plan(cfg.parallelism.plan or get_model_spec(cfg.model.name).plan)
         with torch.device("meta"):
-            model = spec.build(cfg)
+            model = build_model(cfg)
         total_params = sum(p.numel() for p in model.parameters())
         check_recompute_modules(model, cfg.activation_checkpoint)
         rows, pipeline = {}, ""
-        if dims.pp == 1:
+        if not dims.pp_enabled:
             rows["rank 0"] = estimate([plan(model, dims, cfg)], dims, cfg, 0)
         else:
             layout = stage_layout(model, cfg)

@@ -32,36 +32,30 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
     """float8 (linears, experts) -> tensor parallel -> expert parallel (and the balance
     losses' count all-reduces) -> activation checkpointing -> compile -> FSDP. Each step is a
     public ``apply_*`` a custom plan can reuse, reorder or replace."""
-    if cfg.quantize.float8_linear and dims.tp > 1:
-        raise ConfigError(
-            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
-            "use tp = 1 or turn float8 off"
-        )
     apply_float8_linears(model, cfg.quantize)
     apply_float8_experts(model, cfg.quantize)
-    if dims.tp > 1:
+    if dims.tp_enabled:
         apply_tp(model, dims.meshes.dense["tp"])
-    if dims.ep * dims.etp > 1:
+    if dims.ep_enabled:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     if dims.meshes is not None:
         apply_balance_counts(
-            model, dims.meshes.dp_tp, dims.meshes.dense["tp"] if dims.tp > 1 else None
+            model, dims.meshes.dp_tp, dims.meshes.dense["tp"] if dims.tp_enabled else None
         )
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
-    if dims.world_size // dims.pp > 1:
+    if dims.fsdp_enabled:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
-        split_experts = dims.ep * dims.etp * dims.tp > 1  # experts' FSDP mesh differs from dp's
         apply_fsdp(
             model,
             meshes.dp_mesh(),
-            meshes.expert_dp_mesh() if split_experts else None,
+            meshes.expert_dp_mesh() if dims.experts_split else None,
             param_dtype=resolve_dtype(cfg.training.mixed_precision_param, device_type),
             reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
             reshard_after_forward=_reshard_policy(dims, cfg),
             cpu_offload=cfg.parallelism.fsdp_cpu_offload,
-            token_mesh=meshes.dp_tp if dims.tp > 1 else None,
+            token_mesh=meshes.dp_tp if dims.tp_enabled else None,
         )
     return model
 
@@ -70,14 +64,14 @@ def _reshard_policy(dims: ParallelDims, cfg: JobConfig) -> str:
     """'default' under pipeline parallelism keeps the gathered weights ('never'): every
     micro-batch's forward would gather them again."""
     policy = cfg.parallelism.fsdp_reshard_after_forward
-    return "never" if policy == "default" and dims.pp > 1 else policy
+    return "never" if policy == "default" and dims.pp_enabled else policy
 
 
 def _sync_free_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:
     """Blocks trace into one graph when no MoE layer needs its token counts on the host: no
     expert or tensor parallelism, and experts on torch._grouped_mm rather than the loop."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return dims.ep * dims.etp * dims.tp == 1 and use_grouped_mm(cfg.moe.grouped_mm, device)
+    return not dims.experts_split and use_grouped_mm(cfg.moe.grouped_mm, device)
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:

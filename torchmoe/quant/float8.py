@@ -1,41 +1,13 @@
 """Float8 training through torchao: dense linears, and the routed experts' grouped GEMMs."""
 
-import torch
 from torch import nn
 
-from torchmoe.config.errors import ConfigError
-from torchmoe.config.schema import JobConfig, Quantize
+from torchmoe.config.schema import Quantize
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
 
 # torchao's float8 grouped GEMM wants every expert's row count padded to a multiple of this.
 FLOAT8_GROUP_ALIGNMENT = 16
-
-
-def validate_float8(cfg: JobConfig, planning: bool) -> None:
-    """One-line errors for float8 settings this machine or model cannot run (``planning``: a
-    dry run on a CPU may plan a GPU job)."""
-    if not cfg.quantize.float8_experts:
-        return
-    if cfg.moe.grouped_mm == "loop":
-        raise ConfigError(
-            "quantize.float8_experts = true runs the experts as float8 grouped "
-            "GEMMs; set moe.grouped_mm = 'auto' or 'grouped_mm', not 'loop'"
-        )
-    hidden = cfg.moe.ffn_hidden_size // cfg.parallelism.etp
-    if cfg.model.dim % 16 or hidden % 16:
-        raise ConfigError(
-            f"quantize.float8_experts = true needs model.dim = {cfg.model.dim} and "
-            f"the per-rank expert hidden size {hidden} (moe.ffn_hidden_size / "
-            "parallelism.etp) to be multiples of 16"
-        )
-    if not planning and not (
-        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    ):
-        raise ConfigError(
-            "quantize.float8_experts = true needs a CUDA GPU of compute capability "
-            "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine"
-        )
 
 
 def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:

@@ -1,10 +1,5 @@
-"""Throughput, FLOPs/MFU, memory and expert-load metrics, and where they are written.
-
-Model FLOPs follow the convention of torchtitan's MoE models so numbers compare across trainers:
-6 x (active non-embedding parameters) per token for the matmuls (forward + backward), plus
-6 x layers x heads x seq_len x (qk_head_dim + v_head_dim) for attention scores and values
-(no causal discount). Only the routed experts a token actually uses count as active.
-"""
+"""Throughput, MFU (model FLOPs: torchmoe/models/flops.py), memory and expert-load metrics,
+and where they are written."""
 
 import json
 import logging
@@ -15,11 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.common.transformer import TransformerBlock
-from torchmoe.models.moe.moe import LOSS_NAMES, STAT_NAMES, MoE
+from torchmoe.models.moe.moe import LOSS_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +28,6 @@ _PEAK_BF16 = {
 }
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """(name, module) of every MoE layer, in model order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-
-
-def flops_per_token(module: nn.Module, cfg: JobConfig) -> float:
-    """Training FLOPs per token (see the module docstring) of a model as built, before any
-    parallel plan shards it, or of a part of one: a block, a pipeline stage."""
-    active = 0.0
-    for name, p in module.named_parameters():
-        if "tok_embeddings" in name:
-            continue
-        active += p.numel()
-    for _, moe in moe_layers(module):
-        routed = sum(p.numel() for p in moe.experts.parameters())
-        active -= routed * (1 - moe.args.router.topk / moe.args.router.num_experts)
-    attention = sum(
-        6 * a.n_heads * cfg.training.seq_len * (a.qk_head_dim + a.v_head_dim)
-        for a in (
-            block.attention for block in module.modules() if isinstance(block, TransformerBlock)
-        )
-    )
-    return 6 * active + attention
-
-
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The device's dense peak for the compute dtype, or None when unknown (e.g. CPU)."""
     if device.type != "cuda" or dtype != torch.bfloat16:
@@ -73,23 +41,6 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def moe_step_stats(
-    counts_LE: torch.Tensor, stats_LS: torch.Tensor, shards: int, bias_norm_L: torch.Tensor | None
-) -> dict[str, torch.Tensor]:
-    """One step's MoE statistics from the layers' buffers summed over ranks (moe.py): routed
-    copies per expert [L, E]; per layer [L], each loss term as its mean over the ``shards``
-    token shards of the step (micro-batches x ranks), the mean router entropy per token, the
-    dropped fraction of the copies and the expert-bias norm. Stays on the device."""
-    s = dict(zip(STAT_NAMES, stats_LS.unbind(1)))
-    out = {"tokens": counts_LE}
-    out.update({name: s[name] / shards for name in LOSS_NAMES})
-    out["entropy"] = s["entropy_sum"] / s["tokens"].clamp_min(1)
-    out["dropped_frac"] = s["dropped"] / s["copies"].clamp_min(1)
-    if bias_norm_L is not None:
-        out["bias_norm"] = bias_norm_L
-    return out
 
 
 def expert_load_stats(counts_LE: torch.Tensor) -> dict:
@@ -113,7 +64,7 @@ def expert_load_stats(counts_LE: torch.Tensor) -> dict:
 
 
 def _layer_rows(window: dict[str, torch.Tensor], steps: int, cfg: JobConfig) -> dict:
-    """Log-row fields from a window of ``moe_step_stats``: load summary, per-layer values and
+    """Log-row fields from a window of ``step_values``: load summary, per-layer values and
     the total balance loss (summed over layers, mean per step)."""
     row = expert_load_stats(window["tokens"])
     per_layer = row["per_layer"]
@@ -163,8 +114,8 @@ class MetricsLogger:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
 
     def record_step(self, tokens: int, loss: float, moe: dict[str, torch.Tensor]) -> None:
-        """One step's token count, loss and MoE statistics (``moe_step_stats``, on the
-        device: read only when a line is logged)."""
+        """One step's token count, loss and MoE statistics (``train.moe_stats.step_values``,
+        on the device: read only when a line is logged)."""
         w = self.window
         w.steps += 1
         w.tokens += tokens

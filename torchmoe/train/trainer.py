@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,24 +24,26 @@ from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.pipeline_keys import microbatches as microbatches_of
+from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
 from torchmoe.data.loader import build_dataloader
 from torchmoe.data.tokenizer import build_tokenizer
-from torchmoe.models.moe.balance import set_aux_loss_scale, update_expert_bias
+from torchmoe.models.flops import flops_per_token
+from torchmoe.models.moe.balance import set_aux_loss_scale
 from torchmoe.models.moe.experts import use_grouped_mm
-from torchmoe.models.moe.moe import STAT_NAMES
-from torchmoe.models.registry import get_model_spec
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
 from torchmoe.parallel.pipeline import Pipeline, build_pipeline
-from torchmoe.parallel.pipeline import microbatches as microbatches_of
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
+from torchmoe.train.expert_bias import ExpertBiasUpdate
 from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
-from torchmoe.train.metrics import MetricsLogger, flops_per_token, moe_layers, moe_step_stats
+from torchmoe.train.metrics import MetricsLogger
+from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -55,9 +58,16 @@ def _full(loss: torch.Tensor) -> torch.Tensor:
     return loss.full_tensor() if isinstance(loss, DTensor) else loss
 
 
-def _block_of(module_name: str) -> str:
-    """The block a submodule belongs to: 'layers.3._orig_mod.feed_forward' -> 'layers.3'."""
-    return ".".join(module_name.split(".")[:2])
+@dataclass
+class StepResult:
+    """One optimizer step: the loss (mean over every token of the step on every rank), the
+    gradient norm, the learning rate used, and the MoE / MTP statistics (``step_values``, on
+    the device: the log reads them when it writes a line)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    moe: dict[str, torch.Tensor]
 
 
 def default_device() -> torch.device:
@@ -85,11 +95,10 @@ class Trainer:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
-        self.dims.check_model(cfg)
         self.dims.build_meshes(self.device.type)
         self.dtype = resolve_dtype(t.mixed_precision_param, self.device.type)
-        # One rank: autocast. Several: FSDP's mixed-precision policy casts the parameters.
-        self.autocast = self.dtype != torch.float32 and self.dims.dp == 1
+        # FSDP's mixed-precision policy casts the parameters when FSDP is on, else autocast.
+        self.autocast = self.dims.mixed_precision(self.dtype) == "autocast"
         torch.manual_seed(t.seed)
         if t.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
@@ -102,22 +111,18 @@ class Trainer:
                 f"tokenizer's {self.tokenizer.vocab_size} tokens; raise it"
             )
 
-        spec = get_model_spec(cfg.model.name)
         with torch.device("meta"):
-            model = spec.build(cfg)
+            model = build_model(cfg)
         if cfg.moe.freeze_router:
             freeze_routers(model)
         check_recompute_modules(model, cfg.activation_checkpoint)
         check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
-        flops = flops_per_token(model, cfg)
+        flops = flops_per_token(model, t.seq_len)
         self._log_model(model)
-        # Every MoE layer of the whole model by block ("layers.3", "mtp.0"): a pipeline stage
-        # holds some of them, and after_step fills their rows of one buffer for all.
-        self.moe_blocks = [_block_of(name) for name, _ in moe_layers(model)]
-        plan = load_plan(cfg.parallelism.plan) if cfg.parallelism.plan else spec.parallelize
+        whole = model
+        plan = load_plan(cfg.parallelism.plan or get_model_spec(cfg.model.name).plan)
         self.pipeline: Pipeline | None = None
-        if self.dims.pp > 1:
-            fsdp = self.dims.world_size // self.dims.pp > 1  # casts the hidden states
+        if self.dims.pp_enabled:
             self.pipeline = build_pipeline(
                 model,
                 self.dims,
@@ -126,7 +131,8 @@ class Trainer:
                 self._materialize,
                 self.device,
                 lambda logits, labels: self.loss_fn(logits, labels) / self.global_tokens,
-                hidden_dtype=self.dtype if fsdp else torch.float32,
+                # FSDP's mixed precision casts the hidden states; autocast keeps them float32
+                hidden_dtype=self.dtype if self.dims.fsdp_enabled else torch.float32,
                 logits_dtype=self.dtype,
             )
             model = self.pipeline.model
@@ -134,10 +140,18 @@ class Trainer:
             model = plan(model, self.dims, cfg)
             self._materialize(model)
         self.model = model
-        local = moe_layers(model)
-        self.moe_layers = [m for _, m in local]
-        self.moe_rows = [self.moe_blocks.index(_block_of(name)) for name, _ in local]
-        self.moe_row_index = torch.tensor(self.moe_rows, dtype=torch.long, device=self.device)
+        self.moe_stats = MoEStepStats(
+            whole, model, cfg.moe.num_experts, reduce=self.dims.meshes is not None
+        )
+        self.moe_layers = self.moe_stats.layers
+        pp_group = self.dims.meshes.dense["pp"].get_group() if self.pipeline else None
+        self.expert_bias = ExpertBiasUpdate(
+            self.moe_layers,
+            self.moe_stats.rows,
+            self.moe_stats.num_layers,
+            cfg.moe.bias_update_rate,
+            pp_group,
+        )
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
@@ -165,7 +179,7 @@ class Trainer:
             self.dims.dp_rank(),
         )
         self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype)
-        self.loss_fn = build_loss_fn(cfg.compile.enable and self.dims.tp == 1)
+        self.loss_fn = build_loss_fn(cfg.compile.enable and not self.dims.tp_enabled)
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
 
@@ -225,10 +239,10 @@ class Trainer:
             d.edp,
         )
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over ``accum_steps`` micro-batches; returns (loss, grad norm, lr
-        used), the loss being the mean over every token of the step on every rank. Balance and
-        MTP losses are in the gradient; their values reach the log through ``after_step``."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``accum_steps`` micro-batches, then the expert-bias update.
+        Balance and MTP losses are in the gradient; their values reach the log through
+        ``StepResult.moe``."""
         self.optimizer.zero_grad(set_to_none=True)
         # Balance losses are computed per token shard and averaged over the step's shards.
         set_aux_loss_scale(1.0 / self.token_shards)
@@ -262,7 +276,18 @@ class Trainer:
         if self.freezer is not None:
             self.freezer.restore()
         self.lr_scheduler.step()
-        return loss_value, norm_value, lr
+        return StepResult(loss_value, norm_value, lr, self._after_optimizer_step())
+
+    def _after_optimizer_step(self) -> dict[str, torch.Tensor]:
+        """The step's MoE and MTP buffers, summed over every rank in one all-reduce, drive the
+        expert-bias update and become the step's statistics (``step_values``)."""
+        if not self.moe_stats.enabled:
+            return {}
+        step = self.moe_stats.reduce(self.device)
+        self.expert_bias.update(step.tokens_LE)
+        with_bias = self.cfg.moe.enable_expert_bias and self.moe_stats.num_layers > 0
+        bias_norm = self.expert_bias.norms(self.device) if with_bias else None
+        return step_values(step, self.token_shards, bias_norm)
 
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One micro-batch through the whole model; returns its summed token loss over
@@ -270,8 +295,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             # Multi-token prediction needs the targets inside the model.
             logits = self.model(inputs, labels=labels) if self.mtp else self.model(inputs)
-        with loss_parallel() if self.dims.tp > 1 else nullcontext():
+        with loss_parallel() if self.dims.tp_enabled else nullcontext():
             loss = self.loss_fn(logits, labels) / self.global_tokens
+            del logits  # backward needs the loss's own saved tensors only: free [B, S, V] now
             loss.backward()
         return _full(loss.detach())
 
@@ -284,7 +310,7 @@ class Trainer:
         inputs, labels = inputs.contiguous(), labels.contiguous()
         with (
             torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
-            loss_parallel() if self.dims.tp > 1 else nullcontext(),
+            loss_parallel() if self.dims.tp_enabled else nullcontext(),
         ):
             # the MTP modules of the last stage read the labels, as the loss does
             p.schedule.step(
@@ -295,49 +321,6 @@ class Trainer:
                 **({"labels": labels} if self.mtp else {}),
             )
         return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
-
-    def after_step(self) -> dict[str, torch.Tensor]:
-        """Expert-bias update from this step's token counts, summed over every rank that
-        routes other tokens, so all ranks apply the same bias; returns the step's MoE and MTP
-        statistics of every layer (``moe_step_stats``, on the device: metrics read them at log
-        time) and resets the buffers.
-
-        One all-reduce over all ranks carries every layer's buffers: each rank fills the rows
-        of the MoE layers its pipeline stages hold and leaves the others' zero."""
-        if not self.moe_blocks and not self.mtp:
-            return {}
-        layers, rows = self.moe_layers, self.moe_rows
-        n_experts, n_stats = self.cfg.moe.num_experts, len(STAT_NAMES)
-        counts = torch.zeros(len(self.moe_blocks), n_experts, device=self.device)
-        stats = torch.zeros(len(self.moe_blocks), n_stats, device=self.device)
-        if layers:
-            index = self.moe_row_index
-            counts.index_copy_(0, index, torch.stack([m.tokens_per_expert for m in layers]).float())
-            stats.index_copy_(0, index, torch.stack([m.stats for m in layers]).float())
-            torch._foreach_zero_([b for m in layers for b in (m.tokens_per_expert, m.stats)])
-        mtp = self.model.mtp_loss_sum.reshape(1) if self.mtp else torch.zeros(0)
-        flat = torch.cat([counts.flatten(), stats.flatten(), mtp.to(counts)])
-        if self.dims.meshes:
-            dist.all_reduce(flat)
-        counts = flat[: counts.numel()].view_as(counts)
-        stats = flat[counts.numel() : counts.numel() + stats.numel()].view_as(stats)
-        out = {}
-        if self.moe_blocks:
-            rate = self.cfg.moe.bias_update_rate
-            bias_norm = torch.zeros(len(self.moe_blocks), device=self.device)
-            for row, m in zip(rows, layers):
-                if m.router.expert_bias is not None and rate > 0:
-                    update_expert_bias(m.router.expert_bias, counts[row], rate)
-                if m.router.expert_bias is not None:
-                    bias_norm[row] = m.router.expert_bias.norm()
-            with_bias = self.cfg.moe.enable_expert_bias
-            if with_bias and self.pipeline:  # the other stages' layers
-                dist.all_reduce(bias_norm, group=self.dims.meshes.dense["pp"].get_group())
-            out = moe_step_stats(counts, stats, self.token_shards, bias_norm if with_bias else None)
-        if self.mtp:
-            out["mtp_loss"] = flat[-1] / self.token_shards
-            self.model.mtp_loss_sum.zero_()
-        return out
 
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
@@ -351,12 +334,12 @@ class Trainer:
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
         while self.state.step < cfg.training.steps:
-            loss, grad_norm, lr = self.train_step()
+            result = self.train_step()
             self.state.step += 1
-            losses.append(loss)
-            self.metrics.record_step(tokens_per_gpu, loss, self.after_step())
+            losses.append(result.loss)
+            self.metrics.record_step(tokens_per_gpu, result.loss, result.moe)
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
-                self.metrics.log(step, grad_norm, lr)
+                self.metrics.log(step, result.grad_norm, result.lr)
             self.checkpoint.maybe_save(step, cfg.training.steps)
         return losses

@@ -8,8 +8,8 @@ from torch.utils.checkpoint import checkpoint
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
+from torchmoe.config.registry import build_model
 from torchmoe.config.validate import validate
-from torchmoe.models.deepseek_v3.model import build_deepseek_v3
 from torchmoe.models.moe.balance import set_aux_loss_scale
 
 B, S, DEPTH, SCALE = 2, 12, 2, 0.3
@@ -39,7 +39,7 @@ def config(**overrides):
 
 def materialise(cfg, seed=0, dtype=torch.float64):
     with torch.device("meta"):
-        model = build_deepseek_v3(cfg)
+        model = build_model(cfg)
     model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights(cfg.model.init_std, cfg.model.n_layers, buffer_device=torch.device("cpu"))
@@ -87,10 +87,10 @@ def test_attached_loss_and_its_gradients_equal_the_reference():
     out = model(tokens, labels)
     torch.testing.assert_close(out, model(tokens), rtol=0, atol=0)  # logits unchanged
     ref = reference_mtp_loss(model, tokens, labels)
-    model.mtp_loss_sum.zero_()
+    model.mtp.loss_sum.zero_()
 
     out = model(tokens, labels)
-    torch.testing.assert_close(model.mtp_loss_sum, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(model.mtp.loss_sum, ref.detach(), rtol=1e-10, atol=1e-12)
     params = [p for p in model.parameters() if p.requires_grad]
     (0.0 * out).sum().backward()  # only the attached MTP loss sends gradients
     expected = torch.autograd.grad(ref, params, allow_unused=True)
@@ -133,15 +133,15 @@ def test_loss_sum_accumulates_once_per_forward_even_under_checkpoint_recompute()
     model = materialise(config())
     tokens, labels = batch(seed=3)
     model(tokens)  # no labels: no MTP loss
-    assert model.mtp_loss_sum.item() == 0
+    assert model.mtp.loss_sum.item() == 0
     model(tokens, labels)
-    once = model.mtp_loss_sum.clone()
+    once = model.mtp.loss_sum.clone()
     model(tokens, labels)
-    torch.testing.assert_close(model.mtp_loss_sum, 2 * once)
-    model.mtp_loss_sum.zero_()
+    torch.testing.assert_close(model.mtp.loss_sum, 2 * once)
+    model.mtp.loss_sum.zero_()
     out = checkpoint(model, tokens, labels, use_reentrant=False)
     out.sum().backward()  # recomputes the forward, MTP included
-    torch.testing.assert_close(model.mtp_loss_sum, once)
+    torch.testing.assert_close(model.mtp.loss_sum, once)
 
 
 def test_init_covers_mtp_and_leaves_the_main_model_as_without_mtp():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchmoe.models.moe.moe import STAT_NAMES, MoE, MoEArgs
+from torchmoe.models.moe.moe import MoE, MoEArgs, StepStats
 from torchmoe.models.moe.router import RouterArgs
 
 
@@ -113,6 +113,6 @@ def test_token_counts_and_aux_loss_are_recorded_once_per_forward():
     ckpt = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
     ckpt.sum().backward()  # recomputes the forward inside backward
     assert layer.tokens_per_expert.sum().item() == 3 * 5 * 2
-    stats = dict(zip(STAT_NAMES, layer.stats.tolist()))
+    stats = dict(zip(StepStats._fields, layer.stats.tolist()))
     assert stats["aux_loss"] > 0 and stats["tokens"] == 15 and stats["copies"] == 30
     assert stats["seq_aux_loss"] == stats["dropped"] == 0

@@ -18,7 +18,7 @@ from torchmoe.models.moe.balance import (
     z_loss,
 )
 from torchmoe.models.moe.capacity import drop_over_capacity, expert_capacity
-from torchmoe.models.moe.moe import STAT_NAMES, MoE, MoEArgs
+from torchmoe.models.moe.moe import MoE, MoEArgs, StepStats
 from torchmoe.models.moe.router import RouterArgs, TopKRouter, sinkhorn_log
 
 T, D, E = 24, 12, 8
@@ -289,7 +289,7 @@ def test_moe_layer_drops_over_capacity_and_counts(policy, pad):
     kept = drop_over_capacity(routing.topk_idx_TK, routing.topk_weight_TK, E, capacity, policy)
     want = reference_moe_output(layer, x.view(T, D), kept, routing.topk_weight_TK)
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    stats = dict(zip(STAT_NAMES, layer.stats.tolist()))
+    stats = dict(zip(StepStats._fields, layer.stats.tolist()))
     assert stats["dropped"] == (kept < 0).sum().item() > 0 and stats["copies"] == 2 * T
     if pad:
         assert groups == [[capacity] * E]

@@ -1,24 +1,42 @@
 """A pre-norm decoder that model families fill with their attention and feed-forward modules,
-optionally followed by DeepSeek-V3's multi-token prediction (MTP) modules.
+optionally followed by DeepSeek-V3's multi-token prediction (MTP, mtp.py).
 
-Layers live in a ModuleDict keyed by their index, so a pipeline split can drop some of them and
-every remaining parameter keeps its name (checkpoints stay loadable across layouts). Embedding,
-final norm and output head may be None for the same reason; so may ``mtp``.
+Legend: B batch, S sequence, D model dim, V vocabulary.
+
+Blocks live in a ModuleDict keyed by their index, so a pipeline split (parallel/) can drop some
+of them and every remaining parameter keeps its name (checkpoints stay loadable across layouts).
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.mlp import FeedForward
+from torchmoe.models.common.mtp import MultiTokenPrediction, mtp_inputs
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import RopeArgs, rope_cos_sin
 from torchmoe.models.moe.balance import attach_aux_loss
-from torchmoe.models.moe.moe import is_recomputing
+from torchmoe.models.moe.moe import MoE, MoEArgs
 
-_IGNORE = -100  # cross-entropy target of positions whose token lies past the sequence
+
+@dataclass(kw_only=True)
+class DecoderArgs:
+    """What every family's decoder takes; a family adds its attention's arguments."""
+
+    vocab_size: int
+    dim: int
+    inter_dim: int  # hidden size of the dense SwiGLU blocks
+    norm_eps: float
+    rope: RopeArgs
+    max_seq_len: int  # positions the rotary table covers
+    moe: MoEArgs  # the routed experts of every MoE block
+    moe_layers: list[bool]  # per block: MoE (True) or dense SwiGLU
+    mtp_num_layers: int = 0  # multi-token prediction depths; their blocks copy the last block's
+    mtp_loss_scale: float = 0.0
 
 
 class TransformerBlock(nn.Module):
@@ -40,42 +58,6 @@ class TransformerBlock(nn.Module):
         self.feed_forward.init_weights(std, out_std)
 
 
-class MTPModule(nn.Module):
-    """One depth of multi-token prediction: h' = block(eh_proj([enorm(e); hnorm(h)])), where h
-    is the previous depth's hidden state [B, S, D] and e the embedding of the token this depth
-    adds. Its logits are output(norm(h')), with the decoder's shared output head.
-
-    The embedding half comes first in the concatenation, as in DeepSeek-V3's released
-    weights (``eh_proj`` is [D, 2D]), so they load without reordering columns.
-    """
-
-    def __init__(self, block: TransformerBlock, dim: int, norm_eps: float):
-        super().__init__()
-        self.enorm = RMSNorm(dim, eps=norm_eps)
-        self.hnorm = RMSNorm(dim, eps=norm_eps)
-        self.eh_proj = nn.Linear(2 * dim, dim, bias=False)
-        self.block = block
-        self.norm = RMSNorm(dim, eps=norm_eps)
-
-    def forward(
-        self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos_sin: torch.Tensor
-    ) -> torch.Tensor:
-        """The next depth's hidden state (before ``norm``)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        return self.block(x, cos_sin)
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        for norm in (self.enorm, self.hnorm, self.norm):
-            norm.reset_parameters()
-        trunc_normal_(self.eh_proj.weight, std)
-        self.block.init_weights(std, out_std)
-
-
-def _shift_left(tokens_BS: torch.Tensor, n: int, fill: int) -> torch.Tensor:
-    """tokens[:, t + n] at position t; the last n positions get ``fill``."""
-    return F.pad(tokens_BS[:, n:], (0, n), value=fill) if n else tokens_BS
-
-
 def block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, name) of every transformer block: ``model.layers`` in order, then each MTP
     depth's block. Plans wrap or replace blocks through these (FSDP, checkpointing, compile)."""
@@ -86,16 +68,9 @@ def block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
 class Decoder(nn.Module):
     """Embedding -> blocks -> final norm -> output head, plus ``len(mtp_blocks)`` MTP depths.
 
-    With MTP, ``forward(tokens, labels)`` also computes the MTP loss
-    L = mtp_loss_scale / D * sum_k mean CE_k and hooks it onto the returned logits like a
-    balance loss (``attach_aux_loss``): backward through the logits trains the MTP modules
-    too. ``mtp_loss_sum`` adds up L over real forwards (not activation-checkpoint
-    recomputation) for the training loop to log and reset.
-
-    A pipeline split may drop the embedding (later stages take hidden states) and the head
-    (earlier stages return them). MTP's inputs, the embeddings of the shifted labels, are then
-    made by the first stage and travel with the hidden state, concatenated on its last dim, to
-    the last stage, which holds the MTP modules: no stage needs a copy of the embedding.
+    With MTP, ``forward(tokens, labels)`` also computes the MTP loss and hooks it onto the
+    returned logits like a balance loss (``attach_aux_loss``): backward through the logits
+    trains the MTP depths too.
     """
 
     def __init__(
@@ -120,93 +95,77 @@ class Decoder(nn.Module):
         self.output = nn.Linear(dim, vocab_size, bias=False)
         # after the head, so models without MTP initialise exactly as before it existed
         self.mtp = (
-            nn.ModuleList(MTPModule(b, dim, norm_eps) for b in mtp_blocks) if mtp_blocks else None
+            MultiTokenPrediction(mtp_blocks, dim, norm_eps, mtp_loss_scale) if mtp_blocks else None
         )
-        self.mtp_loss_scale = mtp_loss_scale
         self.register_buffer("rope_cos_sin", rope_cos_sin(rope, max_seq_len), persistent=False)
-        self.register_buffer("mtp_loss_sum", torch.zeros(()), persistent=False)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] int64 (or, on a later pipeline stage, hidden states [B, S, D] followed
-        by the MTP inputs on the last dim); labels [B, S], the tokens shifted left by one,
-        only needed for multi-token prediction."""
-        # every position: a later pipeline stage may get a sequence shard (tensor parallel)
-        cos_sin = self.rope_cos_sin
-        if self.tok_embeddings is not None:
-            h = self.tok_embeddings(tokens)
-            if self.mtp_depth and labels is None and self.output is None:
-                raise ValueError(
-                    "the first pipeline stage of a model with multi-token "
-                    "prediction needs the labels: the last stage reads them"
-                )
-            mtp_inputs = self.mtp_inputs(labels) if self.mtp_depth and labels is not None else []
-        else:
-            h, *mtp_inputs = tokens.split(self.dim, dim=-1)
+        """Logits [B, S, V] of tokens [B, S] (int64). ``labels`` [B, S], the tokens shifted
+        left by one, are needed only for multi-token prediction."""
+        h_BSD = self.tok_embeddings(tokens)
+        mtp = [] if labels is None else self.mtp_inputs(labels)
+        return self.head(self.run_layers(h_BSD), labels, mtp)
+
+    def run_layers(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        """The blocks, in order, over the residual stream. Every position of the rotary table
+        goes in: a block may get a sequence shard (tensor parallel) and slices it."""
         for layer in self.layers.values():
-            h = layer(h, cos_sin)
-        if self.output is None:  # an earlier pipeline stage
-            return torch.cat([h, *mtp_inputs], dim=-1) if mtp_inputs else h
-        out = self.output(self.norm(h) if self.norm is not None else h)
-        if self.mtp is not None and labels is not None:
-            out = attach_aux_loss(out, self.mtp_loss(h, labels, mtp_inputs, cos_sin))
-        return out
+            h_BSD = layer(h_BSD, self.rope_cos_sin)
+        return h_BSD
 
     def mtp_inputs(self, labels_BS: torch.Tensor) -> list[torch.Tensor]:
-        """What depth k (1-based) reads at position t: the embedding of token t + k
-        (labels[t + k - 1]); past the end, of token 0."""
-        return [
-            self.tok_embeddings(_shift_left(labels_BS, k - 1, 0))
-            for k in range(1, self.mtp_depth + 1)
-        ]
+        """The MTP depths' inputs (mtp.py), empty without MTP."""
+        return mtp_inputs(self.tok_embeddings, labels_BS, self.mtp_depth)
 
-    def mtp_loss(
-        self,
-        h_BSD: torch.Tensor,
-        labels_BS: torch.Tensor,
-        inputs: list[torch.Tensor],
-        cos_sin: torch.Tensor,
+    def head(
+        self, h_BSD: torch.Tensor, labels_BS: torch.Tensor | None, mtp: list[torch.Tensor]
     ) -> torch.Tensor:
-        """L for the main model's last hidden state ``h_BSD`` (before the final norm) and the
-        depths' ``inputs`` (``mtp_inputs``).
-
-        Depth k predicts token t + k + 1 (labels[t + k]) at position t. Sequences keep their
-        length S, so MTP blocks run the shapes of the main blocks (a plan may shard or compile
-        them alike): inputs past the end are token 0 and their positions are excluded from
-        the mean; causal attention keeps them from reaching valid positions. They do pass an
-        MoE block's router, so k of every S tokens count in its balance loss and expert load.
-        """
-        losses = []
-        for k, (module, emb_BSD) in enumerate(zip(self.mtp, inputs), start=1):
-            h_BSD = module(h_BSD, emb_BSD, cos_sin)
-            logits_TV = self.output(module.norm(h_BSD)).flatten(0, 1)
-            logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
-            losses.append(
-                F.cross_entropy(
-                    logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(), ignore_index=_IGNORE
-                )
-            )
-        loss = torch.stack(losses).sum() * (self.mtp_loss_scale / len(self.mtp))
-        if not is_recomputing():
-            self.mtp_loss_sum.add_(loss.detach())
-        return loss
+        """Final norm and output head; with labels, the MTP loss rides on the logits."""
+        logits = self.output(self.norm(h_BSD))
+        if self.mtp is not None and labels_BS is not None:
+            loss = self.mtp.loss(h_BSD, mtp, labels_BS, self.rope_cos_sin, self.output)
+            logits = attach_aux_loss(logits, loss)
+        return logits
 
     @torch.no_grad()
     def init_weights(
         self, init_std: float, n_layers: int, buffer_device: torch.device | None = None
     ) -> None:
         """Initialise every parameter and buffer in place (see models/common/init.py); call
-        after ``to_empty`` when the model was built on the meta device."""
+        after ``to_empty`` when the model was built on the meta device. Initialises the parts
+        the module holds (a pipeline stage holds some), in the order they were registered."""
         device = buffer_device or self.rope_cos_sin.device
         self.rope_cos_sin = rope_cos_sin(self.rope, self.max_seq_len, device)
-        self.mtp_loss_sum = torch.zeros((), device=device)
         out_std = init_std / math.sqrt(2 * n_layers)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-        for layer in self.layers.values():
-            layer.init_weights(init_std, out_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None:
-            trunc_normal_(self.output.weight, self.output.weight.shape[1] ** -0.5)
-        for module in self.mtp or ():
-            module.init_weights(init_std, out_std)
+        for name, part in self.named_children():
+            if name == "tok_embeddings":
+                nn.init.normal_(part.weight, std=1.0)
+            elif name == "layers":
+                for layer in part.values():
+                    layer.init_weights(init_std, out_std)
+            elif name == "norm":
+                part.reset_parameters()
+            elif name == "output":
+                trunc_normal_(part.weight, part.weight.shape[1] ** -0.5)
+            elif name == "mtp":
+                part.init_weights(init_std, out_std, device)
+
+
+def build_decoder(args: DecoderArgs, attention: Callable[[], nn.Module]) -> Decoder:
+    """The decoder ``args`` describe, each block with a fresh ``attention()``; call under
+    ``torch.device("meta")`` to allocate nothing."""
+
+    def block(is_moe: bool) -> TransformerBlock:
+        ffn = MoE(args.moe) if is_moe else FeedForward(args.dim, args.inter_dim)
+        return TransformerBlock(attention(), ffn, args.dim, args.norm_eps)
+
+    return Decoder(
+        args.vocab_size,
+        args.dim,
+        [block(is_moe) for is_moe in args.moe_layers],
+        args.norm_eps,
+        args.rope,
+        args.max_seq_len,
+        mtp_blocks=[block(args.moe_layers[-1]) for _ in range(args.mtp_num_layers)],
+        mtp_loss_scale=args.mtp_loss_scale,
+    )

@@ -19,7 +19,6 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from torchmoe.config.errors import ConfigError
 from torchmoe.kernels import moe_permute_ref
 
 try:
@@ -107,14 +106,11 @@ class LocalDispatcher(nn.Module):
             self.backend == "auto" and (device.type != "cuda" or moe_permute_fused is None)
         ):
             return moe_permute_ref
+        # The config checks refuse both up front (config/model_checks.py); here they are bugs.
         if moe_permute_fused is None:
-            raise ConfigError(
-                "moe.permute_backend = 'triton' needs the triton package, which "
-                "is not installed; use 'auto' or 'torch'"
-            )
+            raise RuntimeError("the triton permute backend needs the triton package")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError(
-                f"moe.permute_backend = 'triton' needs CUDA, but the MoE layer "
-                f"runs on {device.type}; use 'auto' or 'torch'"
+            raise RuntimeError(
+                f"the triton permute backend needs CUDA tensors, not {device.type} ones"
             )
         return moe_permute_fused

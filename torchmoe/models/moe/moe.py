@@ -10,8 +10,9 @@ activation-checkpoint recomputation:
 
 - ``tokens_per_expert`` [E]: routed copies per expert; drives the expert-bias update and the
   load metrics.
-- ``stats`` [len(STAT_NAMES)]: the weighted balance-loss terms, the router entropy summed over
-  tokens, the token count, and the dropped and routed copy counts.
+- ``stats`` [len(StepStats._fields)]: the fields of ``StepStats`` in order: the weighted
+  balance-loss terms, the router entropy summed over tokens, the token count, and the dropped
+  and routed copy counts.
 
 Balance losses reach the gradient through ``attach_aux_loss`` (see balance.py). Two count
 reductions are identities on one process and a parallel plan replaces them: ``batch_counts``
@@ -21,6 +22,7 @@ over every rank that routes tokens of the step (the global aux loss).
 """
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,8 +42,27 @@ from torchmoe.models.moe.dispatch import LocalDispatcher
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.router import RouterArgs, Routing, TopKRouter
 
-LOSS_NAMES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
-STAT_NAMES = LOSS_NAMES + ("entropy_sum", "tokens", "dropped", "copies")
+
+class StepStats(NamedTuple):
+    """What an MoE layer sums over the forwards of one optimizer step, in the order of its
+    ``stats`` buffer: the tensors of one layer, or of every layer along a leading dim."""
+
+    aux_loss: torch.Tensor  # weighted balance-loss terms (0 when off)
+    seq_aux_loss: torch.Tensor
+    global_aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    entropy_sum: torch.Tensor  # router entropy summed over tokens (nats)
+    tokens: torch.Tensor  # tokens routed
+    dropped: torch.Tensor  # copies dropped over capacity
+    copies: torch.Tensor  # copies routed (tokens x top-k)
+
+    @classmethod
+    def unpack(cls, stats_XS: torch.Tensor) -> "StepStats":
+        """The fields of a ``stats`` buffer (or a stack of them, [..., len(_fields)])."""
+        return cls(*stats_XS.unbind(-1))
+
+
+LOSS_NAMES = StepStats._fields[:4]
 
 
 @dataclass
@@ -83,7 +104,7 @@ class MoE(nn.Module):
             FeedForward(r.dim, args.shared_hidden_dim) if args.shared_hidden_dim > 0 else None
         )
         self.register_buffer("tokens_per_expert", torch.zeros(r.num_experts), persistent=False)
-        self.register_buffer("stats", torch.zeros(len(STAT_NAMES)), persistent=False)
+        self.register_buffer("stats", torch.zeros(len(StepStats._fields)), persistent=False)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         a = self.args
@@ -148,13 +169,14 @@ class MoE(nn.Module):
         self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
         zero = self.stats.new_zeros(())
         T, K = idx_TK.shape
-        values = [losses.get(name, zero).to(self.stats.dtype) for name in LOSS_NAMES]
-        values += [
-            entropy_sum(routing.probs_TE).to(self.stats.dtype),
-            zero + T,
-            (idx_TK < 0).sum().to(self.stats.dtype),
-            zero + T * K,
-        ]
+        values = StepStats(
+            *(losses.get(name, zero) for name in LOSS_NAMES),
+            entropy_sum=entropy_sum(routing.probs_TE),
+            tokens=zero + T,
+            dropped=(idx_TK < 0).sum(),
+            copies=zero + T * K,
+        )
+        values = [v.to(self.stats.dtype) for v in values]
         self.stats.add_(torch.stack(values))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -164,3 +186,8 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std, out_std)
         self.tokens_per_expert.zero_()
         self.stats.zero_()
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    """(name, module) of every MoE layer, in model order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]

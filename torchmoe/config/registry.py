@@ -1,34 +1,42 @@
-"""Model families by name: how to build each, its flavors and its config checks."""
+"""Model families by name: flavors, how the job config becomes the builder's arguments, the
+builder, the family's config checks and its default parallelize plan.
+
+The plan is named, not imported ('package.module:function', resolved by
+``torchmoe.parallel.plans.load_plan``), so the registry stays below the parallel layer.
+"""
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.model_args import deepseek_v3_args, gqa_args
+from torchmoe.config.model_checks import check_gqa, check_mla
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.deepseek_v2.flavors import FLAVORS as DEEPSEEK_V2_FLAVORS
 from torchmoe.models.deepseek_v3.flavors import FLAVORS as DEEPSEEK_V3_FLAVORS
 from torchmoe.models.deepseek_v3.model import build_deepseek_v3
-from torchmoe.models.deepseek_v3.model import validate as validate_mla
 from torchmoe.models.llama.flavors import FLAVORS as LLAMA_FLAVORS
 from torchmoe.models.llama.model import build_llama
-from torchmoe.models.llama.model import validate as validate_gqa
 from torchmoe.models.mixtral.flavors import FLAVORS as MIXTRAL_FLAVORS
 from torchmoe.models.mixtral.model import build_mixtral
 from torchmoe.models.qwen3_moe.flavors import FLAVORS as QWEN3_MOE_FLAVORS
 from torchmoe.models.qwen3_moe.model import build_qwen3_moe
-from torchmoe.parallel.plans import ParallelizeFn, parallelize
+
+DEFAULT_PLAN = "torchmoe.parallel.plans:parallelize"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     flavors: dict[str, dict[str, dict]]  # flavor -> {section: {key: value}}
-    build: Callable[[JobConfig], nn.Module]  # builds on the current default device
-    validate: Callable[[JobConfig], None]  # raises ConfigError for inconsistent keys
-    parallelize: ParallelizeFn  # default plan; [parallelism] plan overrides it
+    args: Callable[[JobConfig], Any]  # the job config -> the builder's Args
+    build: Callable[[Any], nn.Module]  # Args -> the model, on the current default device
+    check: Callable[[JobConfig], None]  # the family's cross-key checks (a ConfigError)
     heads_keys: tuple[str, ...]  # [model] head counts that tensor parallelism splits
+    plan: str = DEFAULT_PLAN  # default parallelize plan; [parallelism] plan overrides it
 
 
 _MLA_HEADS = ("n_heads",)
@@ -40,24 +48,22 @@ _SPECS = {
         ModelSpec(
             "deepseek_v3",
             DEEPSEEK_V3_FLAVORS,
+            deepseek_v3_args,
             build_deepseek_v3,
-            validate_mla,
-            parallelize,
+            check_mla,
             _MLA_HEADS,
         ),
         ModelSpec(
             "deepseek_v2",
             DEEPSEEK_V2_FLAVORS,
+            deepseek_v3_args,
             build_deepseek_v3,
-            validate_mla,
-            parallelize,
+            check_mla,
             _MLA_HEADS,
         ),
-        ModelSpec("mixtral", MIXTRAL_FLAVORS, build_mixtral, validate_gqa, parallelize, _GQA_HEADS),
-        ModelSpec(
-            "qwen3_moe", QWEN3_MOE_FLAVORS, build_qwen3_moe, validate_gqa, parallelize, _GQA_HEADS
-        ),
-        ModelSpec("llama", LLAMA_FLAVORS, build_llama, validate_gqa, parallelize, _GQA_HEADS),
+        ModelSpec("mixtral", MIXTRAL_FLAVORS, gqa_args, build_mixtral, check_gqa, _GQA_HEADS),
+        ModelSpec("qwen3_moe", QWEN3_MOE_FLAVORS, gqa_args, build_qwen3_moe, check_gqa, _GQA_HEADS),
+        ModelSpec("llama", LLAMA_FLAVORS, gqa_args, build_llama, check_gqa, _GQA_HEADS),
     )
 }
 
@@ -69,3 +75,10 @@ def get_model_spec(name: str) -> ModelSpec:
             f"model.name = {name!r} is not a model family; choose one of: {', '.join(_SPECS)}"
         )
     return _SPECS[name]
+
+
+def build_model(cfg: JobConfig) -> nn.Module:
+    """The model ``cfg`` describes, on the current default device (``torch.device("meta")``
+    to allocate nothing)."""
+    spec = get_model_spec(cfg.model.name)
+    return spec.build(spec.args(cfg))

@@ -7,8 +7,8 @@ from collections.abc import Collection
 from typing import Any
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.adapter import HFAdapter
-from torchmoe.models.hf.common import (
+from torchmoe.convert.hf.adapter import HFAdapter
+from torchmoe.convert.hf.common import (
     expressible,
     get,
     gqa_to_hf,
@@ -17,8 +17,8 @@ from torchmoe.models.hf.common import (
     require,
     with_fixed,
 )
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
+from torchmoe.convert.hf.mapping import Rule
+from torchmoe.convert.hf.rules import decoder_rules, ffn_rules, gqa_rules
 
 ARCHITECTURE = "MixtralForCausalLM"
 # What MixtralForCausalLM always does, as torchmoe keys. (moe.router_pre_softmax may be either:

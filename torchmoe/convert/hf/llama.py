@@ -5,10 +5,10 @@ from collections.abc import Collection
 from typing import Any
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.adapter import HFAdapter
-from torchmoe.models.hf.common import expressible, get, gqa_to_hf, gqa_to_job, with_fixed
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
+from torchmoe.convert.hf.adapter import HFAdapter
+from torchmoe.convert.hf.common import expressible, get, gqa_to_hf, gqa_to_job, with_fixed
+from torchmoe.convert.hf.mapping import Rule
+from torchmoe.convert.hf.rules import decoder_rules, ffn_rules, gqa_rules
 
 ARCHITECTURE = "LlamaForCausalLM"
 FIXED = {"moe.num_experts": 0, "model.mtp_num_layers": 0}

@@ -12,12 +12,12 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config, load_config
+from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
-from torchmoe.models.hf import adapter_for_family, adapter_for_model_type
-from torchmoe.models.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
-from torchmoe.models.hf.mapping import from_hf, to_hf
-from torchmoe.models.registry import get_model_spec
+from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
+from torchmoe.convert.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
+from torchmoe.convert.hf.mapping import from_hf, to_hf
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 
 
@@ -31,7 +31,7 @@ def _empty_folder(path: Path, flag: str) -> None:
 def _meta_state(cfg: JobConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The model ``cfg`` describes, on the meta device, and its state dict."""
     with torch.device("meta"):
-        model = get_model_spec(cfg.model.name).build(cfg)
+        model = build_model(cfg)
     return model, model.state_dict()
 
 

@@ -8,12 +8,12 @@ flavor and recipe."""
 from collections.abc import Collection
 from typing import Any
 
+from torchmoe.config.model_args import moe_layer_pattern
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.adapter import HFAdapter
-from torchmoe.models.hf.common import expressible, get, gqa_to_hf, gqa_to_job, require, with_fixed
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rules import decoder_rules, ffn_rules, gqa_rules
-from torchmoe.models.moe.from_config import moe_layer_pattern
+from torchmoe.convert.hf.adapter import HFAdapter
+from torchmoe.convert.hf.common import expressible, get, gqa_to_hf, gqa_to_job, require, with_fixed
+from torchmoe.convert.hf.mapping import Rule
+from torchmoe.convert.hf.rules import decoder_rules, ffn_rules, gqa_rules
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 # moe.router_pre_softmax = false (softmax of the top-k logits) matches only with renormalised

@@ -27,9 +27,9 @@ over the K chosen logits gives the same without renormalising), so the layer out
 import torch
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.registry import build_model
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.moe import MoE
-from torchmoe.models.registry import get_model_spec
 
 
 def check_upcycling(cfg: JobConfig, granularity: int, dense_hidden: int) -> None:
@@ -111,7 +111,7 @@ def upcycle_state_dict(
     ``dense``, not copied in memory. The result has exactly the target model's names and
     shapes, or a ConfigError says which differs."""
     with torch.device("meta"):
-        target = get_model_spec(cfg.model.name).build(cfg)
+        target = build_model(cfg)
     prefixes = tuple(f"{name}." for name, m in target.named_modules() if isinstance(m, MoE))
     if any(".router." in name for name in dense):
         raise ConfigError(

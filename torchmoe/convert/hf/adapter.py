@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.mapping import Rule
+from torchmoe.convert.hf.mapping import Rule
 
 
 @dataclass(frozen=True)

@@ -1,41 +1,56 @@
-"""The [moe] config section -> MoEArgs, which blocks are MoE, and the section's cross-key
-checks, shared by every family."""
+"""Cross-key checks of [model] and [moe]: those every family shares (multi-token prediction,
+the MoE section) and each attention kind's. The registry names each family's check."""
 
+import importlib.util
 import os
 
 import torch
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.model_args import BALANCE_LOSSES, balance_coeffs, moe_layer_pattern
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.moe.moe import MoEArgs
-from torchmoe.models.moe.router import RouterArgs
-
-_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 
 
-def moe_layer_pattern(cfg: JobConfig) -> list[bool]:
-    """For each block, whether it is an MoE layer: not one of the first ``n_dense_layers``,
-    selected by ``moe.layer_freq``, and the model has experts at all."""
-    m, e = cfg.model, cfg.moe
-    freq = e.layer_freq
-    if len(freq) == 1:
-        chosen = [i % freq[0] == 0 for i in range(m.n_layers)]
-    else:
-        chosen = [bool(v) for v in freq]
-    return [e.num_experts > 0 and i >= m.n_dense_layers and chosen[i] for i in range(m.n_layers)]
+def check_mla(cfg: JobConfig) -> None:
+    """DeepSeek-V2/V3 (MLA attention)."""
+    m = cfg.model
+    if m.n_dense_layers > m.n_layers:
+        raise ConfigError(
+            f"model.n_dense_layers = {m.n_dense_layers} exceeds model.n_layers = "
+            f"{m.n_layers}; lower it or add layers"
+        )
+    if m.qk_rope_head_dim % 2:
+        raise ConfigError(
+            f"model.qk_rope_head_dim = {m.qk_rope_head_dim} must be even (channels rotate in pairs)"
+        )
+    check_mtp(cfg)
+    check_moe(cfg)
 
 
-def balance_coeffs(cfg: JobConfig) -> dict[str, float]:
-    """Balance-loss type -> its coefficient, for the loss types ``load_balancing_type`` names
-    (one coefficient for all, or one each)."""
-    e = cfg.moe
-    types = [t for t in e.load_balancing_type if t in _LOSS_TYPES]
-    coeffs = e.aux_loss_coeff if len(e.aux_loss_coeff) > 1 else e.aux_loss_coeff * len(types)
-    return dict(zip(types, coeffs))
+def check_gqa(cfg: JobConfig) -> None:
+    """Llama, Mixtral, Qwen3-MoE (grouped-query attention)."""
+    m = cfg.model
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim = {m.head_dim} must be even (channels rotate in pairs)")
+    check_mtp(cfg)
+    check_moe(cfg)
 
 
-def validate_moe(cfg: JobConfig) -> None:
+def check_mtp(cfg: JobConfig) -> None:
+    """Multi-token prediction needs a target inside the sequence for every depth."""
+    depth, seq_len = cfg.model.mtp_num_layers, cfg.training.seq_len
+    if depth >= seq_len:
+        raise ConfigError(
+            f"model.mtp_num_layers = {depth} leaves no token to predict within "
+            f"training.seq_len = {seq_len}; lower it below the sequence length"
+        )
+
+
+def check_moe(cfg: JobConfig) -> None:
     """Cross-key checks of [moe]: the layer pattern, top-k and group-limited routing must be
     satisfiable, balancing and capacity keys consistent, and a forced Triton permutation
     needs CUDA (unless a dry run only plans the job)."""
@@ -43,16 +58,8 @@ def validate_moe(cfg: JobConfig) -> None:
     if e.num_experts == 0:
         _refuse_moe_only_keys(cfg)
         return
-    _validate_layer_freq(cfg)
-    if (
-        e.permute_backend == "triton"
-        and not torch.cuda.is_available()
-        and os.environ.get("COMM_MODE") != "fake"
-    ):
-        raise ConfigError(
-            "moe.permute_backend = 'triton' runs its kernels on CUDA tensors and "
-            "this machine has no CUDA; use 'auto' or 'torch'"
-        )
+    _check_layer_freq(cfg)
+    _check_permute_backend(cfg)
     if e.router_topk > e.num_experts:
         raise ConfigError(
             f"moe.router_topk = {e.router_topk} exceeds moe.num_experts = {e.num_experts}"
@@ -63,8 +70,8 @@ def validate_moe(cfg: JobConfig) -> None:
             "moe.router_score_function = 'softmax', not "
             f"{e.router_score_function!r}; set it to true"
         )
-    _validate_groups(cfg)
-    _validate_balancing(cfg)
+    _check_groups(cfg)
+    _check_balancing(cfg)
     if e.pad_to_capacity and e.capacity_factor == 0:
         raise ConfigError(
             "moe.pad_to_capacity = true needs token dropping; set moe.capacity_factor > 0"
@@ -96,7 +103,7 @@ def _refuse_moe_only_keys(cfg: JobConfig) -> None:
         )
 
 
-def _validate_layer_freq(cfg: JobConfig) -> None:
+def _check_layer_freq(cfg: JobConfig) -> None:
     freq, n = cfg.moe.layer_freq, cfg.model.n_layers
     if len(freq) == 1 and freq[0] < 1:
         raise ConfigError(
@@ -115,7 +122,7 @@ def _validate_layer_freq(cfg: JobConfig) -> None:
         )
 
 
-def _validate_groups(cfg: JobConfig) -> None:
+def _check_groups(cfg: JobConfig) -> None:
     e = cfg.moe
     if (e.router_num_groups == 0) != (e.router_group_topk == 0):
         raise ConfigError(
@@ -143,7 +150,7 @@ def _validate_groups(cfg: JobConfig) -> None:
             )
 
 
-def _validate_balancing(cfg: JobConfig) -> None:
+def _check_balancing(cfg: JobConfig) -> None:
     e = cfg.moe
     types, coeffs = e.load_balancing_type, e.aux_loss_coeff
     if len(set(types)) != len(types):
@@ -154,7 +161,7 @@ def _validate_balancing(cfg: JobConfig) -> None:
             "alone; combine only aux_loss, seq_aux_loss and global_aux_loss"
         )
     losses = balance_coeffs(cfg)
-    if len(coeffs) > 1 and len(coeffs) != sum(t in _LOSS_TYPES for t in types):
+    if len(coeffs) > 1 and len(coeffs) != sum(t in BALANCE_LOSSES for t in types):
         raise ConfigError(
             f"moe.aux_loss_coeff = {coeffs} needs one value, or one per loss in "
             f"moe.load_balancing_type = {types}"
@@ -184,33 +191,18 @@ def _validate_balancing(cfg: JobConfig) -> None:
         )
 
 
-def moe_args(cfg: JobConfig) -> MoEArgs:
-    """The MoE layer arguments the [moe] section (and model.dim) describe."""
-    e = cfg.moe
-    return MoEArgs(
-        router=RouterArgs(
-            dim=cfg.model.dim,
-            num_experts=e.num_experts,
-            topk=e.router_topk,
-            score_function=e.router_score_function,
-            pre_softmax=e.router_pre_softmax,
-            norm_topk_prob=e.router_norm_topk_prob,
-            scaling_factor=e.router_topk_scaling_factor,
-            num_groups=e.router_num_groups,
-            group_topk=e.router_group_topk,
-            enable_expert_bias=e.enable_expert_bias,
-            sinkhorn="sinkhorn" in e.load_balancing_type,
-            force_load_balance=e.force_load_balance,
-            input_jitter_eps=e.input_jitter_eps,
-            dtype=_ROUTER_DTYPES[e.router_dtype],
-        ),
-        hidden_dim=e.ffn_hidden_size,
-        shared_hidden_dim=e.shared_expert_intermediate_size,
-        balance_coeffs=balance_coeffs(cfg),
-        z_loss_coeff=e.z_loss_coeff,
-        capacity_factor=e.capacity_factor,
-        drop_policy=e.drop_policy,
-        pad_to_capacity=e.pad_to_capacity,
-        grouped_mm=e.grouped_mm,
-        permute_backend=e.permute_backend,
-    )
+def _check_permute_backend(cfg: JobConfig) -> None:
+    """A forced Triton permutation needs the triton package and CUDA (unless a dry run only
+    plans the job)."""
+    if cfg.moe.permute_backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError(
+            "moe.permute_backend = 'triton' needs the triton package, which is not "
+            "installed; use 'auto' or 'torch'"
+        )
+    if not torch.cuda.is_available() and os.environ.get("COMM_MODE") != "fake":
+        raise ConfigError(
+            "moe.permute_backend = 'triton' runs its kernels on CUDA tensors and "
+            "this machine has no CUDA; use 'auto' or 'torch'"
+        )

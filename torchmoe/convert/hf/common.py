@@ -5,8 +5,8 @@ settings, and the keys of GQA and MLA models."""
 from typing import Any
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.model_args import moe_layer_pattern
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.moe.from_config import moe_layer_pattern
 
 _REQUIRED = object()
 

@@ -3,8 +3,8 @@ and tensor name rules), shared pieces in common.py, files in io.py, the two dire
 convert.py; scripts/convert_hf.py is the command line."""
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.models.hf import deepseek_v2, deepseek_v3, llama, mixtral, qwen3_moe
-from torchmoe.models.hf.adapter import HFAdapter
+from torchmoe.convert.hf import deepseek_v2, deepseek_v3, llama, mixtral, qwen3_moe
+from torchmoe.convert.hf.adapter import HFAdapter
 
 _ADAPTERS = (
     deepseek_v3.ADAPTER,

@@ -10,10 +10,10 @@ from typing import Any
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.adapter import HFAdapter
-from torchmoe.models.hf.common import expressible, get, mla_to_hf, mla_to_job, with_fixed
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rules import decoder_rules, ffn_rules, mla_rules
+from torchmoe.convert.hf.adapter import HFAdapter
+from torchmoe.convert.hf.common import expressible, get, mla_to_hf, mla_to_job, with_fixed
+from torchmoe.convert.hf.mapping import Rule
+from torchmoe.convert.hf.rules import decoder_rules, ffn_rules, mla_rules
 
 ARCHITECTURE = "DeepseekV2ForCausalLM"
 FIXED = {

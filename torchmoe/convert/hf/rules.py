@@ -10,8 +10,8 @@ torchmoe names (see models/common and models/moe): ``tok_embeddings``, ``layers.
 import torch
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.hf.mapping import Rule
-from torchmoe.models.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_halves
+from torchmoe.convert.hf.mapping import Rule
+from torchmoe.convert.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_halves
 
 
 def relocate(rules: list[Rule], ours: str, hf: str) -> list[Rule]:

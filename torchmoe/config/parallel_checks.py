@@ -1,0 +1,101 @@
+"""Cross-key checks of [parallelism] and [activation_checkpoint]: degrees that fill the world,
+shapes they divide, and recompute names. ``resolve_dp_shard`` is also how ParallelDims
+(parallel/dims.py) reads the degrees, so the check and the run agree."""
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import ActivationCheckpoint, JobConfig, Parallelism
+
+# recompute_modules names (Megatron's); torchmoe/parallel/activation_checkpoint.py maps each
+# to what it recomputes.
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act")
+# Degrees this version implements; the others are validated but refused with a clear message.
+_AVAILABLE = {"cp": 1}
+
+
+def resolve_dp_shard(p: Parallelism, world_size: int) -> int:
+    """The dense FSDP degree, checking that the degrees multiply to the world size.
+
+    ``dp_shard = -1`` takes the ranks left over. An explicit ``dp_shard`` is the dense FSDP
+    degree, which ``ep`` borrows from; if instead ``dp_shard x ep`` (times the rest) fills the
+    world, ``dp_shard`` is read as the experts' FSDP degree and EP multiplies it: "FSDP2 x EP2"
+    on 4 ranks. Either way every rank is used once.
+    """
+    others = p.dp_replicate * p.cp * p.tp * p.pp
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        if world_size % others:
+            raise ConfigError(
+                f"parallelism: dp_replicate x cp x tp x pp = {others} does not divide the "
+                f"{world_size} ranks; change the degrees or NGPU"
+            )
+        dp_shard = world_size // others
+    elif others * dp_shard != world_size and others * dp_shard * p.ep == world_size:
+        dp_shard *= p.ep
+    if others * dp_shard != world_size:
+        raise ConfigError(
+            f"parallelism: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x cp {p.cp} "
+            f"x tp {p.tp} x pp {p.pp} = {others * dp_shard} but there are {world_size} "
+            "ranks; make the product equal NGPU x NNODES (dp_shard = -1 takes the rest)"
+        )
+    block = dp_shard * p.cp * p.tp
+    if block % (p.ep * p.etp):
+        raise ConfigError(
+            f"parallelism.ep = {p.ep} x parallelism.etp = {p.etp} must divide "
+            f"dp_shard x cp x tp = {block}, the ranks expert parallelism borrows from; "
+            "on fewer GPUs lower parallelism.ep"
+        )
+    return dp_shard
+
+
+def check_parallel_shapes(cfg: JobConfig, heads_keys: tuple[str, ...]) -> None:
+    """Degrees against the model's shape (``heads_keys``: the family's head counts that tensor
+    parallelism splits), then against what this version implements."""
+    p = cfg.parallelism
+    shape_rules = [  # (key, value, degree key, degree, why)
+        ("moe.num_experts", cfg.moe.num_experts, "ep", p.ep, ""),
+        *((f"model.{key}", getattr(cfg.model, key), "tp", p.tp, "") for key in heads_keys),
+        ("training.seq_len", cfg.training.seq_len, "tp", p.tp, " (sequence parallel splits it)"),
+        ("moe.ffn_hidden_size", cfg.moe.ffn_hidden_size, "etp", p.etp, ""),
+    ]
+    for key, value, degree_key, degree, why in shape_rules:
+        if value % degree:
+            raise ConfigError(
+                f"{key} = {value} is not divisible by parallelism.{degree_key}"
+                f" = {degree}{why}; pick degrees that divide it"
+            )
+    if cfg.model.n_layers < p.pp:
+        raise ConfigError(
+            f"model.n_layers = {cfg.model.n_layers} is fewer than the "
+            f"parallelism.pp = {p.pp} pipeline stages"
+        )
+    for key, available in _AVAILABLE.items():
+        if getattr(p, key) > available:
+            raise ConfigError(
+                f"parallelism.{key} = {getattr(p, key)} is not available yet; use {available}"
+            )
+
+
+def check_activation_checkpoint(ac: ActivationCheckpoint) -> None:
+    """Keys of [activation_checkpoint] that contradict the mode or name no known module."""
+    modules = ac.recompute_modules
+    if modules and ac.mode != "selective":
+        raise ConfigError(
+            f"activation_checkpoint.recompute_modules = {modules} needs "
+            f"activation_checkpoint.mode = 'selective', not {ac.mode!r}"
+        )
+    for name in modules:
+        if name not in RECOMPUTE_MODULES:
+            raise ConfigError(
+                f"activation_checkpoint.recompute_modules = {modules}: unknown "
+                f"module {name!r}; choose from {', '.join(RECOMPUTE_MODULES)}"
+            )
+        if modules.count(name) > 1:
+            raise ConfigError(
+                f"activation_checkpoint.recompute_modules = {modules} lists {name!r} twice"
+            )
+    if ac.mode == "none" and ac.every_n_layers != 1:
+        raise ConfigError(
+            f"activation_checkpoint.every_n_layers = {ac.every_n_layers} has no "
+            "effect with activation_checkpoint.mode = 'none'; pick full or "
+            "selective"
+        )
