@@ -1,6 +1,4 @@
-import functools
 import json
-import operator
 import pickle
 import random
 from pathlib import Path
@@ -69,7 +67,7 @@ def test_ranks_get_disjoint_shards_covering_each_epoch(rng: random.Random) -> No
     ranks = [ShuffledDocuments(docs, "x", r, world, seed) for r in range(world)]
     for _ in range(2):  # two epochs
         seen = [take(ranks[r], len(docs[r::world])) for r in range(world)]
-        assert sorted(functools.reduce(operator.iadd, seen, [])) == sorted(docs)
+        assert sorted(d for part in seen for d in part) == sorted(docs)
 
 
 def test_order_is_seeded_and_reshuffled_per_epoch(rng: random.Random) -> None:

@@ -173,3 +173,23 @@ def test_multi_token_prediction_loss_is_trained_and_logged(tiny_config):
     assert 0.3 * 0.8 * math.log(trainer.cfg.model.vocab_size) < stats["mtp_loss"].item()
     assert trainer.model.mtp.loss_sum.item() == 0  # reset for the next step
     assert "mtp_loss" not in Trainer(tiny_config()).train_step().moe
+
+
+def test_logits_are_freed_before_backward_with_an_eager_loss(tiny_config):
+    """The eager loss saves its own float32 tensors; the [B, S, V] logits must not stay
+    referenced through backward (they are the step's largest activation)."""
+    import weakref
+
+    trainer = Trainer(tiny_config())
+    alive_in_backward = []
+    loss_fn = trainer.loss_fn
+
+    def watched(logits, labels):
+        ref = weakref.ref(logits)
+        loss = loss_fn(logits, labels)
+        loss.register_hook(lambda grad: alive_in_backward.append(ref() is not None) or grad)
+        return loss
+
+    trainer.loss_fn = watched
+    trainer.train_step()
+    assert alive_in_backward == [False]
