@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torchmoe.parallel.expert_parallel as ep_module
 from torchmoe.config.load import load_config
-from torchmoe.parallel.pipeline import microbatches, num_stages
+from torchmoe.config.pipeline_keys import microbatches, num_stages
 from torchmoe.train.metrics import peak_flops
 from torchmoe.train.trainer import Trainer
 

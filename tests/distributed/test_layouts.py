@@ -11,8 +11,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from tests.distributed.launcher import run_ranks
 from torchmoe.config.load import build_config
+from torchmoe.config.pipeline_keys import V_SHAPED
 from torchmoe.data.stdlib_docs import load_stdlib_docs
-from torchmoe.parallel.pipeline import STAGES_TAKE_GRAD_SHAPES, V_SHAPED
+from torchmoe.parallel.pipeline import STAGES_TAKE_GRAD_SHAPES
 from torchmoe.train.trainer import Trainer
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3

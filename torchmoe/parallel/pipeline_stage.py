@@ -46,12 +46,12 @@ class DecoderStage(Decoder):
 def split_stage(model: Decoder, layout: list[int], stage: int) -> DecoderStage:
     """The part of ``model`` (on the meta device) that ``stage`` runs under ``layout`` (blocks
     per stage): a copy of the model without the other stages' blocks, and without the
-    embedding / head unless first / last. The blocks themselves are not copied: each belongs
-    to one stage."""
+    embedding / head unless first / last."""
     layers = model.layers
-    model.layers = nn.ModuleDict()
-    part = copy.deepcopy(model)
-    model.layers = layers
+    # the blocks and MTP depths are shared, not copied: each belongs to one stage, and the
+    # training loop finds its MoE layers among the whole model's by identity
+    shared = {id(m): m for m in (model.layers, model.mtp) if m is not None}
+    part = copy.deepcopy(model, memo=shared)
     part.__class__ = DecoderStage
     start = sum(layout[:stage])
     keys = list(layers.keys())[start : start + layout[stage]]
