@@ -6,10 +6,10 @@ prediction depths, whose blocks are MoE when the last block is. Built from the j
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.common.attention import MLA, MLAArgs
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.rope import RopeArgs, yarn_softmax_mscale
 from torchmoe.models.common.transformer import Decoder, TransformerBlock
+from torchmoe.models.deepseek_v3.mla import MLA, MLAArgs
 from torchmoe.models.moe.from_config import moe_args, moe_layer_pattern, validate_moe
 from torchmoe.models.moe.moe import MoE
 
