@@ -1,17 +1,21 @@
 """Activation checkpointing modes: same loss, gradients and token counts as without them,
 unchanged state-dict keys, less activation memory held, one-line config errors."""
 
+import collections
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.registry import build_model
 from torchmoe.config.schema import ActivationCheckpoint, Compile
+from torchmoe.models.common.transformer import block_slots
 from torchmoe.models.moe.moe import MoE
 from torchmoe.parallel.activation_checkpoint import (
     RECOMPUTE_MODULES,
@@ -111,7 +115,7 @@ def test_same_loss_gradients_and_token_counts(tiny_config, model, mode):
 
 @pytest.mark.parametrize("mode", ["op", "moe_act", "all_modules"])
 def test_grouped_mm_experts(tiny_config, mode):
-    """The grouped-GEMM path (saved by the op policy, its activation a module seam)."""
+    """The grouped-GEMM path (saved by the op policy, its activation a checkpointed method)."""
     net, _ = build(tiny_config, "dsv3_q_lora", **{"moe.grouped_mm": "grouped_mm"})
     ac = with_ac(net, mode)
     batch = tokens()
@@ -145,6 +149,16 @@ def test_every_n_layers_chooses_positions_0_n_2n(tiny_config):
     assert patched == [True, False, False, True, False]
 
 
+def checkpointed_parts(net: torch.nn.Module) -> set[tuple[str, str]]:
+    """(module name, method name) of every method or forward that apply_ac replaced."""
+    return {
+        (fqn, attr)
+        for fqn, m in net.named_modules()
+        for attr, value in vars(m).items()
+        if isinstance(value, functools.partial) and value.func is checkpoint
+    }
+
+
 def test_module_recompute_keeps_module_types(tiny_config):
     """Plans find MoE layers by type (FSDP, dry run); module-level recompute keeps it."""
     net, _ = build(tiny_config, "dsv3_q_lora")
@@ -154,16 +168,66 @@ def test_module_recompute_keeps_module_types(tiny_config):
         "MoE",
         "MoE",
     ]
-    block = ac.layers["1"]
-    checkpointed = {name for name, m in block.named_modules() if "forward" in vars(m)}
     # moe covers its shared experts and activation, mla_up_proj covers MLA's norms
-    assert checkpointed == {
-        "attention_norm",
-        "ffn_norm",
-        "attention.up_proj",
-        "attention.inner_attention",
-        "feed_forward",
+    assert {part for part in checkpointed_parts(ac) if part[0].startswith("layers.1.")} == {
+        ("layers.1.attention_norm", "forward"),
+        ("layers.1.ffn_norm", "forward"),
+        ("layers.1.attention", "up_project"),
+        ("layers.1.attention", "core_attention"),
+        ("layers.1.feed_forward", "forward"),
     }
+
+
+def count_calls(monkeypatch, net: torch.nn.Module, names: list[str]) -> collections.Counter:
+    """Patches, on their classes, the methods that ``names`` wrap (before apply_ac binds them),
+    to count calls per module (by id)."""
+    calls = collections.Counter()
+    classes = {type(m) for m in net.modules()}
+    for name in names:
+        cls, method = RECOMPUTE_MODULES[name]
+        for kind in {k for k in classes if issubclass(k, cls)}:
+            original = getattr(kind, method or "forward")
+
+            def counted(self, *args, _original=original, **kwargs):
+                calls[id(self)] += 1
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(kind, method or "forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "model,mode",
+    [("dsv3_q_lora", m) for m in [*RECOMPUTE_MODULES, "all_modules"]]
+    + [("mixtral", m) for m in ["core_attn", "layernorm", "all_modules"]],
+)
+def test_backward_reruns_each_named_part_once(tiny_config, monkeypatch, model, mode):
+    """Each name wraps what it names: backward reruns every part it selects inside the blocks
+    exactly once, and nothing outside them (a part covered by another, e.g. MLA's q_norm under
+    mla_up_proj with layernorm, is not checkpointed twice, which would rerun it twice)."""
+    net, _ = build(tiny_config, model, **{"model.mtp_num_layers": 1})
+    names = [n for n in MODES[mode][2] if n not in LACKS.get(model, ())]
+    calls = count_calls(monkeypatch, net, names)
+    ac = with_ac(net, mode, model)
+    batch = tokens()
+    runs = []
+    for m in (net, ac):
+        calls.clear()
+        loss_of(m, batch).backward()
+        fqns = {id(module): fqn for fqn, module in m.named_modules()}
+        blocks = tuple(f"{fqns[id(parent)]}.{name}." for parent, name in block_slots(m))
+        runs.append(
+            {
+                fqn: (calls[id(module)], fqn.startswith(blocks))
+                for fqn, module in m.named_modules()
+                if calls[id(module)]
+            }
+        )
+    plain, rerun = runs
+    assert plain.keys() == rerun.keys()
+    assert any(in_block for _, in_block in plain.values()), f"{mode} selects nothing"
+    for fqn, (n, in_block) in plain.items():
+        assert rerun[fqn][0] == (2 * n if in_block else n), fqn
 
 
 class _LiveStorages(TorchDispatchMode):
@@ -308,11 +372,21 @@ def test_modes_under_fsdp_tensor_and_expert_parallelism(tiny_config, data_cache,
             torch.testing.assert_close(losses[mode], losses["none"], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["full", "op"])
-def test_composes_with_fullgraph_compile(tiny_config, mode):
+@pytest.fixture
+def fresh_dynamo():
+    """Forgets the compiled frames afterwards: module-level recompute compiles the plain
+    TransformerBlock.forward, and a later test compiling it at other shapes would recompile it
+    with dynamic shapes, which inductor fails on for pad_to_capacity (test_compile.py)."""
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["full", "op", "all_modules"])
+def test_composes_with_fullgraph_compile(tiny_config, fresh_dynamo, mode):
     """One MoE block, checkpointed and compiled whole (what the plan does with grouped-GEMM
-    experts): the region, buffer updates included, traces into one graph; same numbers and
-    token counts as eager without checkpointing."""
+    experts; module-level recompute compiles the block with its checkpointed methods inside):
+    the region, buffer updates included, traces into one graph; same numbers and token counts as
+    eager without checkpointing."""
     net, cfg = build(
         tiny_config,
         "dsv3",
@@ -331,3 +405,11 @@ def test_composes_with_fullgraph_compile(tiny_config, mode):
     [ref_moe], [moe] = moe_layers(net), moe_layers(compiled)
     assert torch.equal(moe.tokens_per_expert, ref_moe.tokens_per_expert)
     assert moe.tokens_per_expert.sum().item() == batch[:, :-1].numel() * cfg.moe.router_topk
+
+
+def test_the_config_check_knows_every_recompute_name():
+    """config/parallel_checks.py refuses unknown names before anything is built; it must list
+    exactly the names this module can recompute."""
+    from torchmoe.config.parallel_checks import RECOMPUTE_MODULES as CHECKED
+
+    assert tuple(RECOMPUTE_MODULES) == CHECKED

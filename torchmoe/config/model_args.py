@@ -4,8 +4,9 @@ job config). One function per kind of argument; the registry names each family's
 import torch
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.common.attention import GQAArgs, MLAArgs
+from torchmoe.models.common.attention import GQAArgs
 from torchmoe.models.common.rope import RopeArgs, yarn_softmax_mscale
+from torchmoe.models.deepseek_v3.mla import MLAArgs
 from torchmoe.models.deepseek_v3.model import DeepSeekV3Args
 from torchmoe.models.llama.model import GQADecoderArgs
 from torchmoe.models.moe.moe import MoEArgs

@@ -7,13 +7,14 @@
   repeats no GEMM and no collective. Every matmul is saved; saving every other one (a torchtitan
   option) would free half of those outputs for rerunning half the GEMMs, a trade that full
   checkpointing of some blocks (``every_n_layers``) already offers more simply.
-- ``mode = "selective"`` with names (Megatron's): only those submodules of the chosen blocks keep
-  just their inputs and rerun in backward. Their outputs stay held by the layers that consume
-  them, as without checkpointing, so a module saves what it keeps *inside*: ``core_attn`` the
-  repeated or padded k/v copies (and, with the math kernel, the scores), ``layernorm`` only the
-  norm statistics, ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act``
-  silu(h1); ``mlp`` and ``moe`` everything but their input. The submodules' ``forward`` is
-  replaced in place rather than wrapped, so their types and parameter names stay: plans find MoE
+- ``mode = "selective"`` with names (Megatron's): only those parts of the chosen blocks - whole
+  submodules, or named methods of them (``RECOMPUTE_MODULES``) - keep just their inputs and rerun
+  in backward. Their outputs stay held by the layers that consume them, as without
+  checkpointing, so a part saves what it keeps *inside*: ``core_attn`` the repeated or padded k/v
+  copies (and, with the math kernel, the scores), ``layernorm`` only the norm statistics,
+  ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act`` silu(h1); ``mlp`` and
+  ``moe`` everything but their input. The chosen method (or ``forward``) is replaced on the
+  instance rather than the module wrapped, so types and parameter names stay: plans find MoE
   layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry run).
 
 ``every_n_layers = n`` chooses the blocks at positions 0, n, 2n, ... of ``model.layers`` and the
@@ -40,34 +41,37 @@ from torch.utils.checkpoint import (
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import ActivationCheckpoint
-from torchmoe.models.common.attention import MLAUpProjection, ScaledDotProductAttention
+from torchmoe.models.common.attention import Attention
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.transformer import block_slots
-from torchmoe.models.moe.experts import SwiGLUActivation
+from torchmoe.models.deepseek_v3.mla import MLA
+from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
 
-# recompute_modules name -> the module class it selects inside a block.
-RECOMPUTE_MODULES: dict[str, type[nn.Module]] = {
-    "core_attn": ScaledDotProductAttention,  # the attention kernel
-    "mla_up_proj": MLAUpProjection,  # MLA latents -> per-head q, k, v (norms, up proj, rotary)
-    "layernorm": nn.RMSNorm,  # every norm of the block, MLA's q_norm / kv_norm included
-    "mlp": FeedForward,  # dense SwiGLU layers and the MoE's shared experts
-    "moe": MoE,  # the whole MoE layer
-    "moe_act": SwiGLUActivation,  # silu(h1) * h3 inside the routed experts
+# recompute_modules name -> (the module class it selects inside a block, the method of it that
+# backward reruns; None = the whole module, its forward).
+RECOMPUTE_MODULES: dict[str, tuple[type[nn.Module], str | None]] = {
+    "core_attn": (Attention, "core_attention"),  # the attention kernel (MLA and GQA)
+    "mla_up_proj": (MLA, "up_project"),  # MLA latents -> per-head q, k, v (norms, up proj, rotary)
+    "layernorm": (nn.RMSNorm, None),  # every norm of the block, MLA's q_norm / kv_norm included
+    "mlp": (FeedForward, None),  # dense SwiGLU layers and the MoE's shared experts
+    "moe": (MoE, None),  # the whole MoE layer
+    "moe_act": (GroupedExperts, "activation"),  # silu(h1) * h3 inside the routed experts
 }
 
-# Norms that MLAUpProjection runs although they are its MLA's children, not its own.
-_UP_PROJ_NORMS = ("q_norm", "kv_norm")
+# Children that a selected method runs although they are its module's children: MLA.up_project
+# runs q_norm / kv_norm, so ``layernorm`` does not wrap them again.
+_METHOD_RUNS = {(MLA, "up_project"): ("q_norm", "kv_norm")}
 
 
 def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
     """Checkpoint the blocks (``model.layers``, then MTP depths) that ``every_n_layers`` chooses, as
     ``cfg.mode`` says (see the module docstring). Full and op-level modes wrap whole blocks in
-    ``checkpoint_wrapper``; module-level recompute replaces the chosen submodules' ``forward`` in
-    place. Non-reentrant checkpointing throughout, so it composes with compile and FSDP. Blocks are
-    counted by their index in the whole model, so a pipeline stage checkpoints the blocks it would
-    in one piece. Module names are checked against the whole model by ``check_recompute_modules`` (a
-    stage may lack some). Uses no mesh dimension."""
+    ``checkpoint_wrapper``; module-level recompute replaces the chosen method (or ``forward``) of
+    the chosen submodules on the instance. Non-reentrant checkpointing throughout, so it composes
+    with compile and FSDP. Blocks are counted by their index in the whole model, so a pipeline
+    stage checkpoints the blocks it would in one piece. Module names are checked against the whole
+    model by ``check_recompute_modules`` (a stage may lack some). Uses no mesh dimension."""
     if cfg.mode == "none":
         return
     chosen = [
@@ -77,9 +81,18 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
     ]
     if cfg.mode == "selective" and cfg.recompute_modules:
         for parent, name in chosen:
-            for module in _modules_to_recompute(getattr(parent, name), cfg.recompute_modules):
-                module.forward = functools.partial(
-                    checkpoint, module.forward, use_reentrant=False, preserve_rng_state=False
+            for module, method in _parts_to_recompute(getattr(parent, name), cfg.recompute_modules):
+                # an instance attribute shadows the class's method; one a plan set before (tensor
+                # parallelism's core_attention) is what gets checkpointed
+                setattr(
+                    module,
+                    method,
+                    functools.partial(
+                        checkpoint,
+                        getattr(module, method),
+                        use_reentrant=False,
+                        preserve_rng_state=False,
+                    ),
                 )
         return
     # full: no context_fn at all (torch.compile rejects torch's default one passed explicitly)
@@ -96,28 +109,41 @@ def check_recompute_modules(model: nn.Module, cfg: ActivationCheckpoint) -> None
     kinds = {type(m) for block in model.layers.values() for m in block.modules()}
     names = cfg.recompute_modules
     for name in names:
-        if not any(issubclass(k, RECOMPUTE_MODULES[name]) for k in kinds):
+        cls, method = RECOMPUTE_MODULES[name]
+        if not any(issubclass(k, cls) for k in kinds):
+            what = f"{cls.__name__}.{method}" if method else cls.__name__
             raise ConfigError(
                 f"activation_checkpoint.recompute_modules = {names}: this model has no "
-                f"{name!r} module ({RECOMPUTE_MODULES[name].__name__}); remove {name!r}"
+                f"{name!r} module ({what}); remove {name!r}"
             )
 
 
-def _modules_to_recompute(block: nn.Module, names: list[str]) -> list[nn.Module]:
-    """The submodules of ``block`` that ``names`` select, minus those that already run inside
-    another selected one (``moe`` covers ``moe_act``, ``mla_up_proj`` covers MLA's norms):
-    checkpointing them again would only add a second recomputation."""
-    classes = tuple(RECOMPUTE_MODULES[n] for n in names)
-    selected = {fqn: m for fqn, m in block.named_modules() if isinstance(m, classes)}
-    covered = set()
-    for fqn, module in selected.items():
-        if isinstance(module, MLAUpProjection):
-            parent = fqn.rpartition(".")[0]
-            covered.update(f"{parent}.{n}" if parent else n for n in _UP_PROJ_NORMS)
+def _parts_to_recompute(block: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
+    """(submodule, method name) of ``block`` for each part that ``names`` select, minus those
+    that already run inside another selected one (``moe`` covers ``moe_act`` and the shared
+    experts' ``mlp``, ``mla_up_proj`` covers MLA's norms): checkpointing them again would only add
+    a second recomputation."""
+    targets = [RECOMPUTE_MODULES[n] for n in names]
+    selected = [
+        (fqn, module, method)
+        for fqn, module in block.named_modules()
+        for cls, method in targets
+        if isinstance(module, cls)
+    ]
+    wholes = {fqn for fqn, _, method in selected if method is None}
+    covered = {
+        f"{fqn}.{child}" if fqn else child
+        for fqn, module, method in selected
+        for (cls, runs), children in _METHOD_RUNS.items()
+        if method == runs and isinstance(module, cls)
+        for child in children
+    }
     return [
-        m
-        for fqn, m in selected.items()
-        if fqn not in covered and not any(fqn.startswith(f"{other}.") for other in selected)
+        (module, method or "forward")
+        for fqn, module, method in selected
+        if fqn not in covered
+        and not any(fqn.startswith(f"{whole}.") for whole in wholes)
+        and not (method is not None and fqn in wholes)
     ]
 
 

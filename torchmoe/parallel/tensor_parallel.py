@@ -4,10 +4,10 @@ Between blocks the residual stream is sequence-sharded (each rank holds its ``Sh
 plain tensor); norms run on their shard (``SequenceParallel``). Attention all-gathers the sequence,
 projects queries and keys / values for its local heads (column-parallel ``wq``/``wq_b``/``wkv_b``;
 the small shared projections ``wq_a``/``wkv_a`` and their norms stay replicated as DTensors so their
-gradients sum over heads), runs the attention kernel on local heads, and reduce-scatters through the
-row-parallel ``wo``; GQA splits query and key/value heads alike. Dense SwiGLUs are column/row
-parallel the same way. The output head is column parallel and the loss runs vocabulary-parallel
-(``loss_parallel``).
+gradients sum over heads), runs the attention kernel (``core_attention``) on local heads, and
+reduce-scatters through the row-parallel ``wo``; GQA splits query and key/value heads alike. Dense
+SwiGLUs are column/row parallel the same way. The output head is column parallel and the loss runs
+vocabulary-parallel (``loss_parallel``).
 
 MoE layers keep their sequence shard: each tp rank routes only its own tokens, so experts never
 see a token twice. The router, shared experts and (without expert parallelism) the experts are
@@ -15,9 +15,12 @@ replicated over ``tp`` but see different tokens on each tp rank; the FSDP plan t
 them over data-parallel x tp ranks, which also sums their gradients over ``tp``.
 """
 
+import functools
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -68,6 +71,12 @@ def _attention_projections(attention: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
+def _on_local_heads(kernel, *qkv: torch.Tensor) -> torch.Tensor:
+    """``kernel`` on the local heads of head-sharded (``Shard(2)``) q, k, v DTensors; its
+    output, a plain tensor, feeds the row-parallel ``wo``."""
+    return kernel(*(t.to_local() if isinstance(t, DTensor) else t for t in qkv))
+
+
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Tensor + sequence parallelism over ``tp_mesh`` (the dense view's ``tp`` dimension) for
     the embedding, every block's attention, norms and dense SwiGLU, the MoE layers' input and
@@ -82,9 +91,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     parallelize_module(
         model, tp_mesh, {k: v for k, v in outer.items() if getattr(model, k) is not None}
     )
-    local_heads = PrepareModuleInput(
-        input_layouts=(Shard(2),) * 3, desired_input_layouts=(Shard(2),) * 3, use_local_output=True
-    )
     for block in model.layers.values():
         plan = {
             "attention_norm": SequenceParallel(),
@@ -92,7 +98,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                 input_layouts=(Shard(1), Replicate()),
                 desired_input_layouts=(Replicate(), Replicate()),
             ),
-            "attention.inner_attention": local_heads,
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
             **_attention_projections(block.attention),
@@ -118,3 +123,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
                 }
             )
         parallelize_module(block, tp_mesh, plan)
+        # the kernel is a method, wrapped on the instance (activation checkpointing, applied
+        # later, checkpoints this wrapper, to_local included)
+        attention = block.attention
+        attention.core_attention = functools.partial(_on_local_heads, attention.core_attention)

@@ -5,8 +5,8 @@ whose blocks are MoE when the last block is."""
 
 from dataclasses import dataclass
 
-from torchmoe.models.common.attention import MLA, MLAArgs
 from torchmoe.models.common.transformer import Decoder, DecoderArgs, build_decoder
+from torchmoe.models.deepseek_v3.mla import MLA, MLAArgs
 
 
 @dataclass(kw_only=True)

@@ -25,14 +25,6 @@ def use_grouped_mm(backend: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-class SwiGLUActivation(nn.Module):
-    """silu(h1) * h3. Parameter-free; a module of its own so activation checkpointing can
-    recompute it in backward instead of saving silu(h1) (``recompute_modules = ["moe_act"]``)."""
-
-    def forward(self, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
-        return F.silu(h1) * h3
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts applied to tokens already grouped by expert."""
 
@@ -42,7 +34,6 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
-        self.activation = SwiGLUActivation()
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
@@ -63,6 +54,11 @@ class GroupedExperts(nn.Module):
         if use_grouped_mm(self.backend, x_MD.device):
             return _grouped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
         return _looped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
+
+    def activation(self, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
+        """silu(h1) * h3. A method of its own so activation checkpointing can recompute it in
+        backward instead of saving silu(h1) (``recompute_modules = ["moe_act"]``)."""
+        return F.silu(h1) * h3
 
     def init_weights(self, std: float, out_std: float) -> None:
         trunc_normal_(self.w1, std)

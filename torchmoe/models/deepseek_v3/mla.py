@@ -1,0 +1,94 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2/V3's attention.
+
+Shapes: B batch, S sequence, D model dim, H heads, K/V per-head query-key / value dims,
+N = qk_nope_head_dim, R = qk_rope_head_dim, C = kv_lora_rank, Q = q_lora_rank.
+
+MLA rebuilds keys and values from a C-dim latent; one R-dim rotary key is shared by all heads.
+Training runs the "naive" form (materialised per-head keys) through the shared attention kernel
+(``Attention.core_attention``, models/common/attention.py).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchmoe.models.common.attention import Attention
+from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.norms import RMSNorm
+from torchmoe.models.common.rope import apply_rope
+
+
+@dataclass
+class MLAArgs:
+    dim: int
+    n_heads: int
+    q_lora_rank: int  # 0 = project queries directly from x
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    norm_eps: float
+    softmax_scale: float
+
+
+class MLA(Attention):
+    """Multi-head latent attention; see the module docstring."""
+
+    def __init__(self, args: MLAArgs):
+        super().__init__(args.softmax_scale)
+        self.args = args
+        a = args
+        self.n_heads = a.n_heads
+        self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+        self.v_head_dim = a.v_head_dim
+        if a.q_lora_rank == 0:
+            self.wq = nn.Linear(a.dim, a.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(a.dim, a.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(a.q_lora_rank, eps=a.norm_eps)
+            self.wq_b = nn.Linear(a.q_lora_rank, a.n_heads * self.qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(a.dim, a.kv_lora_rank + a.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(a.kv_lora_rank, eps=a.norm_eps)
+        self.wkv_b = nn.Linear(
+            a.kv_lora_rank, a.n_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False
+        )
+        self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        q_in = x_BSD if a.q_lora_rank == 0 else self.wq_a(x_BSD)
+        latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        q_BSHK, k_BSHK, v_BSHV = self.up_project(q_in, latent, k_pe, cos_sin)
+        return self.wo(self.core_attention(q_BSHK, k_BSHK, v_BSHV).flatten(2))
+
+    def up_project(
+        self,
+        q_in: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query input (x, or the Q-dim latent) and the C-dim key/value latent -> per-head
+        q, k [B, S, H, K] and v [B, S, H, V]: ``q_norm`` / ``kv_norm``, the up projections and
+        rotary. A method of its own so activation checkpointing can recompute it from the small
+        latents (``recompute_modules = ["mla_up_proj"]``)."""
+        a = self.args
+        B, S, _ = q_in.shape
+        q = self.wq(q_in) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
+        q_BSHK = q.view(B, S, -1, self.qk_head_dim)
+        q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+
+        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
+        kv = self.wkv_b(self.kv_norm(kv_latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        return q_BSHK, k_BSHK, v_BSHV
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for name, module in self.named_children():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, out_std if name == "wo" else std)
