@@ -1,8 +1,9 @@
 """Upcycling: the weights of a dense model -> those of an MoE model that computes the same
 function at step 0, so fine-tuning starts from the dense model's quality.
 
-Legend: D model dim, F dense hidden dim, G granularity, R replicas, E = R * G experts,
-K experts per token (a multiple of G), F / G expert hidden dim.
+Legend (torchmoe/__init__.py): D model dim, F dense hidden dim, E experts, K experts per token.
+The derivation below also writes G for the granularity (slices per dense MLP) and R for the
+replicas of it: E = R * G experts of hidden dim F / G, K a multiple of G.
 
 Every MoE layer of the target model (decoder blocks and multi-token-prediction blocks alike)
 takes the dense MLP at the same place; every other tensor is taken as it is. The dense SwiGLU
@@ -142,12 +143,13 @@ def _upcycle_mlp(
     w1_FD, w3_FD, w2_DF = (dense[f"{prefix}{w}.weight"] for w in ("w1", "w3", "w2"))
     F, D = w1_FD.shape
     r = cfg.moe.num_experts // g
-    v_RD = torch.randn(r, D, generator=generator, dtype=torch.float64) * cfg.model.init_std
+    # one random router row per replica: [r, D]
+    router_rows = torch.randn(r, D, generator=generator, dtype=torch.float64) * cfg.model.init_std
     state = {
         f"{prefix}experts.w1": w1_FD.reshape(g, F // g, D).repeat(r, 1, 1),
         f"{prefix}experts.w3": w3_FD.reshape(g, F // g, D).repeat(r, 1, 1),
         f"{prefix}experts.w2": w2_DF.reshape(D, g, F // g).transpose(0, 1).repeat(r, 1, 1),
-        f"{prefix}router.gate.weight": v_RD.to(w1_FD.dtype).repeat_interleave(g, dim=0),
+        f"{prefix}router.gate.weight": router_rows.to(w1_FD.dtype).repeat_interleave(g, dim=0),
     }
     if cfg.moe.enable_expert_bias:
         state[f"{prefix}router.expert_bias"] = torch.zeros(cfg.moe.num_experts)

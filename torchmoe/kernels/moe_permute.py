@@ -1,8 +1,8 @@
 """Fused Triton MoE token permutation, as PyTorch custom ops (eager, torch.compile, autograd).
 
-Legend: T tokens, D model dim, E experts, K experts per token, N = T * K routed copies
-(copy c = t * K + k), M rows of the expert-ordered buffer, P the padding multiple, C chunks of
-CHUNK copies.
+Legend (torchmoe/__init__.py): T tokens, D model dim, E experts, K experts per token, N = T * K
+routed copies (copy c = t * K + k), M rows of the expert-ordered buffer, P the padding multiple, C
+chunks of CHUNK copies.
 
 Same contract as the plain-torch references in ``moe_permute_ref.py`` (read that docstring
 first): ``permute_indices``, ``permute`` and ``unpermute`` here are drop-in replacements for

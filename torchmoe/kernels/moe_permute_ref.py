@@ -1,8 +1,8 @@
 """Plain-torch MoE token permutation: the specification of the Triton kernels in
 ``moe_permute.py`` and the path every non-CUDA device runs.
 
-Legend: T tokens, D model dim, E experts, K experts per token, N = T * K routed copies
-(copy c = t * K + k), M rows of the expert-ordered buffer, P the padding multiple.
+Legend (torchmoe/__init__.py): T tokens, D model dim, E experts, K experts per token, N = T * K
+routed copies (copy c = t * K + k), M rows of the expert-ordered buffer, P the padding multiple.
 
 The buffer holds each expert's copies in token order, its group padded with zero rows up to a
 multiple of P (float8 grouped GEMMs want 16-row groups). M is static so that torch.compile

@@ -1,8 +1,9 @@
 """apply_ep: the expert-parallel wrapper. Experts are sharded over the ``ep`` mesh dimension and
 each MoE layer's dispatcher is swapped for one that moves tokens between ranks.
 
-Legend: T local tokens, D model dim, K experts per token, E experts, L = E / ep local experts,
-S = ep ranks of the group, M routed copies.
+Legend (torchmoe/__init__.py): T local tokens, D model dim, K experts per token, E experts,
+X = E / ep local experts, W ranks of the expert-parallel group, M rows of an expert-ordered
+buffer.
 
 Two dispatchers, same contract as ``LocalDispatcher`` (``dispatch`` -> grouped tokens + counts
 for this rank's experts; ``combine`` -> [T, D]):
@@ -17,7 +18,7 @@ for this rank's experts; ``combine`` -> [T, D]):
 Both pad the groups the local experts see (``pad_multiple``, as the local dispatcher does) after
 the exchange, never before: the padding is a matter of this rank's GEMMs, not of the traffic.
 Their buffer sizes follow the received counts anyway (a host sync); padding adds at most
-L * (pad_multiple - 1) rows.
+X * (pad_multiple - 1) rows.
 """
 
 from dataclasses import dataclass
@@ -61,25 +62,25 @@ class AllToAllDispatcher(LocalDispatcher):
         x_MD, counts_E, local = self.permute(x_TD, topk_idx_TK, self.num_experts, 1)
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
-        recv_SL = recv_counts.view(self.ep, -1)  # tokens from source rank s for local expert l
+        recv_WX = recv_counts.view(self.ep, -1)  # copies from source rank w for local expert x
         # One host sync for both split lists (all_to_all_single needs them on the host).
         send_splits, recv_splits = torch.stack(
-            [counts_E.view(self.ep, -1).sum(1), recv_SL.sum(1)]
+            [counts_E.view(self.ep, -1).sum(1), recv_WX.sum(1)]
         ).tolist()
         x_sent = x_MD[: sum(send_splits)]  # rows past the kept copies: room left by drops
         x_recv = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
         # Received blocks are ordered (source, local expert); experts want (local expert,
         # source), padded: a second permutation, one copy per received row, stable in order.
-        S, L = recv_SL.shape
-        expert_R = torch.repeat_interleave(
-            torch.arange(S * L, device=x_MD.device) % L,
-            recv_SL.flatten(),
+        W, X = recv_WX.shape
+        expert_M = torch.repeat_interleave(
+            torch.arange(W * X, device=x_MD.device) % X,
+            recv_WX.flatten(),
             output_size=sum(recv_splits),
         )
-        x_LD, counts_L, regroup = self.permute(
-            x_recv, expert_R.unsqueeze(1), L, self.pad_multiple, self.group_rows(capacity, S)
+        grouped_MD, counts_X, regroup = self.permute(
+            x_recv, expert_M.unsqueeze(1), X, self.pad_multiple, self.group_rows(capacity, W)
         )
-        return x_LD, counts_L, AllToAllState(local, regroup, send_splits, recv_splits)
+        return grouped_MD, counts_X, AllToAllState(local, regroup, send_splits, recv_splits)
 
     def combine(
         self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
@@ -118,24 +119,24 @@ class AllGatherDispatcher(LocalDispatcher):
         idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         K = idx_all.shape[1]
         local = idx_all.flatten() - self.first
-        L = self.local_experts
-        # L = "not mine" (another rank's expert, or dropped: id -1)
-        local = torch.where((idx_all.flatten() >= 0) & (local >= 0) & (local < L), local, L)
+        X = self.local_experts
+        # X = "not mine" (another rank's expert, or dropped: id -1)
+        local = torch.where((idx_all.flatten() >= 0) & (local >= 0) & (local < X), local, X)
         order = torch.argsort(local, stable=True)
-        counts = torch.zeros(L + 1, dtype=torch.int64, device=local.device)
+        counts = torch.zeros(X + 1, dtype=torch.int64, device=local.device)
         counts.scatter_add_(0, local, torch.ones_like(local))
-        kept = order[: int(counts[:L].sum())]
+        kept = order[: int(counts[:X].sum())]
         x_kept = x_all[kept // K]  # grouped by local expert, unpadded
         if self.pad_multiple == 1 and not capacity:
-            return x_kept, counts[:L], AllGatherState(kept, local.numel(), None)
-        x_LD, counts_L, padding = self.permute(
+            return x_kept, counts[:X], AllGatherState(kept, local.numel(), None)
+        grouped_MD, counts_X, padding = self.permute(
             x_kept,
             local[kept].unsqueeze(1),
-            L,
+            X,
             self.pad_multiple,
             self.group_rows(capacity, self.ep),
         )
-        return x_LD, counts_L, AllGatherState(kept, local.numel(), padding)
+        return grouped_MD, counts_X, AllGatherState(kept, local.numel(), padding)
 
     def combine(
         self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllGatherState

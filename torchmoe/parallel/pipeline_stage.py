@@ -5,7 +5,8 @@ in a ModuleDict keyed by index) and its class swapped for ``DecoderStage``, as e
 parallelism swaps the MoE layer's class: parameter names do not change, so checkpoints load
 across pipeline layouts and every plan step applies to a stage as to a whole model.
 
-Legend: B micro-batch, S sequence (a tensor-parallel shard between stages), D model dim.
+Legend (torchmoe/__init__.py): B micro-batch, S sequence (a tensor-parallel shard between stages), D
+model dim.
 """
 
 import copy

@@ -5,7 +5,8 @@ Each MoE layer sums its routed copies per expert and its ``StepStats`` over the 
 every rank (each fills the rows of the layers its pipeline stages hold, the other rows stay
 zero, so the sum has every layer of the whole model) -> named per-layer values for the log.
 
-Legend: L MoE layers of the whole model (a row each), E experts.
+Legend (torchmoe/__init__.py): L MoE layers of the whole model (a row each), E experts, Z
+step-statistic fields (``StepStats``).
 """
 
 from dataclasses import dataclass
@@ -48,9 +49,9 @@ class MoEStepStats:
 
     def reduce(self, device: torch.device) -> ReducedStep:
         """Sum this step's buffers over all ranks in one all-reduce, and zero them."""
-        L, E, S = self.num_layers, self.num_experts, len(StepStats._fields)
+        L, E, Z = self.num_layers, self.num_experts, len(StepStats._fields)
         counts = torch.zeros(L, E, device=device)
-        stats = torch.zeros(L, S, device=device)
+        stats = torch.zeros(L, Z, device=device)
         if self.layers:
             if self._row_index is None:
                 self._row_index = torch.tensor(self.rows, dtype=torch.long, device=device)
@@ -69,9 +70,9 @@ class MoEStepStats:
         if self.reduce_over_ranks:
             dist.all_reduce(flat)
         counts_LE = flat[: L * E].view(L, E)
-        stats_LS = flat[L * E : L * E + L * S].view(L, S)
+        stats_LZ = flat[L * E : L * E + L * Z].view(L, Z)
         return ReducedStep(
-            counts_LE, StepStats.unpack(stats_LS), flat[-1] if self.has_mtp else None
+            counts_LE, StepStats.unpack(stats_LZ), flat[-1] if self.has_mtp else None
         )
 
 

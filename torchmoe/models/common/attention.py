@@ -2,8 +2,8 @@
 (GQA: Mixtral, Qwen3, Llama). MLA (DeepSeek-V2/V3) lives with its family, in
 ``models/deepseek_v3/mla.py``, and shares the kernel through ``Attention``.
 
-Shapes: B batch, S sequence, D model dim, H heads, G key/value heads, K/V per-head query-key /
-value dims.
+Legend (torchmoe/__init__.py): B batch, S sequence, D model dim, H query heads, J key/value
+heads, Q query/key channels per head, U value channels per head.
 
 Attention modules expose ``n_heads``, ``qk_head_dim`` and ``v_head_dim`` for FLOP and memory
 counts.
@@ -21,20 +21,20 @@ from torchmoe.models.common.rope import apply_rope
 
 
 def causal_attention(
-    q_BSHK: torch.Tensor, k_BSGK: torch.Tensor, v_BSGV: torch.Tensor, scale: float
+    q_BSHQ: torch.Tensor, k_BSJQ: torch.Tensor, v_BSJU: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Causal attention over per-head q [B, S, H, K], k [B, S, G, K] and v [B, S, G, V] ->
-    [B, S, H, V]. Each key/value head serves H / G query heads (repeated here); flash kernels
-    want equal q/k/v head dims, so V is padded up to K and sliced back."""
-    groups = q_BSHK.shape[2] // k_BSGK.shape[2]  # GQA: each key/value head serves a group
-    k_BSHK = k_BSGK.repeat_interleave(groups, dim=2) if groups > 1 else k_BSGK
-    v_BSHV = v_BSGV.repeat_interleave(groups, dim=2) if groups > 1 else v_BSGV
-    v_dim = v_BSHV.shape[-1]
-    pad = q_BSHK.shape[-1] - v_dim
-    v = F.pad(v_BSHV, (0, pad)) if pad > 0 else v_BSHV
+    """Causal attention over per-head q [B, S, H, Q], k [B, S, J, Q] and v [B, S, J, U] ->
+    [B, S, H, U]. Each key/value head serves H / J query heads (repeated here); flash kernels
+    want equal q/k/v head dims, so U is padded up to Q and sliced back."""
+    groups = q_BSHQ.shape[2] // k_BSJQ.shape[2]  # GQA: each key/value head serves a group
+    k_BSHQ = k_BSJQ.repeat_interleave(groups, dim=2) if groups > 1 else k_BSJQ
+    v_BSHU = v_BSJU.repeat_interleave(groups, dim=2) if groups > 1 else v_BSJU
+    v_dim = v_BSHU.shape[-1]
+    pad = q_BSHQ.shape[-1] - v_dim
+    v = F.pad(v_BSHU, (0, pad)) if pad > 0 else v_BSHU
     out = F.scaled_dot_product_attention(
-        q_BSHK.transpose(1, 2),
-        k_BSHK.transpose(1, 2),
+        q_BSHQ.transpose(1, 2),
+        k_BSHQ.transpose(1, 2),
         v.transpose(1, 2),
         is_causal=True,
         scale=scale,
@@ -53,9 +53,9 @@ class Attention(nn.Module):
         self.softmax_scale = softmax_scale
 
     def core_attention(
-        self, q_BSHK: torch.Tensor, k_BSGK: torch.Tensor, v_BSGV: torch.Tensor
+        self, q_BSHQ: torch.Tensor, k_BSJQ: torch.Tensor, v_BSJU: torch.Tensor
     ) -> torch.Tensor:
-        return causal_attention(q_BSHK, k_BSGK, v_BSGV, self.softmax_scale)
+        return causal_attention(q_BSHQ, k_BSJQ, v_BSJU, self.softmax_scale)
 
 
 @dataclass
@@ -72,8 +72,8 @@ class GQAArgs:
 class GQA(Attention):
     """Grouped-query attention with rotary embeddings over the whole head dim.
 
-    With ``qk_norm`` every query and key head is RMS-normalised over its K channels (one
-    weight of K shared by all heads, ``q_norm`` / ``k_norm``) before the rotation, as Qwen3
+    With ``qk_norm`` every query and key head is RMS-normalised over its Q channels (one
+    weight of Q shared by all heads, ``q_norm`` / ``k_norm``) before the rotation, as Qwen3
     does; it bounds the attention logits, which keeps large-learning-rate training stable.
     """
 
@@ -94,13 +94,13 @@ class GQA(Attention):
     def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         hd = self.args.head_dim
-        q_BSHK = self.wq(x_BSD).view(B, S, -1, hd)
-        k_BSGK = self.wk(x_BSD).view(B, S, -1, hd)
+        q_BSHQ = self.wq(x_BSD).view(B, S, -1, hd)
+        k_BSJQ = self.wk(x_BSD).view(B, S, -1, hd)
         if self.args.qk_norm:
-            q_BSHK, k_BSGK = self.q_norm(q_BSHK), self.k_norm(k_BSGK)
-        q_BSHK, k_BSGK = apply_rope(q_BSHK, cos_sin), apply_rope(k_BSGK, cos_sin)
-        v_BSGV = self.wv(x_BSD).view(B, S, -1, hd)
-        return self.wo(self.core_attention(q_BSHK, k_BSGK, v_BSGV).flatten(2))
+            q_BSHQ, k_BSJQ = self.q_norm(q_BSHQ), self.k_norm(k_BSJQ)
+        q_BSHQ, k_BSJQ = apply_rope(q_BSHQ, cos_sin), apply_rope(k_BSJQ, cos_sin)
+        v_BSJU = self.wv(x_BSD).view(B, S, -1, hd)
+        return self.wo(self.core_attention(q_BSHQ, k_BSJQ, v_BSJU).flatten(2))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name in ("wq", "wk", "wv"):

@@ -1,7 +1,7 @@
 """DeepSeek-V3's multi-token prediction (MTP): D extra depths after the main model, depth k
 predicting the token k + 1 places ahead of the main model's target.
 
-Legend: B batch, S sequence, D model dim, V vocabulary.
+Legend (torchmoe/__init__.py): B batch, S sequence, D model dim, V vocabulary.
 
 Any family may use it: the decoder builds it from ``mtp_num_layers`` blocks shaped like its last
 block. The depths share the decoder's embedding (their inputs) and output head (their logits),

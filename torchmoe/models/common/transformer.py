@@ -1,7 +1,7 @@
 """A pre-norm decoder that model families fill with their attention and feed-forward modules,
 optionally followed by DeepSeek-V3's multi-token prediction (MTP, mtp.py).
 
-Legend: B batch, S sequence, D model dim, V vocabulary.
+Legend (torchmoe/__init__.py): B batch, S sequence, D model dim, V vocabulary.
 
 Blocks live in a ModuleDict keyed by their index, so a pipeline split (parallel/) can drop some
 of them and every remaining parameter keeps its name (checkpoints stay loadable across layouts).

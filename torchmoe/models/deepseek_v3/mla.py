@@ -1,9 +1,11 @@
 """Multi-head latent attention (MLA), DeepSeek-V2/V3's attention.
 
-Shapes: B batch, S sequence, D model dim, H heads, K/V per-head query-key / value dims,
-N = qk_nope_head_dim, R = qk_rope_head_dim, C = kv_lora_rank, Q = q_lora_rank.
+Legend (torchmoe/__init__.py): B batch, S sequence, D model dim, H heads, Q query/key channels
+per head (qk_nope_head_dim + qk_rope_head_dim), U value channels per head, R rotary channels
+per head (qk_rope_head_dim).
 
-MLA rebuilds keys and values from a C-dim latent; one R-dim rotary key is shared by all heads.
+MLA rebuilds keys and values from a kv_lora_rank-dim latent; one R-dim rotary key is shared by
+all heads.
 Training runs the "naive" form (materialised per-head keys) through the shared attention kernel
 (``Attention.core_attention``, models/common/attention.py).
 """
@@ -59,8 +61,8 @@ class MLA(Attention):
         a = self.args
         q_in = x_BSD if a.q_lora_rank == 0 else self.wq_a(x_BSD)
         latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        q_BSHK, k_BSHK, v_BSHV = self.up_project(q_in, latent, k_pe, cos_sin)
-        return self.wo(self.core_attention(q_BSHK, k_BSHK, v_BSHV).flatten(2))
+        q_BSHQ, k_BSHQ, v_BSHU = self.up_project(q_in, latent, k_pe, cos_sin)
+        return self.wo(self.core_attention(q_BSHQ, k_BSHQ, v_BSHU).flatten(2))
 
     def up_project(
         self,
@@ -70,21 +72,21 @@ class MLA(Attention):
         cos_sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query input (x, or the Q-dim latent) and the C-dim key/value latent -> per-head
-        q, k [B, S, H, K] and v [B, S, H, V]: ``q_norm`` / ``kv_norm``, the up projections and
+        q, k [B, S, H, Q] and v [B, S, H, U]: ``q_norm`` / ``kv_norm``, the up projections and
         rotary. A method of its own so activation checkpointing can recompute it from the small
         latents (``recompute_modules = ["mla_up_proj"]``)."""
         a = self.args
         B, S, _ = q_in.shape
         q = self.wq(q_in) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
-        q_BSHK = q.view(B, S, -1, self.qk_head_dim)
-        q_nope, q_pe = q_BSHK.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        q_BSHK = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
+        q_BSHQ = q.view(B, S, -1, self.qk_head_dim)
+        q_nope, q_pe = q_BSHQ.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_BSHQ = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
 
         k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
         kv = self.wkv_b(self.kv_norm(kv_latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
-        k_nope, v_BSHV = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k_BSHK = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        return q_BSHK, k_BSHK, v_BSHV
+        k_nope, v_BSHU = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_BSHQ = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        return q_BSHQ, k_BSHQ, v_BSHU
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name, module in self.named_children():

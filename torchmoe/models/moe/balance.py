@@ -1,6 +1,7 @@
 """Load balancing: auxiliary losses and the aux-loss-free expert-bias update.
 
-Legend: B sequences, S tokens per sequence, T = B * S, E experts, K experts per token.
+Legend (torchmoe/__init__.py): B sequences, S tokens per sequence, T = B * S, E experts, K experts
+per token.
 
 Balance losses reach the optimizer without being returned through the model: each MoE layer
 hooks its loss onto its output with ``attach_aux_loss``, whose backward feeds the loss's gradient

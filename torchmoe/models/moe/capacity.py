@@ -1,6 +1,6 @@
 """Token dropping: cap the routed copies each expert takes from one forward's tokens.
 
-Legend: T tokens, E experts, K experts per token, N = T * K routed copies.
+Legend (torchmoe/__init__.py): T tokens, E experts, K experts per token, N = T * K routed copies.
 
 An expert's capacity is ceil(capacity_factor * T * K / E) copies. Over capacity, the policy
 decides which copies stay: ``probs`` keeps those with the highest router weight, ``position``

@@ -1,7 +1,7 @@
 """Local (single-rank) token dispatcher: permute tokens into expert order and back.
 
-Legend: T tokens, D model dim, E experts, K experts per token, N = T * K routed copies,
-M rows of the expert-ordered buffer (N, or N + E * (pad_multiple - 1) rounded up to a
+Legend (torchmoe/__init__.py): T tokens, D model dim, E experts, K experts per token, N = T * K
+routed copies, M rows of the expert-ordered buffer (N, or N + E * (pad_multiple - 1) rounded up to a
 multiple of pad_multiple with padding).
 
 The dispatcher is the seam for expert parallelism: a parallel plan swaps this module for one

@@ -1,6 +1,7 @@
 """Routed experts as 3-D weights, computed with one grouped GEMM per projection.
 
-Legend: M routed token copies (grouped by expert), D model dim, E experts, F expert hidden dim.
+Legend (torchmoe/__init__.py): M routed token copies (grouped by expert), D model dim, E experts, F
+expert hidden dim.
 
 Weights are stored like a stack of nn.Linear weights (out x in): w1, w3 [E, F, D], w2 [E, D, F].
 That layout matches Hugging Face's per-expert linears (conversion is a stack) and gives

@@ -1,8 +1,8 @@
 """The MoE layer: router -> (drop over capacity) -> dispatch -> experts -> combine, plus shared
 experts.
 
-Legend: B batch, S sequence, T = B * S tokens, D model dim, E experts, K experts per token,
-M rows of the expert-ordered buffer, F expert hidden dim.
+Legend (torchmoe/__init__.py): B batch, S sequence, T = B * S tokens, D model dim, E experts, K
+experts per token, M rows of the expert-ordered buffer, F expert hidden dim.
 
 Besides its output, the layer keeps two non-persistent buffers for the training loop, summed
 over the forwards of one optimizer step and filled only in real forwards, not in
@@ -57,9 +57,9 @@ class StepStats(NamedTuple):
     copies: torch.Tensor  # copies routed (tokens x top-k)
 
     @classmethod
-    def unpack(cls, stats_XS: torch.Tensor) -> "StepStats":
-        """The fields of a ``stats`` buffer (or a stack of them, [..., len(_fields)])."""
-        return cls(*stats_XS.unbind(-1))
+    def unpack(cls, stats: torch.Tensor) -> "StepStats":
+        """The fields of a ``stats`` buffer [Z] (or of a stack of them, [..., Z])."""
+        return cls(*stats.unbind(-1))
 
 
 LOSS_NAMES = StepStats._fields[:4]

@@ -1,6 +1,7 @@
 """Top-k token-choice router.
 
-Legend: T tokens, D model dim, E experts, K experts per token, G expert groups.
+Legend (torchmoe/__init__.py): T tokens, D model dim, E experts, K experts per token, G expert
+groups.
 
 The router math (gate matmul, scores, selection, weights) runs in ``router_dtype`` with autocast
 off, so bf16 training does not perturb which experts are chosen. Selection and weighting are
