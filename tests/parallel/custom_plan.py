@@ -8,3 +8,10 @@ CALLS = []
 def my_parallelize(model, parallel_dims, job_config):
     CALLS.append(parallel_dims.world_size)
     return parallelize(model, parallel_dims, job_config)
+
+
+def copying_parallelize(model, parallel_dims, job_config):
+    """A broken plan: returns a copy instead of transforming the model in place."""
+    import copy
+
+    return copy.deepcopy(model)

@@ -30,3 +30,10 @@ def test_bad_plan_is_one_clear_line(spec, fragment):
     with pytest.raises(ConfigError, match=fragment) as err:
         load_plan(spec)
     assert "\n" not in str(err.value)
+
+
+def test_a_plan_that_copies_the_model_is_one_clear_line(tiny_config):
+    cfg = tiny_config(**{"parallelism.plan": "tests.parallel.custom_plan:copying_parallelize"})
+    with pytest.raises(ConfigError, match="must transform the model's modules in place") as err:
+        Trainer(cfg, device=torch.device("cpu"))
+    assert "\n" not in str(err.value)

@@ -194,14 +194,14 @@ def _check_balancing(cfg: JobConfig) -> None:
 def _check_permute_backend(cfg: JobConfig) -> None:
     """A forced Triton permutation needs the triton package and CUDA (unless a dry run only
     plans the job)."""
-    if cfg.moe.permute_backend != "triton":
+    if cfg.moe.permute_backend != "triton" or os.environ.get("COMM_MODE") == "fake":
         return
     if importlib.util.find_spec("triton") is None:
         raise ConfigError(
             "moe.permute_backend = 'triton' needs the triton package, which is not "
             "installed; use 'auto' or 'torch'"
         )
-    if not torch.cuda.is_available() and os.environ.get("COMM_MODE") != "fake":
+    if not torch.cuda.is_available():
         raise ConfigError(
             "moe.permute_backend = 'triton' runs its kernels on CUDA tensors and "
             "this machine has no CUDA; use 'auto' or 'torch'"

@@ -34,7 +34,7 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("deepseek_v3", "Model family (see torchmoe/models/registry.py).")
+    name: str = opt("deepseek_v3", "Model family (see torchmoe/config/registry.py).")
     flavor: str = opt("debug", "Named size of the family; its values fill every key not set.")
     tokenizer_path: str = opt(
         "bundled",
@@ -186,8 +186,8 @@ class Training:
     max_norm: float = opt(1.0, "Gradient clipping norm; 0 disables clipping.", ge=0)
     mixed_precision_param: str = opt(
         "auto",
-        "Compute dtype (autocast on one rank, FSDP parameter dtype on several): "
-        "auto = bfloat16 on CUDA, float32 on CPU.",
+        "Compute dtype (FSDP's parameter dtype wherever FSDP runs, i.e. more than one rank "
+        "per pipeline stage; autocast otherwise): auto = bfloat16 on CUDA, float32 on CPU.",
         choices=("auto", "bfloat16", "float32"),
     )
     mixed_precision_reduce: str = opt(

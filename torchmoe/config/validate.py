@@ -40,11 +40,6 @@ def validate(cfg: JobConfig) -> None:
             "pick other experts; set activation_checkpoint.mode = 'none' or "
             "moe.input_jitter_eps = 0"
         )
-    if cfg.quantize.float8_linear and cfg.parallelism.tp > 1:
-        raise ConfigError(
-            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
-            "use tp = 1 or turn float8 off"
-        )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -61,6 +56,11 @@ def validate(cfg: JobConfig) -> None:
     dp = p.dp_replicate * resolve_dp_shard(p, world)
     check_parallel_shapes(cfg, spec.heads_keys)
     check_pipeline(cfg)
+    if cfg.quantize.float8_linear and p.tp > 1:
+        raise ConfigError(
+            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
+            "use tp = 1 or turn float8 off"
+        )
     t = cfg.training
     per_step = t.local_batch_size * dp
     if t.global_batch_size != -1 and t.global_batch_size % per_step:

@@ -71,7 +71,6 @@ class LocalStages(nn.Module):
 
     def __init__(self, parts: list[DecoderStage]):
         super().__init__()
-        self.parts = parts  # a plain list: not registered, so names carry no prefix
         blocks = {k: b for part in parts for k, b in part.layers.items()}
         self.layers = nn.ModuleDict({k: blocks[k] for k in sorted(blocks, key=int)})
         for name in ("tok_embeddings", "norm", "output", "mtp"):

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.models.moe.moe import LOSS_NAMES, MoE, StepStats, moe_layers
 
 
@@ -36,6 +37,11 @@ class MoEStepStats:
         row_of = {id(m): row for row, (_, m) in enumerate(moe_layers(whole))}
         self.num_layers = len(row_of)
         self.layers: list[MoE] = [m for _, m in moe_layers(local)]
+        if any(id(m) not in row_of for m in self.layers):
+            raise ConfigError(
+                "the parallelize plan returned MoE layers that are not the built model's; "
+                "a plan (parallelism.plan) must transform the model's modules in place"
+            )
         self.rows = [row_of[id(m)] for m in self.layers]
         self.num_experts = num_experts
         self.has_mtp = getattr(whole, "mtp", None) is not None

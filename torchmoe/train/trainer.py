@@ -1,7 +1,7 @@
 """The training loop: build everything from a JobConfig, then step, log and checkpoint.
 
-Order of construction (see DESIGN.md): process group -> ParallelDims + meshes -> model on meta
--> parallelize plan (float8, EP, AC, compile, FSDP) -> materialise + init -> optimizer/LR ->
+Order of construction (see docs/ARCHITECTURE.md): process group -> ParallelDims + meshes -> model on
+meta -> parallelize plan (float8, EP, AC, compile, FSDP) -> materialise + init -> optimizer/LR ->
 data for this data-parallel rank -> resume.
 
 Loss normalisation: every rank divides its summed token losses by the number of tokens in the
@@ -24,6 +24,7 @@ from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.pipeline_keys import microbatches as microbatches_of
 from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
@@ -95,6 +96,7 @@ class Trainer:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
+        check_parallel_shapes(cfg, get_model_spec(cfg.model.name).heads_keys)
         self.dims.build_meshes(self.device.type)
         self.dtype = resolve_dtype(t.mixed_precision_param, self.device.type)
         # FSDP's mixed-precision policy casts the parameters when FSDP is on, else autocast.

@@ -108,3 +108,20 @@ def test_config_refuses_triton_permutation_without_cuda(tiny_config):
     with pytest.raises(ConfigError, match=r"moe.permute_backend = 'triton'.*no CUDA"):
         tiny_config(**{"moe.permute_backend": "triton"})
     tiny_config(**{"moe.permute_backend": "torch"})
+
+
+def test_config_refuses_triton_permutation_without_triton_but_a_dry_run_plans_it(
+    tiny_config, monkeypatch
+):
+    import importlib.util
+
+    from torchmoe.config.errors import ConfigError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name)
+    )
+    with pytest.raises(ConfigError, match=r"moe.permute_backend = 'triton' needs the triton"):
+        tiny_config(**{"moe.permute_backend": "triton"})
+    monkeypatch.setenv("COMM_MODE", "fake")  # planning a GPU job on this machine
+    assert tiny_config(**{"moe.permute_backend": "triton"}).moe.permute_backend == "triton"

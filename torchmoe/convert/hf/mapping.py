@@ -63,7 +63,7 @@ def to_hf(
         if not primary:
             raise ConfigError(
                 f"torchmoe tensor {name} has no Hugging Face name in the {family} "
-                "mapping (torchmoe/models/hf); the model and the mapping disagree"
+                "mapping (torchmoe/convert/hf); the model and the mapping disagree"
             )
         for rule, groups in primary + [h for h in hits if h[0].copy]:
             if rule.per_expert:
