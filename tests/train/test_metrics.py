@@ -7,7 +7,8 @@ import torch
 from torchmoe.config.load import build_config
 from torchmoe.config.registry import build_model
 from torchmoe.models.flops import flops_per_token
-from torchmoe.train.metrics import expert_load_stats, peak_flops
+from torchmoe.train.metrics import peak_flops
+from torchmoe.train.moe_stats import expert_load_stats
 
 
 def test_flops_per_token_of_16b_with_4_layers():

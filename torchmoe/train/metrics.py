@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from torchmoe.config.schema import JobConfig
-from torchmoe.models.moe.moe import LOSS_NAMES
+from torchmoe.train.moe_stats import moe_log_row
 
 logger = logging.getLogger(__name__)
 
@@ -41,44 +41,6 @@ def memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def expert_load_stats(counts_LE: torch.Tensor) -> dict:
-    """Per-layer load summary from tokens per expert [layers, experts] over a window."""
-    counts = counts_LE.double()
-    mean = counts.mean(dim=1).clamp_min(1e-12)
-    max_over_mean = counts.max(dim=1).values / mean
-    cv = counts.std(dim=1, correction=0) / mean
-    dead = (counts == 0).sum(dim=1)
-    return {
-        "load_max_over_mean": max_over_mean.max().item(),
-        "load_cv": cv.mean().item(),
-        "dead_experts": int(dead.sum().item()),
-        "per_layer": {
-            "max_over_mean": max_over_mean.tolist(),
-            "cv": cv.tolist(),
-            "dead": dead.tolist(),
-            "tokens": counts_LE.tolist(),
-        },
-    }
-
-
-def _layer_rows(window: dict[str, torch.Tensor], steps: int, cfg: JobConfig) -> dict:
-    """Log-row fields from a window of ``step_values``: load summary, per-layer values and
-    the total balance loss (summed over layers, mean per step)."""
-    row = expert_load_stats(window["tokens"])
-    per_layer = row["per_layer"]
-    losses = {n: (window[n] / steps).tolist() for n in LOSS_NAMES if window[n].any()}
-    per_layer.update(losses)
-    per_layer["entropy"] = (window["entropy"] / steps).tolist()
-    row["aux_loss"] = sum(sum(v) for v in losses.values())
-    row["router_entropy"] = sum(per_layer["entropy"]) / len(per_layer["entropy"])
-    if cfg.moe.capacity_factor > 0:
-        per_layer["dropped_frac"] = (window["dropped_frac"] / steps).tolist()
-        row["dropped_frac"] = sum(per_layer["dropped_frac"]) / len(per_layer["dropped_frac"])
-    if "bias_norm" in window:
-        per_layer["bias_norm"] = (window["bias_norm"] / steps).tolist()
-    return row
 
 
 @dataclass
@@ -142,7 +104,7 @@ class MetricsLogger:
             "memory_gib": self._peak_memory(),
         }
         if "tokens" in w.moe:
-            row.update(_layer_rows(w.moe, w.steps, self.cfg))
+            row.update(moe_log_row(w.moe, w.steps, self.cfg.moe.capacity_factor > 0))
         if "mtp_loss" in w.moe:
             row["mtp_loss"] = (w.moe["mtp_loss"] / w.steps).item()
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"

@@ -3,7 +3,8 @@
 Each MoE layer sums its routed copies per expert and its ``StepStats`` over the step's forwards
 (models/moe/moe.py), and the MTP depths their loss. Here: those buffers -> one all-reduce over
 every rank (each fills the rows of the layers its pipeline stages hold, the other rows stay
-zero, so the sum has every layer of the whole model) -> named per-layer values for the log.
+zero, so the sum has every layer of the whole model) -> named per-layer values of the step
+(``step_values``) -> over the steps of a log window, the log row (``moe_log_row``).
 
 Legend (torchmoe/__init__.py): L MoE layers of the whole model (a row each), E experts, Z
 step-statistic fields (``StepStats``).
@@ -101,3 +102,41 @@ def step_values(
     if step.mtp_loss_sum is not None:
         out["mtp_loss"] = step.mtp_loss_sum / shards
     return out
+
+
+def expert_load_stats(counts_LE: torch.Tensor) -> dict:
+    """Per-layer load summary from tokens per expert [layers, experts] over a window."""
+    counts = counts_LE.double()
+    mean = counts.mean(dim=1).clamp_min(1e-12)
+    max_over_mean = counts.max(dim=1).values / mean
+    cv = counts.std(dim=1, correction=0) / mean
+    dead = (counts == 0).sum(dim=1)
+    return {
+        "load_max_over_mean": max_over_mean.max().item(),
+        "load_cv": cv.mean().item(),
+        "dead_experts": int(dead.sum().item()),
+        "per_layer": {
+            "max_over_mean": max_over_mean.tolist(),
+            "cv": cv.tolist(),
+            "dead": dead.tolist(),
+            "tokens": counts_LE.tolist(),
+        },
+    }
+
+
+def moe_log_row(window: dict[str, torch.Tensor], steps: int, dropping: bool) -> dict:
+    """Log-row fields from a window of ``step_values``: load summary, per-layer values and
+    the total balance loss (summed over layers, mean per step)."""
+    row = expert_load_stats(window["tokens"])
+    per_layer = row["per_layer"]
+    losses = {n: (window[n] / steps).tolist() for n in LOSS_NAMES if window[n].any()}
+    per_layer.update(losses)
+    per_layer["entropy"] = (window["entropy"] / steps).tolist()
+    row["aux_loss"] = sum(sum(v) for v in losses.values())
+    row["router_entropy"] = sum(per_layer["entropy"]) / len(per_layer["entropy"])
+    if dropping:  # capacity_factor > 0
+        per_layer["dropped_frac"] = (window["dropped_frac"] / steps).tolist()
+        row["dropped_frac"] = sum(per_layer["dropped_frac"]) / len(per_layer["dropped_frac"])
+    if "bias_norm" in window:
+        per_layer["bias_norm"] = (window["bias_norm"] / steps).tolist()
+    return row
