@@ -95,8 +95,9 @@ class Trainer:
             if self.device.index is None:  # some libraries (torchao) want an explicit index
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+        spec = get_model_spec(cfg.model.name)
         self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
-        check_parallel_shapes(cfg, get_model_spec(cfg.model.name).heads_keys)
+        check_parallel_shapes(cfg, spec.heads_keys)
         self.dims.build_meshes(self.device.type)
         self.dtype = resolve_dtype(t.mixed_precision_param, self.device.type)
         # FSDP's mixed-precision policy casts the parameters when FSDP is on, else autocast.
@@ -121,8 +122,8 @@ class Trainer:
         check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
         flops = flops_per_token(model, t.seq_len)
         self._log_model(model)
-        whole = model
-        plan = load_plan(cfg.parallelism.plan or get_model_spec(cfg.model.name).plan)
+        whole = model  # before any split: the statistics lay out rows by its MoE layers
+        plan = load_plan(cfg.parallelism.plan or spec.plan)
         self.pipeline: Pipeline | None = None
         if self.dims.pp_enabled:
             self.pipeline = build_pipeline(
