@@ -1,8 +1,9 @@
 """Model families by name: flavors, how the job config becomes the builder's arguments, the
-builder, the family's config checks and its default parallelize plan.
+builder, the family's config checks, its default parallelize plan and its Hugging Face adapter.
 
-The plan is named, not imported ('package.module:function', resolved by
-``torchmoe.parallel.plans.load_plan``), so the registry stays below the parallel layer.
+The plan and the adapter are named, not imported ('package.module:attribute', resolved by
+``torchmoe.parallel.plans.load_plan`` and ``torchmoe.convert.hf``), so the registry stays below
+the layers that hold them.
 """
 
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class ModelSpec:
     build: Callable[[Any], nn.Module]  # Args -> the model, on the current default device
     check: Callable[[JobConfig], None]  # the family's cross-key checks (a ConfigError)
     heads_keys: tuple[str, ...]  # [model] head counts that tensor parallelism splits
+    hf_adapter: str  # its Hugging Face conversion ('module:ADAPTER' in torchmoe/convert/hf)
     plan: str = DEFAULT_PLAN  # default parallelize plan; [parallelism] plan overrides it
 
 
@@ -52,6 +54,7 @@ _SPECS = {
             build_deepseek_v3,
             check_mla,
             _MLA_HEADS,
+            "torchmoe.convert.hf.deepseek_v3:ADAPTER",
         ),
         ModelSpec(
             "deepseek_v2",
@@ -60,12 +63,42 @@ _SPECS = {
             build_deepseek_v3,
             check_mla,
             _MLA_HEADS,
+            "torchmoe.convert.hf.deepseek_v2:ADAPTER",
         ),
-        ModelSpec("mixtral", MIXTRAL_FLAVORS, gqa_args, build_mixtral, check_gqa, _GQA_HEADS),
-        ModelSpec("qwen3_moe", QWEN3_MOE_FLAVORS, gqa_args, build_qwen3_moe, check_gqa, _GQA_HEADS),
-        ModelSpec("llama", LLAMA_FLAVORS, gqa_args, build_llama, check_gqa, _GQA_HEADS),
+        ModelSpec(
+            "mixtral",
+            MIXTRAL_FLAVORS,
+            gqa_args,
+            build_mixtral,
+            check_gqa,
+            _GQA_HEADS,
+            "torchmoe.convert.hf.mixtral:ADAPTER",
+        ),
+        ModelSpec(
+            "qwen3_moe",
+            QWEN3_MOE_FLAVORS,
+            gqa_args,
+            build_qwen3_moe,
+            check_gqa,
+            _GQA_HEADS,
+            "torchmoe.convert.hf.qwen3_moe:ADAPTER",
+        ),
+        ModelSpec(
+            "llama",
+            LLAMA_FLAVORS,
+            gqa_args,
+            build_llama,
+            check_gqa,
+            _GQA_HEADS,
+            "torchmoe.convert.hf.llama:ADAPTER",
+        ),
     )
 }
+
+
+def model_specs() -> list[ModelSpec]:
+    """Every registered family."""
+    return list(_SPECS.values())
 
 
 def get_model_spec(name: str) -> ModelSpec:

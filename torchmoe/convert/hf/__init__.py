@@ -2,25 +2,29 @@
 and tensor name rules), shared pieces in common.py, files in io.py, the two directions in
 convert.py; scripts/convert_hf.py is the command line."""
 
+import importlib
+
 from torchmoe.config.errors import ConfigError
-from torchmoe.convert.hf import deepseek_v2, deepseek_v3, llama, mixtral, qwen3_moe
+from torchmoe.config.registry import model_specs
 from torchmoe.convert.hf.adapter import HFAdapter
 
-_ADAPTERS = (
-    deepseek_v3.ADAPTER,
-    deepseek_v2.ADAPTER,
-    mixtral.ADAPTER,
-    qwen3_moe.ADAPTER,
-    llama.ADAPTER,
-)
+
+def _adapters() -> list[HFAdapter]:
+    """Each registered family's adapter (the registry names it: 'module:ADAPTER')."""
+    out = []
+    for spec in model_specs():
+        module, _, attribute = spec.hf_adapter.partition(":")
+        out.append(getattr(importlib.import_module(module), attribute))
+    return out
 
 
 def _find(attribute: str, value: str, error: str) -> HFAdapter:
     """The adapter whose ``attribute`` equals ``value``, or a ConfigError starting ``error``."""
-    for a in _ADAPTERS:
+    adapters = _adapters()
+    for a in adapters:
         if getattr(a, attribute) == value:
             return a
-    supported = ", ".join(getattr(a, attribute) for a in _ADAPTERS)
+    supported = ", ".join(getattr(a, attribute) for a in adapters)
     raise ConfigError(f"{error}; supported: {supported}")
 
 
