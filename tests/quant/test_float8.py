@@ -1,5 +1,6 @@
 """float8 linears through torchao: which modules convert, and that training still runs."""
 
+import pytest
 import torch
 from torchao.float8.float8_linear import Float8Linear
 
@@ -40,3 +41,12 @@ def test_off_by_default_changes_nothing():
     model = build_model(cfg)
     apply_float8_linears(model, cfg.quantize)
     assert not any(isinstance(m, Float8Linear) for m in model.modules())
+
+
+def test_float8_linears_with_tensor_parallelism_are_refused_in_one_line(tiny_config, monkeypatch):
+    from torchmoe.config.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"float8_linear with parallelism.tp > 1") as err:
+        tiny_config(**{"quantize.float8_linear": "true", "parallelism.tp": "2"})
+    assert "\n" not in str(err.value)

@@ -56,11 +56,6 @@ def validate(cfg: JobConfig) -> None:
     dp = p.dp_replicate * resolve_dp_shard(p, world)
     check_parallel_shapes(cfg, spec.heads_keys)
     check_pipeline(cfg)
-    if cfg.quantize.float8_linear and p.tp > 1:
-        raise ConfigError(
-            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
-            "use tp = 1 or turn float8 off"
-        )
     t = cfg.training
     per_step = t.local_batch_size * dp
     if t.global_batch_size != -1 and t.global_batch_size % per_step:
@@ -68,6 +63,12 @@ def validate(cfg: JobConfig) -> None:
             f"training.global_batch_size = {t.global_batch_size} must be a "
             f"multiple of training.local_batch_size x {dp} data-parallel "
             f"ranks = {per_step}"
+        )
+    # after every other check, where the plan (which used to refuse it) stood
+    if cfg.quantize.float8_linear and p.tp > 1:
+        raise ConfigError(
+            "quantize.float8_linear with parallelism.tp > 1 is not supported yet; "
+            "use tp = 1 or turn float8 off"
         )
 
 
