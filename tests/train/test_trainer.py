@@ -38,10 +38,12 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
 def test_resume_is_bit_exact(tiny_config):
     ckpt = {"checkpoint.enable": "true", "checkpoint.interval": 3, "training.steps": 6}
     full = Trainer(tiny_config(**ckpt)).train()
-    resumed = Trainer(tiny_config(**ckpt, **{"checkpoint.load_step": 3}))
+    again = {"checkpoint.load_step": 3, "checkpoint.discard_newer": "true"}
+    resumed = Trainer(tiny_config(**ckpt, **again))
     tail = resumed.train()
     assert tail == full[3:]
     assert resumed.checkpoint.saved_steps() == [3, 6]
+    assert (resumed.checkpoint.folder / "discarded" / "step-6").is_dir()  # the first run's
     assert not list(resumed.checkpoint.folder.glob("*.tmp"))
 
 
@@ -53,7 +55,14 @@ def test_checkpoints_with_positional_optimizer_groups_still_resume(tiny_config):
     old.checkpoint.states["train"].flat = False  # as those checkpoints were written
     old.train()
     resumed = Trainer(
-        tiny_config(**ckpt, **{"checkpoint.folder": "old", "checkpoint.load_step": 3})
+        tiny_config(
+            **ckpt,
+            **{
+                "checkpoint.folder": "old",
+                "checkpoint.load_step": 3,
+                "checkpoint.discard_newer": "true",
+            },
+        )
     )
     assert resumed.train() == full[3:]
 

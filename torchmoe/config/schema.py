@@ -255,7 +255,17 @@ class Checkpoint:
     folder: str = opt("checkpoint", "Checkpoint folder, relative to job.dump_folder.")
     interval: int = opt(500, "Save every n steps (and at the last step).", gt=0)
     load_step: int = opt(-1, "Resume from this step; -1 = the latest checkpoint, if any.", ge=-1)
-    keep_latest_k: int = opt(0, "Keep only the newest k checkpoints; 0 = keep all.", ge=0)
+    keep_latest_k: int = opt(
+        0,
+        "Keep only the newest k checkpoints; 0 = keep all. Pruning removes only steps older than "
+        "the one just saved, never the seed (step-0).",
+        ge=0,
+    )
+    discard_newer: bool = opt(
+        False,
+        "Resuming from checkpoint.load_step while newer steps exist: move those steps into "
+        "<folder>/discarded/ (nothing is deleted) instead of refusing to start.",
+    )
     create_seed_checkpoint: bool = opt(
         False,
         "Initialise the model on one rank, save it as step-0 and exit. Runs that find "

@@ -144,6 +144,11 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _is_lead() -> bool:
+    """Rank 0, the one rank that renames, moves and prunes checkpoint folders."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 class CheckpointManager:
     """Saves and restores the whole training state under ``folder``."""
 
@@ -194,6 +199,7 @@ class CheckpointManager:
                 f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                 f"{self.folder} (saved steps: {have})"
             )
+        self._check_lineage(step, [s for s in steps if s > step])
         path = self.folder / f"step-{step}"
         states = (
             {"train": _ModelOnly(self.model)}
@@ -221,6 +227,33 @@ class CheckpointManager:
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
         return step
 
+    def _check_lineage(self, step: int, newer: list[int]) -> None:
+        """Resuming from ``step`` while ``newer`` steps exist would leave two histories in one
+        folder, and the next plain resume would pick the abandoned one: refuse, or with
+        ``discard_newer`` move them to ``discarded/`` (rank 0; every rank waits)."""
+        if not newer:
+            return
+        listed = ", ".join(f"step-{s}" for s in newer)
+        if not self.cfg.discard_newer:
+            raise ConfigError(
+                f"checkpoint.load_step = {step}: {self.folder} holds newer checkpoints "
+                f"({listed}) that a resume from it would abandon; resume the latest (drop "
+                "load_step), use another checkpoint.folder, or set checkpoint.discard_newer "
+                "= true to move them aside"
+            )
+        if _is_lead():
+            aside = self.folder / "discarded"
+            aside.mkdir(exist_ok=True)
+            for s in newer:
+                target = aside / f"step-{s}"
+                n = 1
+                while target.exists():  # an earlier discard of the same step
+                    target, n = aside / f"step-{s}.{n}", n + 1
+                (self.folder / f"step-{s}").rename(target)
+            logger.info("moved %s aside into %s (checkpoint.discard_newer)", listed, aside)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
     def save_seed(self) -> None:
         """Write the freshly initialised weights as step-0 (see module docstring)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -239,7 +272,7 @@ class CheckpointManager:
         """All ranks write their shards into ``.tmp``; rank 0 renames and prunes after all are
         done."""
         distributed = dist.is_initialized() and dist.get_world_size() > 1
-        lead = not distributed or dist.get_rank() == 0
+        lead = _is_lead()
         final = self.folder / f"step-{step}"
         tmp = self.folder / f"step-{step}.tmp"
         if lead:
@@ -254,7 +287,13 @@ class CheckpointManager:
             tmp.rename(final)
             logger.info("saved checkpoint %s", final)
             if self.cfg.keep_latest_k:
-                for old in self.saved_steps()[: -self.cfg.keep_latest_k]:
-                    shutil.rmtree(self.folder / f"step-{old}")
+                self._prune(step)
         if distributed:
             dist.barrier()
+
+    def _prune(self, step: int) -> None:
+        """Keep ``keep_latest_k`` checkpoints counting the one just saved at ``step``: remove
+        only older steps, never a newer one (another history) nor the seed, step-0."""
+        older = [s for s in self.saved_steps() if 0 < s < step]
+        for old in older[: max(0, len(older) - (self.cfg.keep_latest_k - 1))]:
+            shutil.rmtree(self.folder / f"step-{old}")

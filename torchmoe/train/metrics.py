@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from torchmoe.config.schema import JobConfig
+from torchmoe.train.metrics_file import follow_checkpoint
 from torchmoe.train.moe_stats import moe_log_row
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ class MetricsLogger:
             self.tb = SummaryWriter(str(dump / cfg.metrics.save_tb_folder))
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def start(self, resumed_step: int | None) -> None:
+        """Before the first step: metrics.jsonl follows the checkpoint the run resumed from
+        (``metrics_file.follow_checkpoint``; None or 0 is a fresh start)."""
+        if self.jsonl:
+            follow_checkpoint(self.jsonl, resumed_step)
 
     def record_step(self, tokens: int, loss: float, moe: dict[str, torch.Tensor]) -> None:
         """One step's token count, loss and MoE statistics (``train.moe_stats.step_values``,

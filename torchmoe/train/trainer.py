@@ -328,10 +328,11 @@ class Trainer:
     def train(self) -> list[float]:
         """Run to ``training.steps``; returns the loss of every step run here."""
         cfg = self.cfg
-        self.checkpoint.load()  # restores self.state.step, unless starting fresh or from a seed
+        resumed = self.checkpoint.load()  # restores self.state.step unless fresh or from a seed
         if cfg.checkpoint.create_seed_checkpoint:
             self.checkpoint.save_seed()
             return []
+        self.metrics.start(resumed)
         if cfg.moe.freeze_experts:  # after loading: the frozen rows are the loaded ones
             self.freezer = ExpertFreezer(self.model, cfg.moe.freeze_experts)
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
