@@ -8,8 +8,8 @@ parameter name (``get_model_state_dict``), which lets DCP reshard them into othe
 layout start from identical weights.
 """
 
+import json
 import logging
-import pickle
 import re
 import shutil
 import warnings
@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Checkpoint
+from torchmoe.train import safe_dcp
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -79,20 +80,29 @@ class _ModelAndOptimizer:
         )
 
 
-class _Pickled:
-    """Stateful holder for small Python state (data position, step) saved as one blob, since
-    its shape (e.g. a token buffer's length) is not known before loading. ``key`` tells apart
-    values that differ per rank (each data-parallel rank has its own data position); equal
-    keys on several ranks are saved once."""
+class _JSONState:
+    """Stateful holder for small Python state (data position, step) saved as one JSON blob,
+    since its shape (e.g. a token buffer's length) is not known before loading, and JSON so
+    that loading it runs nothing (safe_dcp.py). ``key`` tells apart values that differ per
+    rank (each data-parallel rank has its own data position); equal keys on several ranks are
+    saved once."""
 
     def __init__(self, obj: Any, key: str = "blob"):
         self.obj, self.key = obj, key
 
     def state_dict(self) -> dict:
-        return {self.key: pickle.dumps(self.obj.state_dict())}
+        return {self.key: json.dumps(self.obj.state_dict()).encode()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.obj.load_state_dict(pickle.loads(sd[self.key]))
+        try:
+            state = json.loads(sd[self.key])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _OldPickledState(self.key) from None
+        self.obj.load_state_dict(state)
+
+
+class _OldPickledState(Exception):
+    """A checkpoint from before the JSON format keeps this state pickled: never unpickled."""
 
 
 class _RNG:
@@ -126,7 +136,7 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     dtype, without reading the optimizer or anything else; for offline tools, one process.
     ``option`` names the command-line flag that gave the folder, for the error."""
     try:
-        saved = dcp.FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+        saved = safe_dcp.read_metadata(step_dir).state_dict_metadata
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"{option} {step_dir}: not a torchmoe checkpoint ({e}); pass a step "
@@ -140,7 +150,7 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     }
     if not weights:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
-    dcp.load({"train": {"model": weights}}, checkpoint_id=str(step_dir))
+    safe_dcp.load({"train": {"model": weights}}, step_dir)
     return weights
 
 
@@ -168,9 +178,9 @@ class CheckpointManager:
         self.states = {
             "train": _ModelAndOptimizer(model, optimizer),
             "lr_scheduler": lr_scheduler,
-            "dataloader": _Pickled(dataloader, f"dp_rank_{dp_rank}"),
+            "dataloader": _JSONState(dataloader, f"dp_rank_{dp_rank}"),
             "rng": _RNG(),
-            "train_state": _Pickled(train_state),
+            "train_state": _JSONState(train_state),
         }
 
     def saved_steps(self) -> list[int]:
@@ -212,17 +222,24 @@ class CheckpointManager:
         )
         try:
             if step:
-                saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                saved = safe_dcp.read_metadata(path).state_dict_metadata
                 self.states["train"].flat = "train.optimizer.param_groups.0.lr" not in saved
-            dcp.load(states, checkpoint_id=str(path))
-        except (CheckpointException, ValueError, RuntimeError, KeyError) as e:  # mismatches
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            reason = lines[-1] if isinstance(e, CheckpointException) else lines[0]
+            safe_dcp.load(states, path)
+        except _OldPickledState as e:
             raise ConfigError(
-                f"checkpoint {path} does not fit this job ({reason[:200]}); "
-                "resume with the config that saved it, or use a new "
-                "checkpoint.folder"
-            ) from e
+                f"checkpoint {path} keeps its {e} state pickled (an older torchmoe wrote it) "
+                "and torchmoe never unpickles checkpoint data; to continue from its weights, "
+                "copy it to step-0 of a new checkpoint.folder (a seed: weights only)"
+            ) from None
+        except CheckpointException as e:  # every rank's failures, gathered
+            refused = [x for x, _ in e.failures.values() if isinstance(x, ConfigError)]
+            if refused:  # safe_dcp refused an item: say that, not "does not fit"
+                raise refused[0] from None
+            raise self._mismatch(path, e) from e
+        except ConfigError:
+            raise
+        except (ValueError, RuntimeError, KeyError) as e:  # mismatches
+            raise self._mismatch(path, e) from e
         self.states["train"].flat = True  # new checkpoints in the current format
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
         return step
@@ -297,3 +314,14 @@ class CheckpointManager:
         older = [s for s in self.saved_steps() if 0 < s < step]
         for old in older[: max(0, len(older) - (self.cfg.keep_latest_k - 1))]:
             shutil.rmtree(self.folder / f"step-{old}")
+
+    @staticmethod
+    def _mismatch(path: Path, e: BaseException) -> ConfigError:
+        """A checkpoint that fails to load into this job: one line with DCP's reason."""
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = lines[-1] if isinstance(e, CheckpointException) else lines[0]
+        return ConfigError(
+            f"checkpoint {path} does not fit this job ({reason[:200]}); "
+            "resume with the config that saved it, or use a new "
+            "checkpoint.folder"
+        )
