@@ -50,7 +50,7 @@ class PackedLoader:
         self._tokens.append(self._tokenizer.eos_id)
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python only, so it pickles into a checkpoint as is."""
+        """Plain Python only (ints, lists, dicts), so it goes into a checkpoint as JSON."""
         return {"documents": self._documents.state_dict(), "tokens": self._tokens[self._start :]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
