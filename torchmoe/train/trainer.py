@@ -40,6 +40,7 @@ from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.expert_bias import ExpertBiasUpdate
+from torchmoe.train.folder_lock import folder_lock
 from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
@@ -326,7 +327,13 @@ class Trainer:
         return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
 
     def train(self) -> list[float]:
-        """Run to ``training.steps``; returns the loss of every step run here."""
+        """Run to ``training.steps``; returns the loss of every step run here. Rank 0 holds
+        the output folder's lock meanwhile (one run per folder: folder_lock.py)."""
+        lead = not dist.is_initialized() or dist.get_rank() == 0
+        with folder_lock(Path(self.cfg.job.dump_folder), enabled=lead):
+            return self._train()
+
+    def _train(self) -> list[float]:
         cfg = self.cfg
         resumed = self.checkpoint.load()  # restores self.state.step unless fresh or from a seed
         if cfg.checkpoint.create_seed_checkpoint:
