@@ -10,6 +10,7 @@ layout start from identical weights.
 
 import json
 import logging
+import os
 import re
 import shutil
 import warnings
@@ -36,6 +37,9 @@ from torchmoe.train import safe_dcp
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What one checkpoint holds per parameter: fp32 weight + AdamW's two fp32 moments.
+CHECKPOINT_BYTES_PER_PARAM = 4 + 8
+GiB = 2**30
 
 # DCP warns on every save/load without a process group; single-process use is intended here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -271,6 +275,37 @@ class CheckpointManager:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
+    def check_destination(self, n_params: int) -> None:
+        """Before the first step: the folder is a folder, writable, with room for two
+        checkpoints (the one being written and the last good one) of ``n_params``
+        parameters; otherwise one line with the path and the fix."""
+        if not self.cfg.enable:
+            return
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"checkpoint.folder: {folder} is a file, not a folder; point "
+                "job.dump_folder or checkpoint.folder elsewhere"
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(
+                f"checkpoint.folder: cannot write to {folder} ({e.strerror or e}); point "
+                "job.dump_folder or checkpoint.folder at a writable folder"
+            ) from None
+        need = 2 * n_params * CHECKPOINT_BYTES_PER_PARAM
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise ConfigError(
+                f"checkpoint.folder: {folder} has {free / GiB:.2f} GiB free but two "
+                f"checkpoints need ~{need / GiB:.2f} GiB; free space or point "
+                "checkpoint.folder elsewhere"
+            )
+
     def save_seed(self) -> None:
         """Write the freshly initialised weights as step-0 (see module docstring)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -296,7 +331,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         if distributed:
             dist.barrier()
-        dcp.save(states, checkpoint_id=str(tmp))
+        try:
+            dcp.save(states, checkpoint_id=str(tmp))
+        except (CheckpointException, OSError) as e:  # every rank gets DCP's gathered failure
+            raise self._save_failed(step, tmp, e) from None
         if distributed:
             dist.barrier()
         if lead:
@@ -324,4 +362,20 @@ class CheckpointManager:
             f"checkpoint {path} does not fit this job ({reason[:200]}); "
             "resume with the config that saved it, or use a new "
             "checkpoint.folder"
+        )
+
+    def _save_failed(self, step: int, tmp: Path, e: BaseException) -> ConfigError:
+        """Remove the partial ``.tmp`` (the last good checkpoint stays) and say why, in one
+        line: a full disk is the usual cause."""
+        if _is_lead():
+            shutil.rmtree(tmp, ignore_errors=True)
+        causes = [x for x, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        cause = next((x for x in causes if isinstance(x, OSError)), causes[0] if causes else e)
+        reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1][:200]
+        free = shutil.disk_usage(self.folder).free / GiB
+        last = next((f"step-{s}" for s in reversed(self.saved_steps())), "none")
+        return ConfigError(
+            f"checkpoint step-{step} could not be written to {self.folder} ({reason}; "
+            f"{free:.2f} GiB free); the last good checkpoint is {last}; free space or point "
+            "checkpoint.folder elsewhere, then resume"
         )

@@ -122,6 +122,7 @@ class Trainer:
         check_recompute_modules(model, cfg.activation_checkpoint)
         check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
         flops = flops_per_token(model, t.seq_len)
+        self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
         self._log_model(model)
         whole = model  # before any split: the statistics lay out rows by its MoE layers
         plan = load_plan(cfg.parallelism.plan or spec.plan)
@@ -335,6 +336,7 @@ class Trainer:
 
     def _train(self) -> list[float]:
         cfg = self.cfg
+        self.checkpoint.check_destination(self.n_params)
         resumed = self.checkpoint.load()  # restores self.state.step unless fresh or from a seed
         if cfg.checkpoint.create_seed_checkpoint:
             self.checkpoint.save_seed()

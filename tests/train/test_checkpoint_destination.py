@@ -1,0 +1,62 @@
+"""A bad checkpoint destination is found before the first step, in one line; a save that fails
+(a full disk) removes its partial folder, keeps the last good checkpoint and says why."""
+
+import errno
+import functools
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.train import checkpoint as checkpoint_module
+from torchmoe.train import trainer as trainer_module
+
+Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
+CKPT = {"checkpoint.enable": "true", "checkpoint.interval": 2, "training.steps": 2}
+
+
+def one_line(err) -> str:
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_a_folder_that_is_a_file_is_refused_before_the_first_step(tiny_config):
+    cfg = tiny_config(**CKPT)
+    target = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    target.parent.mkdir(parents=True)
+    target.write_text("not a folder")
+    trainer = Trainer(cfg)
+    with pytest.raises(ConfigError, match=r"checkpoint.folder: .* is a file, not a folder") as err:
+        trainer.train()
+    one_line(err)
+    assert trainer.state.step == 0
+
+
+def test_too_little_free_space_is_refused_before_the_first_step(tiny_config, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: usage(1, 0, 2**20))
+    trainer = Trainer(tiny_config(**CKPT))
+    with pytest.raises(ConfigError, match=r"has 0.00 GiB free but two checkpoints need") as err:
+        trainer.train()
+    one_line(err)
+    assert trainer.state.step == 0
+
+
+def test_a_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(tiny_config, monkeypatch):
+    first = Trainer(tiny_config(**CKPT))
+    first.train()
+    folder = first.checkpoint.folder
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", full_disk)
+    with pytest.raises(ConfigError, match=r"step-4 could not be written .*No space left") as err:
+        Trainer(tiny_config(**{**CKPT, "training.steps": 4})).train()
+    assert "the last good checkpoint is step-2" in one_line(err)
+    assert sorted(p.name for p in folder.iterdir()) == ["step-2"]
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config(**{**CKPT, "training.steps": 4}))
+    assert len(resumed.train()) == 2  # resumes from the kept step-2
