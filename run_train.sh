@@ -9,7 +9,8 @@
 #   COMM_MODE=fake   dry run: plan the layout for NGPU x NNODES ranks on the meta device
 #   NNODES     nodes (default 1); for several, each node runs this script with its NODE_RANK
 #              and either MASTER_ADDR [MASTER_PORT] (static) or RDZV_ENDPOINT host:port (c10d)
-# The config is checked once before any rank starts, so a bad key costs one line and exit 2.
+# The config is checked once before any rank starts, so a bad key costs one line and exit 2;
+# a job a rank refuses later (a checkpoint, the folder's lock) also exits 2 with one line.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,5 +45,7 @@ else
         --master_addr "${MASTER_ADDR:?set MASTER_ADDR or RDZV_ENDPOINT}"
         --master_port "${MASTER_PORT:-29500}")
 fi
-exec torchrun "${rdzv[@]}" --nproc_per_node "$NGPU" --local-ranks-filter "$((LOG_RANK % NGPU))" \
-  --role rank -m torchmoe.train "${args[@]}"
+# torchrun, with the workers' exit status passed through (2 for a refused job) and without its
+# own traceback (torchmoe/train/launch.py)
+exec python3 -m torchmoe.train.launch "${rdzv[@]}" --nproc_per_node "$NGPU" \
+  --local-ranks-filter "$((LOG_RANK % NGPU))" --role rank -m torchmoe.train "${args[@]}"

@@ -58,7 +58,7 @@ def test_loop_state_is_saved_as_json_and_resumes(tiny_config):
     trainer.train()
     resumed = Trainer(tiny_config(**{**CKPT, "training.steps": 3}))
     assert resumed.train() and resumed.state.step == 3
-    blob = checkpoint_module._JSONState(resumed.state).state_dict()["blob"]
+    blob = checkpoint_module._JSONState(resumed.state, "step").state_dict()["blob"]
     assert blob == b'{"step": 3}'
 
 

@@ -128,3 +128,15 @@ def test_print_config_output_loads_back(tmp_path):
     (tmp_path / "resolved.toml").write_text(proc.stdout)
     cfg = build_config(read_toml(str(tmp_path / "resolved.toml")), [])
     assert cfg.model.n_layers == 4 and cfg.model.dim == 2048 and cfg.moe.num_experts == 64
+
+
+def test_a_job_a_rank_refuses_exits_2_through_run_train_sh_in_one_line(tmp_path, data_cache):
+    """torchrun alone would add a ChildFailedError traceback and exit 1 (train/launch.py)."""
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}  # alive
+    (tmp_path / ".torchmoe.lock").write_text(json.dumps(holder))
+    proc = run(["./run_train.sh"], tmp_path, data_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "ChildFailedError" not in out
+    errors = [line for line in out.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "is in use by another run" in errors[0], errors

@@ -91,8 +91,8 @@ class _JSONState:
     rank (each data-parallel rank has its own data position); equal keys on several ranks are
     saved once."""
 
-    def __init__(self, obj: Any, key: str = "blob"):
-        self.obj, self.key = obj, key
+    def __init__(self, obj: Any, what: str, key: str = "blob"):
+        self.obj, self.what, self.key = obj, what, key
 
     def state_dict(self) -> dict:
         return {self.key: json.dumps(self.obj.state_dict()).encode()}
@@ -101,7 +101,7 @@ class _JSONState:
         try:
             state = json.loads(sd[self.key])
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _OldPickledState(self.key) from None
+            raise _OldPickledState(self.what) from None
         self.obj.load_state_dict(state)
 
 
@@ -178,13 +178,14 @@ class CheckpointManager:
         dp_rank: int = 0,
     ):
         self.cfg, self.folder = cfg, folder
+        self.checkpoint_bytes = 0  # one checkpoint's size, from check_destination
         self.model = model
         self.states = {
             "train": _ModelAndOptimizer(model, optimizer),
             "lr_scheduler": lr_scheduler,
-            "dataloader": _JSONState(dataloader, f"dp_rank_{dp_rank}"),
+            "dataloader": _JSONState(dataloader, "data position", f"dp_rank_{dp_rank}"),
             "rng": _RNG(),
-            "train_state": _JSONState(train_state),
+            "train_state": _JSONState(train_state, "step"),
         }
 
     def saved_steps(self) -> list[int]:
@@ -297,7 +298,8 @@ class CheckpointManager:
                 f"checkpoint.folder: cannot write to {folder} ({e.strerror or e}); point "
                 "job.dump_folder or checkpoint.folder at a writable folder"
             ) from None
-        need = 2 * n_params * CHECKPOINT_BYTES_PER_PARAM
+        self.checkpoint_bytes = n_params * CHECKPOINT_BYTES_PER_PARAM
+        need = 2 * self.checkpoint_bytes
         free = shutil.disk_usage(folder).free
         if free < need:
             raise ConfigError(
@@ -372,10 +374,12 @@ class CheckpointManager:
         causes = [x for x, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
         cause = next((x for x in causes if isinstance(x, OSError)), causes[0] if causes else e)
         reason = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1][:200]
-        free = shutil.disk_usage(self.folder).free / GiB
+        free = shutil.disk_usage(self.folder).free
+        if free < self.checkpoint_bytes:  # torch's writer reports a full disk as a bad position
+            reason = f"no space left on device: needs ~{self.checkpoint_bytes / GiB:.2f} GiB"
         last = next((f"step-{s}" for s in reversed(self.saved_steps())), "none")
         return ConfigError(
-            f"checkpoint step-{step} could not be written to {self.folder} ({reason}; "
-            f"{free:.2f} GiB free); the last good checkpoint is {last}; free space or point "
-            "checkpoint.folder elsewhere, then resume"
+            f"checkpoint step-{step} could not be written to {self.folder} ({reason}, "
+            f"{free / GiB:.2f} GiB free); the last good checkpoint is {last}; free space or "
+            "point checkpoint.folder elsewhere, then resume"
         )

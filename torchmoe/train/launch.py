@@ -1,0 +1,38 @@
+"""torchrun, as ``run_train.sh`` launches it, with the workers' exit status passed through.
+
+torchrun itself turns any failed worker into exit 1 and a ChildFailedError traceback, after the
+worker's own one-line error. Here the launcher exits with the workers' status instead, adding
+nothing to what the worker printed: 2 when a rank refused the job (a ConfigError), else the
+failing rank's status; a rank killed by a signal gets one line naming it, and exit 1.
+"""
+
+import logging
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
+
+USER_ERROR = 2  # torchmoe.train's exit status for a refused job
+
+
+def main(argv: list[str]) -> int:
+    args = get_args_parser().parse_args(argv)
+    # the agent logs each failure as an error; the worker has said why, and the line below how
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        if USER_ERROR in codes.values():
+            return USER_ERROR
+        rank, code = next(iter(codes.items()))
+        if code > 0:  # the worker printed why
+            return code
+        print(f"error: rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
