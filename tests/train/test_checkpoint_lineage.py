@@ -4,13 +4,13 @@ step a run resumed from."""
 
 import functools
 import json
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.test_cli import CPU_ENV, REPO
+from tests.train.test_cli import run as run_cli
 from torchmoe.config.errors import ConfigError
 from torchmoe.train import trainer as trainer_module
 
@@ -80,31 +80,13 @@ def test_metrics_follow_the_resumed_step_and_a_fresh_run_starts_a_new_file(tiny_
     assert rows(dump, "metrics-1.jsonl") == [1, 2, 3, 4, 5, 6, 7, 8]
 
 
-def test_the_refusal_is_one_line_and_exit_2_from_the_command_line(tiny_config, tmp_path):
+def test_the_refusal_is_one_line_and_exit_2_from_the_command_line(tiny_config, data_cache):
     first, _ = run(tiny_config, **{"training.steps": 10})
-    cfg = first.cfg
-    args = [
-        "--job.dump_folder",
-        cfg.job.dump_folder,
-        "--data.cache_dir",
-        cfg.data.cache_dir,
-        "--training.seq_len",
-        "32",
-        "--training.local_batch_size",
-        "4",
-        "--model.dim",
-        "64",
-        "--checkpoint.enable",
-        "--checkpoint.load_step",
-        "5",
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchmoe.train", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=CPU_ENV,
-        timeout=300,
+    refused = ["--checkpoint.enable", "--checkpoint.load_step", "5"]
+    proc = run_cli(
+        [sys.executable, "-m", "torchmoe.train", *refused],
+        Path(first.cfg.job.dump_folder),
+        data_cache,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

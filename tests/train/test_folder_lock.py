@@ -1,9 +1,9 @@
 """One run per output folder: a live run's lock refuses a second run in one line (nothing of
-the first touched); a dead run's lock is taken over; a finished run leaves none."""
+the first touched); a dead run's lock is taken over; a finished run leaves none. Through
+run_train.sh: tests/train/test_cli.py."""
 
 import functools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.test_cli import CPU_ENV, REPO
 from torchmoe.config.errors import ConfigError
 from torchmoe.train import trainer as trainer_module
 from torchmoe.train.folder_lock import LOCK_NAME
@@ -58,32 +57,3 @@ def test_a_dead_runs_lock_is_taken_over_and_a_finished_run_leaves_none(tiny_conf
     Trainer(cfg).train()
     assert (folder / "checkpoint" / "step-2").is_dir()
     assert not (folder / LOCK_NAME).exists()
-
-
-def test_the_refusal_exits_2_from_the_command_line(tiny_config):
-    cfg = tiny_config(**CKPT)
-    plant_lock(Path(cfg.job.dump_folder), os.getpid())  # this test process: alive
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torchmoe.train",
-            "--job.dump_folder",
-            cfg.job.dump_folder,
-            "--data.cache_dir",
-            cfg.data.cache_dir,
-            "--training.steps",
-            "1",
-            "--training.seq_len",
-            "32",
-            "--training.local_batch_size",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=CPU_ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "is in use by another run" in proc.stderr

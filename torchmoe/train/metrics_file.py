@@ -39,19 +39,21 @@ def follow_checkpoint(path: Path, resumed_step: int | None) -> None:
         path.rename(old)
         logger.info("a fresh run: the earlier %s is now %s", path.name, old.name)
         return
-    lines = path.read_text().splitlines()
-    keep = [line for line in lines if (s := _step(line)) is not None and s <= resumed_step]
-    if len(keep) == len(lines):
+    keep, later = [], []
+    for line in path.read_text().splitlines():
+        step = _step(line)
+        (keep if step is not None and step <= resumed_step else later).append(line)
+    if not later:
         return
     aside = _free(path, f"{path.stem}.after-step-{resumed_step}")
-    aside.write_text("".join(f"{line}\n" for line in lines if line not in keep))
+    aside.write_text("".join(f"{line}\n" for line in later))
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(f"{line}\n" for line in keep))
     tmp.replace(path)
     logger.info(
         "resumed from step %d: %d rows logged after it moved from %s to %s",
         resumed_step,
-        len(lines) - len(keep),
+        len(later),
         path.name,
         aside.name,
     )

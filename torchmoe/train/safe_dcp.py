@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -69,25 +70,22 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """Non-tensor items load with ``weights_only=True``: data, never objects."""
+    """Non-tensor items load with ``weights_only=True``: data, never objects. They are stored
+    as DefaultLoadPlanner.load_bytes stores them (which would load with ``weights_only=False``)."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
             raise ConfigError(
-                f"checkpoint item {read_item.dest_index.fqn} is not plain data ({e}); "
-                "refusing to load it (checkpoints carry no code)"
+                f"checkpoint item {fqn} is not plain data ({e}); refusing to load it "
+                "(checkpoints carry no code)"
             ) from None
-        super().load_bytes(read_item, _saved(loaded))
-
-
-def _saved(value: Any) -> io.BytesIO:
-    """``value`` as DefaultLoadPlanner.load_bytes reads it (it loads what it gets again)."""
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    buffer.seek(0)
-    return buffer
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
 
 
 def read_metadata(path: Path) -> Metadata:
