@@ -26,6 +26,7 @@ from torchmoe.config.registry import build_model
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.convert.upcycle import upcycle_state_dict
 from torchmoe.train.checkpoint import CheckpointManager, TrainState, read_model_weights
+from torchmoe.train.fingerprint import job_fingerprint
 
 
 def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Path:
@@ -35,8 +36,9 @@ def write_seed(state: dict[str, torch.Tensor], cfg: JobConfig, out: Path) -> Pat
     with torch.device("meta"):
         model = build_model(cfg)
     model.load_state_dict(state, strict=True, assign=True)  # upcycle_state_dict checked names
+    job = job_fingerprint(cfg, model, tokenizer_digest=None)  # weights: no tokenizer yet
     CheckpointManager(
-        Checkpoint(enable=True), out, model, None, None, None, TrainState()
+        Checkpoint(enable=True), out, model, None, None, None, TrainState(), job=job
     ).save_seed()
     return out / "step-0"
 

@@ -4,6 +4,7 @@
 import errno
 import functools
 from collections import namedtuple
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.train import checkpoint as checkpoint_module
+from torchmoe.train import checkpoint_writer
 from torchmoe.train import trainer as trainer_module
 
 Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
@@ -44,17 +46,30 @@ def test_too_little_free_space_is_refused_before_the_first_step(tiny_config, mon
     assert trainer.state.step == 0
 
 
-def test_a_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(tiny_config, monkeypatch):
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_a_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(
+    tiny_config, monkeypatch, mode
+):
     first = Trainer(tiny_config(**CKPT))
     first.train()
     folder = first.checkpoint.folder
+    full = OSError(errno.ENOSPC, "No space left on device")
 
     def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise full
 
-    monkeypatch.setattr(checkpoint_module.dcp, "save", full_disk)
+    def full_disk_later(*args, **kwargs):  # the writer thread fails; the loop learns it later
+        future = Future()
+        future.set_exception(full)
+        return future
+
+    if mode == "async":
+        monkeypatch.setattr(checkpoint_writer.dcp, "async_save", full_disk_later)
+    else:
+        monkeypatch.setattr(checkpoint_writer.dcp, "save", full_disk)
     with pytest.raises(ConfigError, match=r"step-4 could not be written .*No space left") as err:
-        Trainer(tiny_config(**{**CKPT, "training.steps": 4})).train()
+        cfg = tiny_config(**{**CKPT, "training.steps": 4, "checkpoint.async_mode": mode})
+        Trainer(cfg).train()
     assert "the last good checkpoint is step-2" in one_line(err)
     assert sorted(p.name for p in folder.iterdir()) == ["step-2"]
     monkeypatch.undo()

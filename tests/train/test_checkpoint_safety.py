@@ -3,6 +3,7 @@ non-tensor items load as plain data, and the loop's own state is JSON."""
 
 import functools
 import io
+import json
 import os
 import pickle
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.train import checkpoint as checkpoint_module
+from torchmoe.train import checkpoint_states, manifest
 from torchmoe.train import trainer as trainer_module
 from torchmoe.train.safe_dcp import SafeLoadPlanner
 
@@ -29,13 +30,19 @@ class WritesAFile:
         return (os.system, (f"touch {self.path}",))
 
 
+def reseal(step_dir):
+    """Rewrite a step's manifest to match its files, as someone crafting a checkpoint would."""
+    body = json.loads((step_dir / manifest.MANIFEST).read_text())
+    manifest.write(step_dir, body["step"], body["job"], manifest.digest_share(step_dir, False))
+
+
 def test_a_crafted_metadata_file_is_refused_and_runs_nothing(tiny_config, tmp_path):
     trainer = Trainer(tiny_config(**CKPT))
     trainer.train()
     marker = tmp_path / "pwned"
-    (trainer.checkpoint.folder / "step-2" / ".metadata").write_bytes(
-        pickle.dumps(WritesAFile(marker))
-    )
+    step_dir = trainer.checkpoint.folder / "step-2"
+    (step_dir / ".metadata").write_bytes(pickle.dumps(WritesAFile(marker)))
+    reseal(step_dir)  # an attacker writes a matching manifest too: the unpickler must hold
     with pytest.raises(ConfigError, match=r"\.metadata names posix\.system.*carry no code") as err:
         Trainer(tiny_config(**{**CKPT, "training.steps": 3})).train()
     assert "\n" not in str(err.value)
@@ -58,14 +65,14 @@ def test_loop_state_is_saved_as_json_and_resumes(tiny_config):
     trainer.train()
     resumed = Trainer(tiny_config(**{**CKPT, "training.steps": 3}))
     assert resumed.train() and resumed.state.step == 3
-    blob = checkpoint_module._JSONState(resumed.state, "step").state_dict()["blob"]
+    blob = checkpoint_states.JSONState(resumed.state, "step").state_dict()["blob"]
     assert blob == b'{"step": 3}'
 
 
 def test_a_checkpoint_with_pickled_loop_state_is_refused_in_one_line(tiny_config, monkeypatch):
     """Checkpoints written before the JSON format: their state is never unpickled."""
     monkeypatch.setattr(
-        checkpoint_module._JSONState,
+        checkpoint_states.JSONState,
         "state_dict",
         lambda self: {self.key: pickle.dumps(self.obj.state_dict())},
     )

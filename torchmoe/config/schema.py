@@ -266,6 +266,20 @@ class Checkpoint:
         "Resuming from checkpoint.load_step while newer steps exist: move those steps into "
         "<folder>/discarded/ (nothing is deleted) instead of refusing to start.",
     )
+    on_corrupt: str = opt(
+        "refuse",
+        "The latest checkpoint fails its manifest check (a file missing, cut short or "
+        "changed): refuse to start, naming the newest good step, or fallback: move the damaged "
+        "steps into <folder>/damaged/ and resume from the newest good one.",
+        choices=("refuse", "fallback"),
+    )
+    async_mode: str = opt(
+        "disabled",
+        "disabled: training waits while a checkpoint is written. async: the state is copied "
+        "to host memory (pinned on GPU) and written by a background thread while training "
+        "goes on; its manifest follows when the write completes.",
+        choices=("disabled", "async"),
+    )
     create_seed_checkpoint: bool = opt(
         False,
         "Initialise the model on one rank, save it as step-0 and exit. Runs that find "

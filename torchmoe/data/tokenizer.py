@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tiktoken
+import xxhash
 
 from torchmoe.config.errors import ConfigError
 
@@ -31,10 +32,13 @@ _CHOICES = "give a tiktoken ranks file, 'bundled', or an encoding name such as c
 
 
 class Tokenizer:
-    """A tiktoken encoding plus the end-of-document id the packer puts between documents."""
+    """A tiktoken encoding plus the end-of-document id the packer puts between documents.
+    ``digest`` names its vocabulary by content (checkpoints record it: a resume with another
+    vocabulary is refused)."""
 
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
+    def __init__(self, encoding: tiktoken.Encoding, digest: str) -> None:
         self._encoding = encoding
+        self.digest = digest
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text; special-token strings in it are encoded as ordinary text, so
@@ -119,7 +123,7 @@ def _from_ranks_file(path: Path, spec: str) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens={EOS_TOKEN: len(ranks)},
     )
-    return Tokenizer(encoding)
+    return Tokenizer(encoding, "ranks:" + xxhash.xxh3_64_hexdigest(path.read_bytes()))
 
 
 def _from_encoding_name(name: str) -> Tokenizer:
@@ -130,4 +134,4 @@ def _from_encoding_name(name: str) -> Tokenizer:
             f"{_KEY} = {name!r} could not be loaded ({type(e).__name__}); tiktoken downloads it "
             "once and this machine may be offline: use 'bundled' or a ranks file"
         ) from e
-    return Tokenizer(encoding)
+    return Tokenizer(encoding, f"tiktoken:{name}")

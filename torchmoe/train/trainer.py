@@ -40,6 +40,7 @@ from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.expert_bias import ExpertBiasUpdate
+from torchmoe.train.fingerprint import job_fingerprint
 from torchmoe.train.folder_lock import folder_lock
 from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.loss import build_loss_fn
@@ -123,6 +124,7 @@ class Trainer:
         check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
+        job = job_fingerprint(cfg, model, self.tokenizer.digest)  # before any split
         self._log_model(model)
         whole = model  # before any split: the statistics lay out rows by its MoE layers
         plan = load_plan(cfg.parallelism.plan or spec.plan)
@@ -182,6 +184,8 @@ class Trainer:
             self.dataloader,
             self.state,
             self.dims.dp_rank(),
+            job=job,
+            device=self.device,
         )
         self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype)
         self.loss_fn = build_loss_fn(cfg.compile.enable and not self.dims.tp_enabled)
@@ -355,4 +359,5 @@ class Trainer:
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
                 self.metrics.log(step, result.grad_norm, result.lr)
             self.checkpoint.maybe_save(step, cfg.training.steps)
+        self.checkpoint.finish()
         return losses

@@ -19,6 +19,7 @@ from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
 from torchmoe.convert.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
 from torchmoe.convert.hf.mapping import from_hf, to_hf
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
+from torchmoe.train.fingerprint import job_fingerprint
 
 
 def _empty_folder(path: Path, flag: str) -> None:
@@ -116,8 +117,9 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     model, _ = _meta_state(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     out.mkdir(parents=True, exist_ok=True)
+    job = job_fingerprint(cfg, model, tokenizer_digest=None)  # weights: no tokenizer yet
     CheckpointManager(
-        Checkpoint(enable=True), out, model, None, None, None, TrainState()
+        Checkpoint(enable=True), out, model, None, None, None, TrainState(), job=job
     ).save_seed()
     (out / "model.toml").write_text(model_toml(cfg, values, hf_dir, out))
     return cfg, values
