@@ -135,7 +135,7 @@ class CheckpointManager:
         saved, problem = manifest.verify(self._path(step), step)
         if problem:
             step, saved = self._damaged(step, problem, steps)
-        self._check_lineage(step, [s for s in steps if s > step])
+        self._check_lineage(step, [s for s in self.saved_steps() if s > step])
         self._check_job(step, saved["job"])
         self._restore(step)
         return step
