@@ -3,11 +3,13 @@
 ``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints it with every
 key's meaning and range. With ``COMM_MODE=fake`` and ``WORLD_SIZE=N`` it plans the layout for N
 ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors
-print one line and exit with status 2; a non-finite loss prints one line and exits with status 1.
+print one line and exit with status 2; a non-finite loss prints one line and exits with status 1;
+SIGTERM, SIGINT or SIGUSR1 during training saves a checkpoint and exits 0 (preemption.py).
 """
 
 import logging
 import os
+import signal
 import sys
 
 from torchmoe.config.errors import ConfigError
@@ -40,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(cfg)
             return 0
         _setup_logging()
+        from torchmoe.train.process_link import die_with_launcher
         from torchmoe.train.trainer import NonFiniteLossError, Trainer
+
+        die_with_launcher()
 
         if cfg.job.description:
             logging.getLogger(__name__).info(cfg.job.description)
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the loop routes it (preemption.py)
+        print("error: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

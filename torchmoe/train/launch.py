@@ -4,6 +4,9 @@ torchrun itself turns any failed worker into exit 1 and a ChildFailedError trace
 worker's own one-line error. Here the launcher exits with the workers' status instead, adding
 nothing to what the worker printed: 2 when a rank refused the job (a ConfigError), else the
 failing rank's status; a rank killed by a signal gets one line naming it, and exit 1.
+
+SIGTERM, SIGINT and SIGUSR1 go on to the workers, which finish their step, save and exit 0
+(process_link.py, preemption.py); the launcher then exits 0 too.
 """
 
 import logging
@@ -13,11 +16,15 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from torchmoe.train.process_link import LEFT_TO_TORCHRUN, forward_stop_signals
+
 USER_ERROR = 2  # torchmoe.train's exit status for a refused job
 
 
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
+    args.signals_to_handle = LEFT_TO_TORCHRUN  # the stop signals are forwarded instead
+    forward_stop_signals()
     # the agent logs each failure as an error; the worker has said why, and the line below how
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

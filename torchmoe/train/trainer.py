@@ -12,6 +12,7 @@ across ranks. That is the single-process gradient whatever the layout.
 import logging
 import math
 import os
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from torchmoe.train.memory import check_model_fits
 from torchmoe.train.metrics import MetricsLogger
 from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
+from torchmoe.train.preemption import StopRequest, stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -332,13 +334,14 @@ class Trainer:
         return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
 
     def train(self) -> list[float]:
-        """Run to ``training.steps``; returns the loss of every step run here. Rank 0 holds
-        the output folder's lock meanwhile (one run per folder: folder_lock.py)."""
+        """Run to ``training.steps``, or until a stop signal (preemption.py): then save and
+        return. Returns the loss of every step run here. Rank 0 holds the output folder's
+        lock meanwhile (one run per folder: folder_lock.py)."""
         lead = not dist.is_initialized() or dist.get_rank() == 0
-        with folder_lock(Path(self.cfg.job.dump_folder), enabled=lead):
-            return self._train()
+        with folder_lock(Path(self.cfg.job.dump_folder), enabled=lead), stop_signals() as stop:
+            return self._train(stop)
 
-    def _train(self) -> list[float]:
+    def _train(self, stop: StopRequest) -> list[float]:
         cfg = self.cfg
         self.checkpoint.check_destination(self.n_params)
         resumed = self.checkpoint.load()  # restores self.state.step unless fresh or from a seed
@@ -350,14 +353,38 @@ class Trainer:
             self.freezer = ExpertFreezer(self.model, cfg.moe.freeze_experts)
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
-        while self.state.step < cfg.training.steps:
+        first_step = self.state.step
+        signum = stop.agreed()
+        while not signum and self.state.step < cfg.training.steps:
             result = self.train_step()
             self.state.step += 1
             losses.append(result.loss)
             self.metrics.record_step(tokens_per_gpu, result.loss, result.moe)
             step = self.state.step
-            if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
+            signum = stop.agreed()
+            if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or signum:
                 self.metrics.log(step, result.grad_norm, result.lr)
             self.checkpoint.maybe_save(step, cfg.training.steps)
+        if signum:
+            self._stop(signal.Signals(signum).name, stop, first_step)
         self.checkpoint.finish()
         return losses
+
+    def _stop(self, name: str, stop: StopRequest, first_step: int) -> None:
+        """A stop signal: save the step just finished (unless saved already) and say so."""
+        step = self.state.step
+        if not self.cfg.checkpoint.enable:
+            logger.warning("stopped by %s after step %d (checkpoint.enable = false)", name, step)
+            return
+        if step == first_step:
+            logger.warning("stopped by %s before the first step: nothing new to save", name)
+            return
+        stop.doing = f"saving checkpoint step-{step}"
+        self.checkpoint.save(step)
+        self.checkpoint.finish()
+        logger.warning(
+            "stopped by %s after step %d: saved checkpoint step-%d; run the same command to resume",
+            name,
+            step,
+            step,
+        )

@@ -1,0 +1,66 @@
+"""The launcher and its workers stop together.
+
+torchrun starts each worker in a session of its own, so a launcher killed with SIGKILL leaves
+its workers training and writing checkpoints, unseen; and on SIGTERM or Ctrl-C it kills its
+workers with SIGKILL 30 s later, too soon for a large checkpoint. Here the launcher passes the
+stop signals (preemption.py) on to its workers and goes on waiting for them to save and exit,
+and each worker asks the kernel to kill it when the launcher dies (Linux's PR_SET_PDEATHSIG).
+"""
+
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from torchmoe.train.preemption import STOP_SIGNALS
+
+LAUNCHER_PID = "TORCHMOE_LAUNCHER_PID"
+# the signals torchrun itself still turns into "kill the workers" (its defaults, minus ours)
+LEFT_TO_TORCHRUN = "SIGHUP,SIGQUIT"
+_PR_SET_PDEATHSIG = 1
+
+
+def forward_stop_signals() -> None:
+    """In the launcher, before it starts the workers: pass every stop signal on to them."""
+    os.environ[LAUNCHER_PID] = str(os.getpid())
+    for s in STOP_SIGNALS:
+        signal.signal(s, _forward)
+
+
+def _forward(signum: int, frame: FrameType | None) -> None:
+    for pid in _children(os.getpid()):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:  # exited meanwhile
+            pass
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is ``parent`` (from /proc: the workers, not their own
+    children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (command) state ppid ...": the command may hold spaces and parentheses
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+def die_with_launcher() -> None:
+    """In a worker that torchrun started: be killed (SIGKILL) when the launcher dies. An
+    unfinished save is then a ``.tmp`` folder the next run clears."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher and os.getppid() != int(launcher):  # it died before the line above
+        os._exit(1)
