@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from torchmoe.train import checkpoint_writer
+from torchmoe.train import checkpoint_writer, manifest
 from torchmoe.train import trainer as trainer_module
 
 Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
@@ -129,3 +129,21 @@ def test_a_signal_before_the_first_step_saves_nothing_new(tiny_config, caplog):
         assert trainer.train() == []
     assert "stopped by SIGTERM before the first step: nothing new to save" in caplog.text
     assert trainer.checkpoint.saved_steps() == []
+
+
+def test_async_saves_resume_exactly_and_a_stop_waits_for_the_save_in_flight(tiny_config):
+    asynchronous = {**CKPT, "checkpoint.async_mode": "async", "checkpoint.interval": 2}
+    reference = Trainer(tiny_config(**{**CKPT, "checkpoint.enable": "false"})).train()
+    trainer = Trainer(tiny_config(**asynchronous))
+    signal_during_step(trainer, 3, signal.SIGTERM)  # step-2's write may still be in flight
+    losses = trainer.train()
+    assert trainer.checkpoint.saved_steps() == [2, 3]
+    for step in (2, 3):
+        _, problem = manifest.verify(trainer.checkpoint.folder / f"step-{step}", step, False)
+        assert problem is None
+    resumed = Trainer(
+        tiny_config(
+            **{**asynchronous, "checkpoint.load_step": 2, "checkpoint.discard_newer": "true"}
+        )
+    ).train()
+    assert losses[:2] + resumed == reference  # the staged copy is step 2's state, not later
