@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,20 @@ def test_async_saves_resume_exactly_and_a_stop_waits_for_the_save_in_flight(tiny
         )
     ).train()
     assert losses[:2] + resumed == reference  # the staged copy is step 2's state, not later
+
+
+def _train_ranks(rank: int, cfg) -> list[float]:
+    return Trainer(cfg).train()
+
+
+def test_async_saves_on_two_ranks_verify_and_resume_exactly(tiny_config):
+    asynchronous = {**CKPT, "checkpoint.async_mode": "async", "checkpoint.interval": 2}
+    cfg = tiny_config(**asynchronous)
+    losses, _ = run_ranks(2, _train_ranks, cfg)
+    folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    assert checkpoint_writer.step_numbers(folder) == [2, 4, 6]
+    for step in (2, 4, 6):
+        assert manifest.verify(folder / f"step-{step}", step, collective=False)[1] is None
+    resume = {"checkpoint.load_step": 2, "checkpoint.discard_newer": "true"}
+    resumed, _ = run_ranks(2, _train_ranks, tiny_config(**{**asynchronous, **resume}))
+    assert resumed == losses[2:]
