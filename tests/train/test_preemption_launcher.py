@@ -9,20 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.train.test_cli import CPU_ENV, REPO
-from torchmoe.train.process_link import _children
+from tests.train.test_cli import CPU_ENV, FAST, REPO
+from torchmoe.train.process_link import child_pids
 
-ARGS = [
-    "--training.seq_len",
-    "32",
-    "--training.local_batch_size",
-    "2",
-    "--metrics.log_freq",
-    "1",
-    "--checkpoint.enable",
-    "--checkpoint.interval",
-    "1000",
-]
+ARGS = FAST[2:] + ["--checkpoint.enable", "--checkpoint.interval", "1000"]  # steps: per run
 
 
 def start(folder: Path, data_cache: str, steps: int, ngpu: int = 2) -> subprocess.Popen:
@@ -86,7 +76,7 @@ def test_sigterm_to_run_train_sh_saves_once_exits_0_and_resumes_exactly(tmp_path
 def test_workers_die_with_a_killed_launcher(tmp_path, data_cache):
     proc = start(tmp_path, data_cache, steps=100000, ngpu=1)
     wait_for_step(proc, tmp_path, 1)
-    workers = _children(proc.pid)
+    workers = child_pids(proc.pid)
     assert workers
     proc.kill()  # SIGKILL: the launcher cannot forward anything
     proc.wait()

@@ -30,14 +30,14 @@ def forward_stop_signals() -> None:
 
 
 def _forward(signum: int, frame: FrameType | None) -> None:
-    for pid in _children(os.getpid()):
+    for pid in child_pids(os.getpid()):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:  # exited meanwhile
             pass
 
 
-def _children(parent: int) -> list[int]:
+def child_pids(parent: int) -> list[int]:
     """The processes whose parent is ``parent`` (from /proc: the workers, not their own
     children)."""
     found = []
