@@ -83,6 +83,9 @@ def test_metrics_follow_the_resumed_step_and_a_fresh_run_starts_a_new_file(tiny_
 def test_the_refusal_is_one_line_and_exit_2_from_the_command_line(tiny_config, data_cache):
     first, _ = run(tiny_config, **{"training.steps": 10})
     refused = ["--checkpoint.enable", "--checkpoint.load_step", "5"]
+    # the model tiny_config trains, so that only the lineage is wrong
+    refused += ["--model.dim", "64", "--model.inter_dim", "128", "--moe.ffn_hidden_size", "32"]
+    refused += ["--moe.shared_expert_intermediate_size", "32"]
     proc = run_cli(
         [sys.executable, "-m", "torchmoe.train", *refused],
         Path(first.cfg.job.dump_folder),

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run(cfg)
             return 0
         _setup_logging()
+        from torchmoe.train.preemption import stop_signals
         from torchmoe.train.process_link import die_with_launcher
         from torchmoe.train.trainer import NonFiniteLossError, Trainer
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.job.description:
             logging.getLogger(__name__).info(cfg.job.description)
         try:
-            Trainer(cfg).train()
+            with stop_signals() as stop:  # a signal while the Trainer is built counts too
+                Trainer(cfg).train(stop)
         except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

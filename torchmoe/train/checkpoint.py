@@ -14,6 +14,7 @@ identical weights.
 
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -50,17 +51,18 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 __all__ = ["CheckpointManager", "TrainState", "read_model_weights"]
 
 
-def _step_of(step_dir: Path) -> int:
-    name = step_dir.name
-    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else -1
+_LEFTOVER = re.compile(r"^step-(0|[1-9][0-9]*)\.(tmp|deleting)$")  # what a killed save leaves
 
 
 def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     """The model tensors of one checkpoint folder (a seed or a training step), in their saved
     dtype, without reading the optimizer or anything else; for offline tools, one process.
-    ``option`` names the command-line flag that gave the folder, for the error."""
-    if (step_dir / manifest.MANIFEST).exists():  # a folder without one is refused just below
-        _, problem = manifest.verify(step_dir, _step_of(step_dir), collective=False)
+    ``option`` names the command-line flag that gave the folder, for the error. The folder
+    may have been renamed; one without a manifest (an older torchmoe's) loads with a warning."""
+    if _unverified(step_dir):
+        logger.warning("%s %s has no manifest: its files load unverified", option, step_dir)
+    else:
+        _, problem = manifest.verify(step_dir, None, collective=False)
         if problem:
             raise ConfigError(f"{option} {step_dir}: the checkpoint is damaged ({problem})")
     try:
@@ -80,6 +82,11 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
     safe_dcp.load({"train": {"model": weights}}, step_dir)
     return weights
+
+
+def _unverified(step_dir: Path) -> bool:
+    """A folder DCP wrote without a manifest: an older torchmoe's (seeds are still usable)."""
+    return not (step_dir / manifest.MANIFEST).exists() and (step_dir / ".metadata").is_file()
 
 
 class CheckpointManager:
@@ -132,11 +139,15 @@ class CheckpointManager:
                 f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                 f"{self.folder} (saved steps: {have})"
             )
-        saved, problem = manifest.verify(self._path(step), step)
-        if problem:
-            step, saved = self._damaged(step, problem, steps)
+        if step == 0 and _unverified(self._path(0)):  # a seed an older torchmoe wrote
+            logger.warning("%s has no manifest: its weights load unverified", self._path(0))
+        else:
+            # a seed may be a copy of any step's folder: its files count, not its step
+            saved, problem = manifest.verify(self._path(step), step or None)
+            if problem:
+                step, saved = self._damaged(step, problem, steps)
+            self._check_job(step, saved["job"])
         self._check_lineage(step, [s for s in self.saved_steps() if s > step])
-        self._check_job(step, saved["job"])
         self._restore(step)
         return step
 
@@ -178,22 +189,27 @@ class CheckpointManager:
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
 
     def _tidy(self) -> None:
-        """Clear what interrupted runs left (rank 0; every rank waits): a ``.tmp`` whose
-        manifest verifies was killed between manifest and rename and becomes its step; any
-        other ``.tmp`` and every ``.deleting`` folder is removed."""
+        """Clear what interrupted saves left (rank 0; every rank waits): a ``step-<k>.tmp``
+        whose manifest verifies was killed between manifest and rename and becomes
+        ``step-<k>``; any other ``step-<k>.tmp`` and every ``step-<k>.deleting`` is removed.
+        Nothing else in the folder is touched."""
         if is_lead() and self.folder.is_dir():
             for path in sorted(self.folder.iterdir()):
-                if path.name.endswith(".deleting") and path.is_dir():
-                    shutil.rmtree(path)
-                if not (path.name.endswith(".tmp") and path.is_dir()):
+                m = _LEFTOVER.match(path.name)
+                if not m:
                     continue
-                final = path.with_suffix("")
-                _, problem = manifest.verify(path, _step_of(final), collective=False)
-                if problem is None and not final.exists():
-                    path.rename(final)
-                    logger.info("completed the interrupted save of %s", final.name)
+                final = self._path(int(m[1]))
+                if m[2] == "tmp" and not path.is_symlink() and not final.exists():
+                    if manifest.verify(path, int(m[1]), collective=False)[1] is None:
+                        path.rename(final)
+                        manifest.sync_folder(self.folder)
+                        logger.info("completed the interrupted save of %s", final.name)
+                        continue
+                if path.is_symlink() or not path.is_dir():
+                    path.unlink()
                 else:
                     shutil.rmtree(path)
+                if m[2] == "tmp":
                     logger.info("removed %s, a save that did not finish", path.name)
         barrier()
 
@@ -240,8 +256,12 @@ class CheckpointManager:
     def _move_aside(self, steps: list[int], into: str) -> None:
         """Move step folders into ``<folder>/<into>/`` (rank 0; every rank waits); nothing
         is deleted."""
+        aside = self.folder / into
+        if aside.exists() and not aside.is_dir():
+            raise ConfigError(
+                f"{aside} is a file; checkpoints set aside go there: move the file away"
+            )
         if is_lead():
-            aside = self.folder / into
             aside.mkdir(exist_ok=True)
             for s in steps:
                 target = aside / f"step-{s}"
@@ -309,6 +329,7 @@ class CheckpointManager:
                 f"checkpoint.folder: cannot write to {folder} ({e.strerror or e}); point "
                 "job.dump_folder or checkpoint.folder at a writable folder"
             ) from None
+        self._tidy()  # leftovers of killed saves take space the check must not count
         self.writer.checkpoint_bytes = n_params * CHECKPOINT_BYTES_PER_PARAM
         need = 2 * self.writer.checkpoint_bytes
         free = shutil.disk_usage(folder).free

@@ -32,7 +32,7 @@ from torchmoe.train.ranks import agree_max, barrier, distributed, is_lead
 
 logger = logging.getLogger(__name__)
 GiB = 2**30
-_STEP = re.compile(r"^step-(\d+)$")
+_STEP = re.compile(r"^step-(0|[1-9][0-9]*)$")
 
 
 def step_numbers(folder: Path) -> list[int]:
@@ -44,7 +44,10 @@ def step_numbers(folder: Path) -> list[int]:
 
 def remove_folder(path: Path) -> None:
     """Rename aside first, then delete: a kill mid-delete leaves a ``.deleting`` folder, never
-    a half-empty ``step-<k>``."""
+    a half-empty ``step-<k>``. A symlinked step (archived elsewhere) loses only its link."""
+    if path.is_symlink():
+        path.unlink()
+        return
     doomed = path.with_name(path.name + ".deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     path.rename(doomed)
@@ -57,6 +60,7 @@ class _PendingSave:
     def __init__(self, step: int, tmp: Path, job: dict, future: Future):
         self.step, self.tmp, self.job, self.future = step, tmp, job, future
         self.digests: dict | None = None
+        self.error: OSError | None = None
         self.settled = threading.Event()
         future.add_done_callback(self._written)
 
@@ -65,6 +69,8 @@ class _PendingSave:
         try:
             if future.exception() is None:
                 self.digests = manifest.digest_share(self.tmp)
+        except OSError as e:
+            self.error = e
         finally:
             self.settled.set()
 
@@ -104,7 +110,11 @@ class CheckpointWriter:
             dcp.save(states, checkpoint_id=str(tmp))
         except (CheckpointException, OSError) as e:  # every rank gets DCP's gathered failure
             raise self._failed(step, tmp, e) from None
-        self._finish(step, tmp, job, manifest.digest_share(tmp))
+        try:
+            digests, error = manifest.digest_share(tmp), None
+        except OSError as e:
+            digests, error = {}, e
+        self._finish(step, tmp, job, digests, error)
 
     def poll(self) -> None:
         """Finish the async save in flight if every rank has written and hashed its files
@@ -122,34 +132,52 @@ class CheckpointWriter:
         except (CheckpointException, OSError) as e:
             raise self._failed(pending.step, pending.tmp, e) from None
         pending.settled.wait()
-        self._finish(pending.step, pending.tmp, pending.job, pending.digests or {})
+        self._finish(pending.step, pending.tmp, pending.job, pending.digests or {}, pending.error)
 
     def close(self) -> None:
         if self.stager is not None:
             self.stager.close()
             self.stager = None
 
-    def _finish(self, step: int, tmp: Path, job: dict, digests: dict) -> None:
-        """Manifest, rename, prune (rank 0) once every rank's digests are in."""
+    def _finish(
+        self, step: int, tmp: Path, job: dict, digests: dict, error: OSError | None
+    ) -> None:
+        """Manifest, rename, prune (rank 0) once every rank's digests are in. A rank that
+        could not hash its files, or a rank 0 that could not write the manifest, fails the
+        save on every rank alike."""
+        self._agree_or_fail(step, tmp, error, "a rank could not read back its files")
         files = manifest.gather(digests)
+        final = self.folder / f"step-{step}"
+        error = None
         if is_lead():
-            manifest.write(tmp, step, job, files)
-            final = self.folder / f"step-{step}"
-            if final.exists():  # the same step saved again (a seed rewritten)
-                remove_folder(final)
-            tmp.rename(final)
-            manifest.sync_folder(self.folder)
+            try:
+                manifest.write(tmp, step, job, files)
+                if final.exists():  # the same step saved again (a seed rewritten)
+                    remove_folder(final)
+                tmp.rename(final)
+                manifest.sync_folder(self.folder)
+            except OSError as e:
+                error = e
+        self._agree_or_fail(step, tmp, error, "rank 0 could not write the manifest")
+        if is_lead():
             logger.info("saved checkpoint %s", final)
             if self.cfg.keep_latest_k:
                 self._prune(step)
         barrier()
+
+    def _agree_or_fail(self, step: int, tmp: Path, error: OSError | None, other: str) -> None:
+        if agree_max([error is not None]) != [0]:
+            raise self._failed(step, tmp, error or OSError(other))
 
     def _prune(self, step: int) -> None:
         """Keep ``keep_latest_k`` checkpoints counting the one just saved at ``step``: remove
         only older steps, never a newer one (another history) nor the seed, step-0."""
         older = [s for s in step_numbers(self.folder) if 0 < s < step]
         for old in older[: max(0, len(older) - (self.cfg.keep_latest_k - 1))]:
-            remove_folder(self.folder / f"step-{old}")
+            try:
+                remove_folder(self.folder / f"step-{old}")
+            except OSError as e:  # the run goes on; the next start clears a .deleting
+                logger.warning("could not remove step-%d while pruning: %s", old, e)
 
     def _failed(self, step: int, tmp: Path, e: BaseException) -> ConfigError:
         """Remove the partial ``.tmp`` (the last good checkpoint stays) and say why, in one

@@ -16,8 +16,9 @@ from torchmoe.config.schema import JobConfig
 
 SECTIONS = ("model", "moe")
 # Keys a resume may change: they steer training (loss weights, routing capacity, kernels,
-# freezing) without changing what the saved tensors mean. The tokenizer is compared by its
-# digest, not its path. Changes to them are logged; every other [model]/[moe] key must match.
+# freezing experts) without changing what the saved tensors mean. A frozen router has no
+# optimizer state, so freeze_router must match. The tokenizer is compared by its digest, not its
+# path. Changes to these keys are logged; every other [model]/[moe] key must match.
 RESUME_MAY_CHANGE = frozenset(
     {
         "model.tokenizer_path",
@@ -34,7 +35,6 @@ RESUME_MAY_CHANGE = frozenset(
         "moe.drop_policy",
         "moe.pad_to_capacity",
         "moe.freeze_experts",
-        "moe.freeze_router",
         "moe.dispatcher",
         "moe.grouped_mm",
         "moe.permute_backend",

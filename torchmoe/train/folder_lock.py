@@ -41,7 +41,7 @@ def _holder(path: Path) -> dict | None:
         return None
 
 
-def _acquire(path: Path, me: dict) -> None:
+def _acquire(path: Path, me: dict, key: str) -> None:
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -52,9 +52,9 @@ def _acquire(path: Path, me: dict) -> None:
             )
             if not stale:
                 raise ConfigError(
-                    f"job.dump_folder = {path.parent} is in use by another run (host "
+                    f"{key} = {path.parent} is in use by another run (host "
                     f"{holder['host']}, pid {holder['pid']}, started {holder['started']}); use "
-                    f"another job.dump_folder, or delete {path} if that run is gone"
+                    f"another {key}, or delete {path} if that run is gone"
                 ) from None
             logger.info("taking over %s: the run that held it is gone (%s)", path, holder)
             path.unlink(missing_ok=True)
@@ -65,19 +65,26 @@ def _acquire(path: Path, me: dict) -> None:
 
 
 @contextmanager
-def folder_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
-    """Hold the folder's lock for the ``with`` block (``enabled``: this rank writes files)."""
+def folder_lock(folder: Path, enabled: bool = True, key: str = "job.dump_folder") -> Iterator[None]:
+    """Hold the folder's lock for the ``with`` block (``enabled``: this rank writes files);
+    ``key`` names the setting that chose the folder, for the refusal."""
     if not enabled:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     me = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    _acquire(path, me)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _acquire(path, me, key)
+    except OSError as e:  # a file in the way, a read-only mount
+        raise ConfigError(
+            f"{key} = {folder}: cannot create {LOCK_NAME} there ({e.strerror or e}); point "
+            f"{key} at a writable folder"
+        ) from None
     try:
         yield
     finally:

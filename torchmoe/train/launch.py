@@ -16,7 +16,13 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from torchmoe.train.process_link import LEFT_TO_TORCHRUN, forward_stop_signals
+from torchmoe.train.preemption import say
+from torchmoe.train.process_link import (
+    LEFT_TO_TORCHRUN,
+    StoppedBeforeStart,
+    forward_stop_signals,
+    forwarded,
+)
 
 USER_ERROR = 2  # torchmoe.train's exit status for a refused job
 
@@ -29,10 +35,17 @@ def main(argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         run(args)
+    except StoppedBeforeStart as e:
+        say(f"stopped by {e} while no worker was running: nothing to save")
+        return 0
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         if USER_ERROR in codes.values():
             return USER_ERROR
+        if forwarded and all(code == -forwarded[0] for code in codes.values()):
+            # a stop signal reached workers still starting, before they could handle it
+            say(f"stopped by {signal.Signals(forwarded[0]).name} before training started")
+            return 0
         rank, code = next(iter(codes.items()))
         if code > 0:  # the worker printed why
             return code

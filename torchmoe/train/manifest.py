@@ -87,22 +87,41 @@ def read(folder: Path) -> tuple[dict | None, str | None]:
         return None, f"no {MANIFEST}: its save did not finish, or an older torchmoe wrote it"
     try:
         body = json.loads(path.read_text())
-        files, step = body["files"], body["step"]
-        if not isinstance(files, dict) or not isinstance(step, int) or "job" not in body:
-            raise ValueError("missing fields")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        return None, f"{MANIFEST} is unreadable ({e})"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        return None, f"{MANIFEST} is unreadable ({str(e)[:100]})"
+    problem = _malformed(body)
+    return (None, f"{MANIFEST} is malformed ({problem})") if problem else (body, None)
+
+
+def _malformed(body: Any) -> str | None:
+    """What is wrong with a parsed manifest's structure, if anything."""
+    if not isinstance(body, dict):
+        return "not an object"
     if body.get("format") != FORMAT:
-        return None, f"{MANIFEST} has format {body.get('format')!r}, this torchmoe reads {FORMAT}"
-    return body, None
+        return f"format {body.get('format')!r}, this torchmoe reads {FORMAT}"
+    step, files, job = body.get("step"), body.get("files"), body.get("job")
+    if type(step) is not int or step < 0:
+        return f"step {step!r}"
+    if not isinstance(job, dict):
+        return "no job fingerprint"
+    if not isinstance(files, dict) or ".metadata" not in files:
+        return "no file list with .metadata"
+    for name, entry in files.items():
+        ok = isinstance(entry, dict) and type(entry.get("bytes")) is int
+        if not ok or not isinstance(entry.get("xxh3_64"), str) or "/" in name:
+            return f"entry {name!r}"
+    return None
 
 
-def verify(folder: Path, step: int, collective: bool = True) -> tuple[dict | None, str | None]:
+def verify(
+    folder: Path, step: int | None, collective: bool = True
+) -> tuple[dict | None, str | None]:
     """Check ``folder`` against its manifest: (manifest, None) when every listed file is there
-    with its size and checksum, else (None, the first problem: file and reason). Collective
-    over all ranks unless ``collective`` is False."""
+    with its size and checksum (and, unless ``step`` is None, the manifest is for ``step``),
+    else (None, the first problem: file and reason). Collective over all ranks unless
+    ``collective`` is False."""
     body, problem = read(folder)
-    if body is not None and body["step"] != step:
+    if body is not None and step is not None and body["step"] != step:
         body, problem = None, f"its {MANIFEST} is for step {body['step']}"
     rank, world = _world() if collective else (0, 1)
     local: dict[str, str] = {MANIFEST: problem} if problem else {}

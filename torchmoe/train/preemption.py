@@ -8,19 +8,23 @@ cut short; a third exits at once with 128 + the signal's number, leaving the las
 checkpoint (an unfinished save is a ``.tmp`` the next run clears).
 """
 
-import logging
 import os
 import signal
-import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 from torchmoe.train.ranks import agree_max
 
-logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def say(line: str) -> None:
+    """One line on stderr, written directly: a signal handler may interrupt a print or a log
+    call, and writing through the same buffered stream again would fail."""
+    os.write(2, f"[torchmoe {time.strftime('%H:%M:%S')}] {line}\n".encode())
 
 
 class StopRequest:
@@ -36,19 +40,13 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.received == 1:
             self.signum = signum
-            logger.warning("%s received: stopping after this step, with a checkpoint", name)
+            say(f"{name} received: stopping after this step, with a checkpoint")
         elif self.received == 2:
-            logger.warning(
-                "%s received again: still %s; a third signal exits at once without it",
-                name,
-                self.doing,
-            )
+            say(f"{name} received again: still {self.doing}; a third signal exits at once")
         else:
-            print(
+            say(
                 f"error: {name} received a third time: exiting at once while {self.doing}; "
-                "the next run resumes from the last complete checkpoint",
-                file=sys.stderr,
-                flush=True,
+                "the next run resumes from the last complete checkpoint"
             )
             os._exit(128 + signum)
 

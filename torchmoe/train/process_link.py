@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from torchmoe.train.preemption import STOP_SIGNALS
+from torchmoe.train.preemption import STOP_SIGNALS, say
 
 LAUNCHER_PID = "TORCHMOE_LAUNCHER_PID"
 # the signals torchrun itself still turns into "kill the workers" (its defaults, minus ours)
@@ -29,12 +29,36 @@ def forward_stop_signals() -> None:
         signal.signal(s, _forward)
 
 
+class StoppedBeforeStart(Exception):
+    """A stop signal reached the launcher while no worker was running (rendezvous, start)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+forwarded: list[int] = []  # the stop signals passed on so far, in order
+
+
 def _forward(signum: int, frame: FrameType | None) -> None:
-    for pid in child_pids(os.getpid()):
+    """Pass the signal on; with no worker yet, stop the launcher; the third time, kill the
+    workers: one blocked in a collective cannot run its own handler."""
+    workers = child_pids(os.getpid())
+    if not workers:
+        raise StoppedBeforeStart(signum)
+    forwarded.append(signum)
+    third = len(forwarded) >= 3
+    for pid in workers:
         try:
-            os.kill(pid, signum)
+            os.kill(pid, signal.SIGKILL if third else signum)
         except ProcessLookupError:  # exited meanwhile
             pass
+    if third:
+        say(
+            f"error: {signal.Signals(signum).name} received a third time: killed the workers; "
+            "the next run resumes from the last complete checkpoint"
+        )
+        os._exit(128 + signum)
 
 
 def child_pids(parent: int) -> list[int]:

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import signal
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,12 +333,21 @@ class Trainer:
             )
         return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
 
-    def train(self) -> list[float]:
-        """Run to ``training.steps``, or until a stop signal (preemption.py): then save and
-        return. Returns the loss of every step run here. Rank 0 holds the output folder's
-        lock meanwhile (one run per folder: folder_lock.py)."""
+    def train(self, stop: StopRequest | None = None) -> list[float]:
+        """Run to ``training.steps``, or until a stop signal (preemption.py; ``stop`` when the
+        caller routed the signals already, e.g. before building the Trainer): then save and
+        return. Returns the loss of every step run here. Rank 0 holds the locks of the output
+        folder and of a checkpoint folder outside it meanwhile (one run per folder:
+        folder_lock.py)."""
         lead = not dist.is_initialized() or dist.get_rank() == 0
-        with folder_lock(Path(self.cfg.job.dump_folder), enabled=lead), stop_signals() as stop:
+        dump, checkpoints = Path(self.cfg.job.dump_folder), self.checkpoint.folder
+        with ExitStack() as held:
+            held.enter_context(folder_lock(dump, enabled=lead))
+            outside = not checkpoints.resolve().is_relative_to(dump.resolve())
+            if self.cfg.checkpoint.enable and outside:
+                held.enter_context(folder_lock(checkpoints, lead, key="checkpoint.folder"))
+            if stop is None:
+                stop = held.enter_context(stop_signals())
             return self._train(stop)
 
     def _train(self, stop: StopRequest) -> list[float]:
