@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +52,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["torchmoe.train.trainer"])  # import torch once, not per rank
-    port = _free_port()
+    port = free_port()
     pipes, procs = [], []
     for rank in range(world_size):
         parent, child = ctx.Pipe(duplex=False)

@@ -75,3 +75,29 @@ def test_a_failed_save_keeps_the_last_good_checkpoint_and_leaves_no_tmp(
     monkeypatch.undo()
     resumed = Trainer(tiny_config(**{**CKPT, "training.steps": 4}))
     assert len(resumed.train()) == 2  # resumes from the kept step-2
+
+
+@pytest.mark.parametrize("mode", ["disabled", "async"])
+def test_a_failed_read_back_or_manifest_write_fails_the_save_in_one_line(
+    tiny_config, monkeypatch, mode
+):
+    Trainer(tiny_config(**CKPT)).train()
+    cfg = tiny_config(**{**CKPT, "training.steps": 4, "checkpoint.async_mode": mode})
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for patch, reason in (
+        (("digest_share", unreadable), "Input/output error"),
+        (("write", full), "No space left on device"),
+    ):
+        monkeypatch.setattr(checkpoint_writer.manifest, *patch)
+        with pytest.raises(ConfigError, match=rf"step-4 could not be written .*{reason}") as err:
+            Trainer(cfg).train()
+        assert "the last good checkpoint is step-2" in one_line(err)
+        folder = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+        assert sorted(p.name for p in folder.iterdir()) == ["step-2"]
+        monkeypatch.undo()

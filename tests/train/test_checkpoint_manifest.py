@@ -210,3 +210,116 @@ def test_a_damaged_step_is_one_line_and_exit_2_from_the_command_line(tmp_path, d
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "step-3 is damaged" in errors[0]
     assert "newest good checkpoint is step-2" in errors[0]
+
+
+def edit_manifest(step_dir: Path, change) -> None:
+    body = json.loads((step_dir / manifest.MANIFEST).read_text())
+    change(body)
+    (step_dir / manifest.MANIFEST).write_text(json.dumps(body))
+
+
+MALFORMED = {
+    "a file entry that is a number": lambda b: b["files"].update({".metadata": 7}),
+    "no job": lambda b: b.update(job=None),
+    "a boolean step": lambda b: b.update(step=True),
+    "no file list": lambda b: b.update(files={}),
+}
+
+
+@pytest.mark.parametrize("change", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_manifest_is_damage_in_one_line(tiny_config, change):
+    first, _ = run(tiny_config)
+    edit_manifest(first.checkpoint.folder / "step-4", change)
+    with pytest.raises(ConfigError, match=r"step-4 is damaged \(manifest.json is malformed"):
+        run(tiny_config, **{"training.steps": 6})
+
+
+def test_a_deeply_nested_manifest_is_damage_in_one_line(tiny_config):
+    first, _ = run(tiny_config)
+    (first.checkpoint.folder / "step-4" / manifest.MANIFEST).write_text("[" * 100000)
+    with pytest.raises(ConfigError, match=r"step-4 is damaged \(manifest.json is unreadable"):
+        run(tiny_config, **{"training.steps": 6})
+
+
+def test_the_suggested_fix_for_an_explicit_damaged_step_works(tiny_config):
+    first, losses = run(tiny_config, **{"training.steps": 6})
+    folder = first.checkpoint.folder
+    zeros_into_a_shard(folder / "step-6")
+    with pytest.raises(ConfigError) as err:
+        run(tiny_config, **{"training.steps": 6, "checkpoint.load_step": 6})
+    fix = "--checkpoint.load_step 4 --checkpoint.discard_newer true"
+    assert fix in str(err.value)
+    _, tail = run(
+        tiny_config,
+        **{"training.steps": 6, "checkpoint.load_step": 4, "checkpoint.discard_newer": "true"},
+    )
+    assert tail == losses[4:]
+    assert [p.name for p in (folder / "discarded").iterdir()] == ["step-6"]
+
+
+def test_fallback_with_a_file_where_damaged_goes_is_one_line(tiny_config):
+    first, _ = run(tiny_config)
+    folder = first.checkpoint.folder
+    truncated_shard(folder / "step-4")
+    (folder / "damaged").write_text("mine")
+    with pytest.raises(ConfigError, match=r"damaged is a file; .* move the file away"):
+        run(tiny_config, **{"checkpoint.on_corrupt": "fallback", "training.steps": 6})
+    assert (folder / "step-4").is_dir()
+
+
+def test_folders_that_only_look_like_steps_or_leftovers_are_left_alone(tiny_config):
+    first, _ = run(tiny_config, **{"training.steps": 2})
+    folder = first.checkpoint.folder
+    shutil.copytree(folder / "step-2", folder / "step-0010")
+    (folder / "notes.tmp").mkdir()
+    (folder / "notes.tmp" / "mine.txt").write_text("keep")
+    (folder / "old.deleting").mkdir()
+    trainer, tail = run(tiny_config)
+    assert len(tail) == 2 and trainer.checkpoint.saved_steps() == [2, 4]
+    assert (folder / "notes.tmp" / "mine.txt").exists() and (folder / "old.deleting").is_dir()
+    assert (folder / "step-0010").is_dir()
+
+
+def test_seeds_without_a_manifest_or_copied_from_a_step_load(tiny_config, tmp_path, caplog):
+    first, _ = run(tiny_config, **{"training.steps": 2})
+    for name, drop_manifest in (("old-seed", True), ("copied", False)):
+        folder = tmp_path / name
+        shutil.copytree(first.checkpoint.folder / "step-2", folder / "step-0")
+        if drop_manifest:  # as a seed an older torchmoe wrote
+            (folder / "step-0" / manifest.MANIFEST).unlink()
+        with caplog.at_level(logging.WARNING):
+            trainer, tail = run(tiny_config, **{"checkpoint.folder": str(folder)})
+        assert len(tail) == 4 and trainer.checkpoint.saved_steps() == [0, 2, 4]
+        assert ("load unverified" in caplog.text) == drop_manifest
+        caplog.clear()
+
+
+def test_a_symlinked_step_is_unlinked_when_pruned_and_its_target_kept(tiny_config, tmp_path):
+    first, _ = run(tiny_config)
+    folder = first.checkpoint.folder
+    archive = tmp_path / "archive-2"
+    (folder / "step-2").rename(archive)
+    (folder / "step-2").symlink_to(archive)
+    trainer, _ = run(tiny_config, **{"training.steps": 8, "checkpoint.keep_latest_k": 2})
+    assert trainer.checkpoint.saved_steps() == [6, 8]
+    assert (archive / manifest.MANIFEST).exists()
+    _, tail = run(tiny_config, **{"training.steps": 9, "checkpoint.keep_latest_k": 2})
+    assert len(tail) == 1
+
+
+def test_unfreezing_the_router_is_refused_listing_the_key(tiny_config):
+    run(tiny_config, **{"training.steps": 2, "moe.freeze_router": "true"})
+    with pytest.raises(ConfigError, match=r"different job \(moe.freeze_router True -> False\)"):
+        run(tiny_config)
+
+
+def test_offline_tools_read_renamed_and_manifestless_folders(tiny_config, tmp_path, caplog):
+    first, _ = run(tiny_config, **{"training.steps": 2})
+    renamed = tmp_path / "final"
+    shutil.copytree(first.checkpoint.folder / "step-2", renamed)
+    weights = read_model_weights(renamed, "--checkpoint")
+    (renamed / manifest.MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING):
+        again = read_model_weights(renamed, "--checkpoint")
+    assert "has no manifest: its files load unverified" in caplog.text
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

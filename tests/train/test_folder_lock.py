@@ -57,3 +57,28 @@ def test_a_dead_runs_lock_is_taken_over_and_a_finished_run_leaves_none(tiny_conf
     Trainer(cfg).train()
     assert (folder / "checkpoint" / "step-2").is_dir()
     assert not (folder / LOCK_NAME).exists()
+
+
+def test_a_shared_checkpoint_folder_outside_the_output_folder_is_locked_too(tiny_config, tmp_path):
+    """Two fine-tunes of one imported model (convert_hf writes an absolute checkpoint.folder)
+    would otherwise resume and overwrite each other's steps."""
+    shared = tmp_path / "shared"
+    first = tiny_config(**{**CKPT, "checkpoint.folder": str(shared)})
+    second = tiny_config(
+        **{**CKPT, "checkpoint.folder": str(shared), "job.dump_folder": str(tmp_path / "b")}
+    )
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        plant_lock(shared, other.pid)  # the first run, training
+        with pytest.raises(ConfigError, match=r"^checkpoint.folder = .*shared is in use by"):
+            Trainer(second).train()
+        other.kill()
+    (shared / LOCK_NAME).unlink()
+    Trainer(first).train()
+    assert not (shared / LOCK_NAME).exists()  # released with the run
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny_config, tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    cfg = tiny_config(**{**CKPT, "job.dump_folder": str(tmp_path / "file" / "run")})
+    with pytest.raises(ConfigError, match=r"^job.dump_folder = .*: cannot create .torchmoe.lock"):
+        Trainer(cfg).train()

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.distributed.launcher import free_port
 from tests.train.test_cli import CPU_ENV, FAST, REPO
 from torchmoe.train.process_link import child_pids
 
@@ -89,3 +90,36 @@ def test_workers_die_with_a_killed_launcher(tmp_path, data_cache):
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out[-3000:]
     assert "step-2" in os.listdir(tmp_path / "checkpoint")
+
+
+def test_a_signal_before_any_worker_runs_stops_the_launcher(tmp_path, data_cache):
+    """Two nodes asked for, one present: the launcher waits in the rendezvous, no worker yet."""
+    env = {**CPU_ENV, "NGPU": "1", "NNODES": "2", "RDZV_ENDPOINT": f"localhost:{free_port()}"}
+    proc = subprocess.Popen(
+        ["./run_train.sh", *ARGS, "--job.dump_folder", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(12)  # past the config check, into the rendezvous
+    assert proc.poll() is None and not child_pids(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGINT while no worker was running: nothing to save" in out
+
+
+def test_the_third_signal_kills_a_hung_worker(tmp_path, data_cache):
+    proc = start(tmp_path, data_cache, steps=100000, ngpu=1)
+    wait_for_step(proc, tmp_path, 1)
+    (worker,) = child_pids(proc.pid)
+    os.kill(worker, signal.SIGSTOP)  # as a rank blocked in a collective: no handler runs
+    for _ in range(3):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "received a third time: killed the workers" in out
+    assert not alive(worker)

@@ -233,14 +233,15 @@ class CheckpointManager:
             )
         if explicit or self.cfg.on_corrupt == "refuse":
             fix = (
-                f"--checkpoint.load_step {good}"
+                f"--checkpoint.load_step {good} --checkpoint.discard_newer true to resume "
+                "from it (newer steps move to discarded/)"
                 if explicit
-                else 'checkpoint.on_corrupt = "fallback" to resume from it'
+                else 'checkpoint.on_corrupt = "fallback" to resume from it (the damaged '
+                "steps move to damaged/)"
             )
             raise ConfigError(
                 f"checkpoint {path} is damaged ({problem}); the newest good checkpoint is "
-                f"step-{good}: set {fix} (the damaged steps move to {self.folder / 'damaged'}), "
-                "or restore the files"
+                f"step-{good}: set {fix}, or restore the files"
             )
         self._move_aside(bad, "damaged")
         logger.warning(

@@ -73,8 +73,7 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(dump / cfg.metrics.save_tb_folder))
-        if self.jsonl:
-            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        # the folder itself is made by the run's lock (folder_lock.py), with a clear error
 
     def start(self, resumed_step: int | None) -> None:
         """Before the first step: metrics.jsonl follows the checkpoint the run resumed from
