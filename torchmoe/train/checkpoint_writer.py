@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Checkpoint
 from torchmoe.train import manifest
+from torchmoe.train.host_stager import HostStager
 from torchmoe.train.ranks import agree_max, barrier, distributed, is_lead
 
 logger = logging.getLogger(__name__)
@@ -83,11 +83,10 @@ class CheckpointWriter:
         self.checkpoint_bytes = 0  # one checkpoint's size, set by the destination check
         self.pending: _PendingSave | None = None
         self.last_saved = -1
-        self.stager: DefaultStager | None = None
+        self.stager: HostStager | None = None
         self.group = None
         if cfg.async_mode == "async":
-            on_gpu = device.type == "cuda"
-            self.stager = DefaultStager(StagingOptions(on_gpu, False, False, on_gpu))
+            self.stager = HostStager(pin_memory=device.type == "cuda")
             # the writer thread's collectives must not share a group with the loop's
             if distributed():
                 self.group = dist.new_group(backend="gloo")
