@@ -59,12 +59,12 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     dtype, without reading the optimizer or anything else; for offline tools, one process.
     ``option`` names the command-line flag that gave the folder, for the error. The folder
     may have been renamed; one without a manifest (an older torchmoe's) loads with a warning."""
-    if _unverified(step_dir):
-        logger.warning("%s %s has no manifest: its files load unverified", option, step_dir)
-    else:
+    if (step_dir / manifest.MANIFEST).exists():
         _, problem = manifest.verify(step_dir, None, collective=False)
         if problem:
             raise ConfigError(f"{option} {step_dir}: the checkpoint is damaged ({problem})")
+    elif _unverified(step_dir):
+        logger.warning("%s %s has no manifest: its files load unverified", option, step_dir)
     try:
         saved = safe_dcp.read_metadata(step_dir).state_dict_metadata
     except (OSError, ValueError) as e:
