@@ -323,3 +323,13 @@ def test_offline_tools_read_renamed_and_manifestless_folders(tiny_config, tmp_pa
         again = read_model_weights(renamed, "--checkpoint")
     assert "has no manifest: its files load unverified" in caplog.text
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_fallback_into_another_job_is_refused_before_anything_moves(tiny_config):
+    first, _ = run(tiny_config)
+    folder = first.checkpoint.folder
+    truncated_shard(folder / "step-4")
+    before = listing(folder)
+    with pytest.raises(ConfigError, match=r"step-2 was saved by a different job"):
+        run(tiny_config, **{"checkpoint.on_corrupt": "fallback", "model.n_layers": 2})
+    assert listing(folder) == before

@@ -144,9 +144,21 @@ class CheckpointManager:
         else:
             # a seed may be a copy of any step's folder: its files count, not its step
             saved, problem = manifest.verify(self._path(step), step or None)
+            bad: list[int] = []
             if problem:
-                step, saved = self._damaged(step, problem, steps)
+                damaged_path = self._path(step)
+                step, saved, bad = self._damaged(step, problem, steps)
             self._check_job(step, saved["job"])
+            if bad:  # on_corrupt = fallback, once the good step is known to fit this job
+                self._move_aside(bad, "damaged")
+                logger.warning(
+                    "checkpoint %s is damaged (%s): moved it to %s and resuming from step-%d "
+                    "(checkpoint.on_corrupt = fallback)",
+                    damaged_path,
+                    problem,
+                    self.folder / "damaged",
+                    step,
+                )
         self._check_lineage(step, [s for s in self.saved_steps() if s > step])
         self._restore(step)
         return step
@@ -213,10 +225,11 @@ class CheckpointManager:
                     logger.info("removed %s, a save that did not finish", path.name)
         barrier()
 
-    def _damaged(self, step: int, problem: str, steps: list[int]) -> tuple[int, dict]:
-        """``step`` failed verification: find the newest good older step; load it under
-        ``on_corrupt = "fallback"`` (moving the damaged steps into ``damaged/``) when the
-        latest was asked for, else refuse naming it."""
+    def _damaged(self, step: int, problem: str, steps: list[int]) -> tuple[int, dict, list[int]]:
+        """``step`` failed verification: find the newest good older step. Under ``on_corrupt
+        = "fallback"``, when the latest was asked for, return it with the damaged steps (the
+        caller moves them into ``damaged/`` once the good step fits the job); else refuse
+        naming it."""
         bad, good, saved = [step], None, None
         for older in reversed([s for s in steps if s < step]):
             saved, older_problem = manifest.verify(self._path(older), older)
@@ -243,16 +256,7 @@ class CheckpointManager:
                 f"checkpoint {path} is damaged ({problem}); the newest good checkpoint is "
                 f"step-{good}: set {fix}, or restore the files"
             )
-        self._move_aside(bad, "damaged")
-        logger.warning(
-            "checkpoint %s is damaged (%s): moved it to %s and resuming from step-%d "
-            "(checkpoint.on_corrupt = fallback)",
-            path,
-            problem,
-            self.folder / "damaged",
-            good,
-        )
-        return good, saved
+        return good, saved, bad
 
     def _move_aside(self, steps: list[int], into: str) -> None:
         """Move step folders into ``<folder>/<into>/`` (rank 0; every rank waits); nothing
