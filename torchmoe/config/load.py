@@ -145,6 +145,10 @@ def parse_cli(argv: list[str]) -> tuple[str | None, list[tuple[str, str]], set[s
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg == "-h":
+            flags.add("help")
+            i += 1
+            continue
         if not arg.startswith("--"):
             raise ConfigError(
                 f"unexpected argument {arg!r}; overrides look like --section.key value"

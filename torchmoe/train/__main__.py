@@ -1,7 +1,8 @@
 """Entry point: ``python -m torchmoe.train [--config FILE] [--section.key value ...]``.
 
-``--print-config`` prints the resolved config as TOML and exits; ``--help`` prints it with every
-key's meaning and range. With ``COMM_MODE=fake`` and ``WORLD_SIZE=N`` it plans the layout for N
+``--print-config`` prints the resolved config as TOML and exits; ``-h``/``--help`` prints the
+usage, the environment variables (launch_env.py) and the config with every key's meaning and
+range. With ``COMM_MODE=fake`` (or ``fake_backend``) and ``WORLD_SIZE=N`` it plans the layout for N
 ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors
 print one line and exit with status 2; a non-finite loss prints one line and exits with status 1;
 SIGTERM, SIGINT or SIGUSR1 during training saves a checkpoint and exits 0 (preemption.py).
@@ -14,34 +15,38 @@ import sys
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config, to_toml
+from torchmoe.train.launch_env import USAGE, dry_run_requested, log_ranks, with_config_file
 
 
-def _setup_logging() -> None:
+def _setup_logging(shown: set[int]) -> None:
+    """Info lines from the ranks LOG_RANK names, each line tagged with its rank when several
+    are shown; warnings and errors from every rank."""
     rank = int(os.environ.get("RANK", "0"))
-    log_rank = int(os.environ.get("LOG_RANK", "0"))
+    tag = f"rank {rank} " if len(shown) > 1 else ""
     logging.basicConfig(
-        level=logging.INFO if rank == log_rank else logging.WARNING,
-        format="[torchmoe %(asctime)s] %(message)s",
+        level=logging.INFO if rank in shown else logging.WARNING,
+        format=f"[torchmoe {tag}%(asctime)s] %(message)s",
         datefmt="%H:%M:%S",
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = with_config_file(sys.argv[1:] if argv is None else argv)
     try:
         cfg, flags = load_config(argv)
+        dry_run, shown = dry_run_requested(), log_ranks()  # bad values: one line, even here
         if "help" in flags:
-            print(to_toml(cfg, with_help=True))
+            print(USAGE + to_toml(cfg, with_help=True))
             return 0
         if "print-config" in flags:
             print(to_toml(cfg))
             return 0
-        if os.environ.get("COMM_MODE") == "fake":
+        if dry_run:
             from torchmoe.parallel.dry_run import dry_run
 
             dry_run(cfg)
             return 0
-        _setup_logging()
+        _setup_logging(shown)
         from torchmoe.train.preemption import stop_signals
         from torchmoe.train.process_link import die_with_launcher
         from torchmoe.train.trainer import NonFiniteLossError, Trainer
