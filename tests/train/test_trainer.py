@@ -3,6 +3,7 @@
 These run on the CPU in float32 even where a GPU exists: exactness is the point."""
 
 import functools
+import logging
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.train import trainer as trainer_module
+from torchmoe.train.metrics import duration
 from torchmoe.train.trainer import NonFiniteLossError
 
 Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
@@ -202,3 +204,26 @@ def test_logits_are_freed_before_backward_with_an_eager_loss(tiny_config):
     trainer.loss_fn = watched
     trainer.train_step()
     assert alive_in_backward == [False]
+
+
+def test_the_first_step_is_logged_and_the_run_ends_with_a_summary(tiny_config, caplog):
+    quiet = {"metrics.log_freq": 10, "checkpoint.enable": "true", "checkpoint.interval": 4}
+    with caplog.at_level(logging.INFO):
+        losses = Trainer(tiny_config(**quiet)).train()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split("|")[0].split()[1] for line in logged] == ["1", "4"]  # first and last
+    best = min(range(4), key=losses.__getitem__)
+    assert (
+        "done: steps 1-4 in " in caplog.text
+        and f"final loss {losses[-1]:.4f}, best {losses[best]:.4f} at step {best + 1}"
+        in caplog.text
+    )
+    assert "checkpoints in " in caplog.text and "metrics.jsonl" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        Trainer(tiny_config(**{**quiet, "training.steps": 6})).train()
+    assert "step     5 |" in caplog.text and "done: steps 5-6 in " in caplog.text
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [duration(s) for s in (4.25, 190, 3720)] == ["4.2s", "3m10s", "1h02m"]

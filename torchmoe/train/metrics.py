@@ -55,6 +55,15 @@ class Window:
     moe: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m10s`` or ``42.0s``: a run's time as a person reads it."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
 class MetricsLogger:
     def __init__(
         self, cfg: JobConfig, flops_per_token: float, device: torch.device, dtype: torch.dtype

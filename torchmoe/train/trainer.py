@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ from torchmoe.train.folder_lock import folder_lock
 from torchmoe.train.freeze import ExpertFreezer, freeze_routers
 from torchmoe.train.loss import build_loss_fn
 from torchmoe.train.memory import check_model_fits
-from torchmoe.train.metrics import MetricsLogger
+from torchmoe.train.metrics import MetricsLogger, duration
 from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 from torchmoe.train.preemption import StopRequest, stop_signals
@@ -363,6 +364,7 @@ class Trainer:
         tokens_per_gpu = self.global_tokens // self.dims.world_size  # tp ranks share a batch
         losses = []
         first_step = self.state.step
+        started = time.perf_counter()
         signum = stop.agreed()
         while not signum and self.state.step < cfg.training.steps:
             result = self.train_step()
@@ -371,13 +373,34 @@ class Trainer:
             self.metrics.record_step(tokens_per_gpu, result.loss, result.moe)
             step = self.state.step
             signum = stop.agreed()
-            if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or signum:
+            # the run's first step is logged too: no silence until log_freq on a slow machine
+            first = step == first_step + 1
+            if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or first or signum:
                 self.metrics.log(step, result.grad_norm, result.lr)
             self.checkpoint.maybe_save(step, cfg.training.steps)
         if signum:
             self._stop(signal.Signals(signum).name, stop, first_step)
         self.checkpoint.finish()
+        if losses:
+            self._summary(losses, first_step, time.perf_counter() - started)
         return losses
+
+    def _summary(self, losses: list[float], first_step: int, seconds: float) -> None:
+        """The run's last line: what ran, how the loss ended, where the outputs are."""
+        best = min(range(len(losses)), key=losses.__getitem__)
+        where = [f"metrics in {self.metrics.jsonl}"] if self.metrics.jsonl else []
+        if self.cfg.checkpoint.enable and self.checkpoint.saved_steps():
+            where.insert(0, f"checkpoints in {self.checkpoint.folder}")
+        logger.info(
+            "done: steps %d-%d in %s; final loss %.4f, best %.4f at step %d%s",
+            first_step + 1,
+            self.state.step,
+            duration(seconds),
+            losses[-1],
+            losses[best],
+            first_step + 1 + best,
+            "; " + ", ".join(where) if where else "",
+        )
 
     def _stop(self, name: str, stop: StopRequest, first_step: int) -> None:
         """A stop signal: save the step just finished (unless saved already) and say so."""
