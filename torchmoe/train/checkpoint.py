@@ -139,12 +139,12 @@ class CheckpointManager:
                 f"checkpoint.load_step = {step}: no checkpoint step-{step} in "
                 f"{self.folder} (saved steps: {have})"
             )
+        bad: list[int] = []  # damaged steps set aside under on_corrupt = "fallback"
         if step == 0 and _unverified(self._path(0)):  # a seed an older torchmoe wrote
             logger.warning("%s has no manifest: its weights load unverified", self._path(0))
         else:
             # a seed may be a copy of any step's folder: its files count, not its step
             saved, problem = manifest.verify(self._path(step), step or None)
-            bad: list[int] = []
             if problem:
                 damaged_path = self._path(step)
                 step, saved, bad = self._damaged(step, problem, steps)
@@ -159,7 +159,8 @@ class CheckpointManager:
                     self.folder / "damaged",
                     step,
                 )
-        self._check_lineage(step, [s for s in self.saved_steps() if s > step])
+        # from the listing every rank took before rank 0 moved anything (listing again races)
+        self._check_lineage(step, [s for s in steps if s > step and s not in bad])
         self._restore(step)
         return step
 
