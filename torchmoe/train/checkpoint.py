@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -38,7 +37,7 @@ from torchmoe.train.checkpoint_states import (
     TrainState,
 )
 from torchmoe.train.checkpoint_writer import CheckpointWriter, step_numbers
-from torchmoe.train.ranks import barrier, is_lead
+from torchmoe.train.ranks import barrier, distributed, is_lead
 
 logger = logging.getLogger(__name__)
 # What one checkpoint holds per parameter: fp32 weight + AdamW's two fp32 moments.
@@ -348,7 +347,7 @@ class CheckpointManager:
 
     def save_seed(self) -> None:
         """Write the freshly initialised weights as step-0 (see module docstring)."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed():
             raise ConfigError(
                 "checkpoint.create_seed_checkpoint: run it on one rank (NGPU=1), "
                 "then start the parallel run from the same checkpoint.folder"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torchmoe.config.schema import JobConfig
 from torchmoe.train.metrics_file import follow_checkpoint
 from torchmoe.train.moe_stats import moe_log_row
+from torchmoe.train.ranks import is_lead
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class MetricsLogger:
         self.peak = peak_flops(device, dtype)
         self.window = Window()
         dump = Path(cfg.job.dump_folder)
-        lead = not dist.is_initialized() or dist.get_rank() == 0  # one writer per file
+        lead = is_lead()  # one writer per file
         self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl and lead else None
         self.tb = None
         if cfg.metrics.enable_tensorboard and lead:

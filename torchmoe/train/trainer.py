@@ -51,6 +51,7 @@ from torchmoe.train.metrics import MetricsLogger, duration
 from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 from torchmoe.train.preemption import StopRequest, stop_signals
+from torchmoe.train.ranks import is_lead
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,7 @@ class Trainer:
         return. Returns the loss of every step run here. Rank 0 holds the locks of the output
         folder and of a checkpoint folder outside it meanwhile (one run per folder:
         folder_lock.py)."""
-        lead = not dist.is_initialized() or dist.get_rank() == 0
+        lead = is_lead()
         dump, checkpoints = Path(self.cfg.job.dump_folder), self.checkpoint.folder
         with ExitStack() as held:
             held.enter_context(folder_lock(dump, enabled=lead))
