@@ -1,16 +1,22 @@
 import json
-import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import datasets
 import pytest
 import torch
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
-from torchmoe.data.datasets import ShuffledDocuments, StreamedDocuments
-from torchmoe.data.loader import PackedLoader, build_dataloader
+from torchmoe.data.bad_rows import BadDataError, BadRowCounter
+from torchmoe.data.datasets import ListTable, StreamedDocuments
+from torchmoe.data.global_order import GlobalOrder
+from torchmoe.data.loader import PackedLoader, build_dataloader, row_counts
+from torchmoe.data.prefetch import Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def random_docs(rng: random.Random, n: int) -> list[str]:
@@ -19,45 +25,90 @@ def random_docs(rng: random.Random, n: int) -> list[str]:
 
 
 def loader(
-    docs: list[str], tokenizer: Tokenizer, seed: int, seq_len: int = 16, batch_size: int = 3
+    docs: list[Any],
+    tokenizer: Tokenizer,
+    seed: int,
+    seq_len: int = 16,
+    batch_size: int = 3,
+    dp: tuple[int, int] = (0, 1),
+    accumulation: int = 1,
+    field: str | None = None,
+    max_bad: float = 0.001,
 ) -> PackedLoader:
-    return PackedLoader(ShuffledDocuments(docs, "x", 0, 1, seed), tokenizer, seq_len, batch_size)
+    return PackedLoader(
+        ListTable(docs, "docs", field),
+        tokenizer,
+        seq_len,
+        batch_size,
+        dp_rank=dp[0],
+        dp_world=dp[1],
+        accumulation=accumulation,
+        seed=seed,
+        bad_rows=BadRowCounter(max_bad),
+    )
 
 
-def take(batches: PackedLoader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def take(batches: Any, n: int) -> list[Batch]:
     return [next(batches) for _ in range(n)]
 
 
-def assert_same(
-    a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]
-) -> None:
+def assert_same(a: list[Batch], b: list[Batch]) -> None:
     assert len(a) == len(b)
     for (x1, y1), (x2, y2) in zip(a, b):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
-def test_batches_are_the_document_stream_shifted(rng: random.Random, bundled: Tokenizer) -> None:
+def json_round_trip(state: dict) -> dict:
+    return json.loads(json.dumps(state))
+
+
+def global_batches(loaders: list[PackedLoader], accumulation: int, steps: int) -> list[Batch]:
+    """Each step's rows over every rank and micro-batch, in row order."""
+    out = []
+    for _ in range(steps):
+        parts = [next(r) for r in loaders for _ in range(accumulation)]
+        out.append((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])))
+    return out
+
+
+def layout(docs: list[str], tok: Tokenizer, seed: int, rows: int, dp: int, acc: int) -> list:
+    local = rows // (dp * acc)
+    return [
+        loader(docs, tok, seed, batch_size=local, dp=(r, dp), accumulation=acc) for r in range(dp)
+    ]
+
+
+def test_rows_are_the_streams_of_the_global_order(rng: random.Random, bundled: Tokenizer) -> None:
     docs = random_docs(rng, 30)
-    seed, seq_len, batch_size = rng.randrange(1000), rng.randint(4, 40), rng.randint(1, 4)
-    source = ShuffledDocuments(docs, "x", 0, 1, seed)
-    stream: list[int] = []
-    for _ in range(2 * len(docs)):  # two epochs, more than the batches below use
-        stream += bundled.encode(next(source)) + [bundled.eos_id]
-    n_batches = (len(stream) - 1) // (seq_len * batch_size)
+    seed, seq_len, rows = rng.randrange(1000), rng.randint(4, 40), rng.randint(1, 4)
+    order = GlobalOrder(len(docs), seed)
+    streams = []
+    for j in range(rows):  # two epochs' worth, more than the batches below use
+        tokens: list[int] = []
+        for k in range(2 * len(docs)):
+            tokens += bundled.encode(docs[order[j + k * rows]]) + [bundled.eos_id]
+        streams.append(tokens)
+    n_batches = (min(map(len, streams)) - 1) // seq_len
 
-    batches = take(loader(docs, bundled, seed, seq_len, batch_size), n_batches)
-    for inputs, labels in batches:
-        assert inputs.shape == labels.shape == (batch_size, seq_len)
+    batches = take(loader(docs, bundled, seed, seq_len, rows), n_batches)
+    for b, (inputs, labels) in enumerate(batches):
+        assert inputs.shape == labels.shape == (rows, seq_len)
         assert inputs.dtype == labels.dtype == torch.int64
-    inputs = torch.cat([x.flatten() for x, _ in batches]).tolist()
-    labels = torch.cat([y.flatten() for _, y in batches]).tolist()
-    assert inputs == stream[: len(inputs)]
-    assert labels == stream[1 : len(inputs) + 1]
+        for j in range(rows):
+            assert inputs[j].tolist() == streams[j][b * seq_len : (b + 1) * seq_len]
+            assert labels[j].tolist() == streams[j][b * seq_len + 1 : (b + 1) * seq_len + 1]
 
 
-def test_same_seed_same_batches_other_seed_other_order(
+def test_global_batches_are_the_same_at_every_layout(
     rng: random.Random, bundled: Tokenizer
 ) -> None:
+    docs, seed = random_docs(rng, 25), rng.randrange(1000)
+    reference = global_batches(layout(docs, bundled, seed, 4, 1, 1), 1, 12)
+    for dp, acc in [(1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]:
+        assert_same(global_batches(layout(docs, bundled, seed, 4, dp, acc), acc, 12), reference)
+
+
+def test_other_seed_other_order(rng: random.Random, bundled: Tokenizer) -> None:
     docs = random_docs(rng, 20)
     seed = rng.randrange(1000)
     first = take(loader(docs, bundled, seed), 5)
@@ -66,36 +117,125 @@ def test_same_seed_same_batches_other_seed_other_order(
     assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
 
 
-@pytest.mark.parametrize("k", [0, 1, 3, 8, 13])
+@pytest.mark.parametrize("k", [0, 1, 3, 8, 13, 40])
 def test_resume_yields_the_uninterrupted_batches(
     rng: random.Random, bundled: Tokenizer, k: int
 ) -> None:
-    docs = random_docs(rng, 12)
-    seed = rng.randrange(1000)
+    docs, seed = random_docs(rng, 12), rng.randrange(1000)
     uninterrupted = loader(docs, bundled, seed)
     take(uninterrupted, k)
-    state = pickle.loads(pickle.dumps(uninterrupted.state_dict()))
+    state = json_round_trip(uninterrupted.state_dict())
     resumed = loader(docs, bundled, seed)
     resumed.load_state_dict(state)
-    expected = take(uninterrupted, 12)
-    while uninterrupted.state_dict()["documents"]["epoch"] == state["documents"]["epoch"]:
-        expected.append(next(uninterrupted))  # make sure the comparison crosses an epoch end
-    assert_same(take(resumed, len(expected)), expected)
+    assert_same(take(resumed, 30), take(uninterrupted, 30))  # 30 batches cross an epoch end
+
+
+@pytest.mark.parametrize("new_dp", [1, 2])
+def test_resume_at_another_data_parallel_size(
+    rng: random.Random, bundled: Tokenizer, new_dp: int
+) -> None:
+    """A checkpoint gathers every rank's streams; a rank of any layout takes its own."""
+    docs, seed = random_docs(rng, 20), rng.randrange(1000)
+    before = layout(docs, bundled, seed, 4, 4, 1)
+    global_batches(before, 1, rng.randint(1, 9))
+    saved: dict[str, Any] = {}
+    for rank in before:
+        saved |= json_round_trip(rank.state_dict())
+    acc = 4 // new_dp
+    after = layout(docs, bundled, seed, 4, new_dp, acc)
+    for rank in after:
+        rank.load_state_dict({k: saved[k] for k in rank.state_dict()})
+    assert_same(global_batches(after, acc, 10), global_batches(before, 1, 10))
+
+
+def test_resume_with_another_seed_or_global_batch_is_an_error(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
+    docs = random_docs(rng, 10)
+    state = loader(docs, bundled, seed=1).state_dict()
+    with pytest.raises(ConfigError, match=r"resume with the same training.seed, global batch"):
+        loader(docs, bundled, seed=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match=r"'rows_per_batch': 3.*'rows_per_batch': 6"):
+        loader(docs, bundled, seed=1, batch_size=3, accumulation=2).load_state_dict(state)
 
 
 def test_state_is_plain_python(rng: random.Random, bundled: Tokenizer) -> None:
     batches = loader(random_docs(rng, 5), bundled, seed=0)
     take(batches, 2)
-
-    def plain(value: object) -> bool:
-        if isinstance(value, dict):
-            return all(isinstance(k, str) and plain(v) for k, v in value.items())
-        if isinstance(value, list):
-            return all(plain(v) for v in value)
-        return isinstance(value, (int, str, float, bool, type(None)))
-
     state = batches.state_dict()
-    assert plain(state) and state["tokens"]
+    assert json_round_trip(state) == state and state["stream_0"]["tokens"]
+
+
+def records_with_bad_rows(rng: random.Random, n: int, bad_every: int) -> list[Any]:
+    """JSON-like records where every bad_every-th one has no usable text, of varied kinds."""
+    bad = [{"text": None}, {"text": 3}, {"body": "x"}, {"text": " "}, "not a record"]
+    docs = random_docs(rng, n)
+    return [rng.choice(bad) if i % bad_every == 0 else {"text": d} for i, d in enumerate(docs)]
+
+
+def test_bad_rows_are_skipped_counted_and_resumed_exactly(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
+    records = records_with_bad_rows(rng, 40, bad_every=7)  # 6 bad of 40
+    seed = rng.randrange(1000)
+
+    def make() -> PackedLoader:
+        return loader(records, bundled, seed, field="text", max_bad=0.01)  # 10 allowed
+
+    uninterrupted = make()
+    batches = take(uninterrupted, 12)
+    tokens = {t for x, _ in batches for t in x.flatten().tolist()}
+    assert bundled.eos_id in tokens  # documents were read and packed
+    rows, bad = row_counts(uninterrupted.state_dict())
+    assert 0 < bad < rows and bad == sum(uninterrupted.bad_rows.by_file.values())
+    state = json_round_trip(uninterrupted.state_dict())
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert_same(take(resumed, 10), take(uninterrupted, 10))
+    assert row_counts(resumed.state_dict()) == row_counts(uninterrupted.state_dict())
+
+
+def test_too_many_bad_rows_stop_with_one_line(rng: random.Random, bundled: Tokenizer) -> None:
+    records = records_with_bad_rows(rng, 30, bad_every=2)  # half bad: more than 1 in 1000
+    with pytest.raises(
+        BadDataError,
+        match=r"^data: 2 of \d+ rows read are bad, more than data.max_bad_fraction = 0.001 "
+        r"allows \(last: docs row \d+: .*\); fix or drop",
+    ):
+        take(loader(records, bundled, seed=0, field="text"), 20)
+
+
+def test_prefetched_batches_and_positions_equal_the_plain_loader(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
+    docs, seed = random_docs(rng, 15), rng.randrange(1000)
+    plain = loader(docs, bundled, seed)
+    ahead = Prefetcher(loader(docs, bundled, seed), depth=3)
+    for _ in range(8):
+        assert_same([next(ahead)], [next(plain)])
+        assert ahead.state_dict() == plain.state_dict()  # after the batch taken, not those made
+    resumed = Prefetcher(loader(docs, bundled, seed), depth=2)
+    take(resumed, 3)  # its thread is ahead of this position: loading drops those batches
+    resumed.load_state_dict(json_round_trip(ahead.state_dict()))
+    assert_same(take(resumed, 10), take(plain, 10))
+    ahead.close()
+    resumed.close()
+
+
+def test_a_loader_error_reaches_the_trainer_at_its_batch(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
+    records = [{"text": d} for d in random_docs(rng, 8)] + [{"text": 1}] * 8
+    plain = loader(records, bundled, seed=0, field="text", batch_size=1)
+    good = 0
+    with pytest.raises(BadDataError):
+        while True:
+            next(plain)
+            good += 1
+    ahead = Prefetcher(loader(records, bundled, seed=0, field="text", batch_size=1), depth=4)
+    take(ahead, good)
+    with pytest.raises(BadDataError):
+        next(ahead)
 
 
 def test_resume_of_a_streamed_dataset(
@@ -117,7 +257,7 @@ def test_resume_of_a_streamed_dataset(
     uninterrupted = streamed_loader()
     take(uninterrupted, rng.randint(1, 10))
     resumed = streamed_loader()
-    resumed.load_state_dict(pickle.loads(pickle.dumps(uninterrupted.state_dict())))
+    resumed.load_state_dict(json_round_trip(uninterrupted.state_dict()))
     assert_same(take(resumed, 20), take(uninterrupted, 20))
 
 
@@ -129,6 +269,8 @@ def test_build_dataloader_on_stdlib_docs(
     (x0, y0), (x1, _) = next(ranks[0]), next(ranks[1])
     assert x0.shape == (2, 64) and torch.equal(y0[:, :-1], x0[:, 1:])
     assert not torch.equal(x0, x1)
-    tokens = x0.flatten().tolist()
+    tokens = x0[0].tolist()  # row 0 starts with the first document of its stream
     first = tokens[: tokens.index(bundled.eos_id)] if bundled.eos_id in tokens else tokens
     assert any(bundled.encode(doc)[: len(first)] == first for doc in stdlib_docs)
+    for rank in ranks:
+        rank.close()

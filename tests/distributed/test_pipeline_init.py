@@ -1,4 +1,5 @@
-"""Without a seed checkpoint each pipeline stage initialises from its own seed."""
+"""Without a seed checkpoint each pipeline stage's blocks start from their own weights: each
+parameter is drawn by name (named_init.py), not from one stream that every stage restarts."""
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -10,6 +10,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
 from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.registry import get_model_spec
+from torchmoe.config.schema import Parallelism
 from torchmoe.parallel.dims import DENSE_DIMS, EXPERT_DIMS, ParallelDims
 
 
@@ -112,3 +113,15 @@ def test_one_of_autocast_or_fsdp_mixed_precision_in_every_layout(degrees, fsdp):
     assert dims.fsdp_enabled == fsdp
     assert dims.mixed_precision(torch.bfloat16) == ("fsdp" if fsdp else "autocast")
     assert dims.mixed_precision(torch.float32) == "none"
+
+
+def test_the_header_shows_the_degrees_as_given_and_as_resolved():
+    p = Parallelism(dp_shard=2, ep=2)
+    line = ParallelDims.from_config(p, 4).describe(p)
+    assert "given dp_replicate 1 dp_shard 2 cp 1 tp 1 pp 1 ep 2 etp 1;" in line
+    assert (
+        "data-parallel 4 (replicate 1 x dense FSDP 4), experts over ep 2 x etp 1 with FSDP 2"
+        in line
+    )
+    auto = Parallelism(tp=2)
+    assert "dp_shard -1 (the rest)" in ParallelDims.from_config(auto, 4).describe(auto)

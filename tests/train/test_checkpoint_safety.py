@@ -71,10 +71,11 @@ def test_loop_state_is_saved_as_json_and_resumes(tiny_config):
 
 def test_a_checkpoint_with_pickled_loop_state_is_refused_in_one_line(tiny_config, monkeypatch):
     """Checkpoints written before the JSON format: their state is never unpickled."""
+    as_json = checkpoint_states.JSONState.state_dict
     monkeypatch.setattr(
         checkpoint_states.JSONState,
         "state_dict",
-        lambda self: {self.key: pickle.dumps(self.obj.state_dict())},
+        lambda self: {k: pickle.dumps(json.loads(v)) for k, v in as_json(self).items()},
     )
     Trainer(tiny_config(**CKPT)).train()
     monkeypatch.undo()

@@ -43,7 +43,7 @@ def test_run_train_sh_trains_the_default_recipe_through_torchrun(tmp_path, data_
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == [1, 2, 3]
-    assert "step     3 | loss" in proc.stdout + proc.stderr
+    assert "step 3/3 (100%) | loss" in proc.stdout + proc.stderr
 
 
 def test_fsdp2_x_ep2_on_four_cpu_ranks(tmp_path, data_cache):
@@ -55,8 +55,9 @@ def test_fsdp2_x_ep2_on_four_cpu_ranks(tmp_path, data_cache):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
-    assert "4 ranks: dp_replicate 1 dp_shard 4 tp 1 pp 1 ep 2 (edp 2)" in out
-    assert "step     3 | loss" in out
+    assert "4 ranks: given dp_replicate 1 dp_shard 2 cp 1 tp 1 pp 1 ep 2 etp 1;" in out
+    assert "resolved: data-parallel 4 (replicate 1 x dense FSDP 4)" in out
+    assert "step 3/3 (100%) | loss" in out
 
 
 def test_two_nodes_with_static_rendezvous(tmp_path, data_cache):
@@ -79,7 +80,8 @@ def test_two_nodes_with_static_rendezvous(tmp_path, data_cache):
     ]
     outs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    assert "2 ranks: dp_replicate 1 dp_shard 2" in outs[0]
+    assert "2 ranks: given dp_replicate 1 dp_shard -1 (the rest)" in outs[0]
+    assert "resolved: data-parallel 2 (replicate 1 x dense FSDP 2)" in outs[0]
 
 
 def test_deepseek_v3_recipe_with_size_overrides(tmp_path, data_cache):

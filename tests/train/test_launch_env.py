@@ -52,7 +52,7 @@ def test_a_log_rank_list_shows_each_ranks_log(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     for rank in (0, 1):
-        assert f"[torchmoe rank {rank} " in out and out.count("step     3 | loss") == 2
+        assert f"[torchmoe rank {rank} " in out and out.count("step 3/3 (100%) | loss") == 2
 
 
 def test_the_console_script_runs_the_entry_point():

@@ -211,7 +211,14 @@ def test_the_first_step_is_logged_and_the_run_ends_with_a_summary(tiny_config, c
     with caplog.at_level(logging.INFO):
         losses = Trainer(tiny_config(**quiet)).train()
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert [line.split("|")[0].split()[1] for line in logged] == ["1", "4"]  # first and last
+    assert [line.split("|")[0].split()[1] for line in logged] == ["1/4", "4/4"]  # first, last
+    first, last = logged
+    assert first.startswith("step 1/4 (25%) | ") and last.startswith("step 4/4 (100%) | ")
+    # the step's own loss; the window mean beside it, labelled, when the window has steps
+    assert f"| loss {losses[0]:.4f} | " in first
+    assert f"| loss {losses[3]:.4f} (mean of 3: {sum(losses[1:]) / 3:.4f}) | " in last
+    for label in ("tok/s/rank ", "tflops/rank ", "mem (host peak rss) ", "| eta "):
+        assert label in first
     best = min(range(4), key=losses.__getitem__)
     assert (
         "done: steps 1-4 in " in caplog.text
@@ -222,7 +229,7 @@ def test_the_first_step_is_logged_and_the_run_ends_with_a_summary(tiny_config, c
     caplog.clear()
     with caplog.at_level(logging.INFO):
         Trainer(tiny_config(**{**quiet, "training.steps": 6})).train()
-    assert "step     5 |" in caplog.text and "done: steps 5-6 in " in caplog.text
+    assert "step 5/6 (83%) |" in caplog.text and "done: steps 5-6 in " in caplog.text
 
 
 def test_durations_read_as_a_person_says_them():

@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli
 
+from torchmoe.config import flavor_conflicts
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.registry import get_model_spec
 from torchmoe.config.schema import JobConfig, section_types
@@ -212,6 +213,7 @@ def build_config(toml: dict, overrides: list[tuple[str, str]], where: str = "rec
     flavor = _flavor_values(
         model_sec.get("name", cfg.model.name), model_sec.get("flavor", cfg.model.flavor)
     )
+    explicit = {f"{section}.{key}" for section, table in values.items() for key in table}
     for section, table in flavor.items():
         for key, value in table.items():
             values.setdefault(section, {}).setdefault(key, value)
@@ -221,6 +223,8 @@ def build_config(toml: dict, overrides: list[tuple[str, str]], where: str = "rec
         for key, value in table.items():
             _check_range(fmap[key], f"{section}.{key}", value)
             setattr(sec, key, value)
+    from_flavor = {f"{section}.{key}" for section, table in flavor.items() for key in table}
+    flavor_conflicts.resolve(cfg, explicit, from_flavor - explicit)
     return cfg
 
 

@@ -247,6 +247,20 @@ class Data:
         "Where generated data (and, when set, HF datasets' cache under "
         "<cache_dir>/huggingface) is kept; '' = ~/.cache/torchmoe.",
     )
+    max_bad_fraction: float = opt(
+        0.001,
+        "Rows without a usable document (not UTF-8, not JSON, no or non-text text_field, "
+        "empty) are skipped and counted; above this fraction of the rows read (judged over at "
+        "least 1000 rows) the run stops, naming the file, row and reason.",
+        ge=0,
+        le=0.5,
+    )
+    prefetch_batches: int = opt(
+        2,
+        "Batches tokenized and packed ahead of the step in a background thread; 0 = made "
+        "on demand in the training thread.",
+        ge=0,
+    )
 
 
 @dataclass
@@ -302,6 +316,23 @@ class Metrics:
         True,
         "Append each log line to job.dump_folder/metrics.jsonl "
         "(rank 0 writes it, and the TensorBoard files).",
+    )
+    collapse_max_over_mean: float = opt(
+        4.0,
+        "Collapse warning: an MoE layer whose busiest expert gets more than this many times "
+        "the mean load over a log window; 0 = not checked.",
+        ge=0,
+    )
+    collapse_dead_experts: int = opt(
+        1,
+        "Collapse warning: an MoE layer where at least this many experts got no token in a "
+        "log window; 0 = not checked.",
+        ge=0,
+    )
+    collapse_log_lines: int = opt(
+        3,
+        "Warn when either collapse condition holds for this many log lines in a row; 0 = never.",
+        ge=0,
     )
 
 
@@ -415,6 +446,23 @@ class Quantize:
 
 
 @dataclass
+class Comm:
+    init_timeout_s: float = opt(
+        600,
+        "Seconds a rank may go without progress until its first step ends (building, "
+        "compiling, loading) and while saving a checkpoint; then the job ends, naming the "
+        "ranks that stopped answering (exit status 3).",
+        gt=0,
+    )
+    train_timeout_s: float = opt(
+        300,
+        "Seconds a rank may go without finishing a step, after the first; then the job ends "
+        "as above. The process group's own timeout is set 60 s above both, as a backstop.",
+        gt=0,
+    )
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -429,6 +477,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     quantize: Quantize = field(default_factory=Quantize)
+    comm: Comm = field(default_factory=Comm)
 
 
 def section_types() -> dict[str, type]:

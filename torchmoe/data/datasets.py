@@ -1,99 +1,118 @@
-"""Where documents come from, and which of them each data-parallel rank reads.
+"""Where documents come from: a random-access table of rows, or a streamed hub dataset.
 
-A source is an endless, resumable iterator of document texts for one rank. Sources that allow
-random access (stdlib_docs, local files, downloaded hub datasets) are reshuffled every epoch and
-dealt out round-robin, so ranks see disjoint documents; streamed hub datasets are split with
-``datasets.distributed.split_dataset_by_node`` and resume through their own state_dict.
+Tables (stdlib_docs, local files, downloaded hub datasets) are read in the job's global order
+(global_order.py), which makes the data independent of the layout. Streamed hub datasets have no
+random access: each data-parallel rank reads its ``split_dataset_by_node`` share and resumes
+through the dataset's own state_dict, so they resume only at the same data-parallel size.
+A row without a usable document raises BadRow, which the loader counts and skips.
 """
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 from datasets.distributed import split_dataset_by_node
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
+from torchmoe.data.line_files import LineFiles, field_text
 from torchmoe.data.stdlib_docs import load_stdlib_docs, resolve_cache_dir
 
 # Short names for well-known corpora: (hub name, default config).
 HUB_ALIASES = {"c4": ("allenai/c4", "en"), "fineweb": ("HuggingFaceFW/fineweb", "sample-10BT")}
-# Local file suffix -> the datasets builder that reads it. A .txt file gives one document per line.
-BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_SUFFIXES = ", ".join(BUILDERS)
+# Local file suffixes and their kind. A .txt file gives one document per line; .json is JSON
+# lines or one JSON list of objects.
+KINDS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_SUFFIXES = ", ".join(KINDS)
 
 
-class DocumentStream(Protocol):
-    """Endless document texts for one rank; the state marks the next document exactly."""
+class DocumentTable(Protocol):
+    """Rows by index; ``text`` raises BadRow for a row without a usable document, and ``where``
+    names a row for the log: (file or dataset, 1-based row or line number)."""
 
-    def __iter__(self) -> Iterator[str]: ...
+    def __len__(self) -> int: ...
 
-    def __next__(self) -> str: ...
+    def text(self, index: int) -> str: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def where(self, index: int) -> tuple[str, int]: ...
 
 
-class ShuffledDocuments:
-    """Random-access documents in a fresh order each epoch, drawn from (seed, epoch) alone so every
-    rank computes the same permutation; rank r reads positions r, r + dp_world, ..."""
+class ListTable:
+    """Documents held in memory (stdlib_docs), or the records of JSON list files."""
+
+    def __init__(self, rows: Sequence[Any], name: str, field: str | None = None) -> None:
+        self._rows, self._name, self._field = rows, name, field
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def text(self, index: int) -> str:
+        row = self._rows[index]
+        return row if self._field is None else field_text(row, self._field)
+
+    def where(self, index: int) -> tuple[str, int]:
+        return self._name, index + 1
+
+
+class ArrowTable:
+    """One text column of an Arrow-backed (memory-mapped) HF dataset: parquet files, or a
+    downloaded hub dataset. ``files`` with their row counts name the file of a row."""
 
     def __init__(
-        self, docs: Sequence[str], name: str, dp_rank: int, dp_world: int, seed: int
+        self,
+        dataset: datasets.Dataset,
+        field: str,
+        name: str,
+        files: Sequence[tuple[str, int]] = (),
     ) -> None:
-        if len(docs) < dp_world:
-            raise ConfigError(
-                f"data.dataset = {name!r}: {len(docs)} documents cannot feed {dp_world} "
-                "data-parallel ranks; use a larger dataset"
-            )
-        self._docs, self._rank, self._world, self._seed = docs, dp_rank, dp_world, seed
-        self._epoch, self._index = 0, 0
-        self._order = self._epoch_order()
+        self._ds, self._field, self._name = dataset.select_columns([field]), field, name
+        self._files = [f for f, _ in files]
+        self._first = np.cumsum([0] + [n for _, n in files])
 
-    def __iter__(self) -> Iterator[str]:
-        return self
+    def __len__(self) -> int:
+        return len(self._ds)
 
-    def __next__(self) -> str:
-        if self._index == len(self._order):
-            self._epoch, self._index = self._epoch + 1, 0
-            self._order = self._epoch_order()
-        doc = self._docs[int(self._order[self._index])]
-        self._index += 1
-        return doc
+    def text(self, index: int) -> str:
+        return field_text(self._ds[index], self._field)
 
-    def _epoch_order(self) -> np.ndarray:
-        """This rank's document indices for the epoch; a numpy array, 8 bytes per document."""
-        permutation = np.random.default_rng([self._seed, self._epoch]).permutation(len(self._docs))
-        return permutation[self._rank :: self._world]
+    def where(self, index: int) -> tuple[str, int]:
+        if not self._files:
+            return self._name, index + 1
+        file = int(np.searchsorted(self._first, index, side="right")) - 1
+        return self._files[file], index - int(self._first[file]) + 1
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self._epoch,
-            "index": self._index,
-            "seed": self._seed,
-            "dp_world": self._world,
-            "num_documents": len(self._docs),
-        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        now = {"seed": self._seed, "dp_world": self._world, "num_documents": len(self._docs)}
-        saved = {key: state[key] for key in now}
-        if saved != now:
-            raise ConfigError(
-                f"the checkpointed data position was saved with {saved} but this run has {now}; "
-                "resume with the same training.seed, data-parallel size and data.dataset, or "
-                "set checkpoint.exclude_from_loading = ['dataloader'] to read the data afresh"
-            )
-        self._epoch, self._index = state["epoch"], state["index"]
-        self._order = self._epoch_order()
+class ConcatTable:
+    """Several tables read as one."""
+
+    def __init__(self, tables: list[DocumentTable]) -> None:
+        self._tables = tables
+        self._first = np.cumsum([0] + [len(t) for t in tables])
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    def _locate(self, index: int) -> tuple[DocumentTable, int]:
+        table = int(np.searchsorted(self._first, index, side="right")) - 1
+        return self._tables[table], index - int(self._first[table])
+
+    def text(self, index: int) -> str:
+        table, row = self._locate(index)
+        return table.text(row)
+
+    def where(self, index: int) -> tuple[str, int]:
+        table, row = self._locate(index)
+        return table.where(row)
 
 
 class StreamedDocuments:
-    """A streamed HF dataset, restarted when it runs out (``set_epoch`` reshuffles the next
-    epoch only if the dataset was ``.shuffle()``d); resumption uses its own state_dict."""
+    """A streamed HF dataset, this rank's share, restarted when it runs out (``set_epoch``
+    reshuffles the next epoch only if the dataset was ``.shuffle()``d); resumption uses its own
+    state_dict. ``next_text`` raises BadRow for a bad row (the stream has moved past it)."""
 
     def __init__(
         self,
@@ -106,25 +125,24 @@ class StreamedDocuments:
         if dataset.column_names is not None:
             _check_column(dataset.column_names, text_field, name)
         self._ds = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_world)
-        self._name, self._field = name, text_field
+        self.name, self._field = name, text_field
         self._rows: Iterator[dict[str, Any]] | None = None
+        self.row = 0  # rows this rank read in this process, to name a bad one
 
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
+    def next_text(self) -> str:
         for _ in range(2):  # the rest of this epoch, else a fresh one
             if self._rows is None:
                 self._rows = iter(self._ds)
             row = next(self._rows, None)
             if row is not None:
-                if self._field not in row:
-                    _check_column(list(row), self._field, self._name)
-                return row[self._field]
+                self.row += 1
+                if self.row == 1 and self._field not in row:
+                    _check_column(list(row), self._field, self.name)
+                return field_text(row, self._field)
             self._ds.set_epoch(self._ds.epoch + 1)
             self._rows = None
         raise ConfigError(
-            f"data.dataset = {self._name!r}: this rank's share of the dataset is "
+            f"data.dataset = {self.name!r}: this rank's share of the dataset is "
             "empty; use a larger dataset or fewer data-parallel ranks"
         )
 
@@ -137,46 +155,37 @@ class StreamedDocuments:
         self._rows = None
 
 
-class _TextColumn(Sequence[str]):
-    """One column of an Arrow-backed dataset, read row by row so it need not fit in memory."""
-
-    def __init__(self, dataset: datasets.Dataset, field: str) -> None:
-        self._ds, self._field = dataset.select_columns([field]), field
-
-    def __len__(self) -> int:
-        return len(self._ds)
-
-    def __getitem__(self, index: int) -> str:  # type: ignore[override]
-        return self._ds[index][self._field]
-
-
-def open_documents(cfg: Data, dp_rank: int, dp_world: int, seed: int) -> DocumentStream:
-    """The document source ``data.dataset`` names, as seen by one data-parallel rank."""
+def open_source(cfg: Data, dp_rank: int, dp_world: int) -> DocumentTable | StreamedDocuments:
+    """The documents ``data.dataset`` names: a table, or this rank's share of a stream."""
     if cfg.dataset == "stdlib_docs":
-        return ShuffledDocuments(
-            load_stdlib_docs(cfg.cache_dir), cfg.dataset, dp_rank, dp_world, seed
-        )
+        return _non_empty(ListTable(load_stdlib_docs(cfg.cache_dir), cfg.dataset), cfg)
     path = Path(cfg.dataset).expanduser()
     if path.exists():
-        dataset = _load_local(path, cfg)
-    elif cfg.dataset.startswith(("/", ".", "~")) or path.suffix in BUILDERS:
+        return _non_empty(_open_local(path, cfg), cfg)
+    if cfg.dataset.startswith(("/", ".", "~")) or path.suffix in KINDS:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: no such file or folder; give an "
             f"existing {_SUFFIXES} file or folder, or the default 'stdlib_docs'"
         )
-    else:
-        dataset = _load_hub(cfg)
+    dataset = _load_hub(cfg)
     if isinstance(dataset, datasets.IterableDataset):
         return StreamedDocuments(dataset, cfg.dataset, cfg.text_field, dp_rank, dp_world)
-    _check_column(dataset.column_names, cfg.text_field, cfg.dataset)
-    return ShuffledDocuments(
-        _TextColumn(dataset, cfg.text_field), cfg.dataset, dp_rank, dp_world, seed
-    )
+    _check_text_column(dataset, cfg)
+    return _non_empty(ArrowTable(dataset, cfg.text_field, cfg.dataset), cfg)
 
 
-def _load_local(path: Path, cfg: Data) -> datasets.Dataset:
-    """A local file, or every data file under a folder, read fully (memory-mapped Arrow)."""
-    if path.is_file() and path.suffix not in BUILDERS:
+def _non_empty(table: DocumentTable, cfg: Data) -> DocumentTable:
+    if not len(table):
+        raise ConfigError(
+            f"data.dataset = {cfg.dataset!r} holds no documents (every file is empty); "
+            "point it at a file or folder with data"
+        )
+    return table
+
+
+def _open_local(path: Path, cfg: Data) -> DocumentTable:
+    """A local file, or every data file under a folder (one kind), in sorted order."""
+    if path.is_file() and path.suffix not in KINDS:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: unknown file type {path.suffix!r}; "
             f"give a {_SUFFIXES} file or a folder of them"
@@ -184,18 +193,56 @@ def _load_local(path: Path, cfg: Data) -> datasets.Dataset:
     files = (
         [path]
         if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+        else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in KINDS)
     )
-    builders = {BUILDERS[p.suffix] for p in files}
-    if len(builders) != 1:
-        found = "no" if not builders else "mixed (" + ", ".join(sorted(builders)) + ")"
+    kinds = {KINDS[p.suffix] for p in files}
+    if len(kinds) != 1:
+        found = "no" if not kinds else "mixed (" + ", ".join(sorted(kinds)) + ")"
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r}: the folder has {found} data files; "
             f"give a folder of {_SUFFIXES} files of one kind"
         )
+    kind = kinds.pop()
+    if kind == "parquet":
+        return _open_parquet(files, cfg)
+    if kind == "text":
+        return LineFiles(files, jsonl=False, field=cfg.text_field)
+    lists = [f for f in files if f.suffix == ".json" and _starts_with(f, b"[")]
+    lines = LineFiles([f for f in files if f not in lists], jsonl=True, field=cfg.text_field)
+    record = lines.first_record()
+    if record is not None:
+        _check_column(list(record), cfg.text_field, cfg.dataset)
+    if not lists:
+        return lines
+    return ConcatTable([lines, *(_json_list(f, cfg) for f in lists)])
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
+
+
+def _json_list(path: Path, cfg: Data) -> ListTable:
+    """A .json file holding one list of records, read whole: large data belongs in .jsonl."""
     try:
-        return datasets.load_dataset(
-            builders.pop(),
+        rows = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"data.dataset = {cfg.dataset!r}: {path} is not valid JSON ({_short(e)}); fix it, "
+            "or write one record per line as .jsonl so a bad record costs one row"
+        ) from None
+    if not isinstance(rows, list):
+        raise ConfigError(
+            f"data.dataset = {cfg.dataset!r}: {path} holds a JSON {type(rows).__name__}, not a "
+            "list of records; write one record per line (.jsonl)"
+        )
+    return ListTable(rows, str(path), cfg.text_field)
+
+
+def _open_parquet(files: list[Path], cfg: Data) -> ArrowTable:
+    try:
+        dataset = datasets.load_dataset(
+            "parquet",
             data_files={cfg.split: list(map(str, files))},
             split=cfg.split,
             cache_dir=_hf_cache_dir(cfg),
@@ -205,6 +252,20 @@ def _load_local(path: Path, cfg: Data) -> datasets.Dataset:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r} could not be read ({reason}); check the file's format"
         ) from e
+    _check_text_column(dataset, cfg)
+    counts = [(str(f), pq.ParquetFile(f).metadata.num_rows) for f in files]
+    return ArrowTable(dataset, cfg.text_field, cfg.dataset, counts)
+
+
+def _check_text_column(dataset: datasets.Dataset, cfg: Data) -> None:
+    """The text column exists and holds strings (an int column would make every row bad)."""
+    _check_column(dataset.column_names, cfg.text_field, cfg.dataset)
+    dtype = getattr(dataset.features[cfg.text_field], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise ConfigError(
+            f"data.text_field = {cfg.text_field!r}: the column of {cfg.dataset!r} holds "
+            f"{dtype or dataset.features[cfg.text_field]}, not text; choose the text column"
+        )
 
 
 def _load_hub(cfg: Data) -> datasets.Dataset | datasets.IterableDataset:

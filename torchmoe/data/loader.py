@@ -1,61 +1,160 @@
-"""Packs a rank's documents into fixed-length training batches, resumable to the exact token."""
+"""Packs documents into fixed-length training rows, laid out so that the data does not depend on
+the layout, and resumable to the exact token at any data-parallel size.
 
+Every global batch has R rows (``training.global_batch_size``, or local batch x dp when that is
+-1). Row j of every batch comes from stream j: the documents at global positions j, j + R, ...
+(global_order.py), each tokenized and followed by EOS, joined into one token stream. Batch b's row
+j is the window [b * seq_len, (b + 1) * seq_len + 1) of stream j: consecutive windows share one
+token, so every token is a label exactly once and none is dropped. A rank owns the streams of its
+rows: rank r's a-th micro-batch (gradient accumulation) holds rows (r * A + a) * L ... + L - 1 for
+local batch L. The state is one entry per stream (next position, unread tokens, rows read and
+skipped), so a checkpoint from any data-parallel size restores exactly.
+"""
+
+import copy
 from typing import Any
 
 import torch
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
-from torchmoe.data.datasets import DocumentStream, open_documents
+from torchmoe.data.bad_rows import BadRow, BadRowCounter
+from torchmoe.data.datasets import DocumentTable, StreamedDocuments, open_source
+from torchmoe.data.global_order import GlobalOrder
+from torchmoe.data.prefetch import Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
+
+_RESUME_AFRESH = "set checkpoint.exclude_from_loading = ['dataloader'] to read the data afresh"
+
+
+class _Stream:
+    """One row of every global batch: its next global position (tables only), the tokens read
+    but not yet emitted, and its share of the rows read and skipped."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.position = index, 0
+        self.tokens: list[int] = []
+        self.rows = self.bad = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "tokens": list(self.tokens),  # a copy: the prefetcher keeps it while this one grows
+            "rows": self.rows,
+            "bad": self.bad,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position, self.tokens = state["position"], list(state["tokens"])
+        self.rows, self.bad = state["rows"], state["bad"]
 
 
 class PackedLoader:
-    """Endless ``(inputs, labels)`` batches, int64 tensors of shape [batch_size, seq_len].
-
-    Documents are tokenized as they are reached and joined into one token stream, each followed
-    by EOS, so a document may continue into the next row or batch. The i-th row (counted across
-    batches) is the window [i * seq_len, (i + 1) * seq_len + 1) of the stream: consecutive windows
-    of seq_len + 1 share one token, so every token is a label exactly once and none is dropped.
-    The unread part of the stream and the document position make up the state, so a restored
-    loader continues with identical batches.
-    """
+    """Endless ``(inputs, labels)`` int64 batches of shape [batch_size, seq_len] for one
+    data-parallel rank, micro-batch by micro-batch. ``state_dict`` holds keys ``order`` and
+    ``stream_<j>`` for the rank's streams (and ``streamed_<rank>_of_<dp>`` for a streamed
+    dataset), so that the checkpoint gathers every stream and any layout finds its own."""
 
     def __init__(
-        self, documents: DocumentStream, tokenizer: Tokenizer, seq_len: int, batch_size: int
+        self,
+        source: DocumentTable | StreamedDocuments,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        batch_size: int,
+        *,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        accumulation: int = 1,
+        seed: int = 0,
+        bad_rows: BadRowCounter | None = None,
     ) -> None:
-        self._documents, self._tokenizer = documents, tokenizer
+        self._source, self._tokenizer = source, tokenizer
         self._seq_len, self._batch_size = seq_len, batch_size
-        self._tokens: list[int] = []
-        self._start = 0  # _tokens[:_start] was already emitted; trimmed lazily to avoid copies
+        self.rows_per_batch = batch_size * accumulation * dp_world
+        first = dp_rank * accumulation * batch_size
+        self._streams = [_Stream(j) for j in range(first, first + accumulation * batch_size)]
+        self._next_group, self._groups = 0, accumulation
+        self._order = (
+            None if isinstance(source, StreamedDocuments) else GlobalOrder(len(source), seed)
+        )
+        self._streamed_key = f"streamed_{dp_rank}_of_{dp_world}"
+        self.bad_rows = bad_rows or BadRowCounter(0.001)
 
     def __iter__(self) -> "PackedLoader":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_inputs = self._batch_size * self._seq_len
-        while len(self._tokens) - self._start < n_inputs + 1:
-            self._append_document()
-        window = torch.tensor(
-            self._tokens[self._start : self._start + n_inputs + 1], dtype=torch.int64
-        )
-        self._start += n_inputs  # the last label is the next batch's first input
-        inputs = window[:-1].view(self._batch_size, self._seq_len)
-        labels = window[1:].view(self._batch_size, self._seq_len)
-        return inputs, labels
+        g, L = self._next_group, self._batch_size
+        self._next_group = (g + 1) % self._groups
+        window = torch.tensor([self._window(s) for s in self._streams[g * L : (g + 1) * L]])
+        return window[:, :-1], window[:, 1:]
 
-    def _append_document(self) -> None:
-        del self._tokens[: self._start]
-        self._start = 0
-        self._tokens += self._tokenizer.encode(next(self._documents))
-        self._tokens.append(self._tokenizer.eos_id)
+    def _window(self, stream: _Stream) -> list[int]:
+        """The stream's next seq_len + 1 tokens; the last stays as the next window's first."""
+        while len(stream.tokens) < self._seq_len + 1:
+            stream.tokens += self._tokenizer.encode(self._next_text(stream))
+            stream.tokens.append(self._tokenizer.eos_id)
+        window = stream.tokens[: self._seq_len + 1]
+        del stream.tokens[: self._seq_len]
+        return window
+
+    def _next_text(self, stream: _Stream) -> str:
+        """The stream's next document, skipping (and counting) bad rows."""
+        while True:
+            stream.rows += 1
+            if isinstance(self._source, StreamedDocuments):
+                try:
+                    return self._source.next_text()
+                except BadRow as e:
+                    where, reason = (self._source.name, self._source.row), str(e)
+            else:
+                index = self._order[stream.index + stream.position * self.rows_per_batch]
+                stream.position += 1
+                try:
+                    return self._source.text(index)
+                except BadRow as e:
+                    where, reason = self._source.where(index), str(e)
+            stream.bad += 1
+            rows, bad = sum(s.rows for s in self._streams), sum(s.bad for s in self._streams)
+            self.bad_rows.skip(*where, reason, rows, bad)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python only (ints, lists, dicts), so it goes into a checkpoint as JSON."""
-        return {"documents": self._documents.state_dict(), "tokens": self._tokens[self._start :]}
+        state: dict[str, Any] = {"order": self._order_state()}
+        state |= {f"stream_{s.index}": s.state_dict() for s in self._streams}
+        if self._order is None:
+            state[self._streamed_key] = copy.deepcopy(self._source.state_dict())
+        state["order"]["next_group"] = self._next_group
+        return state
+
+    def _order_state(self) -> dict[str, Any]:
+        if self._order is None:
+            return {"rows_per_batch": self.rows_per_batch, "documents": "streamed"}
+        return {
+            "rows_per_batch": self.rows_per_batch,
+            "documents": self._order.num_documents,
+            "seed": self._order.seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._documents.load_state_dict(state["documents"])
-        self._tokens, self._start = list(state["tokens"]), 0
+        saved = {k: state["order"].get(k) for k in self._order_state()}
+        if saved != self._order_state():
+            raise ConfigError(
+                f"the checkpointed data position was saved with {saved} but this run has "
+                f"{self._order_state()}; resume with the same training.seed, global batch size "
+                f"(training.global_batch_size) and data.dataset, or {_RESUME_AFRESH}"
+            )
+        for s in self._streams:
+            s.load_state_dict(state[f"stream_{s.index}"])
+        if self._order is None:
+            self._source.load_state_dict(state[self._streamed_key])
+        self._next_group = state["order"]["next_group"]
+
+
+def row_counts(state: dict[str, Any]) -> tuple[int, int]:
+    """(rows read, rows skipped as bad) by the streams of a loader state."""
+    streams = [v for k, v in state.items() if k.startswith("stream_")]
+    return sum(s["rows"] for s in streams), sum(s["bad"] for s in streams)
 
 
 def build_dataloader(
@@ -66,8 +165,19 @@ def build_dataloader(
     dp_rank: int,
     dp_world: int,
     seed: int,
-) -> PackedLoader:
-    """The training batches of one data-parallel rank, as configured by ``[data]``."""
-    return PackedLoader(
-        open_documents(cfg, dp_rank, dp_world, seed), tokenizer, seq_len, batch_size
+    accumulation: int = 1,
+) -> Prefetcher:
+    """The training batches of one data-parallel rank, as configured by ``[data]``, produced
+    ``data.prefetch_batches`` ahead in a background thread."""
+    loader = PackedLoader(
+        open_source(cfg, dp_rank, dp_world),
+        tokenizer,
+        seq_len,
+        batch_size,
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        accumulation=accumulation,
+        seed=seed,
+        bad_rows=BadRowCounter(cfg.max_bad_fraction),
     )
+    return Prefetcher(loader, cfg.prefetch_batches)

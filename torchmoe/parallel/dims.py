@@ -69,6 +69,19 @@ class ParallelDims:
         dp_shard = resolve_dp_shard(p, world_size)
         return cls(p.dp_replicate, dp_shard, p.cp, p.tp, p.pp, p.ep, p.etp, world_size)
 
+    def describe(self, p: Parallelism) -> str:
+        """The degrees as the config gave them, then what they resolved to: ``dp_shard 2
+        ep 2`` on 4 ranks is a dense FSDP degree of 4."""
+        given = " ".join(
+            f"{k} {getattr(p, k)}" + (" (the rest)" if k == "dp_shard" and p.dp_shard == -1 else "")
+            for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep", "etp")
+        )
+        return (
+            f"{self.world_size} ranks: given {given}; resolved: data-parallel {self.dp} "
+            f"(replicate {self.dp_replicate} x dense FSDP {self.dp_shard}), experts over "
+            f"ep {self.ep} x etp {self.etp} with FSDP {self.edp}"
+        )
+
     @property
     def dp(self) -> int:
         """Data-parallel ranks: each reads different batches."""

@@ -44,14 +44,14 @@ def build_pipeline(
     dims: ParallelDims,
     cfg: JobConfig,
     plan: Callable,
-    materialize: Callable[[nn.Module, int], None],
+    materialize: Callable[[nn.Module], None],
     device: torch.device,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     hidden_dtype: torch.dtype,
     logits_dtype: torch.dtype,
 ) -> Pipeline:
     """Split ``model`` (meta), parallelize this rank's stages with ``plan`` and
-    ``materialize(part, stage)`` them, and build the schedule, whose
+    ``materialize(part)`` them, and build the schedule, whose
     ``loss_fn(logits, labels)`` is called per micro-batch.
 
     Stage inputs and outputs are given to torch statically: token ids [b, S] into the first
@@ -87,7 +87,7 @@ def build_pipeline(
     )
     for stage in ids:
         part = plan(split_stage(model, layout, stage), dims, cfg)
-        materialize(part, stage)
+        materialize(part)
         first, last = stage == 0, stage == len(layout) - 1
         inputs = torch.empty(b, t.seq_len, dtype=torch.long, device="meta") if first else hidden
         outputs = (

@@ -33,8 +33,10 @@ def _setup_logging(shown: set[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = with_config_file(sys.argv[1:] if argv is None else argv)
     try:
+        shown = log_ranks()  # bad values: one line, even here
+        _setup_logging(shown)  # before the config: it may say which flavor keys gave way
         cfg, flags = load_config(argv)
-        dry_run, shown = dry_run_requested(), log_ranks()  # bad values: one line, even here
+        dry_run = dry_run_requested()
         if "help" in flags:
             print(USAGE + to_toml(cfg, with_help=True))
             return 0
@@ -46,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
             dry_run(cfg)
             return 0
-        _setup_logging(shown)
         from torchmoe.train.preemption import stop_signals
         from torchmoe.train.process_link import die_with_launcher
         from torchmoe.train.trainer import NonFiniteLossError, Trainer

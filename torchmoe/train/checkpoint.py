@@ -102,7 +102,6 @@ class CheckpointManager:
         lr_scheduler: Any,
         dataloader: Any,
         train_state: TrainState,
-        dp_rank: int = 0,
         job: dict | None = None,
         device: torch.device | None = None,
     ):
@@ -112,7 +111,7 @@ class CheckpointManager:
         self.states = {
             "train": ModelAndOptimizer(model, optimizer),
             "lr_scheduler": lr_scheduler,
-            "dataloader": JSONState(dataloader, "data position", f"dp_rank_{dp_rank}"),
+            "dataloader": JSONState(dataloader, "data position", key=None),
             "rng": RNG(),
             "train_state": JSONState(train_state, "step"),
         }
@@ -181,6 +180,8 @@ class CheckpointManager:
             if step:
                 saved = safe_dcp.read_metadata(path).state_dict_metadata
                 self.states["train"].flat = "train.optimizer.param_groups.0.lr" not in saved
+                if "dataloader" in states:
+                    self._check_data_position(path, saved)
             safe_dcp.load(states, path)
         except OldPickledState as e:
             raise ConfigError(
@@ -199,6 +200,19 @@ class CheckpointManager:
             raise self._mismatch(path, e) from e
         self.states["train"].flat = True  # new checkpoints in the current format
         logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
+
+    def _check_data_position(self, path: Path, saved: dict) -> None:
+        """Every stream this rank reads must be in the checkpoint (loader.py): else one line
+        instead of DCP's missing-key error."""
+        keys = self.states["dataloader"].state_dict()
+        missing = [k for k in keys if f"dataloader.{k}" not in saved]
+        if missing:
+            raise ConfigError(
+                f"checkpoint {path} has no data position for {missing[0]} (saved by an older "
+                "torchmoe, with another global batch size, or from a streamed dataset at another "
+                "data-parallel size); resume with the same training.global_batch_size, or set "
+                "checkpoint.exclude_from_loading = ['dataloader'] to read the data afresh"
+            )
 
     def _tidy(self) -> None:
         """Clear what interrupted saves left (rank 0; every rank waits): a ``step-<k>.tmp``
@@ -358,12 +372,15 @@ class CheckpointManager:
     def maybe_save(self, step: int, last_step: int) -> None:
         """Save at every ``interval`` steps and at the last; otherwise finish an async save
         that has completed."""
-        if not self.cfg.enable:
-            return
-        if step % self.cfg.interval and step != last_step:
-            self.writer.poll()
+        if not self.due(step, last_step):
+            if self.cfg.enable:
+                self.writer.poll()
             return
         self.save(step)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether ``maybe_save`` saves after ``step``."""
+        return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
 
     def save(self, step: int) -> None:
         """Save the training state as ``step-<step>`` (in the background in async mode)."""

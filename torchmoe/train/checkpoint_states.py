@@ -55,24 +55,28 @@ class ModelAndOptimizer:
 
 
 class JSONState:
-    """Stateful holder for small Python state (data position, step) saved as one JSON blob,
-    since its shape (e.g. a token buffer's length) is not known before loading, and JSON so
-    that loading it runs nothing (safe_dcp.py). ``key`` tells apart values that differ per
-    rank (each data-parallel rank has its own data position); equal keys on several ranks are
+    """Stateful holder for small Python state (data position, step) saved as JSON blobs, since
+    its shape (e.g. a token buffer's length) is not known before loading, and JSON so that
+    loading it runs nothing (safe_dcp.py). With ``key`` the state is one blob; without, each
+    top-level entry of the state is a blob of its own (the data position: one per stream, so a
+    rank of another layout loads the streams it now owns). Equal keys on several ranks are
     saved once."""
 
-    def __init__(self, obj: Any, what: str, key: str = "blob"):
+    def __init__(self, obj: Any, what: str, key: str | None = "blob"):
         self.obj, self.what, self.key = obj, what, key
 
     def state_dict(self) -> dict:
-        return {self.key: json.dumps(self.obj.state_dict()).encode()}
+        state = self.obj.state_dict()
+        if self.key is not None:
+            state = {self.key: state}
+        return {k: json.dumps(v).encode() for k, v in state.items()}
 
     def load_state_dict(self, sd: dict) -> None:
         try:
-            state = json.loads(sd[self.key])
+            state = {k: json.loads(v) for k, v in sd.items()}
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise OldPickledState(self.what) from None
-        self.obj.load_state_dict(state)
+        self.obj.load_state_dict(state if self.key is None else state[self.key])
 
 
 class OldPickledState(Exception):

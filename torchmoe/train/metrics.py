@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from torchmoe.config.schema import JobConfig
+from torchmoe.train.collapse import CollapseWatch
 from torchmoe.train.metrics_file import follow_checkpoint
 from torchmoe.train.moe_stats import moe_log_row
 from torchmoe.train.ranks import is_lead
@@ -39,10 +40,15 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 
 
 def memory_gib(device: torch.device) -> float:
-    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    """Peak allocated GPU memory, or the process's peak RSS on CPU (``memory_label``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def memory_label(device: torch.device) -> str:
+    """What ``memory_gib`` measures, for the log line."""
+    return "gpu peak alloc" if device.type == "cuda" else "host peak rss"
 
 
 @dataclass
@@ -67,9 +73,15 @@ def duration(seconds: float) -> str:
 
 class MetricsLogger:
     def __init__(
-        self, cfg: JobConfig, flops_per_token: float, device: torch.device, dtype: torch.dtype
+        self,
+        cfg: JobConfig,
+        flops_per_token: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        moe_layer_names: list[str] = (),
     ):
-        """``flops_per_token``: of the whole model (every pipeline stage)."""
+        """``flops_per_token``: of the whole model (every pipeline stage); the MoE layers'
+        names name a collapsing layer (collapse.py)."""
         self.cfg = cfg
         self.device = device
         self.flops_per_token = flops_per_token
@@ -77,6 +89,9 @@ class MetricsLogger:
         self.window = Window()
         dump = Path(cfg.job.dump_folder)
         lead = is_lead()  # one writer per file
+        # every rank has the same (all-reduced) loads: the lead warns
+        names = list(moe_layer_names) if lead else []
+        self.collapse = CollapseWatch(cfg.metrics, names, cfg.moe.num_experts)
         self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl and lead else None
         self.tb = None
         if cfg.metrics.enable_tensorboard and lead:
@@ -101,16 +116,23 @@ class MetricsLogger:
         for key, value in moe.items():
             w.moe[key] = value if key not in w.moe else w.moe[key] + value
 
-    def log(self, step: int, grad_norm: float, lr: float) -> dict:
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, bad_rows: int = 0) -> dict:
+        """One log line and metrics row: ``loss`` is the step's own; the window's mean (every
+        step since the last line) is logged beside it when the window has several steps."""
         w = self.window
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - w.start
         tps = w.tokens / elapsed
         tflops = tps * self.flops_per_token / 1e12
+        total = self.cfg.training.steps
         row = {
             "step": step,
-            "loss": w.loss / w.steps,
+            "loss": loss,
+            "loss_window_mean": w.loss / w.steps,
+            "window_steps": w.steps,
+            "eta_s": (total - step) * elapsed / w.steps,
+            "bad_rows": bad_rows,
             "aux_loss": 0.0,
             "grad_norm": grad_norm,
             "lr": lr,
@@ -121,14 +143,19 @@ class MetricsLogger:
         }
         if "tokens" in w.moe:
             row.update(moe_log_row(w.moe, w.steps, self.cfg.moe.capacity_factor > 0))
+            if self.collapse.names:
+                self.collapse.check(step, row["per_layer"])
         if "mtp_loss" in w.moe:
             row["mtp_loss"] = (w.moe["mtp_loss"] / w.steps).item()
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a"
+        mean = f" (mean of {w.steps}: {row['loss_window_mean']:.4f})" if w.steps > 1 else ""
         line = (
-            f"step {step:5d} | loss {row['loss']:.4f} | aux {row['aux_loss']:.4f} | "
+            f"step {step}/{total} ({100 * step // total}%) | loss {loss:.4f}{mean} | "
+            f"aux {row['aux_loss']:.4f} | "
             + (f"mtp {row['mtp_loss']:.4f} | " if "mtp_loss" in row else "")
-            + f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s {tps:,.0f} | "
-            f"tflops {tflops:.3g} | mfu {mfu} | mem {row['memory_gib']:.2f}GiB"
+            + f"grad_norm {grad_norm:.3f} | lr {lr:.2e} | tok/s/rank {tps:,.0f} | "
+            f"tflops/rank {tflops:.3g} | mfu {mfu} | "
+            f"mem ({memory_label(self.device)}) {row['memory_gib']:.2f}GiB"
         )
         if "per_layer" in row:
             line += (
@@ -138,6 +165,9 @@ class MetricsLogger:
             )
         if "dropped_frac" in row:
             line += f" dropped {100 * row['dropped_frac']:.1f}%"
+        if bad_rows:
+            line += f" | bad rows skipped {bad_rows}"
+        line += f" | eta {duration(row['eta_s'])}"
         logger.info(line)
         self._write(row)
         self.window = Window()

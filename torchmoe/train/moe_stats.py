@@ -36,6 +36,7 @@ class MoEStepStats:
 
     def __init__(self, whole: nn.Module, local: nn.Module, num_experts: int, reduce: bool):
         row_of = {id(m): row for row, (_, m) in enumerate(moe_layers(whole))}
+        self.names = [name for name, _ in moe_layers(whole)]  # by row
         self.num_layers = len(row_of)
         self.layers: list[MoE] = [m for _, m in moe_layers(local)]
         if any(id(m) not in row_of for m in self.layers):

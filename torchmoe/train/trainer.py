@@ -16,13 +16,13 @@ import signal
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor import _random as dtensor_random
 from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.config.errors import ConfigError
@@ -30,7 +30,7 @@ from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.pipeline_keys import microbatches as microbatches_of
 from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
-from torchmoe.data.loader import build_dataloader
+from torchmoe.data.loader import build_dataloader, row_counts
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
@@ -38,6 +38,7 @@ from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_
+from torchmoe.parallel.named_init import init_by_name
 from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
@@ -52,6 +53,7 @@ from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 from torchmoe.train.preemption import StopRequest, stop_signals
 from torchmoe.train.ranks import is_lead
+from torchmoe.train.watchdog import Watchdog, process_group_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +86,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device) -> int:
+def init_distributed(device: torch.device, timeout: timedelta) -> int:
     """Join the process group torchrun describes (if any); returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -102,7 +104,11 @@ class Trainer:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         spec = get_model_spec(cfg.model.name)
-        self.dims = ParallelDims.from_config(cfg.parallelism, init_distributed(self.device))
+        timeouts = (cfg.comm.init_timeout_s, cfg.comm.train_timeout_s)
+        world = init_distributed(self.device, process_group_timeout(*timeouts))
+        # with several ranks, a hung one ends the job in minutes, named (watchdog.py)
+        self.watchdog = Watchdog(*timeouts) if world > 1 else None
+        self.dims = ParallelDims.from_config(cfg.parallelism, world)
         check_parallel_shapes(cfg, spec.heads_keys)
         self.dims.build_meshes(self.device.type)
         self.dtype = resolve_dtype(t.mixed_precision_param, self.device.type)
@@ -166,6 +172,7 @@ class Trainer:
 
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
+        self.accum_steps = self._accumulation_steps()
         self.dataloader = build_dataloader(
             cfg.data,
             self.tokenizer,
@@ -174,9 +181,9 @@ class Trainer:
             dp_rank=self.dims.dp_rank(),
             dp_world=self.dims.dp,
             seed=t.seed,
+            accumulation=self.accum_steps,
         )
         self.batches = iter(self.dataloader)  # the loader itself: a resume moves it in place
-        self.accum_steps = self._accumulation_steps()
         self.global_tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.accum_steps
         self.state = TrainState()
         self.checkpoint = CheckpointManager(
@@ -187,28 +194,23 @@ class Trainer:
             self.lr_scheduler,
             self.dataloader,
             self.state,
-            self.dims.dp_rank(),
             job=job,
             device=self.device,
         )
-        self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype)
+        self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype, self.moe_stats.names)
         self.loss_fn = build_loss_fn(cfg.compile.enable and not self.dims.tp_enabled)
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
 
-    def _materialize(self, model: nn.Module, stage: int | None = None) -> None:
-        """Allocate a parallelized meta model (or pipeline ``stage``) on the device and
-        initialise it. A stage draws from its own seed (training.seed + stage): with one seed
-        on every pipeline rank, the first blocks of all stages would start equal."""
-        if stage is not None:
-            seed = self.cfg.training.seed + stage
-            if self.device.type == "cuda":  # DTensor's RNG would copy rank 0's state instead
-                dtensor_random.manual_seed(seed, self.dims.meshes.dense)
-            torch.manual_seed(seed)
+    def _materialize(self, model: nn.Module) -> None:
+        """Allocate a parallelized meta model (or pipeline stage) on the device and
+        initialise it, each parameter from a generator of its own (named_init.py): the same
+        weights at every layout."""
         model.to_empty(device=self.device)
-        model.init_weights(
-            self.cfg.model.init_std, self.cfg.model.n_layers, buffer_device=self.device
-        )
+        with init_by_name(model, self.cfg.training.seed):
+            model.init_weights(
+                self.cfg.model.init_std, self.cfg.model.n_layers, buffer_device=self.device
+            )
 
     @property
     def token_shards(self) -> int:
@@ -233,23 +235,15 @@ class Trainer:
             if use_grouped_mm(cfg.moe.grouped_mm, self.device)
             else "per-expert loop"
         )
-        d = self.dims
         logger.info(
-            "model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s; "
-            "%d ranks: dp_replicate %d dp_shard %d tp %d pp %d ep %d (edp %d)",
+            "model %s/%s: %.3fB parameters on %s, compute %s, expert GEMMs: %s; %s",
             cfg.model.name,
             cfg.model.flavor,
             n_params / 1e9,
             self.device,
             self.dtype,
             experts,
-            d.world_size,
-            d.dp_replicate,
-            d.dp_shard,
-            d.tp,
-            d.pp,
-            d.ep,
-            d.edp,
+            self.dims.describe(cfg.parallelism),
         )
 
     def train_step(self) -> StepResult:
@@ -350,6 +344,9 @@ class Trainer:
                 held.enter_context(folder_lock(checkpoints, lead, key="checkpoint.folder"))
             if stop is None:
                 stop = held.enter_context(stop_signals())
+            held.callback(self.dataloader.close)
+            if self.watchdog is not None:
+                held.callback(self.watchdog.close)
             return self._train(stop)
 
     def _train(self, stop: StopRequest) -> list[float]:
@@ -367,7 +364,11 @@ class Trainer:
         first_step = self.state.step
         started = time.perf_counter()
         signum = stop.agreed()
+        slow = cfg.comm.init_timeout_s  # the first step compiles; saves may take minutes
+        self._progress(f"step {first_step + 1} (the first: compiling, warming up)", slow)
         while not signum and self.state.step < cfg.training.steps:
+            if self.state.step > first_step:
+                self._progress(f"step {self.state.step + 1}", cfg.comm.train_timeout_s)
             result = self.train_step()
             self.state.step += 1
             losses.append(result.loss)
@@ -377,8 +378,12 @@ class Trainer:
             # the run's first step is logged too: no silence until log_freq on a slow machine
             first = step == first_step + 1
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or first or signum:
-                self.metrics.log(step, result.grad_norm, result.lr)
+                bad_rows = row_counts(self.dataloader.state_dict())[1]
+                self.metrics.log(step, result.loss, result.grad_norm, result.lr, bad_rows)
+            if self.checkpoint.due(step, cfg.training.steps) or signum:
+                self._progress(f"saving checkpoint step-{step}", slow)
             self.checkpoint.maybe_save(step, cfg.training.steps)
+        self._progress("finishing (the last checkpoint, the summary)", slow)
         if signum:
             self._stop(signal.Signals(signum).name, stop, first_step)
         self.checkpoint.finish()
@@ -386,10 +391,17 @@ class Trainer:
             self._summary(losses, first_step, time.perf_counter() - started)
         return losses
 
+    def _progress(self, doing: str, limit: float) -> None:
+        if self.watchdog is not None:
+            self.watchdog.progress(doing, limit)
+
     def _summary(self, losses: list[float], first_step: int, seconds: float) -> None:
         """The run's last line: what ran, how the loss ended, where the outputs are."""
         best = min(range(len(losses)), key=losses.__getitem__)
+        rows, bad = self._data_rows()
         where = [f"metrics in {self.metrics.jsonl}"] if self.metrics.jsonl else []
+        if bad:
+            where.insert(0, f"{bad} of {rows} data rows skipped as bad")
         if self.cfg.checkpoint.enable and self.checkpoint.saved_steps():
             where.insert(0, f"checkpoints in {self.checkpoint.folder}")
         logger.info(
@@ -402,6 +414,17 @@ class Trainer:
             first_step + 1 + best,
             "; " + ", ".join(where) if where else "",
         )
+
+    def _data_rows(self) -> tuple[int, int]:
+        """Data rows read and skipped over the whole job, every data-parallel rank (the ranks
+        that share a data-parallel index read the same rows: counted once)."""
+        state = self.dataloader.state_dict()
+        counts = torch.tensor(row_counts(state), dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        share = self.dims.dp / self.dims.world_size
+        rows, bad = (round(v * share) for v in counts.tolist())
+        return rows, bad
 
     def _stop(self, name: str, stop: StopRequest, first_step: int) -> None:
         """A stop signal: save the step just finished (unless saved already) and say so."""

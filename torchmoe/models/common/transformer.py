@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.init import normal_, trunc_normal_
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.mtp import MultiTokenPrediction, mtp_inputs
 from torchmoe.models.common.norms import RMSNorm
@@ -139,7 +139,7 @@ class Decoder(nn.Module):
         out_std = init_std / math.sqrt(2 * n_layers)
         for name, part in self.named_children():
             if name == "tok_embeddings":
-                nn.init.normal_(part.weight, std=1.0)
+                normal_(part.weight, 1.0)
             elif name == "layers":
                 for layer in part.values():
                     layer.init_weights(init_std, out_std)
