@@ -1,5 +1,7 @@
 """Shared fixtures: a per-session cache for the generated dataset, and a tiny job config."""
 
+import random
+
 import pytest
 
 from torchmoe.config.load import build_config
@@ -35,3 +37,11 @@ def tiny_config(tmp_path, data_cache):
         return cfg
 
     return make
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    """Fresh inputs every run; the seed is printed so a failure can be replayed."""
+    seed = random.SystemRandom().randrange(2**32)
+    print(f"random seed: {seed}")
+    return random.Random(seed)

@@ -11,14 +11,6 @@ from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.data.tokenizer import Tokenizer, build_tokenizer
 
 
-@pytest.fixture
-def rng() -> random.Random:
-    """Fresh inputs every run; the seed is printed so a failure can be replayed."""
-    seed = random.SystemRandom().randrange(2**32)
-    print(f"random seed: {seed}")
-    return random.Random(seed)
-
-
 @pytest.fixture(scope="session")
 def stdlib_cache(data_cache: str) -> Path:
     """The session cache of tests/conftest.py, so the whole suite generates the corpus once."""

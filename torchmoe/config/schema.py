@@ -323,11 +323,12 @@ class Metrics:
         "the mean load over a log window; 0 = not checked.",
         ge=0,
     )
-    collapse_dead_experts: int = opt(
-        1,
-        "Collapse warning: an MoE layer where at least this many experts got no token in a "
-        "log window; 0 = not checked.",
+    collapse_dead_fraction: float = opt(
+        0.25,
+        "Collapse warning: an MoE layer where at least this fraction of its experts got no "
+        "token in a log window; 0 = not checked.",
         ge=0,
+        le=1,
     )
     collapse_log_lines: int = opt(
         3,

@@ -21,7 +21,7 @@ class CollapseWatch:
     only after the layer recovered."""
 
     def __init__(self, cfg: Metrics, layer_names: list[str], num_experts: int) -> None:
-        self.max_over_mean, self.dead = cfg.collapse_max_over_mean, cfg.collapse_dead_experts
+        self.max_over_mean, self.dead = cfg.collapse_max_over_mean, cfg.collapse_dead_fraction
         self.lines, self.names, self.num_experts = cfg.collapse_log_lines, layer_names, num_experts
         self._streak = [0] * len(layer_names)
 
@@ -30,7 +30,7 @@ class CollapseWatch:
             return
         for i, (ratio, dead) in enumerate(zip(per_layer["max_over_mean"], per_layer["dead"])):
             bad = (self.max_over_mean and ratio > self.max_over_mean) or (
-                self.dead and dead >= self.dead
+                self.dead and dead >= self.dead * self.num_experts
             )
             self._streak[i] = self._streak[i] + 1 if bad else 0
             if self._streak[i] == self.lines:
