@@ -110,7 +110,7 @@ def test_help_is_the_resolved_config_with_every_key_explained():
         ),
         (
             ["--moe.load_balancing_type", "none", "--moe.aux_loss_coeff", "0.01"],
-            "has no effect with moe.load_balancing_type = ['none']",
+            'moe.load_balancing_type = ["none"] needs moe.aux_loss_coeff = [0.0] (you set [0.01])',
         ),
         (["--moe.router_topk", "9"], "moe.router_topk = 9 exceeds moe.num_experts = 8"),
         (["--moe.router_num_groups", "3"], "must divide moe.num_experts"),
@@ -136,8 +136,8 @@ def test_help_is_the_resolved_config_with_every_key_explained():
         ),
         (["--moe.load_balancing_type", "sinkhorn,aux_loss"], "'none' and 'sinkhorn' stand alone"),
         (
-            ["--moe.load_balancing_type", "sinkhorn", "--moe.aux_loss_coeff", "0"],
-            "set moe.enable_expert_bias = false and moe.router_num_groups = 0",
+            ["--moe.load_balancing_type", "sinkhorn", "--moe.enable_expert_bias", "true"],
+            "needs moe.enable_expert_bias = false (you set true)",
         ),
         (["--moe.load_balancing_type", "balanced"], "choose from: aux_loss, seq_aux_loss"),
         (
