@@ -1,14 +1,17 @@
-"""Text <-> token ids through tiktoken; the default vocabulary is the BPE bundled with the repo,
-so training works offline."""
+"""Text <-> token ids: tiktoken ranks files and encodings (the default vocabulary is the BPE
+bundled with the repo, so training works offline), or a Hugging Face tokenizer.json
+(hf_tokenizer.py). ``Tokenizer`` is what the rest of torchmoe relies on."""
 
 import base64
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import tiktoken
 import xxhash
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.data.hf_tokenizer import HFTokenizer
 
 # How text is cut into pieces before byte-pair merging; merges never cross a piece boundary.
 # The BPE trainer and tiktoken (at encode time) must both use exactly this pattern, or the
@@ -28,13 +31,34 @@ EOS_TOKEN = "<|endoftext|>"
 BUNDLED_RANKS = Path(__file__).parent / "assets" / "stdlib_bpe_4k.tiktoken"
 
 _KEY = "model.tokenizer_path"
-_CHOICES = "give a tiktoken ranks file, 'bundled', or an encoding name such as cl100k_base"
+_CHOICES = (
+    "give a Hugging Face tokenizer folder or tokenizer.json, a tiktoken ranks file, 'bundled', "
+    "or an encoding name such as cl100k_base"
+)
 
 
-class Tokenizer:
-    """A tiktoken encoding plus the end-of-document id the packer puts between documents.
-    ``digest`` names its vocabulary by content (checkpoints record it: a resume with another
-    vocabulary is refused)."""
+class Tokenizer(Protocol):
+    """Token ids of documents, the end-of-document id the packer puts between them, and
+    ``digest``, which names the vocabulary by content (checkpoints record it: a resume with
+    another vocabulary is refused). ``bos_id``/``pad_id``/``chat_template`` are None where the
+    tokenizer has none."""
+
+    digest: str
+    eos_id: int
+    vocab_size: int
+    bos_id: int | None
+    pad_id: int | None
+    chat_template: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding; its end-of-text token ends documents."""
+
+    bos_id = pad_id = chat_template = None
 
     def __init__(self, encoding: tiktoken.Encoding, digest: str) -> None:
         self._encoding = encoding
@@ -59,11 +83,13 @@ class Tokenizer:
 
 
 def build_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer named by ``model.tokenizer_path``: 'bundled', a ranks file, or a tiktoken
-    encoding name."""
+    """The tokenizer named by ``model.tokenizer_path``: 'bundled', a Hugging Face folder or
+    tokenizer.json, a ranks file, or a tiktoken encoding name."""
     if spec == "bundled":
         return _from_ranks_file(BUNDLED_RANKS, spec)
     path = Path(spec).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):
+        return HFTokenizer(path, spec)
     if path.is_file():
         return _from_ranks_file(path, spec)
     if spec in tiktoken.list_encoding_names():
@@ -123,7 +149,7 @@ def _from_ranks_file(path: Path, spec: str) -> Tokenizer:
         mergeable_ranks=ranks,
         special_tokens={EOS_TOKEN: len(ranks)},
     )
-    return Tokenizer(encoding, "ranks:" + xxhash.xxh3_64_hexdigest(path.read_bytes()))
+    return TiktokenTokenizer(encoding, "ranks:" + xxhash.xxh3_64_hexdigest(path.read_bytes()))
 
 
 def _from_encoding_name(name: str) -> Tokenizer:
@@ -134,4 +160,4 @@ def _from_encoding_name(name: str) -> Tokenizer:
             f"{_KEY} = {name!r} could not be loaded ({type(e).__name__}); tiktoken downloads it "
             "once and this machine may be offline: use 'bundled' or a ranks file"
         ) from e
-    return Tokenizer(encoding, f"tiktoken:{name}")
+    return TiktokenTokenizer(encoding, f"tiktoken:{name}")
