@@ -5,12 +5,14 @@
         [--section.key value ...] --out HF_DIR [--max-shard-size 5GB]
 
 import reads config.json and *.safetensors (one file, or shards listed in
-model.safetensors.index.json) and writes CKPT_DIR/step-0, a seed checkpoint, and
-CKPT_DIR/model.toml with the [model]/[moe] keys of the model; it prints the same keys as
-overrides. Train from it with ``./run_train.sh --config CKPT_DIR/model.toml`` or with any recipe
+model.safetensors.index.json) and writes CKPT_DIR/step-0, a seed checkpoint, the folder's
+tokenizer.json (and tokenizer_config.json) into CKPT_DIR/tokenizer, and CKPT_DIR/model.toml with
+the [model]/[moe] keys of the model; it prints the same keys as overrides. Train from it with
+``./run_train.sh --config CKPT_DIR/model.toml`` or with any recipe
 plus the printed overrides. export reads only the model part of a checkpoint (a seed or a
 training step) and writes safetensors (sharded, with an index, above --max-shard-size) and
-config.json for the family's transformers class. Mistakes print one line and exit 2.
+config.json for the family's transformers class, plus the tokenizer files when
+model.tokenizer_path is a Hugging Face tokenizer. Mistakes print one line and exit 2.
 """
 
 import argparse

@@ -1,47 +1,17 @@
 """Hugging Face tokenizer.json folders load through `tokenizers`, agree with transformers, and
 every unusable folder is one line."""
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
+from tests.tokenizer_files import CONFIG, train_tokenizer
 from torchmoe.config.errors import ConfigError
 from torchmoe.data.tokenizer import build_tokenizer
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def train_tokenizer(docs: list[str], folder: Path, config: dict | None) -> Path:
-    """A byte-level BPE trained by `tokenizers` on the docs, saved as a HF folder."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(docs, trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    if config is not None:
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
-
-
-CONFIG = {
-    "eos_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-    "bos_token": None,
-    "chat_template": "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}",
-    "tokenizer_class": "PreTrainedTokenizerFast",
-}
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,10 @@ class HFTokenizer:
             ) from None
         self._tok.encode_special_tokens = True
         self.config = _read_config(file.parent / "tokenizer_config.json", spec)
-        self.files = [f for f in _TOKENIZER_FILES if (file.parent / f).is_file()]
-        self.folder = file.parent
+        # name in a tokenizer folder -> the file here (an import or export copies them)
+        self.files = {"tokenizer.json": file} | {
+            name: file.parent / name for name in _COMPANIONS if (file.parent / name).is_file()
+        }
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.eos_id = self._special("eos_token", spec, required=True, guesses=_EOS_GUESSES)
@@ -93,9 +95,8 @@ class HFTokenizer:
         return None
 
 
-# Files a tokenizer folder may hold; an import copies them beside the checkpoint.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
+# Files beside tokenizer.json that belong to the tokenizer.
+_COMPANIONS = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",

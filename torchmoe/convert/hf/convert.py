@@ -4,6 +4,7 @@ Export then import gives back every tensor bit for bit (float32 stays float32)."
 
 import json
 import shlex
+import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
 from torchmoe.convert.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
 from torchmoe.convert.hf.mapping import from_hf, to_hf
+from torchmoe.data.hf_tokenizer import HFTokenizer
+from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.fingerprint import job_fingerprint
 
@@ -110,10 +113,12 @@ def read_hf(
 
 def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobConfig, dict]:
     """Write ``out/step-0`` (a seed checkpoint the Trainer starts from with checkpoint.enable
-    and checkpoint.folder = out) and ``out/model.toml``; returns the JobConfig and the
-    [model]/[moe] values it sets."""
+    and checkpoint.folder = out), the folder's tokenizer files (if any) into ``out/tokenizer``
+    and ``out/model.toml``, which points at both; returns the JobConfig and the [model]/[moe]
+    values it sets."""
     _empty_folder(out, "--out")
     cfg, values, state = read_hf(hf_dir, family)
+    tokenizer = _checked_tokenizer(hf_dir, cfg)  # before anything is written
     model, _ = _meta_state(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +126,32 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     CheckpointManager(
         Checkpoint(enable=True), out, model, None, None, None, TrainState(), job=job
     ).save_seed()
+    if tokenizer is not None:
+        copy_tokenizer_files(tokenizer, out / "tokenizer")
+        cfg.model.tokenizer_path = values["model"]["tokenizer_path"] = str(
+            (out / "tokenizer").resolve()
+        )
     (out / "model.toml").write_text(model_toml(cfg, values, hf_dir, out))
     return cfg, values
+
+
+def _checked_tokenizer(hf_dir: Path, cfg: JobConfig) -> HFTokenizer | None:
+    """The folder's tokenizer, if it has one, checked to load and to fit the embedding."""
+    if not (hf_dir / "tokenizer.json").is_file():
+        return None
+    tokenizer = HFTokenizer(hf_dir, str(hf_dir))
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} ids but config.json's "
+            f"vocab_size is {cfg.model.vocab_size}; the folder's tokenizer and model disagree"
+        )
+    return tokenizer
+
+
+def copy_tokenizer_files(tokenizer: HFTokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in tokenizer.files.items():
+        shutil.copyfile(source, folder / name)
 
 
 def _keys(cfg: JobConfig, values: dict) -> list[tuple[str, Any]]:
@@ -161,7 +190,8 @@ def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
 
 def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int) -> JobConfig:
     """Write the model of checkpoint ``step_dir`` (built by ``--config ... [--section.key value
-    ...]``) as a Hugging Face folder: config.json and safetensors."""
+    ...]``) as a Hugging Face folder: config.json, safetensors and, when model.tokenizer_path
+    is a Hugging Face tokenizer, its files."""
     _empty_folder(out, "--out")
     cfg, _ = load_config(recipe_args)
     adapter = adapter_for_family(cfg.model.name)
@@ -176,4 +206,7 @@ def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes
     hf["dtype"] = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
     write_safetensors(out, tensors, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    if isinstance(tokenizer, HFTokenizer):  # a released model's tokenizer goes back with it
+        copy_tokenizer_files(tokenizer, out)
     return cfg
