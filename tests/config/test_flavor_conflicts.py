@@ -40,3 +40,16 @@ def test_keys_the_user_set_too_are_listed_in_one_error():
 def test_the_flavors_own_choice_is_untouched():
     cfg = build_config({}, [("model.flavor", "671B")])
     assert cfg.moe.enable_expert_bias and cfg.moe.router_num_groups > 0
+
+
+def test_a_user_key_that_already_fits_is_not_a_conflict():
+    cfg = build_config(
+        {},
+        [
+            ("model.flavor", "671B"),
+            ("moe.load_balancing_type", "sinkhorn"),
+            ("moe.router_num_groups", "0"),  # yours, and right: the flavor's group_topk gives way
+        ],
+    )
+    validate(cfg)
+    assert cfg.moe.router_num_groups == cfg.moe.router_group_topk == 0

@@ -48,6 +48,10 @@ def texts(table: DocumentTable) -> list[str]:
     return [table.text(i) for i in range(len(table))]
 
 
+def where(table: DocumentTable, index: int) -> tuple[str, int]:
+    return table.file_of(index), table.line_of(index)
+
+
 def reasons(table: DocumentTable) -> dict[tuple[str, int], str]:
     """Where each bad row is, and why."""
     out = {}
@@ -55,7 +59,7 @@ def reasons(table: DocumentTable) -> dict[tuple[str, int], str]:
         try:
             table.text(i)
         except BadRow as e:
-            out[table.where(i)] = str(e)
+            out[where(table, i)] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -80,7 +84,7 @@ def take(stream: StreamedDocuments, n: int) -> list[str]:
 def test_stdlib_docs_source(stdlib_docs: list[str], stdlib_cache: Path) -> None:
     table = open_source(Data(cache_dir=str(stdlib_cache)), 0, 1)
     assert len(table) == len(stdlib_docs) and table.text(3) == stdlib_docs[3]
-    assert table.where(3) == ("stdlib_docs", 4)
+    assert where(table, 3) == ("stdlib_docs", 4)
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet"])
@@ -89,7 +93,7 @@ def test_local_file_rows(rng: random.Random, tmp_path: Path, suffix: str) -> Non
     write_docs(tmp_path / f"corpus{suffix}", docs)
     table = open_table(tmp_path / f"corpus{suffix}", tmp_path)
     assert texts(table) == docs
-    assert table.where(7) == (str(tmp_path / f"corpus{suffix}"), 8)
+    assert where(table, 7) == (str(tmp_path / f"corpus{suffix}"), 8)
 
 
 def test_json_file_may_hold_json_lines(rng: random.Random, tmp_path: Path) -> None:
@@ -105,7 +109,7 @@ def test_local_folder_reads_every_data_file(rng: random.Random, tmp_path: Path) 
     (tmp_path / "data" / "README.md").write_text("not data")
     table = open_table(tmp_path / "data", tmp_path)
     assert texts(table) == docs
-    assert table.where(12) == (str(tmp_path / "data" / "sub" / "b.jsonl"), 3)
+    assert where(table, 12) == (str(tmp_path / "data" / "sub" / "b.jsonl"), 3)
 
 
 def test_parquet_folder_names_the_file_of_a_row(rng: random.Random, tmp_path: Path) -> None:
@@ -113,14 +117,14 @@ def test_parquet_folder_names_the_file_of_a_row(rng: random.Random, tmp_path: Pa
     write_docs(tmp_path / "p" / "a.parquet", docs[:5])
     write_docs(tmp_path / "p" / "b.parquet", docs[5:])
     table = open_table(tmp_path / "p", tmp_path)
-    assert texts(table) == docs and table.where(6) == (str(tmp_path / "p" / "b.parquet"), 2)
+    assert texts(table) == docs and where(table, 6) == (str(tmp_path / "p" / "b.parquet"), 2)
 
 
 def test_blank_lines_and_crlf_are_not_rows(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_bytes(b"first\r\n\r\nsecond\n\n\nthird")
     table = open_table(tmp_path / "t.txt", tmp_path)
     assert texts(table) == ["first", "second", "third"]
-    assert [table.where(i)[1] for i in range(3)] == [1, 3, 6]
+    assert [where(table, i)[1] for i in range(3)] == [1, 3, 6]
 
 
 def test_each_kind_of_bad_jsonl_row_is_named(rng: random.Random, tmp_path: Path) -> None:
@@ -138,13 +142,13 @@ def test_each_kind_of_bad_jsonl_row_is_named(rng: random.Random, tmp_path: Path)
     table = open_table(tmp_path / "b.jsonl", tmp_path)
     name = str(tmp_path / "b.jsonl")
     assert reasons(table) == {
-        (name, 2): "not valid UTF-8 (byte 13)",
-        (name, 3): "not valid JSON (Unterminated string starting at at column 10)",
-        (name, 4): "not a JSON object but list",
-        (name, 5): "no 'text' value",
-        (name, 6): "no 'text' value",
-        (name, 7): "'text' is int, not text",
-        (name, 8): "empty document",
+        (name, 2): "BadRow: not valid UTF-8 (byte 13)",
+        (name, 3): "BadRow: not valid JSON (Unterminated string starting at at column 10)",
+        (name, 4): "BadRow: not a JSON object but list",
+        (name, 5): "BadRow: no 'text' value",
+        (name, 6): "BadRow: no 'text' value",
+        (name, 7): "BadRow: 'text' is int, not text",
+        (name, 8): "BadRow: empty document",
     }
     assert [table.text(i) for i in (0, 8, 9)] == [json.loads(g)["text"] for g in good]
 
@@ -153,14 +157,20 @@ def test_bad_txt_rows(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_bytes(b"fine\n\xff\xfe broken\n   \nalso fine\n")
     table = open_table(tmp_path / "t.txt", tmp_path)
     name = str(tmp_path / "t.txt")
-    assert reasons(table) == {(name, 2): "not valid UTF-8 (byte 0)", (name, 3): "empty document"}
+    assert reasons(table) == {
+        (name, 2): "BadRow: not valid UTF-8 (byte 0)",
+        (name, 3): "BlankRow: a blank line",  # skipped, but not counted as bad
+    }
 
 
 def test_null_in_a_parquet_text_column_is_a_bad_row(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["a", None, ""]}), tmp_path / "n.parquet")
     table = open_table(tmp_path / "n.parquet", tmp_path)
     name = str(tmp_path / "n.parquet")
-    assert reasons(table) == {(name, 2): "no 'text' value", (name, 3): "empty document"}
+    assert reasons(table) == {
+        (name, 2): "BadRow: no 'text' value",
+        (name, 3): "BadRow: empty document",
+    }
 
 
 def test_parquet_column_that_is_not_text(tmp_path: Path) -> None:
@@ -221,6 +231,16 @@ def test_folder_of_mixed_kinds(rng: random.Random, tmp_path: Path) -> None:
     write_docs(tmp_path / "d" / "b.jsonl", unique_docs(rng, 3))
     with pytest.raises(ConfigError, match=r"has mixed \(json, text\) data files"):
         open_table(tmp_path / "d", tmp_path)
+
+
+def test_one_odd_first_record_is_a_bad_row_not_a_wrong_field(
+    rng: random.Random, tmp_path: Path
+) -> None:
+    docs = unique_docs(rng, 20)
+    lines = [json.dumps({"meta": "header"})] + [json.dumps({"text": d}) for d in docs]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    table = open_table(tmp_path / "m.jsonl", tmp_path)
+    assert reasons(table) == {(str(tmp_path / "m.jsonl"), 1): "BadRow: no 'text' value"}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

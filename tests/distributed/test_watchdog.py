@@ -7,7 +7,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from tests.distributed.launcher import free_port
+from tests.distributed.launcher import free_port, run_ranks
 from torchmoe.config.load import build_config
 from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.train.trainer import Trainer
@@ -73,3 +73,24 @@ def test_a_frozen_rank_ends_the_job_naming_it(tmp_path, data_cache):
             if p.is_alive():
                 p.kill()
             p.join()
+
+
+def build_and_wait(rank: int, cfg) -> str:
+    Trainer(cfg, device=torch.device("cpu"))
+    time.sleep(3 * TIMEOUT_S)  # longer than both timeouts: no watchdog outside train()
+    return "alive"
+
+
+def test_a_trainer_that_is_not_training_is_left_alone(tmp_path, data_cache):
+    load_stdlib_docs(data_cache)
+    cfg = build_config(
+        {},
+        [
+            ("job.dump_folder", str(tmp_path)),
+            ("data.cache_dir", data_cache),
+            ("training.seq_len", "32"),
+            ("comm.init_timeout_s", "1"),
+            ("comm.train_timeout_s", "1"),
+        ],
+    )
+    assert run_ranks(2, build_and_wait, cfg) == ["alive", "alive"]

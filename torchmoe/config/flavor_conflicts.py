@@ -27,11 +27,13 @@ def _balancing(cfg: JobConfig) -> dict[str, Any]:
     if "sinkhorn" in types:
         if e.enable_expert_bias:
             needs["moe.enable_expert_bias"] = False
-        if e.router_num_groups or e.router_group_topk:
-            needs["moe.router_num_groups"] = needs["moe.router_group_topk"] = 0
+        if e.router_num_groups:
+            needs["moe.router_num_groups"] = 0
+        if e.router_group_topk:
+            needs["moe.router_group_topk"] = 0
         if e.force_load_balance:
             needs["moe.force_load_balance"] = False
-    return needs
+    return needs  # only keys whose value does not fit yet
 
 
 # (the user's key, what its value needs from other keys)

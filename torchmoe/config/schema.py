@@ -294,6 +294,17 @@ class Checkpoint:
         "goes on; its manifest follows when the write completes.",
         choices=("disabled", "async"),
     )
+    initial_load_path: str = opt(
+        "",
+        "A checkpoint step folder (another run's step-N, or step-0 of an HF import) to start "
+        "from while checkpoint.folder holds no checkpoint: its weights at step 0 with a fresh "
+        "LR schedule and data; later resumes use this run's own checkpoints.",
+    )
+    initial_load_model_only: bool = opt(
+        True,
+        "With false, initial_load_path's optimizer moments load too (the step, LR schedule "
+        "and data still start fresh).",
+    )
     create_seed_checkpoint: bool = opt(
         False,
         "Initialise the model on one rank, save it as step-0 and exit. Runs that find "

@@ -31,14 +31,17 @@ _SUFFIXES = ", ".join(KINDS)
 
 
 class DocumentTable(Protocol):
-    """Rows by index; ``text`` raises BadRow for a row without a usable document, and ``where``
-    names a row for the log: (file or dataset, 1-based row or line number)."""
+    """Rows by index; ``text`` raises BadRow for a row without a usable document.
+    ``file_of`` and ``line_of`` name a row for the log (file or dataset, 1-based line or row
+    number); ``line_of`` may read the file, so it is called only for a row that is named."""
 
     def __len__(self) -> int: ...
 
     def text(self, index: int) -> str: ...
 
-    def where(self, index: int) -> tuple[str, int]: ...
+    def file_of(self, index: int) -> str: ...
+
+    def line_of(self, index: int) -> int: ...
 
 
 class ListTable:
@@ -54,8 +57,11 @@ class ListTable:
         row = self._rows[index]
         return row if self._field is None else field_text(row, self._field)
 
-    def where(self, index: int) -> tuple[str, int]:
-        return self._name, index + 1
+    def file_of(self, index: int) -> str:
+        return self._name
+
+    def line_of(self, index: int) -> int:
+        return index + 1
 
 
 class ArrowTable:
@@ -79,11 +85,14 @@ class ArrowTable:
     def text(self, index: int) -> str:
         return field_text(self._ds[index], self._field)
 
-    def where(self, index: int) -> tuple[str, int]:
-        if not self._files:
-            return self._name, index + 1
-        file = int(np.searchsorted(self._first, index, side="right")) - 1
-        return self._files[file], index - int(self._first[file]) + 1
+    def _file(self, index: int) -> int:
+        return int(np.searchsorted(self._first, index, side="right")) - 1
+
+    def file_of(self, index: int) -> str:
+        return self._files[self._file(index)] if self._files else self._name
+
+    def line_of(self, index: int) -> int:
+        return index - int(self._first[self._file(index)]) + 1 if self._files else index + 1
 
 
 class ConcatTable:
@@ -104,9 +113,13 @@ class ConcatTable:
         table, row = self._locate(index)
         return table.text(row)
 
-    def where(self, index: int) -> tuple[str, int]:
+    def file_of(self, index: int) -> str:
         table, row = self._locate(index)
-        return table.where(row)
+        return table.file_of(row)
+
+    def line_of(self, index: int) -> int:
+        table, row = self._locate(index)
+        return table.line_of(row)
 
 
 class StreamedDocuments:
@@ -209,9 +222,9 @@ def _open_local(path: Path, cfg: Data) -> DocumentTable:
         return LineFiles(files, jsonl=False, field=cfg.text_field)
     lists = [f for f in files if f.suffix == ".json" and _starts_with(f, b"[")]
     lines = LineFiles([f for f in files if f not in lists], jsonl=True, field=cfg.text_field)
-    record = lines.first_record()
-    if record is not None:
-        _check_column(list(record), cfg.text_field, cfg.dataset)
+    records = lines.first_records()
+    if records and not any(cfg.text_field in r for r in records):  # the wrong field, not a row
+        _check_column(list(records[0]), cfg.text_field, cfg.dataset)
     if not lists:
         return lines
     return ConcatTable([lines, *(_json_list(f, cfg) for f in lists)])

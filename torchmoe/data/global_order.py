@@ -12,7 +12,8 @@ import numpy as np
 
 class GlobalOrder:
     """Document index at a global position; keeps the two most recent epochs' permutations
-    (streams cross an epoch end at different times), 8 bytes per document each."""
+    (streams cross an epoch end at different times), 4 bytes per document each below 2**31
+    documents."""
 
     def __init__(self, num_documents: int, seed: int) -> None:
         self.num_documents, self.seed = num_documents, seed
@@ -22,7 +23,9 @@ class GlobalOrder:
         epoch, offset = divmod(position, self.num_documents)
         order = self._epochs.get(epoch)
         if order is None:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_documents)
+            dtype = np.int32 if self.num_documents < 2**31 else np.int64
+            order = np.arange(self.num_documents, dtype=dtype)
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
             self._epochs[epoch] = order
             for old in sorted(self._epochs)[:-2]:
                 del self._epochs[old]

@@ -3,7 +3,8 @@
 Hand-written rather than ``datasets.load_dataset``: that builds the whole file into Arrow first and
 fails the whole build on one undecodable or mistyped row, with no row number. Here each row is
 decoded only when the loader reaches it, a bad one is skipped with its file and line number
-(bad_rows.py), and the index costs 12 bytes per line, built by one vectorised pass over the file.
+(bad_rows.py), and the index costs 12 bytes per line (start, length), built by one vectorised
+pass over the file. A line number is counted only when a bad row is named.
 """
 
 import json
@@ -13,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from torchmoe.data.bad_rows import BadRow
+from torchmoe.data.bad_rows import BadRow, BlankRow
 
 _CHUNK = 1 << 24  # bytes scanned at a time while indexing
 _OPEN_FILES = 64  # file descriptors kept open between reads
 
 
-def index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start offset, length without the line end, 1-based line number) of every non-empty
-    line; a final line without a newline counts, and CRLF line ends are handled."""
+def index_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(start offset, length without the line end) of every non-empty line; a final line
+    without a newline counts, and CRLF line ends are handled."""
     starts, ends, crs = [np.zeros(1, np.int64)], [], []
     offset, last_byte = 0, 0
     with open(path, "rb") as f:
@@ -38,7 +39,17 @@ def index_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     start, end, cr = np.concatenate(starts), np.concatenate(ends), np.concatenate(crs)
     length = end - start - (cr & (end > start))
     keep = length > 0
-    return start[keep], length[keep].astype(np.int32), np.flatnonzero(keep) + 1
+    return start[keep], length[keep].astype(np.int32)
+
+
+def line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte ``offset``."""
+    newlines = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (chunk := f.read(min(_CHUNK, offset))):
+            newlines += chunk.count(b"\n")
+            offset -= len(chunk)
+    return newlines + 1
 
 
 class LineFiles:
@@ -48,9 +59,8 @@ class LineFiles:
     def __init__(self, files: list[Path], jsonl: bool, field: str) -> None:
         self.files, self._jsonl, self._field = files, jsonl, field
         indexes = [index_lines(f) for f in files]
-        self._starts = [s for s, _, _ in indexes]
-        self._lengths = [n for _, n, _ in indexes]
-        self._numbers = [n for _, _, n in indexes]
+        self._starts = [s for s, _ in indexes]
+        self._lengths = [n for _, n in indexes]
         self._first = np.cumsum([0] + [len(s) for s in self._starts])
         self._fds: OrderedDict[int, int] = OrderedDict()
 
@@ -61,10 +71,13 @@ class LineFiles:
         file = int(np.searchsorted(self._first, index, side="right")) - 1
         return file, index - int(self._first[file])
 
-    def where(self, index: int) -> tuple[str, int]:
-        """The file and 1-based line number of row ``index``."""
+    def file_of(self, index: int) -> str:
+        return str(self.files[self._locate(index)[0]])
+
+    def line_of(self, index: int) -> int:
+        """The 1-based line number of row ``index`` in its file (reads the file up to it)."""
         file, row = self._locate(index)
-        return str(self.files[file]), int(self._numbers[file][row])
+        return line_number(self.files[file], int(self._starts[file][row]))
 
     def text(self, index: int) -> str:
         """The document of row ``index``; raises BadRow saying why there is none."""
@@ -74,7 +87,7 @@ class LineFiles:
             raise BadRow(f"not valid UTF-8 (byte {e.start})") from None
         if not self._jsonl:
             if not line.strip():
-                raise BadRow("empty document")
+                raise BlankRow("a blank line")
             return line
         try:
             record = json.loads(line)
@@ -82,16 +95,17 @@ class LineFiles:
             raise BadRow(f"not valid JSON ({e.msg} at column {e.colno})") from None
         return field_text(record, self._field)
 
-    def first_record(self) -> dict | None:
-        """The first row that parses as a JSON object, to check the text field once up front."""
-        for index in range(min(len(self), 100)):
+    def first_records(self, n: int = 100) -> list[dict]:
+        """The JSON objects among the first ``n`` rows, to check the text field up front."""
+        records = []
+        for index in range(min(len(self), n)):
             try:
                 record = json.loads(self._raw(index))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict):
-                return record
-        return None
+                records.append(record)
+        return records
 
     def _raw(self, index: int) -> bytes:
         file, row = self._locate(index)

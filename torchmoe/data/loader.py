@@ -12,13 +12,14 @@ skipped), so a checkpoint from any data-parallel size restores exactly.
 """
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
-from torchmoe.data.bad_rows import BadRow, BadRowCounter
+from torchmoe.data.bad_rows import BadRow, BadRowCounter, BlankRow
 from torchmoe.data.datasets import DocumentTable, StreamedDocuments, open_source
 from torchmoe.data.global_order import GlobalOrder
 from torchmoe.data.prefetch import Prefetcher
@@ -79,6 +80,7 @@ class PackedLoader:
         )
         self._streamed_key = f"streamed_{dp_rank}_of_{dp_world}"
         self.bad_rows = bad_rows or BadRowCounter(0.001)
+        self._last_row: tuple[str, Callable[[], int]] = ("", lambda: 0)  # set by _read
 
     def __iter__(self) -> "PackedLoader":
         return self
@@ -99,24 +101,34 @@ class PackedLoader:
         return window
 
     def _next_text(self, stream: _Stream) -> str:
-        """The stream's next document, skipping (and counting) bad rows."""
+        """The stream's next document, skipping blank lines and skipping and counting bad
+        rows."""
         while True:
+            try:
+                text = self._read(stream)
+            except BlankRow:
+                continue
+            except BadRow as e:
+                stream.rows += 1
+                stream.bad += 1
+                rows, bad = sum(s.rows for s in self._streams), sum(s.bad for s in self._streams)
+                self.bad_rows.skip(*self._last_row, str(e), rows, bad)
+                continue
             stream.rows += 1
-            if isinstance(self._source, StreamedDocuments):
-                try:
-                    return self._source.next_text()
-                except BadRow as e:
-                    where, reason = (self._source.name, self._source.row), str(e)
-            else:
-                index = self._order[stream.index + stream.position * self.rows_per_batch]
-                stream.position += 1
-                try:
-                    return self._source.text(index)
-                except BadRow as e:
-                    where, reason = self._source.where(index), str(e)
-            stream.bad += 1
-            rows, bad = sum(s.rows for s in self._streams), sum(s.bad for s in self._streams)
-            self.bad_rows.skip(*where, reason, rows, bad)
+            return text
+
+    def _read(self, stream: _Stream) -> str:
+        """The next row's document (raising BadRow); ``_last_row`` is its file and a function
+        that finds its line number."""
+        if isinstance(self._source, StreamedDocuments):
+            source, row = self._source, self._source.row + 1
+            self._last_row = (source.name, lambda: row)
+            return source.next_text()
+        index = self._order[stream.index + stream.position * self.rows_per_batch]
+        stream.position += 1
+        table = self._source
+        self._last_row = (table.file_of(index), lambda: table.line_of(index))
+        return table.text(index)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python only (ints, lists, dicts), so it goes into a checkpoint as JSON."""

@@ -85,8 +85,10 @@ class Prefetcher:
         self._state = self.loader.state_dict()
 
     def close(self) -> None:
-        """Stop the thread (it finishes the batch it is making)."""
+        """Stop the thread (it finishes the batch it is making) and drop the batches made
+        ahead: the loader goes back to the position after the last batch taken."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = self._queue = None
+            self.loader.load_state_dict(self._state)

@@ -128,8 +128,8 @@ class CheckpointManager:
         steps = self.saved_steps()
         step = self.cfg.load_step
         if step == -1:
-            if not steps:
-                return None
+            if not steps:  # a fresh run: from the weights of another, or from scratch
+                return self._initial_load() if self.cfg.initial_load_path else None
             step = steps[-1]
         elif step not in steps:
             have = ", ".join(map(str, steps)) or "none"
@@ -165,19 +165,56 @@ class CheckpointManager:
     def _path(self, step: int) -> Path:
         return self.folder / f"step-{step}"
 
-    def _restore(self, step: int) -> None:
-        path = self._path(step)
-        states = (
-            {"train": ModelOnly(self.model)}
-            if step == 0
-            else {
-                key: state
-                for key, state in self.states.items()
-                if key not in self.cfg.exclude_from_loading
-            }
+    def _initial_load(self) -> int:
+        """checkpoint.initial_load_path: another checkpoint's weights (and, unless
+        initial_load_model_only, its optimizer moments) at step 0, checked like a seed."""
+        key = "checkpoint.initial_load_path"
+        path = Path(self.cfg.initial_load_path).expanduser()
+        if not (path / ".metadata").is_file():
+            raise ConfigError(
+                f"{key} = {str(path)!r} is not a checkpoint step folder (no .metadata); give "
+                "a step-N folder of a torchmoe checkpoint, e.g. one scripts/convert_hf.py wrote"
+            )
+        if _unverified(path):
+            logger.warning("%s has no manifest: its weights load unverified", path)
+        else:
+            saved, problem = manifest.verify(path, None)
+            if problem:
+                raise ConfigError(f"{key} = {str(path)!r} is damaged ({problem}); give another")
+            self._check_job(0, saved["job"], path)
+        model_only = self.cfg.initial_load_model_only
+        if not model_only:
+            names = safe_dcp.read_metadata(path).state_dict_metadata
+            if not any(k.startswith("train.optimizer.") for k in names):
+                raise ConfigError(
+                    f"{key} = {str(path)!r} holds no optimizer state (a seed or an import); "
+                    "set checkpoint.initial_load_model_only = true"
+                )
+        train = ModelOnly(self.model) if model_only else self.states["train"]
+        self._restore(0, path, {"train": train})
+        logger.info(
+            "started from %s at step 0 (%s)",
+            path,
+            "weights only" if model_only else "weights and optimizer moments",
         )
+        return 0
+
+    def _restore(self, step: int, path: Path | None = None, states: dict | None = None) -> None:
+        """Load ``step`` of this folder (or the checkpoint at ``path``) into ``states`` (by
+        default the model of a seed, else everything not in exclude_from_loading)."""
+        path = path or self._path(step)
+        if states is None:
+            states = (
+                {"train": ModelOnly(self.model)}
+                if step == 0
+                else {
+                    key: state
+                    for key, state in self.states.items()
+                    if key not in self.cfg.exclude_from_loading
+                }
+            )
         try:
-            if step:
+            if "train" in states and isinstance(states["train"], ModelAndOptimizer):
                 saved = safe_dcp.read_metadata(path).state_dict_metadata
                 self.states["train"].flat = "train.optimizer.param_groups.0.lr" not in saved
                 if "dataloader" in states:
@@ -199,7 +236,8 @@ class CheckpointManager:
         except (ValueError, RuntimeError, KeyError) as e:  # mismatches
             raise self._mismatch(path, e) from e
         self.states["train"].flat = True  # new checkpoints in the current format
-        logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
+        if path == self._path(step):
+            logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
 
     def _check_data_position(self, path: Path, saved: dict) -> None:
         """Every stream this rank reads must be in the checkpoint (loader.py): else one line
@@ -309,9 +347,10 @@ class CheckpointManager:
             "moved %s aside into %s (checkpoint.discard_newer)", listed, self.folder / "discarded"
         )
 
-    def _check_job(self, step: int, saved: dict) -> None:
+    def _check_job(self, step: int, saved: dict, path: Path | None = None) -> None:
         """Refuse a checkpoint another job saved (fingerprint.py), listing the differences;
-        log the settings a resume may change."""
+        log the settings a resume may change. Step 0 (a seed, or ``path`` given) must only fit
+        the model's shapes."""
         if not self.job:
             return
         refused, changed = fingerprint.compare(saved, self.job)
@@ -319,7 +358,7 @@ class CheckpointManager:
             refused = fingerprint.compare({"shapes": saved.get("shapes", {})}, self.job)[0]
         if refused:
             raise ConfigError(
-                f"checkpoint {self._path(step)} was saved by a different job "
+                f"checkpoint {path or self._path(step)} was saved by a different job "
                 f"({fingerprint.summarize(refused)}); resume with the config that saved it, "
                 "or use a new checkpoint.folder"
             )

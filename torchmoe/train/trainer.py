@@ -106,8 +106,7 @@ class Trainer:
         spec = get_model_spec(cfg.model.name)
         timeouts = (cfg.comm.init_timeout_s, cfg.comm.train_timeout_s)
         world = init_distributed(self.device, process_group_timeout(*timeouts))
-        # with several ranks, a hung one ends the job in minutes, named (watchdog.py)
-        self.watchdog = Watchdog(*timeouts) if world > 1 else None
+        self.watchdog: Watchdog | None = None  # while training, with several ranks
         self.dims = ParallelDims.from_config(cfg.parallelism, world)
         check_parallel_shapes(cfg, spec.heads_keys)
         self.dims.build_meshes(self.device.type)
@@ -345,7 +344,9 @@ class Trainer:
             if stop is None:
                 stop = held.enter_context(stop_signals())
             held.callback(self.dataloader.close)
-            if self.watchdog is not None:
+            if self.dims.world_size > 1:  # a hung rank ends the job in minutes, named
+                c = self.cfg.comm
+                self.watchdog = Watchdog(c.init_timeout_s, c.train_timeout_s)
                 held.callback(self.watchdog.close)
             return self._train(stop)
 
@@ -364,11 +365,11 @@ class Trainer:
         first_step = self.state.step
         started = time.perf_counter()
         signum = stop.agreed()
-        slow = cfg.comm.init_timeout_s  # the first step compiles; saves may take minutes
-        self._progress(f"step {first_step + 1} (the first: compiling, warming up)", slow)
+        # the first step compiles and saves may take minutes: the init timeout ("slow")
+        self._progress(f"step {first_step + 1} (the first: compiling, warming up)", slow=True)
         while not signum and self.state.step < cfg.training.steps:
             if self.state.step > first_step:
-                self._progress(f"step {self.state.step + 1}", cfg.comm.train_timeout_s)
+                self._progress(f"step {self.state.step + 1}", slow=False)
             result = self.train_step()
             self.state.step += 1
             losses.append(result.loss)
@@ -378,12 +379,12 @@ class Trainer:
             # the run's first step is logged too: no silence until log_freq on a slow machine
             first = step == first_step + 1
             if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or first or signum:
-                bad_rows = row_counts(self.dataloader.state_dict())[1]
+                bad_rows = self._data_rows()[1]  # the job's, as in the summary
                 self.metrics.log(step, result.loss, result.grad_norm, result.lr, bad_rows)
             if self.checkpoint.due(step, cfg.training.steps) or signum:
-                self._progress(f"saving checkpoint step-{step}", slow)
+                self._progress(f"saving checkpoint step-{step}", slow=True)
             self.checkpoint.maybe_save(step, cfg.training.steps)
-        self._progress("finishing (the last checkpoint, the summary)", slow)
+        self._progress("finishing (the last checkpoint, the summary)", slow=True)
         if signum:
             self._stop(signal.Signals(signum).name, stop, first_step)
         self.checkpoint.finish()
@@ -391,9 +392,9 @@ class Trainer:
             self._summary(losses, first_step, time.perf_counter() - started)
         return losses
 
-    def _progress(self, doing: str, limit: float) -> None:
+    def _progress(self, doing: str, slow: bool) -> None:
         if self.watchdog is not None:
-            self.watchdog.progress(doing, limit)
+            self.watchdog.progress(doing, slow)
 
     def _summary(self, losses: list[float], first_step: int, seconds: float) -> None:
         """The run's last line: what ran, how the loss ended, where the outputs are."""

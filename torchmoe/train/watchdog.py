@@ -29,13 +29,13 @@ def process_group_timeout(init_timeout_s: float, train_timeout_s: float) -> time
 
 
 class Watchdog:
-    """Started after the process group is up (rank, world from it); ``progress`` after every
-    step and checkpoint; ``close`` at the end. ``limit`` is the current allowance in seconds."""
+    """Started with the process group up (rank, world from it) when training starts;
+    ``progress`` after every step and checkpoint; ``close`` at the end."""
 
     def __init__(self, init_timeout_s: float, train_timeout_s: float) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.init_timeout_s, self.train_timeout_s = init_timeout_s, train_timeout_s
-        self.limit, self.doing = init_timeout_s, "starting (before the first step)"
+        self.slow, self.doing = True, "loading (before the first step)"
         self._last = time.monotonic()
         self._interval = min(max(min(init_timeout_s, train_timeout_s) / 20, 0.1), 5.0)
         self._store = _own_store_client(timedelta(seconds=4 * self._interval + 5))
@@ -43,13 +43,15 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="torchmoe-watchdog", daemon=True)
         self._thread.start()
 
-    def progress(self, doing: str, limit: float | None = None) -> None:
-        """Something finished; next the rank is ``doing`` this, allowed ``limit`` seconds
-        (unchanged when None)."""
+    @property
+    def limit(self) -> float:
+        """Seconds allowed now: the init timeout for slow work (the first step, saving)."""
+        return self.init_timeout_s if self.slow else self.train_timeout_s
+
+    def progress(self, doing: str, slow: bool) -> None:
+        """Something finished; next the rank is ``doing`` this, ``slow`` work or a step."""
         self._last = time.monotonic()
-        self.doing = doing
-        if limit is not None:
-            self.limit = limit
+        self.doing, self.slow = doing, slow
 
     def close(self) -> None:
         self._stop.set()
@@ -71,7 +73,7 @@ class Watchdog:
             who = "the other ranks could not be asked"
         else:
             who = "every rank is alive: a collective is deadlocked or the step is that slow"
-        key = "comm.init_timeout_s" if self.limit == self.init_timeout_s else "comm.train_timeout_s"
+        key = "comm.init_timeout_s" if self.slow else "comm.train_timeout_s"
         say(
             f"error: rank {self.rank}: no progress for {self.limit:g} s while {self.doing}; "
             f"{who}; the job ends. Raise {key} if this work is legitimately that slow\n"
