@@ -357,10 +357,14 @@ class CheckpointManager:
         if step == 0:  # a seed holds weights only: its shapes are what must fit
             refused = fingerprint.compare({"shapes": saved.get("shapes", {})}, self.job)[0]
         if refused:
+            fix = (
+                "give checkpoint.initial_load_path a checkpoint of this model"
+                if path
+                else "resume with the config that saved it, or use a new checkpoint.folder"
+            )
             raise ConfigError(
                 f"checkpoint {path or self._path(step)} was saved by a different job "
-                f"({fingerprint.summarize(refused)}); resume with the config that saved it, "
-                "or use a new checkpoint.folder"
+                f"({fingerprint.summarize(refused)}); {fix}"
             )
         if changed:
             logger.info("resuming with changed settings: %s", "; ".join(changed))
