@@ -74,6 +74,7 @@ def test_mistakes_are_one_line(base, tiny_config, tmp_path):
     cfg.checkpoint.initial_load_model_only = False
     with pytest.raises(
         ConfigError,
-        match=r"holds no optimizer state \(a seed or an import\); set checkpoint.initial_load_model_only = true$",
+        match=r"holds no optimizer state \(a seed or an import\); "
+        r"set checkpoint.initial_load_model_only = true$",
     ):
         Trainer(cfg).checkpoint.load()
