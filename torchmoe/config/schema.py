@@ -322,6 +322,15 @@ class Checkpoint:
 class Metrics:
     log_freq: int = opt(10, "Log every n steps.", gt=0)
     enable_tensorboard: bool = opt(False, "Write TensorBoard scalars (needs tensorboard).")
+    enable_wandb: bool = opt(
+        False,
+        "Log the same scalars and the resolved config to Weights & Biases (needs wandb; "
+        "WANDB_MODE=offline writes under job.dump_folder/wandb). A resumed job continues its "
+        "W&B run.",
+    )
+    wandb_project: str = opt("torchmoe", "W&B project.")
+    wandb_run_name: str = opt("", "W&B run name; '' = the name of job.dump_folder.")
+    wandb_tags: list[str] = opt([], "W&B run tags.")
     save_tb_folder: str = opt("tb", "TensorBoard folder, relative to job.dump_folder.")
     save_jsonl: bool = opt(
         True,

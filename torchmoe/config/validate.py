@@ -42,6 +42,10 @@ def validate(cfg: JobConfig) -> None:
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
+    if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "metrics.enable_wandb = true but wandb is not installed; pip install wandb"
+        )
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
             "metrics.enable_tensorboard = true but tensorboard is not installed; "

@@ -16,6 +16,7 @@ from torchmoe.train.collapse import CollapseWatch
 from torchmoe.train.metrics_file import follow_checkpoint
 from torchmoe.train.moe_stats import moe_log_row
 from torchmoe.train.ranks import is_lead
+from torchmoe.train.wandb_run import WandbRun
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class MetricsLogger:
         self.collapse = CollapseWatch(cfg.metrics, names, cfg.moe.num_experts)
         self.jsonl = dump / "metrics.jsonl" if cfg.metrics.save_jsonl and lead else None
         self.tb = None
+        self.wandb: WandbRun | None = None  # opened by start()
         if cfg.metrics.enable_tensorboard and lead:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -102,9 +104,20 @@ class MetricsLogger:
 
     def start(self, resumed_step: int | None) -> None:
         """Before the first step: metrics.jsonl follows the checkpoint the run resumed from
-        (``metrics_file.follow_checkpoint``; None or 0 is a fresh start)."""
+        (``metrics_file.follow_checkpoint``; None or 0 is a fresh start), and the lead opens
+        the W&B run (a resume continues the job's)."""
         if self.jsonl:
             follow_checkpoint(self.jsonl, resumed_step)
+        if self.cfg.metrics.enable_wandb and is_lead():
+            self.wandb = WandbRun(self.cfg, resumed=bool(resumed_step))
+
+    def close(self) -> None:
+        """Flush and close TensorBoard and W&B."""
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
 
     def record_step(self, tokens: int, loss: float, moe: dict[str, torch.Tensor]) -> None:
         """One step's token count, loss and MoE statistics (``train.moe_stats.step_values``,
@@ -184,13 +197,22 @@ class MetricsLogger:
         if self.jsonl:
             with self.jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if not (self.tb or self.wandb):
+            return
+        step, values = row["step"], scalars(row)
         if self.tb:
-            step = row["step"]
-            for key, value in row.items():
-                if isinstance(value, float):
-                    self.tb.add_scalar(f"train/{key}", value, step)
-            for key, values in row.get("per_layer", {}).items():
-                if key != "tokens":
-                    for layer, v in enumerate(values):
-                        self.tb.add_scalar(f"moe/{key}/layer{layer}", v, step)
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
             self.tb.flush()
+        if self.wandb:
+            self.wandb.log(values, step)
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """A log row as TensorBoard and W&B scalars: ``train/<key>`` and, per MoE layer,
+    ``moe/<key>/layer<i>``."""
+    out = {f"train/{k}": v for k, v in row.items() if isinstance(v, float)}
+    for key, values in row.get("per_layer", {}).items():
+        if key != "tokens":
+            out |= {f"moe/{key}/layer{layer}": v for layer, v in enumerate(values)}
+    return out

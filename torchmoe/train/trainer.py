@@ -344,6 +344,7 @@ class Trainer:
             if stop is None:
                 stop = held.enter_context(stop_signals())
             held.callback(self.dataloader.close)
+            held.callback(self.metrics.close)
             if self.dims.world_size > 1:  # a hung rank ends the job in minutes, named
                 c = self.cfg.comm
                 self.watchdog = Watchdog(c.init_timeout_s, c.train_timeout_s)
