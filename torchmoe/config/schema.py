@@ -467,6 +467,26 @@ class Quantize:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = opt(
+        False,
+        "Write a chrome trace (torch profiler) of active_steps steps every freq steps to "
+        "job.dump_folder/<save_folder>.",
+    )
+    freq: int = opt(100, "Steps between traces.", gt=0)
+    warmup_steps: int = opt(1, "Profiler warm-up steps before each traced window.", ge=0)
+    active_steps: int = opt(2, "Steps each trace covers.", gt=0)
+    ranks: str = opt("lead", "Ranks that trace: the lead rank, or all.", choices=("lead", "all"))
+    save_folder: str = opt("profile", "Folder for traces and snapshots, in job.dump_folder.")
+    enable_memory_snapshot: bool = opt(
+        False,
+        "Record CUDA allocations and write a memory snapshot after memory_snapshot_step and "
+        "when a step runs out of memory (CUDA only; view at pytorch.org/memory_viz).",
+    )
+    memory_snapshot_step: int = opt(3, "The step after which the snapshot is written.", gt=0)
+
+
+@dataclass
 class Comm:
     init_timeout_s: float = opt(
         600,
@@ -499,6 +519,7 @@ class JobConfig:
     compile: Compile = field(default_factory=Compile)
     quantize: Quantize = field(default_factory=Quantize)
     comm: Comm = field(default_factory=Comm)
+    profiling: Profiling = field(default_factory=Profiling)
 
 
 def section_types() -> dict[str, type]:

@@ -42,6 +42,12 @@ def validate(cfg: JobConfig) -> None:
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
+    prof = cfg.profiling
+    if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:
+        raise ConfigError(
+            f"profiling.warmup_steps {prof.warmup_steps} + active_steps {prof.active_steps} "
+            f"exceed profiling.freq = {prof.freq}; raise freq or trace fewer steps"
+        )
     if cfg.metrics.enable_wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             "metrics.enable_wandb = true but wandb is not installed; pip install wandb"

@@ -4,7 +4,8 @@
 usage, the environment variables (launch_env.py) and the config with every key's meaning and
 range. With ``COMM_MODE=fake`` (or ``fake_backend``) and ``WORLD_SIZE=N`` it plans the layout for N
 ranks on the meta device instead of training (torchmoe/parallel/dry_run.py). Configuration errors
-print one line and exit with status 2; a non-finite loss prints one line and exits with status 1;
+print one line and exit with status 2; a non-finite loss or a step out of device memory prints
+one line and exits with status 1;
 SIGTERM, SIGINT or SIGUSR1 during training saves a checkpoint and exits 0 (preemption.py).
 """
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from torchmoe.train.preemption import stop_signals
         from torchmoe.train.process_link import die_with_launcher
-        from torchmoe.train.trainer import NonFiniteLossError, Trainer
+        from torchmoe.train.trainer import NonFiniteLossError, StepOutOfMemoryError, Trainer
 
         die_with_launcher()
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with stop_signals() as stop:  # a signal while the Trainer is built counts too
                 Trainer(cfg).train(stop)
-        except NonFiniteLossError as e:
+        except (NonFiniteLossError, StepOutOfMemoryError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     except ConfigError as e:

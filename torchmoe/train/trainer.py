@@ -52,6 +52,7 @@ from torchmoe.train.metrics import MetricsLogger, duration
 from torchmoe.train.moe_stats import MoEStepStats, step_values
 from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 from torchmoe.train.preemption import StopRequest, stop_signals
+from torchmoe.train.profiling import StepProfiler
 from torchmoe.train.ranks import is_lead
 from torchmoe.train.watchdog import Watchdog, process_group_timeout
 
@@ -60,6 +61,10 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; training stops rather than continue on garbage."""
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """A step ran out of device memory; the message says which step and what to change."""
 
 
 def _full(loss: torch.Tensor) -> torch.Tensor:
@@ -197,6 +202,9 @@ class Trainer:
             device=self.device,
         )
         self.metrics = MetricsLogger(cfg, flops, self.device, self.dtype, self.moe_stats.names)
+        self.profiler = StepProfiler(
+            cfg, self.device, dist.get_rank() if dist.is_initialized() else 0
+        )
         self.loss_fn = build_loss_fn(cfg.compile.enable and not self.dims.tp_enabled)
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
@@ -345,6 +353,7 @@ class Trainer:
                 stop = held.enter_context(stop_signals())
             held.callback(self.dataloader.close)
             held.callback(self.metrics.close)
+            held.callback(self.profiler.stop)
             if self.dims.world_size > 1:  # a hung rank ends the job in minutes, named
                 c = self.cfg.comm
                 self.watchdog = Watchdog(c.init_timeout_s, c.train_timeout_s)
@@ -368,11 +377,13 @@ class Trainer:
         signum = stop.agreed()
         # the first step compiles and saves may take minutes: the init timeout ("slow")
         self._progress(f"step {first_step + 1} (the first: compiling, warming up)", slow=True)
+        self.profiler.start(first_step)
         while not signum and self.state.step < cfg.training.steps:
             if self.state.step > first_step:
                 self._progress(f"step {self.state.step + 1}", slow=False)
-            result = self.train_step()
+            result = self._step_or_oom()
             self.state.step += 1
+            self.profiler.step(self.state.step)
             losses.append(result.loss)
             self.metrics.record_step(tokens_per_gpu, result.loss, result.moe)
             step = self.state.step
@@ -392,6 +403,20 @@ class Trainer:
         if losses:
             self._summary(losses, first_step, time.perf_counter() - started)
         return losses
+
+    def _step_or_oom(self) -> StepResult:
+        """``train_step``; running out of device memory becomes one line (and a memory
+        snapshot with profiling.enable_memory_snapshot)."""
+        try:
+            return self.train_step()
+        except torch.OutOfMemoryError as e:
+            snapshot = self.profiler.oom()
+            first = (str(e).strip().splitlines() or ["out of memory"])[0]
+            raise StepOutOfMemoryError(
+                f"step {self.state.step + 1} ran out of device memory ({first[:160]}); lower "
+                "training.local_batch_size or training.seq_len, or set activation_checkpoint."
+                "mode = 'full'" + (f"; memory snapshot: {snapshot}" if snapshot else "")
+            ) from None
 
     def _progress(self, doing: str, slow: bool) -> None:
         if self.watchdog is not None:
