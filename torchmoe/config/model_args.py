@@ -62,6 +62,10 @@ def moe_args(cfg: JobConfig) -> MoEArgs:
         balance_coeffs=balance_coeffs(cfg),
         z_loss_coeff=e.z_loss_coeff,
         capacity_factor=e.capacity_factor,
+        eval_capacity_factor=e.capacity_factor
+        if e.eval_capacity_factor < 0
+        else e.eval_capacity_factor,
+        min_capacity=e.min_capacity,
         drop_policy=e.drop_policy,
         pad_to_capacity=e.pad_to_capacity,
         grouped_mm=e.grouped_mm,

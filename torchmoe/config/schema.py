@@ -137,6 +137,15 @@ class MoE:
         "of its T local tokens; the rest skip the experts (residual only). 0 = dropless.",
         ge=0,
     )
+    eval_capacity_factor: float = opt(
+        -1.0,
+        "Capacity factor in evaluation (validation, generation); -1 = capacity_factor, "
+        "0 = dropless (DeepSpeed's eval_capacity_factor).",
+        ge=-1,
+    )
+    min_capacity: int = opt(
+        0, "Capacity mode: every expert takes at least this many copies (DeepSpeed's).", ge=0
+    )
     drop_policy: str = opt(
         "probs",
         "Capacity mode: per expert, keep the copies with the "
@@ -467,6 +476,21 @@ class Quantize:
 
 
 @dataclass
+class Validation:
+    enable: bool = opt(False, "Measure the loss on held-out data every freq steps.")
+    dataset: str = opt(
+        "",
+        "Validation documents: a local file or folder, a hub name, or '' for a share of "
+        "the training dataset held out from training (holdout_fraction).",
+    )
+    holdout_fraction: float = opt(
+        0.01, "With dataset = '': the share of training documents held out.", gt=0, le=0.5
+    )
+    freq: int = opt(100, "Validate every n steps (and after the last).", gt=0)
+    steps: int = opt(10, "Batches per validation: the same batches every time.", gt=0)
+
+
+@dataclass
 class Profiling:
     enable_profiling: bool = opt(
         False,
@@ -520,6 +544,7 @@ class JobConfig:
     quantize: Quantize = field(default_factory=Quantize)
     comm: Comm = field(default_factory=Comm)
     profiling: Profiling = field(default_factory=Profiling)
+    validation: Validation = field(default_factory=Validation)
 
 
 def section_types() -> dict[str, type]:

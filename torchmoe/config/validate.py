@@ -42,6 +42,11 @@ def validate(cfg: JobConfig) -> None:
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
+    if cfg.validation.enable and cfg.parallelism.pp > 1:
+        raise ConfigError(
+            f"validation.enable with parallelism.pp = {cfg.parallelism.pp} is not supported "
+            "yet; validate with pp = 1 (e.g. on the exported model) or turn validation off"
+        )
     prof = cfg.profiling
     if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:
         raise ConfigError(

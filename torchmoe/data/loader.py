@@ -13,15 +13,17 @@ skipped), so a checkpoint from any data-parallel size restores exactly.
 
 import copy
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.config.schema import Data
+from torchmoe.config.schema import Data, Validation
 from torchmoe.data.bad_rows import BadRow, BadRowCounter, BlankRow
 from torchmoe.data.datasets import DocumentTable, StreamedDocuments, open_source
 from torchmoe.data.global_order import GlobalOrder
+from torchmoe.data.held_out import split_held_out
 from torchmoe.data.prefetch import Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
 
@@ -169,7 +171,26 @@ def row_counts(state: dict[str, Any]) -> tuple[int, int]:
     return sum(s["rows"] for s in streams), sum(s["bad"] for s in streams)
 
 
-def build_dataloader(
+def open_training_and_validation(
+    cfg: Data, validation: Validation, dp_rank: int, dp_world: int, seed: int
+) -> tuple[DocumentTable | StreamedDocuments, DocumentTable | StreamedDocuments | None]:
+    """The training documents and, with validation on, the validation documents: another
+    dataset, or a share held out from the training table (never read for training)."""
+    train = open_source(cfg, dp_rank, dp_world)
+    if not validation.enable:
+        return train, None
+    if validation.dataset:
+        return train, open_source(replace(cfg, dataset=validation.dataset), dp_rank, dp_world)
+    if isinstance(train, StreamedDocuments):
+        raise ConfigError(
+            f"validation.dataset = '' holds out a share of data.dataset = {cfg.dataset!r}, "
+            "which is streamed (no random access); give validation.dataset"
+        )
+    return split_held_out(train, validation.holdout_fraction, seed)
+
+
+def build_loader(
+    source: DocumentTable | StreamedDocuments,
     cfg: Data,
     tokenizer: Tokenizer,
     seq_len: int,
@@ -179,10 +200,10 @@ def build_dataloader(
     seed: int,
     accumulation: int = 1,
 ) -> Prefetcher:
-    """The training batches of one data-parallel rank, as configured by ``[data]``, produced
-    ``data.prefetch_batches`` ahead in a background thread."""
+    """Batches of one data-parallel rank from ``source``, produced ``data.prefetch_batches``
+    ahead in a background thread."""
     loader = PackedLoader(
-        open_source(cfg, dp_rank, dp_world),
+        source,
         tokenizer,
         seq_len,
         batch_size,
@@ -193,3 +214,20 @@ def build_dataloader(
         bad_rows=BadRowCounter(cfg.max_bad_fraction),
     )
     return Prefetcher(loader, cfg.prefetch_batches)
+
+
+def build_dataloader(
+    cfg: Data,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    dp_rank: int,
+    dp_world: int,
+    seed: int,
+    accumulation: int = 1,
+) -> Prefetcher:
+    """The training batches of one data-parallel rank, as configured by ``[data]``."""
+    source = open_source(cfg, dp_rank, dp_world)
+    return build_loader(
+        source, cfg, tokenizer, seq_len, batch_size, dp_rank, dp_world, seed, accumulation
+    )

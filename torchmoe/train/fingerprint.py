@@ -32,6 +32,8 @@ RESUME_MAY_CHANGE = frozenset(
         "moe.bias_update_rate",
         "moe.force_load_balance",
         "moe.capacity_factor",
+        "moe.eval_capacity_factor",
+        "moe.min_capacity",
         "moe.drop_policy",
         "moe.pad_to_capacity",
         "moe.freeze_experts",

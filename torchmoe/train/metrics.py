@@ -129,9 +129,18 @@ class MetricsLogger:
         for key, value in moe.items():
             w.moe[key] = value if key not in w.moe else w.moe[key] + value
 
-    def log(self, step: int, loss: float, grad_norm: float, lr: float, bad_rows: int = 0) -> dict:
+    def log(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        bad_rows: int = 0,
+        validation: dict[str, float] | None = None,
+    ) -> dict:
         """One log line and metrics row: ``loss`` is the step's own; the window's mean (every
-        step since the last line) is logged beside it when the window has several steps."""
+        step since the last line) is logged beside it when the window has several steps;
+        ``validation`` (val_loss, val_perplexity) when it ran after this step."""
         w = self.window
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -180,6 +189,11 @@ class MetricsLogger:
             line += f" dropped {100 * row['dropped_frac']:.1f}%"
         if bad_rows:
             line += f" | bad rows skipped {bad_rows}"
+        if validation:
+            row.update(validation)
+            line += (
+                f" | val loss {validation['val_loss']:.4f} ppl {validation['val_perplexity']:.2f}"
+            )
         line += f" | eta {duration(row['eta_s'])}"
         logger.info(line)
         self._write(row)

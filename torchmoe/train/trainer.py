@@ -30,7 +30,7 @@ from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.pipeline_keys import microbatches as microbatches_of
 from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
-from torchmoe.data.loader import build_dataloader, row_counts
+from torchmoe.data.loader import build_loader, open_training_and_validation, row_counts
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
@@ -54,6 +54,7 @@ from torchmoe.train.optim import build_lr_scheduler, build_optimizer
 from torchmoe.train.preemption import StopRequest, stop_signals
 from torchmoe.train.profiling import StepProfiler
 from torchmoe.train.ranks import is_lead
+from torchmoe.train.validation import Validator
 from torchmoe.train.watchdog import Watchdog, process_group_timeout
 
 logger = logging.getLogger(__name__)
@@ -177,16 +178,13 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.accum_steps = self._accumulation_steps()
-        self.dataloader = build_dataloader(
-            cfg.data,
-            self.tokenizer,
-            t.seq_len,
-            t.local_batch_size,
-            dp_rank=self.dims.dp_rank(),
-            dp_world=self.dims.dp,
-            seed=t.seed,
-            accumulation=self.accum_steps,
+        dp_rank, dp = self.dims.dp_rank(), self.dims.dp
+        train_docs, val_docs = open_training_and_validation(
+            cfg.data, cfg.validation, dp_rank, dp, t.seed
         )
+        # the same global batches at every layout, training and validation (loader.py)
+        shape = (t.seq_len, t.local_batch_size, dp_rank, dp, t.seed, self.accum_steps)
+        self.dataloader = build_loader(train_docs, cfg.data, self.tokenizer, *shape)
         self.batches = iter(self.dataloader)  # the loader itself: a resume moves it in place
         self.global_tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.accum_steps
         self.state = TrainState()
@@ -206,6 +204,16 @@ class Trainer:
             cfg, self.device, dist.get_rank() if dist.is_initialized() else 0
         )
         self.loss_fn = build_loss_fn(cfg.compile.enable and not self.dims.tp_enabled)
+        self.validator: Validator | None = None
+        if val_docs is not None:
+            self.validator = Validator(
+                build_loader(val_docs, cfg.data, self.tokenizer, *shape),
+                cfg.validation.steps * self.accum_steps,
+                self.loss_fn,
+                self.device,
+                self.dtype if self.autocast else None,
+                self.dims.tp_enabled,
+            )
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
 
@@ -352,6 +360,8 @@ class Trainer:
             if stop is None:
                 stop = held.enter_context(stop_signals())
             held.callback(self.dataloader.close)
+            if self.validator is not None:
+                held.callback(self.validator.close)
             held.callback(self.metrics.close)
             held.callback(self.profiler.stop)
             if self.dims.world_size > 1:  # a hung rank ends the job in minutes, named
@@ -389,10 +399,11 @@ class Trainer:
             step = self.state.step
             signum = stop.agreed()
             # the run's first step is logged too: no silence until log_freq on a slow machine
-            first = step == first_step + 1
-            if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps or first or signum:
+            first, last = step == first_step + 1, step == cfg.training.steps
+            val = self._validate(step, last)
+            if step % cfg.metrics.log_freq == 0 or last or first or signum or val:
                 bad_rows = self._data_rows()[1]  # the job's, as in the summary
-                self.metrics.log(step, result.loss, result.grad_norm, result.lr, bad_rows)
+                self.metrics.log(step, result.loss, result.grad_norm, result.lr, bad_rows, val)
             if self.checkpoint.due(step, cfg.training.steps) or signum:
                 self._progress(f"saving checkpoint step-{step}", slow=True)
             self.checkpoint.maybe_save(step, cfg.training.steps)
@@ -403,6 +414,14 @@ class Trainer:
         if losses:
             self._summary(losses, first_step, time.perf_counter() - started)
         return losses
+
+    def _validate(self, step: int, last: bool) -> dict[str, float]:
+        """The held-out loss when validation is due after ``step``, else {}."""
+        v = self.cfg.validation
+        if self.validator is None or not (step % v.freq == 0 or last):
+            return {}
+        self._progress(f"validating after step {step}", slow=True)
+        return self.validator.run(self.model, step)
 
     def _step_or_oom(self) -> StepResult:
         """``train_step``; running out of device memory becomes one line (and a memory

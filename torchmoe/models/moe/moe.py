@@ -73,6 +73,8 @@ class MoEArgs:
     balance_coeffs: dict[str, float] = field(default_factory=dict)  # loss type -> weight
     z_loss_coeff: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
+    eval_capacity_factor: float = 0.0  # in eval mode (validation, generation)
+    min_capacity: int = 0  # every expert takes at least this many copies
     drop_policy: str = "probs"  # "probs" | "position"
     pad_to_capacity: bool = False
     grouped_mm: str = "auto"
@@ -114,12 +116,14 @@ class MoE(nn.Module):
         counts_E = expert_counts(routing.topk_idx_TK, a.router.num_experts, routing.probs_TE.dtype)
         losses = self._losses(routing, counts_E, B)
         idx_TK, capacity = routing.topk_idx_TK, 0
-        if a.capacity_factor > 0:
-            capacity = expert_capacity(idx_TK.numel(), a.router.num_experts, a.capacity_factor)
+        factor = a.capacity_factor if self.training else a.eval_capacity_factor
+        if factor > 0:
+            capacity = expert_capacity(idx_TK.numel(), a.router.num_experts, factor)
+            capacity = max(capacity, a.min_capacity)
             idx_TK = drop_over_capacity(
                 idx_TK, routing.topk_weight_TK, a.router.num_experts, capacity, a.drop_policy
             )
-        if not is_recomputing():
+        if self.training and not is_recomputing():  # eval tokens must not move the bias
             self._record(routing, counts_E, losses, idx_TK)
 
         x_MD, group_rows_E, state = self.dispatcher.dispatch(
