@@ -17,6 +17,7 @@ from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
+from torchmoe.convert.hf.fp8 import block_size, dequantize
 from torchmoe.convert.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
 from torchmoe.convert.hf.mapping import from_hf, to_hf
 from torchmoe.data.hf_tokenizer import HFTokenizer
@@ -54,12 +55,7 @@ def config_from_hf(
 ) -> tuple[JobConfig, dict]:
     """config.json and the checkpoint's tensor names -> (validated JobConfig, the [model]/[moe]
     values it sets)."""
-    if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method", "?")
-        raise ConfigError(
-            f"config.json: quantization_config ({method}) describes quantized "
-            "weights; convert them to bfloat16 or float32 first"
-        )
+    block_size(hf)  # a quantization this importer cannot undo is one line
     adapter = adapter_for_model_type(hf.get("model_type"))
     values = adapter.to_job(hf, names)
     name = family or adapter.family
@@ -101,6 +97,9 @@ def read_hf(
     hf = read_json(hf_dir / "config.json")
     adapter = adapter_for_model_type(hf.get("model_type"))
     tensors = read_safetensors(hf_dir)
+    block = block_size(hf)
+    if block is not None:  # DeepSeek-V3's fp8 release
+        tensors = dequantize(tensors, block)
     cfg, values = config_from_hf(hf, tensors.keys(), family)
     embed = tensors.get("model.embed_tokens.weight")
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and embed is not None:
