@@ -2,7 +2,7 @@
 
     python scripts/convert_hf.py import --hf HF_DIR --out CKPT_DIR [--family NAME]
     python scripts/convert_hf.py export --checkpoint CKPT_DIR/step-N --config RECIPE.toml \\
-        [--section.key value ...] --out HF_DIR [--max-shard-size 5GB]
+        [--section.key value ...] --out HF_DIR [--max-shard-size 5GB] [--dtype bf16|fp32]
 
 import reads config.json and *.safetensors (one file, or shards listed in
 model.safetensors.index.json) and writes CKPT_DIR/step-0, a seed checkpoint, the folder's
@@ -10,9 +10,10 @@ tokenizer.json (and tokenizer_config.json) into CKPT_DIR/tokenizer, and CKPT_DIR
 the [model]/[moe] keys of the model; it prints the same keys as overrides. Train from it with
 ``./run_train.sh --config CKPT_DIR/model.toml`` or with any recipe
 plus the printed overrides. export reads only the model part of a checkpoint (a seed or a
-training step) and writes safetensors (sharded, with an index, above --max-shard-size) and
-config.json for the family's transformers class, plus the tokenizer files when
-model.tokenizer_path is a Hugging Face tokenizer. Mistakes print one line and exit 2.
+training step) and writes safetensors in --dtype (bf16 by default; sharded, with an index, above
+--max-shard-size), config.json for the family's transformers class (the released config.json an
+import kept, with the keys torchmoe owns updated) and generation_config.json, plus the tokenizer
+files when model.tokenizer_path is a Hugging Face tokenizer. Mistakes print one line and exit 2.
 """
 
 import argparse
@@ -53,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", required=True, type=Path, help="a step-N folder")
     exp.add_argument("--out", required=True, type=Path, help="new Hugging Face folder")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
+    exp.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the written weights"
+    )
     return p
 
 
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(cli_overrides(cfg, values, args.out))
         else:
-            export_hf(args.checkpoint, rest, args.out, _size(args.max_shard_size))
+            export_hf(args.checkpoint, rest, args.out, _size(args.max_shard_size), args.dtype)
             print(f"wrote {args.out}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -69,10 +69,20 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
             tmp_path / "out",
             "--max-shard-size",
             "40KB",
+            "--dtype",
+            "fp32",
         )
         == 0
     )
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    released = json.loads((tmp_path / "hf" / "config.json").read_text())
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    # the released config is carried through: its keys kept, max_position_embeddings untouched
+    assert released.keys() - {"torch_dtype"} <= exported.keys()
+    assert exported["max_position_embeddings"] == released["max_position_embeddings"]
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == json.loads(
+        (tmp_path / "hf" / "generation_config.json").read_text()
+    )
     before, after = read_safetensors(tmp_path / "hf"), read_safetensors(tmp_path / "out")
     if hf.config.tie_word_embeddings:  # written untied: torchmoe's head is its own tensor
         assert torch.equal(after.pop("lm_head.weight"), before["model.embed_tokens.weight"])
@@ -85,6 +95,21 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
     assert_same_logits(
         lambda t: from_pretrained(tmp_path / "out")(t).logits, hf, hf.config.vocab_size
     )
+    # by default the weights are written in bfloat16
+    args = [
+        "--checkpoint",
+        tmp_path / "ckpt" / "step-0",
+        "--config",
+        tmp_path / "ckpt" / "model.toml",
+    ]
+    assert run(script, "export", *args, "--out", tmp_path / "bf16") == 0
+    bf16 = read_safetensors(tmp_path / "bf16")
+    assert all(t.dtype == torch.bfloat16 for t in bf16.values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    fp32 = read_safetensors(tmp_path / "out")
+    assert bf16.keys() == fp32.keys()
+    for k, t in bf16.items():
+        torch.testing.assert_close(t.float(), fp32[k], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -119,6 +144,8 @@ def test_export_then_import_is_the_identity(family, overrides, tiny_config, tmp_
             tmp_path / "recipe.toml",
             "--out",
             tmp_path / "hf",
+            "--dtype",
+            "fp32",
         )
         == 0
     )
@@ -176,11 +203,14 @@ def test_training_starts_from_an_import_and_its_steps_export(tmp_path, script, c
             *train,
             "--out",
             tmp_path / "out",
+            "--dtype",
+            "fp32",
         )
         == 0
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
     ]
     trainer.model.eval()

@@ -54,6 +54,8 @@ def test_import_trains_with_and_exports_the_tokenizer(tmp_path: Path, script, da
             *train,
             "--out",
             out,
+            "--dtype",
+            "fp32",
         )
         == 0
     )

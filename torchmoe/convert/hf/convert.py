@@ -125,6 +125,7 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     CheckpointManager(
         Checkpoint(enable=True), out, model, None, None, None, TrainState(), job=job
     ).save_seed()
+    keep_original_configs(hf_dir, out / ORIGINAL)
     if tokenizer is not None:
         copy_tokenizer_files(tokenizer, out / "tokenizer")
         cfg.model.tokenizer_path = values["model"]["tokenizer_path"] = str(
@@ -132,6 +133,21 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
         )
     (out / "model.toml").write_text(model_toml(cfg, values, hf_dir, out))
     return cfg, values
+
+
+# Where an import keeps the released config.json and generation_config.json, for export.
+ORIGINAL = "hf_original"
+_ORIGINAL_FILES = ("config.json", "generation_config.json")
+# config.json keys an export takes from the released model even though it writes them too.
+_KEPT = ("max_position_embeddings",)
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def keep_original_configs(hf_dir: Path, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _ORIGINAL_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, folder / name)
 
 
 def _checked_tokenizer(hf_dir: Path, cfg: JobConfig) -> HFTokenizer | None:
@@ -187,25 +203,50 @@ def cli_overrides(cfg: JobConfig, values: dict, out: Path) -> str:
     return shlex.join(args + ["--checkpoint.enable", "--checkpoint.folder", str(out.resolve())])
 
 
-def export_hf(step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int) -> JobConfig:
+def export_hf(
+    step_dir: Path, recipe_args: list[str], out: Path, max_shard_bytes: int, dtype: str = "bf16"
+) -> JobConfig:
     """Write the model of checkpoint ``step_dir`` (built by ``--config ... [--section.key value
-    ...]``) as a Hugging Face folder: config.json, safetensors and, when model.tokenizer_path
-    is a Hugging Face tokenizer, its files."""
+    ...]``) as a Hugging Face folder: config.json, generation_config.json, safetensors in
+    ``dtype`` (bf16 or fp32) and, when model.tokenizer_path is a Hugging Face tokenizer, its
+    files. A checkpoint folder an import made carries the released config.json: its keys are
+    kept, with those torchmoe owns (the architecture it trained) updated."""
     _empty_folder(out, "--out")
     cfg, _ = load_config(recipe_args)
     adapter = adapter_for_family(cfg.model.name)
-    hf = {
+    original = _original(step_dir, "config.json")
+    ours = {
         "architectures": [adapter.architecture],
         "model_type": adapter.model_type,
         **adapter.to_hf_config(cfg),
     }
+    hf = {**original, **ours} | {k: original[k] for k in _KEPT if k in original}
+    hf.pop("quantization_config", None)  # the weights are written dequantized
     _, expected = _meta_state(cfg)
     state = read_dcp_model(step_dir, expected)
     tensors = to_hf(state, adapter.rules(cfg, hf), adapter.family)
-    hf["dtype"] = str(state["tok_embeddings.weight"].dtype).removeprefix("torch.")
+    tensors = {k: t.to(EXPORT_DTYPES[dtype]) for k, t in tensors.items()}
+    hf["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
+    hf.pop("torch_dtype", None)  # transformers' older name for it
     write_safetensors(out, tensors, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    generation = _original(step_dir, "generation_config.json") or {
+        k: v
+        for k, v in (
+            ("bos_token_id", tokenizer.bos_id),
+            ("eos_token_id", tokenizer.eos_id),
+            ("pad_token_id", tokenizer.pad_id),
+        )
+        if v is not None
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if isinstance(tokenizer, HFTokenizer):  # a released model's tokenizer goes back with it
         copy_tokenizer_files(tokenizer, out)
     return cfg
+
+
+def _original(step_dir: Path, name: str) -> dict:
+    """The released model's ``name`` an import kept beside the checkpoint, or {}."""
+    path = step_dir.parent / ORIGINAL / name
+    return read_json(path) if path.is_file() else {}
