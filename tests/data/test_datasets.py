@@ -74,7 +74,7 @@ def stream_json(path: Path) -> datasets.IterableDataset:
 
 
 def streamed(path: Path, rank: int, world: int) -> StreamedDocuments:
-    return StreamedDocuments(stream_json(path), str(path), "text", rank, world)
+    return StreamedDocuments(stream_json(path), str(path), ["text"], rank, world)
 
 
 def take(stream: StreamedDocuments, n: int) -> list[str]:
@@ -296,7 +296,7 @@ def test_streamed_missing_text_field(rng: random.Random, tmp_path: Path) -> None
     ds = stream_json(tmp_path / "s.jsonl")
     for source in (ds, ds.map(lambda row: row)):  # after map, columns are unknown until read
         with pytest.raises(ConfigError, match=r"^data\.text_field = 'text'.*\['body', 'id'\]"):
-            StreamedDocuments(source, "s", "text", 0, 1).next_text()
+            StreamedDocuments(source, "s", ["text"], 0, 1).next_text()
 
 
 def test_streamed_bad_row_is_skippable(tmp_path: Path) -> None:

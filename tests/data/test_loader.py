@@ -270,7 +270,7 @@ def test_resume_of_a_streamed_dataset(
             streaming=True,
             cache_dir=str(tmp_path / "hf_cache"),
         )
-        return PackedLoader(StreamedDocuments(ds, "s", "text", 0, 1), bundled, 8, 2)
+        return PackedLoader(StreamedDocuments(ds, "s", ["text"], 0, 1), bundled, 8, 2)
 
     uninterrupted = streamed_loader()
     take(uninterrupted, rng.randint(1, 10))

@@ -245,7 +245,14 @@ class Data:
     )
     dataset_config: str = opt("", "HF dataset config name (e.g. 'en' for c4).")
     split: str = opt("train", "Dataset split.")
-    text_field: str = opt("text", "Column holding the document text.")
+    text_field: str = opt("text", "Column holding the document text (format = 'text').")
+    format: str = opt(
+        "text",
+        "text: documents, every token a label. prompt_completion: records with 'prompt' and "
+        "'completion', the loss on the completion only. chat: records with 'messages' (role, "
+        "content) rendered by the tokenizer's chat template, the loss on assistant turns only.",
+        choices=("text", "prompt_completion", "chat"),
+    )
     streaming: bool = opt(
         True,
         "Stream HF hub datasets instead of downloading them whole "

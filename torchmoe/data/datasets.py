@@ -19,6 +19,7 @@ from datasets.distributed import split_dataset_by_node
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
+from torchmoe.data.bad_rows import BadRow
 from torchmoe.data.line_files import LineFiles, field_text
 from torchmoe.data.stdlib_docs import load_stdlib_docs, resolve_cache_dir
 
@@ -39,6 +40,8 @@ class DocumentTable(Protocol):
 
     def text(self, index: int) -> str: ...
 
+    def record(self, index: int) -> dict: ...
+
     def file_of(self, index: int) -> str: ...
 
     def line_of(self, index: int) -> int: ...
@@ -57,6 +60,12 @@ class ListTable:
         row = self._rows[index]
         return row if self._field is None else field_text(row, self._field)
 
+    def record(self, index: int) -> dict:
+        row = self._rows[index]
+        if not isinstance(row, dict):
+            raise BadRow(f"not a JSON object but {type(row).__name__}")
+        return row
+
     def file_of(self, index: int) -> str:
         return self._name
 
@@ -71,11 +80,11 @@ class ArrowTable:
     def __init__(
         self,
         dataset: datasets.Dataset,
-        field: str,
+        columns: list[str],
         name: str,
         files: Sequence[tuple[str, int]] = (),
     ) -> None:
-        self._ds, self._field, self._name = dataset.select_columns([field]), field, name
+        self._ds, self._field, self._name = dataset.select_columns(columns), columns[0], name
         self._files = [f for f, _ in files]
         self._first = np.cumsum([0] + [n for _, n in files])
 
@@ -84,6 +93,9 @@ class ArrowTable:
 
     def text(self, index: int) -> str:
         return field_text(self._ds[index], self._field)
+
+    def record(self, index: int) -> dict:
+        return self._ds[index]
 
     def _file(self, index: int) -> int:
         return int(np.searchsorted(self._first, index, side="right")) - 1
@@ -113,6 +125,10 @@ class ConcatTable:
         table, row = self._locate(index)
         return table.text(row)
 
+    def record(self, index: int) -> dict:
+        table, row = self._locate(index)
+        return table.record(row)
+
     def file_of(self, index: int) -> str:
         table, row = self._locate(index)
         return table.file_of(row)
@@ -131,27 +147,32 @@ class StreamedDocuments:
         self,
         dataset: datasets.IterableDataset,
         name: str,
-        text_field: str,
+        columns: list[str],
         dp_rank: int,
         dp_world: int,
     ) -> None:
         if dataset.column_names is not None:
-            _check_column(dataset.column_names, text_field, name)
+            for column in columns:
+                _check_column(dataset.column_names, column, name)
         self._ds = split_dataset_by_node(dataset, rank=dp_rank, world_size=dp_world)
-        self.name, self._field = name, text_field
+        self.name, self._field, self._columns = name, columns[0], columns
         self._rows: Iterator[dict[str, Any]] | None = None
         self.row = 0  # rows this rank read in this process, to name a bad one
 
     def next_text(self) -> str:
+        return field_text(self.next_record(), self._field)
+
+    def next_record(self) -> dict:
         for _ in range(2):  # the rest of this epoch, else a fresh one
             if self._rows is None:
                 self._rows = iter(self._ds)
             row = next(self._rows, None)
             if row is not None:
                 self.row += 1
-                if self.row == 1 and self._field not in row:
-                    _check_column(list(row), self._field, self.name)
-                return field_text(row, self._field)
+                if self.row == 1:
+                    for column in self._columns:
+                        _check_column(list(row), column, self.name)
+                return row
             self._ds.set_epoch(self._ds.epoch + 1)
             self._rows = None
         raise ConfigError(
@@ -182,9 +203,16 @@ def open_source(cfg: Data, dp_rank: int, dp_world: int) -> DocumentTable | Strea
         )
     dataset = _load_hub(cfg)
     if isinstance(dataset, datasets.IterableDataset):
-        return StreamedDocuments(dataset, cfg.dataset, cfg.text_field, dp_rank, dp_world)
-    _check_text_column(dataset, cfg)
-    return _non_empty(ArrowTable(dataset, cfg.text_field, cfg.dataset), cfg)
+        return StreamedDocuments(dataset, cfg.dataset, columns_of(cfg), dp_rank, dp_world)
+    _check_columns(dataset, cfg)
+    return _non_empty(ArrowTable(dataset, columns_of(cfg), cfg.dataset), cfg)
+
+
+def columns_of(cfg: Data) -> list[str]:
+    """The fields a row of ``data.format`` needs (formats.py)."""
+    return {"text": [cfg.text_field], "chat": ["messages"]}.get(
+        cfg.format, ["prompt", "completion"]
+    )
 
 
 def _non_empty(table: DocumentTable, cfg: Data) -> DocumentTable:
@@ -219,12 +247,18 @@ def _open_local(path: Path, cfg: Data) -> DocumentTable:
     if kind == "parquet":
         return _open_parquet(files, cfg)
     if kind == "text":
+        if cfg.format != "text":
+            raise ConfigError(
+                f"data.format = {cfg.format!r} reads records: give .jsonl, .json or .parquet "
+                f"files, not the .txt files of data.dataset = {cfg.dataset!r}"
+            )
         return LineFiles(files, jsonl=False, field=cfg.text_field)
     lists = [f for f in files if f.suffix == ".json" and _starts_with(f, b"[")]
     lines = LineFiles([f for f in files if f not in lists], jsonl=True, field=cfg.text_field)
     records = lines.first_records()
-    if records and not any(cfg.text_field in r for r in records):  # the wrong field, not a row
-        _check_column(list(records[0]), cfg.text_field, cfg.dataset)
+    for column in columns_of(cfg):
+        if records and not any(column in r for r in records):  # the wrong field, not a row
+            _check_column(list(records[0]), column, cfg.dataset)
     if not lists:
         return lines
     return ConcatTable([lines, *(_json_list(f, cfg) for f in lists)])
@@ -265,14 +299,18 @@ def _open_parquet(files: list[Path], cfg: Data) -> ArrowTable:
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r} could not be read ({reason}); check the file's format"
         ) from e
-    _check_text_column(dataset, cfg)
+    _check_columns(dataset, cfg)
     counts = [(str(f), pq.ParquetFile(f).metadata.num_rows) for f in files]
-    return ArrowTable(dataset, cfg.text_field, cfg.dataset, counts)
+    return ArrowTable(dataset, columns_of(cfg), cfg.dataset, counts)
 
 
-def _check_text_column(dataset: datasets.Dataset, cfg: Data) -> None:
-    """The text column exists and holds strings (an int column would make every row bad)."""
-    _check_column(dataset.column_names, cfg.text_field, cfg.dataset)
+def _check_columns(dataset: datasets.Dataset, cfg: Data) -> None:
+    """The format's columns exist, and a text column holds strings (an int column would make
+    every row bad)."""
+    for column in columns_of(cfg):
+        _check_column(dataset.column_names, column, cfg.dataset)
+    if cfg.format != "text":
+        return
     dtype = getattr(dataset.features[cfg.text_field], "dtype", None)
     if dtype not in ("string", "large_string"):
         raise ConfigError(

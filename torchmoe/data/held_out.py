@@ -31,6 +31,9 @@ class Subset:
     def text(self, index: int) -> str:
         return self._table.text(int(self._indices[index]))
 
+    def record(self, index: int) -> dict:
+        return self._table.record(int(self._indices[index]))
+
     def file_of(self, index: int) -> str:
         return self._table.file_of(int(self._indices[index]))
 

@@ -70,6 +70,20 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
+    def encode_with_offsets(self, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of text a chat template rendered, where special-token strings are the special
+        tokens, and each id's character span."""
+        self._tok.encode_special_tokens = False
+        try:
+            encoding = self._tok.encode(rendered, add_special_tokens=False)
+        finally:
+            self._tok.encode_special_tokens = True
+        return encoding.ids, encoding.offsets
+
+    def special_tokens(self) -> list[str]:
+        """The strings of the added special tokens (<|im_start|>, ...)."""
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
+
     def _special(
         self, name: str, spec: str, required: bool = False, guesses: Sequence[str] = ()
     ) -> int | None:

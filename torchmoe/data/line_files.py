@@ -81,19 +81,29 @@ class LineFiles:
 
     def text(self, index: int) -> str:
         """The document of row ``index``; raises BadRow saying why there is none."""
-        try:
-            line = self._raw(index).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise BadRow(f"not valid UTF-8 (byte {e.start})") from None
-        if not self._jsonl:
-            if not line.strip():
-                raise BlankRow("a blank line")
-            return line
+        if self._jsonl:
+            return field_text(self.record(index), self._field)
+        line = self._decoded(index)
+        if not line.strip():
+            raise BlankRow("a blank line")
+        return line
+
+    def record(self, index: int) -> dict:
+        """The JSON object of row ``index`` (JSON lines files); raises BadRow otherwise."""
+        line = self._decoded(index)
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise BadRow(f"not valid JSON ({e.msg} at column {e.colno})") from None
-        return field_text(record, self._field)
+        if not isinstance(record, dict):
+            raise BadRow(f"not a JSON object but {type(record).__name__}")
+        return record
+
+    def _decoded(self, index: int) -> str:
+        try:
+            return self._raw(index).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRow(f"not valid UTF-8 (byte {e.start})") from None
 
     def first_records(self, n: int = 100) -> list[dict]:
         """The JSON objects among the first ``n`` rows, to check the text field up front."""

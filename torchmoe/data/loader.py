@@ -22,33 +22,41 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data, Validation
 from torchmoe.data.bad_rows import BadRow, BadRowCounter, BlankRow
 from torchmoe.data.datasets import DocumentTable, StreamedDocuments, open_source
+from torchmoe.data.formats import Encoded, build_encoder
 from torchmoe.data.global_order import GlobalOrder
 from torchmoe.data.held_out import split_held_out
 from torchmoe.data.prefetch import Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
 
+IGNORE = -100  # a label the loss skips (torch's cross_entropy ignore_index)
 _RESUME_AFRESH = "set checkpoint.exclude_from_loading = ['dataloader'] to read the data afresh"
 
 
 class _Stream:
     """One row of every global batch: its next global position (tables only), the tokens read
-    but not yet emitted, and its share of the rows read and skipped."""
+    but not yet emitted (and, for prompt/chat data, which of them are no label), and its share
+    of the rows read and skipped."""
 
     def __init__(self, index: int) -> None:
         self.index, self.position = index, 0
         self.tokens: list[int] = []
+        self.ignored: list[bool] = []  # parallel to tokens, for formats with a loss mask
+        self.window_ignored: list[bool] = []  # of the window just emitted
         self.rows = self.bad = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "position": self.position,
             "tokens": list(self.tokens),  # a copy: the prefetcher keeps it while this one grows
+            "ignored": [i for i, x in enumerate(self.ignored) if x],
             "rows": self.rows,
             "bad": self.bad,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position, self.tokens = state["position"], list(state["tokens"])
+        ignored = set(state.get("ignored", ()))
+        self.ignored = [i in ignored for i in range(len(self.tokens))]
         self.rows, self.bad = state["rows"], state["bad"]
 
 
@@ -70,8 +78,11 @@ class PackedLoader:
         accumulation: int = 1,
         seed: int = 0,
         bad_rows: BadRowCounter | None = None,
+        data_format: str = "text",
     ) -> None:
-        self._source, self._tokenizer = source, tokenizer
+        self._source = source
+        self._encode = build_encoder(data_format, tokenizer, "messages")
+        self._masked = data_format != "text"
         self._seq_len, self._batch_size = seq_len, batch_size
         self.rows_per_batch = batch_size * accumulation * dp_world
         first = dp_rank * accumulation * batch_size
@@ -90,24 +101,34 @@ class PackedLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         g, L = self._next_group, self._batch_size
         self._next_group = (g + 1) % self._groups
-        window = torch.tensor([self._window(s) for s in self._streams[g * L : (g + 1) * L]])
-        return window[:, :-1], window[:, 1:]
+        streams = self._streams[g * L : (g + 1) * L]
+        window = torch.tensor([self._window(s) for s in streams])
+        inputs, labels = window[:, :-1], window[:, 1:]
+        if self._masked:  # tokens that are no label (prompts, user turns) do not count
+            ignored = torch.tensor([s.window_ignored for s in streams])
+            labels = labels.masked_fill(ignored[:, 1:], IGNORE)
+        return inputs, labels
 
     def _window(self, stream: _Stream) -> list[int]:
         """The stream's next seq_len + 1 tokens; the last stays as the next window's first."""
         while len(stream.tokens) < self._seq_len + 1:
-            stream.tokens += self._tokenizer.encode(self._next_text(stream))
-            stream.tokens.append(self._tokenizer.eos_id)
+            ids, labels = self._next_document(stream)
+            stream.tokens += ids
+            if self._masked:
+                stream.ignored += [not x for x in labels] if labels else [False] * len(ids)
         window = stream.tokens[: self._seq_len + 1]
         del stream.tokens[: self._seq_len]
+        if self._masked:
+            stream.window_ignored = stream.ignored[: self._seq_len + 1]
+            del stream.ignored[: self._seq_len]
         return window
 
-    def _next_text(self, stream: _Stream) -> str:
-        """The stream's next document, skipping blank lines and skipping and counting bad
-        rows."""
+    def _next_document(self, stream: _Stream) -> Encoded:
+        """The stream's next document as (ids, labels), skipping blank lines and skipping and
+        counting bad rows."""
         while True:
             try:
-                text = self._read(stream)
+                document = self._encode(self._read(stream))
             except BlankRow:
                 continue
             except BadRow as e:
@@ -117,20 +138,20 @@ class PackedLoader:
                 self.bad_rows.skip(*self._last_row, str(e), rows, bad)
                 continue
             stream.rows += 1
-            return text
+            return document
 
-    def _read(self, stream: _Stream) -> str:
-        """The next row's document (raising BadRow); ``_last_row`` is its file and a function
-        that finds its line number."""
+    def _read(self, stream: _Stream) -> Any:
+        """The next row: its text, or its record for prompt/chat data (raising BadRow);
+        ``_last_row`` is its file and a function that finds its line number."""
         if isinstance(self._source, StreamedDocuments):
             source, row = self._source, self._source.row + 1
             self._last_row = (source.name, lambda: row)
-            return source.next_text()
+            return source.next_record() if self._masked else source.next_text()
         index = self._order[stream.index + stream.position * self.rows_per_batch]
         stream.position += 1
         table = self._source
         self._last_row = (table.file_of(index), lambda: table.line_of(index))
-        return table.text(index)
+        return table.record(index) if self._masked else table.text(index)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python only (ints, lists, dicts), so it goes into a checkpoint as JSON."""
@@ -212,6 +233,7 @@ def build_loader(
         accumulation=accumulation,
         seed=seed,
         bad_rows=BadRowCounter(cfg.max_bad_fraction),
+        data_format=cfg.format,
     )
     return Prefetcher(loader, cfg.prefetch_batches)
 

@@ -30,7 +30,12 @@ from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.pipeline_keys import microbatches as microbatches_of
 from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
-from torchmoe.data.loader import build_loader, open_training_and_validation, row_counts
+from torchmoe.data.loader import (
+    IGNORE,
+    build_loader,
+    open_training_and_validation,
+    row_counts,
+)
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
@@ -269,8 +274,10 @@ class Trainer:
         # Balance losses are computed per token shard and averaged over the step's shards.
         set_aux_loss_scale(1.0 / self.token_shards)
         loss_mean = torch.zeros(1, device=self.device)
-        for _ in range(self.accum_steps):
-            inputs, labels = next(self.batches)
+        batches = [next(self.batches) for _ in range(self.accum_steps)]
+        if self.cfg.data.format != "text":  # prompts and user turns are no labels
+            self.global_tokens = self._labels_in_step(batches)
+        for inputs, labels in batches:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
             step = self._pipeline_step if self.pipeline else self._forward_backward
             loss_mean += step(inputs, labels)
@@ -299,6 +306,17 @@ class Trainer:
             self.freezer.restore()
         self.lr_scheduler.step()
         return StepResult(loss_value, norm_value, lr, self._after_optimizer_step())
+
+    def _labels_in_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Labels the loss counts in this step on every rank: the loss normaliser, so a
+        masked loss is the single-process loss at every layout (one small all-reduce)."""
+        count = torch.tensor(
+            [float(sum((labels != IGNORE).sum() for _, labels in batches))], device=self.device
+        )
+        if dist.is_initialized():  # ranks of one data-parallel index hold the same labels
+            dist.all_reduce(count)
+            count *= self.dims.dp / self.dims.world_size
+        return max(round(count.item()), 1)
 
     def _after_optimizer_step(self) -> dict[str, torch.Tensor]:
         """The step's MoE and MTP buffers, summed over every rank in one all-reduce, drive the

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from torchmoe.data.loader import IGNORE
 from torchmoe.data.prefetch import Prefetcher
 from torchmoe.train.loss import LossFn
 
@@ -52,7 +53,8 @@ class Validator:
                     loss = self.loss_fn(model(inputs), labels)
                 if isinstance(loss, DTensor):
                     loss = loss.full_tensor()
-                sums += torch.stack([loss.double(), torch.tensor(labels.numel()).to(sums)])
+                labeled = (labels != IGNORE).sum()  # prompts and user turns are no labels
+                sums += torch.stack([loss.double(), labeled.to(sums)])
         finally:
             model.train()
         if dist.is_initialized():  # ranks of one data-parallel index add the same pair: the

@@ -1,0 +1,63 @@
+"""Prompt/completion (and chat) data: the loss is the mean over the labelled tokens of the whole
+step, equal to a float64 reference, and the same on one process with accumulation as on two
+data-parallel ranks (the normaliser counts labels over every rank)."""
+
+import json
+import random
+
+import torch
+import torch.nn.functional as F
+
+from tests.distributed.launcher import run_ranks
+from torchmoe.config.registry import build_model
+from torchmoe.data.loader import IGNORE
+from torchmoe.data.stdlib_docs import load_stdlib_docs
+from torchmoe.train.trainer import Trainer
+
+
+def write_pairs(path, rng: random.Random, n: int) -> None:
+    words = ["why", "route", "tokens", "experts", "because", "load", "balance"]
+    say = lambda k: " ".join(rng.choices(words, k=rng.randint(1, k)))  # noqa: E731
+    rows = [{"prompt": say(6), "completion": " " + say(10)} for _ in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_masked_loss_equals_a_float64_reference(tiny_config, tmp_path, rng):
+    write_pairs(tmp_path / "pairs.jsonl", rng, 50)
+    keys = {
+        "data.dataset": str(tmp_path / "pairs.jsonl"),
+        "data.format": "prompt_completion",
+        "data.prefetch_batches": "0",
+        "training.max_norm": "0",
+    }
+    trainer = Trainer(tiny_config(**keys), device=torch.device("cpu"))
+    inputs, labels = next(trainer.dataloader)
+    assert (labels == IGNORE).any() and (labels != IGNORE).any()
+    reference = build_model(trainer.cfg).double()
+    reference.load_state_dict({k: v.double() for k, v in trainer.model.state_dict().items()})
+    with torch.no_grad():
+        logits = reference(inputs)
+    nll = F.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    expected = (nll / (labels != IGNORE).sum()).item()
+    trainer.batches = iter([(inputs, labels)])
+    assert abs(trainer.train_step().loss - expected) < 1e-5 * expected
+
+
+def train(rank: int, cfg) -> list[float]:
+    return Trainer(cfg, device=torch.device("cpu")).train()
+
+
+def test_one_process_equals_two_data_parallel_ranks(tiny_config, tmp_path, data_cache, rng):
+    load_stdlib_docs(data_cache)
+    write_pairs(tmp_path / "pairs.jsonl", rng, 80)
+    keys = {
+        "data.dataset": str(tmp_path / "pairs.jsonl"),
+        "data.format": "prompt_completion",
+        "training.global_batch_size": "4",
+        "training.steps": "3",
+    }
+    [one] = run_ranks(1, train, tiny_config(**keys, **{"training.local_batch_size": "2"}))
+    two = run_ranks(2, train, tiny_config(**keys, **{"training.local_batch_size": "2"}))
+    torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-5)
