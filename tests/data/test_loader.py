@@ -10,9 +10,9 @@ import torch
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Data
 from torchmoe.data.bad_rows import BadDataError, BadRowCounter
-from torchmoe.data.datasets import ListTable, StreamedDocuments
+from torchmoe.data.datasets import ListTable, StreamedDocuments, open_source
 from torchmoe.data.global_order import GlobalOrder
-from torchmoe.data.loader import PackedLoader, build_dataloader, row_counts
+from torchmoe.data.loader import PackedLoader, build_loader, row_counts
 from torchmoe.data.prefetch import Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
 
@@ -279,11 +279,12 @@ def test_resume_of_a_streamed_dataset(
     assert_same(take(resumed, 20), take(uninterrupted, 20))
 
 
-def test_build_dataloader_on_stdlib_docs(
+def test_build_loader_on_stdlib_docs(
     stdlib_docs: list[str], stdlib_cache: Path, bundled: Tokenizer
 ) -> None:
     cfg = Data(cache_dir=str(stdlib_cache))
-    ranks = [build_dataloader(cfg, bundled, 64, 2, rank, 2, seed=5) for rank in range(2)]
+    docs = open_source(cfg, 0, 2)
+    ranks = [build_loader(docs, cfg, bundled, 64, 2, rank, 2, seed=5) for rank in range(2)]
     (x0, y0), (x1, _) = next(ranks[0]), next(ranks[1])
     assert x0.shape == (2, 64) and torch.equal(y0[:, :-1], x0[:, 1:])
     assert not torch.equal(x0, x1)

@@ -236,20 +236,3 @@ def build_loader(
         data_format=cfg.format,
     )
     return Prefetcher(loader, cfg.prefetch_batches)
-
-
-def build_dataloader(
-    cfg: Data,
-    tokenizer: Tokenizer,
-    seq_len: int,
-    batch_size: int,
-    dp_rank: int,
-    dp_world: int,
-    seed: int,
-    accumulation: int = 1,
-) -> Prefetcher:
-    """The training batches of one data-parallel rank, as configured by ``[data]``."""
-    source = open_source(cfg, dp_rank, dp_world)
-    return build_loader(
-        source, cfg, tokenizer, seq_len, batch_size, dp_rank, dp_world, seed, accumulation
-    )
