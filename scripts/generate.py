@@ -1,0 +1,102 @@
+"""Sample text from a torchmoe checkpoint or a Hugging Face folder.
+
+    python scripts/generate.py --checkpoint CKPT/step-N --config RECIPE.toml \\
+        [--section.key v ...] --prompt "The router" [--prompt ...] [--chat] \\
+        [--max-new-tokens 64] [--temperature 0 --top-p 1.0 --seed 0]
+    python scripts/generate.py --hf HF_DIR --prompt ... (the folder's tokenizer.json)
+
+Greedy at --temperature 0 (the default), deterministic; else top-p sampling from --seed.
+--chat renders each prompt as one user message with the tokenizer's chat template and the
+assistant header. Prints one block per prompt. Runs on the GPU when there is one, else the CPU
+(float32). Mistakes print one line and exit 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import load_config
+from torchmoe.config.registry import build_model
+from torchmoe.convert.hf.convert import read_hf
+from torchmoe.convert.hf.io import read_dcp_model
+from torchmoe.data.formats import ChatRenderer
+from torchmoe.data.tokenizer import build_tokenizer
+from torchmoe.inference.generate import generate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="generate.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="a torchmoe step-N folder (+ --config)")
+    source.add_argument("--hf", type=Path, help="a Hugging Face model folder")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="render prompts with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def load(args: argparse.Namespace, recipe: list[str]) -> tuple[torch.nn.Module, object]:
+    """The model (eval mode, float32) and its tokenizer."""
+    if args.hf is not None:
+        if recipe:
+            raise ConfigError(f"--hf takes no recipe arguments: {' '.join(recipe)}")
+        cfg, _, state = read_hf(args.hf)
+        tokenizer = build_tokenizer(str(args.hf))
+    else:
+        cfg, _ = load_config(recipe)
+        with torch.device("meta"):
+            meta = build_model(cfg)
+        state = read_dcp_model(args.checkpoint, meta.state_dict())
+        tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+    model = build_model(cfg)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, recipe = _parser().parse_known_args(argv)
+        if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+            raise ConfigError("--max-new-tokens > 0, --temperature >= 0 and 0 < --top-p <= 1")
+        model, tokenizer = load(args, recipe)
+        if args.chat:
+            chat = ChatRenderer(tokenizer)
+            texts = [
+                chat.render([{"role": "user", "content": p}], add_generation_prompt=True)
+                for p in args.prompt
+            ]
+            prompts = [tokenizer.encode_with_offsets(t)[0] for t in texts]
+        else:
+            prompts = [tokenizer.encode(p) for p in args.prompt]
+        outputs = generate(
+            model,
+            prompts,
+            args.max_new_tokens,
+            tokenizer.eos_id,
+            args.temperature,
+            args.top_p,
+            args.seed,
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for prompt, ids in zip(args.prompt, outputs):
+        print(f"=== {prompt}\n{tokenizer.decode(ids)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
