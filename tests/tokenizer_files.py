@@ -35,3 +35,10 @@ CONFIG = {
     "chat_template": "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}",
     "tokenizer_class": "PreTrainedTokenizerFast",
 }
+
+# A ChatML template, as Qwen's tokenizer_config.json carries one.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_CONFIG = {"eos_token": "<|endoftext|>", "chat_template": CHATML}

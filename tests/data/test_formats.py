@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from tests.tokenizer_files import CHAT_CONFIG as CONFIG
 from tests.tokenizer_files import train_tokenizer
 from torchmoe.config.errors import ConfigError
 from torchmoe.data.bad_rows import BadRow
@@ -17,12 +18,6 @@ from torchmoe.data.datasets import ListTable
 from torchmoe.data.formats import build_encoder
 from torchmoe.data.loader import IGNORE, PackedLoader
 from torchmoe.data.tokenizer import build_tokenizer
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CONFIG = {"eos_token": "<|endoftext|>", "chat_template": CHATML}
 
 
 @pytest.fixture(scope="module")
