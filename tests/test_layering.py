@@ -30,6 +30,7 @@ ALLOWED = {
     "quant": {"config", "models", "kernels"},
     "parallel": {"quant", "config", "models", "kernels"},
     "data": {"config"},
+    "inference": {"data", "config", "models", "kernels"},  # sampling from a built model
     "train": {"parallel", "quant", "data", "config", "models", "kernels"},
     "convert": {"train", "parallel", "quant", "data", "config", "models", "kernels"},
 }
