@@ -20,10 +20,12 @@ import torch
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config
 from torchmoe.config.registry import build_model
+from torchmoe.config.schema import JobConfig
 from torchmoe.convert.hf.convert import read_hf
 from torchmoe.convert.hf.io import read_dcp_model
+from torchmoe.data.bad_rows import BadRow
 from torchmoe.data.formats import ChatRenderer
-from torchmoe.data.tokenizer import build_tokenizer
+from torchmoe.data.tokenizer import Tokenizer, build_tokenizer
 from torchmoe.inference.generate import generate
 
 
@@ -46,23 +48,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load(args: argparse.Namespace, recipe: list[str]) -> tuple[torch.nn.Module, object]:
-    """The model (eval mode, float32) and its tokenizer."""
+def load(
+    args: argparse.Namespace, recipe: list[str]
+) -> tuple[JobConfig, dict[str, torch.Tensor], Tokenizer]:
+    """The model's config, weights and tokenizer."""
     if args.hf is not None:
         if recipe:
             raise ConfigError(f"--hf takes no recipe arguments: {' '.join(recipe)}")
         cfg, _, state = read_hf(args.hf)
-        tokenizer = build_tokenizer(str(args.hf))
-    else:
-        cfg, _ = load_config(recipe)
-        with torch.device("meta"):
-            meta = build_model(cfg)
-        state = read_dcp_model(args.checkpoint, meta.state_dict())
-        tokenizer = build_tokenizer(cfg.model.tokenizer_path)
+        return cfg, state, build_tokenizer(str(args.hf))
+    cfg, _ = load_config(recipe)
+    with torch.device("meta"):
+        meta = build_model(cfg)
+    state = read_dcp_model(args.checkpoint, meta.state_dict())
+    return cfg, state, build_tokenizer(cfg.model.tokenizer_path)
+
+
+def build(cfg: JobConfig, state: dict[str, torch.Tensor], longest: int) -> torch.nn.Module:
+    """The model in eval mode (float32), dropless (capacity would make a prompt's tokens
+    depend on the rest of the batch) and with positions for ``longest`` tokens."""
+    cfg.moe.eval_capacity_factor = 0.0
+    cfg.training.seq_len = max(cfg.training.seq_len, longest)
     model = build_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         args, recipe = _parser().parse_known_args(argv)
         if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
             raise ConfigError("--max-new-tokens > 0, --temperature >= 0 and 0 < --top-p <= 1")
-        model, tokenizer = load(args, recipe)
+        cfg, state, tokenizer = load(args, recipe)
         if args.chat:
             chat = ChatRenderer(tokenizer)
             texts = [
@@ -81,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [tokenizer.encode_with_offsets(t)[0] for t in texts]
         else:
             prompts = [tokenizer.encode(p) for p in args.prompt]
+        if not all(prompts):
+            raise ConfigError("--prompt is empty: give each prompt some text")
+        model = build(cfg, state, max(map(len, prompts)) + args.max_new_tokens)
         outputs = generate(
             model,
             prompts,
@@ -90,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             args.top_p,
             args.seed,
         )
-    except ConfigError as e:
+    except (ConfigError, BadRow) as e:  # BadRow: the chat template refused a prompt
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt, ids in zip(args.prompt, outputs):

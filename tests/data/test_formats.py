@@ -44,9 +44,34 @@ def test_chat_ids_equal_transformers_and_labels_are_the_assistant_turns(chat_fol
         assert ids == reference.apply_chat_template(messages, tokenize=True, return_dict=False)
         learned = tok.decode([i for i, label in zip(ids, labels) if label])
         expected = "".join(
-            m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant"
+            m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"
         )
         assert learned == expected
+
+
+# Qwen3's way: the thinking block stays only on the answer after the last user turn
+THINKING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_changes_earlier_turns_labels_only_the_answers(tmp_path, stdlib_docs):
+    folder = train_tokenizer(
+        stdlib_docs[:100], tmp_path / "t", {"eos_token": "<|endoftext|>", "chat_template": THINKING}
+    )
+    tok = build_tokenizer(str(folder))
+    messages = [
+        {"role": "user", "content": "why"},
+        {"role": "assistant", "content": "route tokens"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "load balance"},
+    ]
+    ids, labels = build_encoder("chat", tok, "messages")({"messages": messages})
+    learned = tok.decode([i for i, label in zip(ids, labels) if label])
+    assert learned == "route tokens<|im_end|><think>\n\n</think>\n\nload balance<|im_end|>"
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,9 @@ def test_import_then_export_gives_back_the_files(case, tmp_path, script):
     ]
     assert run(script, "export", *args, "--out", tmp_path / "bf16") == 0
     bf16 = read_safetensors(tmp_path / "bf16")
-    assert all(t.dtype == torch.bfloat16 for t in bf16.values())
+    router = (".gate.weight", "e_score_correction_bias")  # kept float32, as transformers does
+    assert all(t.dtype == torch.bfloat16 for k, t in bf16.items() if not k.endswith(router))
+    assert all(t.dtype == torch.float32 for k, t in bf16.items() if k.endswith(router))
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     fp32 = read_safetensors(tmp_path / "out")
     assert bf16.keys() == fp32.keys()
@@ -317,3 +319,26 @@ def test_the_script_prints_one_line_not_a_traceback(tmp_path):
     )
     assert done.returncode == 2 and done.stderr.startswith("error: ")
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_export_drops_released_keys_that_no_longer_hold(tmp_path, script):
+    """auto_map names remote code the folder does not carry; quantization_config describes
+    weights written dequantized; rope_scaling would be read instead of our rope_parameters."""
+    tiny_hf("qwen3_moe").save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert run(script, "import", "--hf", tmp_path / "hf", "--out", tmp_path / "ckpt") == 0
+    (tmp_path / "ckpt" / "hf_original" / "config.json").write_text(
+        json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 8.0}})
+    )
+    recipe = ["--config", tmp_path / "ckpt" / "model.toml"]
+    out = tmp_path / "out"
+    assert (
+        run(script, "export", "--checkpoint", tmp_path / "ckpt" / "step-0", *recipe, "--out", out)
+        == 0
+    )
+    exported = json.loads((out / "config.json").read_text())
+    assert not {"auto_map", "rope_scaling", "torch_dtype"} & exported.keys()
+    loaded = transformers.AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert loaded.rope_parameters["rope_type"] == "default"

@@ -78,5 +78,14 @@ def test_sampling_is_seeded(hf_dir: Path, script, capsys):
 def test_mistakes_are_one_line(hf_dir: Path, script, capsys):
     assert script("generate").main(["--hf", str(hf_dir), "--prompt", "x", "--top-p", "0"]) == 2
     assert script("generate").main(["--prompt", "x"]) == 2
+    assert script("generate").main(["--hf", str(hf_dir), "--prompt", ""]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+    assert "--prompt is empty" in err[-1]
+
+
+def test_a_prompt_longer_than_the_training_length(hf_dir: Path, script, capsys):
+    """The rotary table grows to the prompt plus the new tokens (the import's default is 128)."""
+    long_prompt = " ".join(["route the tokens"] * 60)
+    assert script("generate").main(["--hf", str(hf_dir), "--prompt", long_prompt]) == 0
+    assert capsys.readouterr().out.startswith(f"=== {long_prompt}\n")

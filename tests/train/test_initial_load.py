@@ -46,10 +46,16 @@ def test_with_the_optimizer_moments(base, tiny_config, tmp_path):
     cfg = tiny_config(**CKPT, **{"job.dump_folder": tmp_path / "new"})
     cfg.checkpoint.initial_load_path = str(step4)
     cfg.checkpoint.initial_load_model_only = False
+    cfg.optimizer.lr, cfg.optimizer.weight_decay = 5e-5, 0.0  # another run's settings
     trainer = Trainer(cfg)
+    own = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     assert trainer.checkpoint.load() == 0 and trainer.state.step == 0
     moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
     assert moments and all(m.abs().sum() > 0 for m in moments)
+    # only the moments come from the other run: lr, weight decay... stay this run's
+    assert [
+        {k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups
+    ] == own
 
 
 def test_mistakes_are_one_line(base, tiny_config, tmp_path):
@@ -78,3 +84,8 @@ def test_mistakes_are_one_line(base, tiny_config, tmp_path):
         r"set checkpoint.initial_load_model_only = true$",
     ):
         Trainer(cfg).checkpoint.load()
+
+
+def test_initial_load_needs_checkpoints_on(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"^checkpoint.initial_load_path needs checkpoint.enable"):
+        tiny_config(**{"checkpoint.initial_load_path": str(tmp_path)})

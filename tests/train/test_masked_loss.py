@@ -61,3 +61,12 @@ def test_one_process_equals_two_data_parallel_ranks(tiny_config, tmp_path, data_
     [one] = run_ranks(1, train, tiny_config(**keys, **{"training.local_batch_size": "2"}))
     two = run_ranks(2, train, tiny_config(**keys, **{"training.local_batch_size": "2"}))
     torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_prediction_with_masked_labels_is_one_line(tiny_config):
+    import pytest
+
+    from torchmoe.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"with model.mtp_num_layers = 1 is not supported yet"):
+        tiny_config(**{"data.format": "chat", "model.mtp_num_layers": "1"})

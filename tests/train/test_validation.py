@@ -28,6 +28,8 @@ def test_held_out_share_is_disjoint_stable_and_about_the_fraction(rng):
     assert texts(split_held_out(table, 0.05, seed + 1)[1]) != texts(held)
     tiny_train, tiny_held = split_held_out(ListTable(["a", "b"], "t"), 0.01, seed)
     assert len(tiny_train) == len(tiny_held) == 1  # never empty on either side
+    with pytest.raises(ConfigError, match=r"holds out a share of the training documents, but"):
+        split_held_out(ListTable(["a"], "t"), 0.5, seed)
 
 
 def test_validation_loss_equals_a_float64_reference(tiny_config):

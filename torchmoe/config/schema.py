@@ -266,8 +266,9 @@ class Data:
     max_bad_fraction: float = opt(
         0.001,
         "Rows without a usable document (not UTF-8, not JSON, no or non-text text_field, "
-        "empty) are skipped and counted; above this fraction of the rows read (judged over at "
-        "least 1000 rows) the run stops, naming the file, row and reason.",
+        "empty) are skipped and counted; when a rank's count exceeds this fraction of its rows "
+        "by more than chance allows (3 standard deviations + 10 rows) the run stops, naming "
+        "the file, row and reason.",
         ge=0,
         le=0.5,
     )

@@ -4,9 +4,11 @@
 - ``prompt_completion``: ``prompt`` then ``completion`` then EOS; only the completion and the
   EOS are labels.
 - ``chat``: ``messages`` (role + content) rendered by the tokenizer's chat template; only the
-  assistant turns are labels (each from after the template's assistant header through its end
-  token), found by rendering the conversation up to each assistant turn with the generation
-  prompt and tokenizing once with character offsets.
+  assistant turns are labels: each from where the conversation before it, rendered with the
+  generation prompt, ends (after the assistant header) through the turn's content and the
+  special token that closes it, located in the full rendering and tokenized once with
+  character offsets. Templates that render a turn differently once later turns follow (Qwen3
+  drops the thinking block of earlier turns) are handled: only the full rendering is labelled.
 
 The template is Jinja run in a sandbox (no attribute access to Python internals, no imports).
 A message that spells one of the tokenizer's special tokens is a bad row: rendered, it would
@@ -62,22 +64,29 @@ class ChatRenderer:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self._names
             )
-        except TemplateError as e:
+        except Exception as e:  # the template's own errors, or a row it cannot handle
             raise BadRow(f"the chat template refused the conversation ({e})") from None
 
     def encode(self, messages: Any) -> Encoded:
         messages = self._checked(messages)
-        spans, text = [], ""
+        text = self.render(messages, add_generation_prompt=False)
+        spans, cursor = [], 0
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                start = self.render(messages[:i], add_generation_prompt=True)
-                end = self.render(messages[: i + 1], add_generation_prompt=False)
-                if not end.startswith(start):
-                    raise BadRow("the chat template does not render the conversation in order")
-                spans.append((len(start), len(end)))
+            if m["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            start = len(prefix)
+            if start < cursor or not text.startswith(prefix):
+                raise BadRow("the chat template renders the turns before an answer differently")
+            found = text.find(m["content"], start)
+            if found < 0:
+                raise BadRow("the chat template does not render an assistant turn's content")
+            end = found + len(m["content"])
+            closing = next((t for t in self._specials if text.startswith(t, end)), "")
+            spans.append((start, end + len(closing)))
+            cursor = end + len(closing)
         if not spans:
             raise BadRow("no assistant message: nothing to learn")
-        text = self.render(messages, add_generation_prompt=False)
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         labels = [any(a <= s < b for a, b in spans) for s, _ in offsets]
         return ids, labels

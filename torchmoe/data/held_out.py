@@ -5,6 +5,7 @@ corpus splits in seconds."""
 
 import numpy as np
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.data.datasets import DocumentTable
 
 SALT = 0x5EED
@@ -44,6 +45,11 @@ class Subset:
 def split_held_out(table: DocumentTable, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """(training part, held-out part) of ``table``; at least one document in each."""
     n = len(table)
+    if n < 2:
+        raise ConfigError(
+            "validation.dataset = '' holds out a share of the training documents, but there "
+            "is only one; give validation.dataset"
+        )
     hashes = _splitmix64(np.arange(n, dtype=np.uint64) ^ _splitmix64(np.uint64(seed ^ SALT)))
     held = hashes < np.uint64(int(fraction * 2**64))
     if not held.any():  # a tiny table: hold out its smallest hash

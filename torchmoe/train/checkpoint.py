@@ -131,6 +131,12 @@ class CheckpointManager:
             if not steps:  # a fresh run: from the weights of another, or from scratch
                 return self._initial_load() if self.cfg.initial_load_path else None
             step = steps[-1]
+            if self.cfg.initial_load_path:
+                logger.info(
+                    "checkpoint.initial_load_path is not used: %s holds this run's step-%d",
+                    self.folder,
+                    step,
+                )
         elif step not in steps:
             have = ", ".join(map(str, steps)) or "none"
             raise ConfigError(
@@ -191,7 +197,16 @@ class CheckpointManager:
                     "set checkpoint.initial_load_model_only = true"
                 )
         train = ModelOnly(self.model) if model_only else self.states["train"]
+        optimizer = None if model_only else self.states["train"].optimizer
+        # this run's lr, weight decay, betas...: only the moments come from the other run
+        settings = (
+            [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if optimizer
+            else []
+        )
         self._restore(0, path, {"train": train})
+        for group, own in zip(optimizer.param_groups if optimizer else [], settings):
+            group.update(own)
         logger.info(
             "started from %s at step 0 (%s)",
             path,

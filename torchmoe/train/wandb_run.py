@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 
 RUN_ID_FILE = "wandb_run_id"
@@ -22,15 +23,22 @@ class WandbRun:
         m, dump = cfg.metrics, Path(cfg.job.dump_folder)
         id_file = dump / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else None
-        self._run = wandb.init(
-            project=m.wandb_project,
-            name=m.wandb_run_name or dump.resolve().name,
-            tags=list(m.wandb_tags),
-            config=dataclasses.asdict(cfg),
-            dir=str(dump),
-            id=run_id,
-            resume="allow" if run_id else None,
-        )
+        try:
+            self._run = wandb.init(
+                project=m.wandb_project,
+                name=m.wandb_run_name or dump.resolve().name,
+                tags=list(m.wandb_tags),
+                config=dataclasses.asdict(cfg),
+                dir=str(dump),
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+        except Exception as e:  # wandb.errors.UsageError (no login), CommError (no network)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"metrics.enable_wandb: W&B could not start ({first[:160]}); run `wandb login`, "
+                "set WANDB_API_KEY, or WANDB_MODE=offline to sync later"
+            ) from None
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(self._run.id + "\n")
         os.replace(tmp, id_file)

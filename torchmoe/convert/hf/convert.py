@@ -140,6 +140,13 @@ ORIGINAL = "hf_original"
 _ORIGINAL_FILES = ("config.json", "generation_config.json")
 # config.json keys an export takes from the released model even though it writes them too.
 _KEPT = ("max_position_embeddings",)
+# Released keys an export drops: older spellings transformers would read instead of ours
+# (rope_scaling, rope_theta beside rope_parameters; torch_dtype), remote code the folder does
+# not carry (auto_map), and the quantization of weights written dequantized.
+_DROPPED = ("rope_scaling", "rope_theta", "torch_dtype", "auto_map", "quantization_config")
+# Tensors written in float32 whatever --dtype: the router's gate and score bias, which
+# transformers keeps in float32 (bf16 would lose the expert-bias steps).
+_FP32_SUFFIXES = ("e_score_correction_bias", ".gate.weight")
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -220,14 +227,16 @@ def export_hf(
         "model_type": adapter.model_type,
         **adapter.to_hf_config(cfg),
     }
-    hf = {**original, **ours} | {k: original[k] for k in _KEPT if k in original}
-    hf.pop("quantization_config", None)  # the weights are written dequantized
+    kept = {k: v for k, v in original.items() if k not in _DROPPED}
+    hf = {**kept, **ours} | {k: original[k] for k in _KEPT if k in original}
     _, expected = _meta_state(cfg)
     state = read_dcp_model(step_dir, expected)
     tensors = to_hf(state, adapter.rules(cfg, hf), adapter.family)
-    tensors = {k: t.to(EXPORT_DTYPES[dtype]) for k, t in tensors.items()}
+    tensors = {
+        k: t.float() if k.endswith(_FP32_SUFFIXES) else t.to(EXPORT_DTYPES[dtype])
+        for k, t in tensors.items()
+    }
     hf["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
-    hf.pop("torch_dtype", None)  # transformers' older name for it
     write_safetensors(out, tensors, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tokenizer = build_tokenizer(cfg.model.tokenizer_path)
