@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from torchmoe.config.errors import ConfigError
@@ -102,11 +103,13 @@ class PackedLoader:
         g, L = self._next_group, self._batch_size
         self._next_group = (g + 1) % self._groups
         streams = self._streams[g * L : (g + 1) * L]
-        window = torch.tensor([self._window(s) for s in streams])
+        # numpy converts the lists ~10x faster than torch.tensor, and this thread holds the
+        # GIL meanwhile: the training thread waits behind it to launch kernels
+        window = torch.from_numpy(np.array([self._window(s) for s in streams], dtype=np.int64))
         inputs, labels = window[:, :-1], window[:, 1:]
         if self._masked:  # tokens that are no label (prompts, user turns) do not count
-            ignored = torch.tensor([s.window_ignored for s in streams])
-            labels = labels.masked_fill(ignored[:, 1:], IGNORE)
+            ignored = np.array([s.window_ignored for s in streams], dtype=bool)
+            labels = labels.masked_fill(torch.from_numpy(ignored[:, 1:]), IGNORE)
         return inputs, labels
 
     def _window(self, stream: _Stream) -> list[int]:
