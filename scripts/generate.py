@@ -21,8 +21,8 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import load_config
 from torchmoe.config.registry import build_model
 from torchmoe.config.schema import JobConfig
-from torchmoe.convert.hf.convert import read_hf
-from torchmoe.convert.hf.io import read_dcp_model
+from torchmoe.convert.hf.convert import ORIGINAL, read_hf
+from torchmoe.convert.hf.io import read_dcp_model, read_json
 from torchmoe.data.bad_rows import BadRow
 from torchmoe.data.formats import ChatRenderer
 from torchmoe.data.tokenizer import Tokenizer, build_tokenizer
@@ -75,6 +75,16 @@ def build(cfg: JobConfig, state: dict[str, torch.Tensor], longest: int) -> torch
     return model.to(device).eval()
 
 
+def stop_ids(args: argparse.Namespace, tokenizer: Tokenizer) -> set[int]:
+    """The tokenizer's EOS and the eos_token_id(s) of the model's generation_config.json (the
+    --hf folder's, or the one an import kept beside the checkpoint)."""
+    folder = args.hf if args.hf is not None else args.checkpoint.parent / ORIGINAL
+    config = folder / "generation_config.json"
+    listed = read_json(config).get("eos_token_id") if config.is_file() else None
+    listed = listed if isinstance(listed, list) else [listed]
+    return {tokenizer.eos_id} | {i for i in listed if isinstance(i, int)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -98,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             prompts,
             args.max_new_tokens,
-            tokenizer.eos_id,
+            stop_ids(args, tokenizer),
             args.temperature,
             args.top_p,
             args.seed,

@@ -1,6 +1,7 @@
 """Hugging Face tokenizer.json folders load through `tokenizers`, agree with transformers, and
 every unusable folder is one line."""
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +46,12 @@ def test_digest_names_the_vocabulary(hf_folder: Path, tmp_path: Path, stdlib_doc
     other = train_tokenizer(stdlib_docs[300:500], tmp_path / "other", CONFIG)
     assert build_tokenizer(str(hf_folder)).digest == build_tokenizer(str(hf_folder)).digest
     assert build_tokenizer(str(hf_folder)).digest != build_tokenizer(str(other)).digest
+    # the same vocabulary with another end-of-document token is another tokenizer
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
+    (again / "tokenizer_config.json").write_text(json.dumps({**CONFIG, "eos_token": "<|im_end|>"}))
+    assert build_tokenizer(str(again)).digest != build_tokenizer(str(hf_folder)).digest
 
 
 def test_eos_guessed_without_a_config(tmp_path: Path, stdlib_docs) -> None:

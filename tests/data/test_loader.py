@@ -205,6 +205,15 @@ def test_too_many_bad_rows_stop_with_one_line(rng: random.Random, bundled: Token
         take(loader(records, bundled, seed=0, field="text"), 20)
 
 
+def test_a_fraction_of_zero_stops_at_the_first_bad_row(
+    rng: random.Random, bundled: Tokenizer
+) -> None:
+    records = [{"text": f"doc {i} word"} for i in range(30)]
+    records[rng.randrange(30)] = {"text": None}
+    with pytest.raises(BadDataError, match=r"^data: 1 of \d+ rows read are bad"):
+        take(loader(records, bundled, seed=0, field="text", max_bad=0.0), 200)
+
+
 def test_a_corpus_within_the_limit_never_stops_a_rank(
     rng: random.Random, bundled: Tokenizer
 ) -> None:

@@ -89,3 +89,16 @@ def test_a_prompt_longer_than_the_training_length(hf_dir: Path, script, capsys):
     long_prompt = " ".join(["route the tokens"] * 60)
     assert script("generate").main(["--hf", str(hf_dir), "--prompt", long_prompt]) == 0
     assert capsys.readouterr().out.startswith(f"=== {long_prompt}\n")
+
+
+def test_generation_stops_at_any_stop_token(hf_dir: Path):
+    from tests.models.test_hf_parity import torchmoe_from_hf
+    from torchmoe.data.tokenizer import build_tokenizer
+    from torchmoe.inference.generate import generate
+
+    _, model = torchmoe_from_hf(hf_dir)
+    prompt = build_tokenizer(str(hf_dir)).encode("The expert")
+    [free] = generate(model, [prompt], 6, stop_ids={-1})
+    assert len(free) == 6
+    [stopped] = generate(model, [prompt], 6, stop_ids={free[2]})
+    assert stopped == free[: free.index(free[2]) + 1]  # up to and including the stop token

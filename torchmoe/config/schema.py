@@ -268,7 +268,7 @@ class Data:
         "Rows without a usable document (not UTF-8, not JSON, no or non-text text_field, "
         "empty) are skipped and counted; when a rank's count exceeds this fraction of its rows "
         "by more than chance allows (3 standard deviations + 10 rows) the run stops, naming "
-        "the file, row and reason.",
+        "the file, row and reason; 0 = stop at the first bad row.",
         ge=0,
         le=0.5,
     )

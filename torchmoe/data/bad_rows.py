@@ -35,7 +35,10 @@ class BadDataError(ConfigError):
 
 
 def too_many(bad: int, rows: int, max_fraction: float) -> bool:
-    """Whether ``bad`` of ``rows`` is more than ``max_fraction`` allows, beyond chance."""
+    """Whether ``bad`` of ``rows`` is more than ``max_fraction`` allows, beyond chance; with a
+    fraction of 0 no bad row is allowed."""
+    if max_fraction == 0:
+        return bad > 0
     expected = max_fraction * rows
     return bad > expected + 3 * math.sqrt(expected) + SLACK_ROWS
 

@@ -62,7 +62,9 @@ class HFTokenizer:
         if template is None and (file.parent / "chat_template.jinja").is_file():
             template = (file.parent / "chat_template.jinja").read_text()
         self.chat_template: str | None = template if isinstance(template, str) else None
-        self.digest = "hf:" + xxhash.xxh3_64_hexdigest(raw)
+        # the vocabulary and the ids the packer and templates use: another EOS is another job
+        specials = f"{self.eos_id},{self.bos_id},{self.pad_id}".encode()
+        self.digest = "hf:" + xxhash.xxh3_64_hexdigest(raw + b"\0" + specials)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

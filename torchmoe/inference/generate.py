@@ -6,7 +6,7 @@ position. Every new token reruns the forward over the batch (no KV cache yet: co
 the square of the length), which keeps the model code untouched and the result exact.
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -30,13 +30,14 @@ def generate(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    eos_id: int,
+    stop_ids: Collection[int],
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
     pad_id: int = 0,
 ) -> list[list[int]]:
-    """The new tokens of each prompt, up to ``max_new_tokens`` or its EOS (included)."""
+    """The new tokens of each prompt, up to ``max_new_tokens`` or a stop token (included:
+    the tokenizer's EOS, and those generation_config.json lists)."""
     device = next(model.parameters()).device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     total = int(lengths.max()) + max_new_tokens
@@ -47,6 +48,7 @@ def generate(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new: list[list[int]] = [[] for _ in prompts]
     rows = torch.arange(len(prompts), device=device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
     for _ in range(max_new_tokens):
         width = int(lengths.max())
         logits = model(tokens[:, :width])
@@ -54,7 +56,7 @@ def generate(
         for i in torch.nonzero(~done).flatten().tolist():
             new[i].append(int(nxt[i]))
         tokens[rows[~done], lengths[~done]] = nxt[~done]
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, stops)
         lengths = torch.where(done, lengths, lengths + 1)
         if bool(done.all()):
             break
