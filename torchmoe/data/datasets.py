@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets.distributed import split_dataset_by_node
 
-from torchmoe.config.errors import ConfigError
+from torchmoe.config.errors import ConfigError, first_line
 from torchmoe.config.schema import Data
 from torchmoe.data.bad_rows import BadRow
 from torchmoe.data.line_files import LineFiles, field_text
@@ -275,7 +275,7 @@ def _json_list(path: Path, cfg: Data) -> ListTable:
         rows = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(
-            f"data.dataset = {cfg.dataset!r}: {path} is not valid JSON ({_short(e)}); fix it, "
+            f"data.dataset = {cfg.dataset!r}: {path} is not valid JSON ({first_line(e)}); fix it, "
             "or write one record per line as .jsonl so a bad record costs one row"
         ) from None
     if not isinstance(rows, list):
@@ -295,7 +295,7 @@ def _open_parquet(files: list[Path], cfg: Data) -> ArrowTable:
             cache_dir=_hf_cache_dir(cfg),
         )
     except datasets.exceptions.DatasetGenerationError as e:
-        reason = _short(e.__cause__ or e)
+        reason = first_line(e.__cause__ or e)
         raise ConfigError(
             f"data.dataset = {cfg.dataset!r} could not be read ({reason}); check the file's format"
         ) from e
@@ -331,8 +331,8 @@ def _load_hub(cfg: Data) -> datasets.Dataset | datasets.IterableDataset:
         )
     except OSError as e:  # no network, or no such dataset: ConnectionError, FileNotFoundError
         raise ConfigError(
-            f"data.dataset = {cfg.dataset!r} could not be loaded ({_short(e)}); this machine may "
-            "be offline: use the default 'stdlib_docs' or a local file"
+            f"data.dataset = {cfg.dataset!r} could not be loaded ({first_line(e)}); this machine "
+            "may be offline: use the default 'stdlib_docs' or a local file"
         ) from e
 
 
@@ -346,10 +346,3 @@ def _check_column(columns: list[str], field: str, name: str) -> None:
         raise ConfigError(
             f"data.text_field = {field!r}: {name!r} has no such column; choose one of {columns}"
         )
-
-
-def _short(error: BaseException) -> str:
-    """The first line of an error message, trimmed to fit in a one-line ConfigError."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 120 else text[:117] + "..."

@@ -11,7 +11,7 @@ from typing import Any
 import tokenizers
 import xxhash
 
-from torchmoe.config.errors import ConfigError
+from torchmoe.config.errors import ConfigError, first_line
 
 _KEY = "model.tokenizer_path"
 # End-of-document tokens of common families, tried when tokenizer_config.json names none.
@@ -45,7 +45,7 @@ class HFTokenizer:
             self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises plain Exception for malformed files
             raise ConfigError(
-                f"{_KEY} = {spec!r}: {file} is not a tokenizers file ({_first_line(e)})"
+                f"{_KEY} = {spec!r}: {file} is not a tokenizers file ({first_line(e)})"
             ) from None
         self._tok.encode_special_tokens = True
         self.config = _read_config(file.parent / "tokenizer_config.json", spec)
@@ -126,14 +126,8 @@ def _read_config(path: Path, spec: str) -> dict[str, Any]:
         config = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(
-            f"{_KEY} = {spec!r}: {path} is not valid JSON ({_first_line(e)})"
+            f"{_KEY} = {spec!r}: {path} is not valid JSON ({first_line(e)})"
         ) from None
     if not isinstance(config, dict):
         raise ConfigError(f"{_KEY} = {spec!r}: {path} must hold a JSON object")
     return config
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 120 else text[:117] + "..."

@@ -5,6 +5,7 @@ import json
 import logging
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class MetricsLogger:
         flops_per_token: float,
         device: torch.device,
         dtype: torch.dtype,
-        moe_layer_names: list[str] = (),
+        moe_layer_names: Sequence[str] = (),
     ):
         """``flops_per_token``: of the whole model (every pipeline stage); the MoE layers'
         names name a collapsing layer (collapse.py)."""

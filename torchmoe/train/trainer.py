@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from torchmoe.config.errors import ConfigError
+from torchmoe.config.errors import ConfigError, first_line
 from torchmoe.config.parallel_checks import check_parallel_shapes
 from torchmoe.config.pipeline_keys import microbatches as microbatches_of
 from torchmoe.config.registry import build_model, get_model_spec
@@ -448,11 +448,11 @@ class Trainer:
             return self.train_step()
         except torch.OutOfMemoryError as e:
             snapshot = self.profiler.oom()
-            first = (str(e).strip().splitlines() or ["out of memory"])[0]
             raise StepOutOfMemoryError(
-                f"step {self.state.step + 1} ran out of device memory ({first[:160]}); lower "
-                "training.local_batch_size or training.seq_len, or set activation_checkpoint."
-                "mode = 'full'" + (f"; memory snapshot: {snapshot}" if snapshot else "")
+                f"step {self.state.step + 1} ran out of device memory ({first_line(e, 160)}); "
+                "lower training.local_batch_size or training.seq_len, or set "
+                "activation_checkpoint.mode = 'full'"
+                + (f"; memory snapshot: {snapshot}" if snapshot else "")
             ) from None
 
     def _progress(self, doing: str, slow: bool) -> None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torchmoe.config.errors import ConfigError
+from torchmoe.config.errors import ConfigError, first_line
 from torchmoe.config.schema import JobConfig
 
 RUN_ID_FILE = "wandb_run_id"
@@ -34,10 +34,9 @@ class WandbRun:
                 resume="allow" if run_id else None,
             )
         except Exception as e:  # wandb.errors.UsageError (no login), CommError (no network)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(
-                f"metrics.enable_wandb: W&B could not start ({first[:160]}); run `wandb login`, "
-                "set WANDB_API_KEY, or WANDB_MODE=offline to sync later"
+                f"metrics.enable_wandb: W&B could not start ({first_line(e, 160)}); run "
+                "`wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to sync later"
             ) from None
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(self._run.id + "\n")
