@@ -310,13 +310,18 @@ class Trainer:
     def _labels_in_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Labels the loss counts in this step on every rank: the loss normaliser, so a
         masked loss is the single-process loss at every layout (one small all-reduce)."""
-        count = torch.tensor(
-            [float(sum((labels != IGNORE).sum() for _, labels in batches))], device=self.device
-        )
-        if dist.is_initialized():  # ranks of one data-parallel index hold the same labels
-            dist.all_reduce(count)
-            count *= self.dims.dp / self.dims.world_size
-        return max(round(count.item()), 1)
+        [count] = self._per_data_rank_sum([sum(int((y != IGNORE).sum()) for _, y in batches)])
+        return max(count, 1)
+
+    def _per_data_rank_sum(self, values: list[int]) -> list[int]:
+        """``values`` summed over the data-parallel ranks, in one all-reduce over every rank:
+        the ranks that share a data-parallel index (tp, pp) hold the same values, so the world
+        sum is divided by their number."""
+        if not dist.is_initialized():
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return [round(v * self.dims.dp / self.dims.world_size) for v in total.tolist()]
 
     def _after_optimizer_step(self) -> dict[str, torch.Tensor]:
         """The step's MoE and MTP buffers, summed over every rank in one all-reduce, drive the
@@ -480,14 +485,8 @@ class Trainer:
         )
 
     def _data_rows(self) -> tuple[int, int]:
-        """Data rows read and skipped over the whole job, every data-parallel rank (the ranks
-        that share a data-parallel index read the same rows: counted once)."""
-        state = self.dataloader.state_dict()
-        counts = torch.tensor(row_counts(state), dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        share = self.dims.dp / self.dims.world_size
-        rows, bad = (round(v * share) for v in counts.tolist())
+        """Data rows read and skipped over the whole job, every data-parallel rank."""
+        rows, bad = self._per_data_rank_sum(list(row_counts(self.dataloader.state_dict())))
         return rows, bad
 
     def _stop(self, name: str, stop: StopRequest, first_step: int) -> None:
