@@ -120,7 +120,7 @@ def test_packed_labels_are_masked_and_resume_exactly(chat_folder, rng):
     resumed = loader(records, tok, seed)
     resumed.load_state_dict(state)
     for _ in range(8):
-        (x1, y1), (x2, y2) = next(batches), next(resumed)
+        (x1, y1, _), (x2, y2, _) = next(batches), next(resumed)
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
@@ -130,6 +130,6 @@ def test_the_labels_are_the_next_tokens_where_kept(chat_folder, rng):
     records = [{"messages": conversation(rng)} for _ in range(10)]
     batches = loader(records, tok, seed=0)
     for _ in range(3):
-        inputs, labels = next(batches)
+        inputs, labels, _ = next(batches)
         kept = labels[:, :-1] != IGNORE
         assert torch.equal(labels[:, :-1][kept], inputs[:, 1:][kept])

@@ -13,10 +13,8 @@ from torchmoe.data.bad_rows import BadDataError, BadRowCounter
 from torchmoe.data.datasets import ListTable, StreamedDocuments, open_source
 from torchmoe.data.global_order import GlobalOrder
 from torchmoe.data.loader import PackedLoader, build_loader, row_counts
-from torchmoe.data.prefetch import Prefetcher
+from torchmoe.data.prefetch import Batch, Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
-
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def random_docs(rng: random.Random, n: int) -> list[str]:
@@ -54,8 +52,9 @@ def take(batches: Any, n: int) -> list[Batch]:
 
 def assert_same(a: list[Batch], b: list[Batch]) -> None:
     assert len(a) == len(b)
-    for (x1, y1), (x2, y2) in zip(a, b):
+    for (x1, y1, d1), (x2, y2, d2) in zip(a, b):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert (d1 is None and d2 is None) or torch.equal(d1, d2)
 
 
 def json_round_trip(state: dict) -> dict:
@@ -67,7 +66,9 @@ def global_batches(loaders: list[PackedLoader], accumulation: int, steps: int) -
     out = []
     for _ in range(steps):
         parts = [next(r) for r in loaders for _ in range(accumulation)]
-        out.append((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])))
+        out.append(
+            Batch(torch.cat([b.inputs for b in parts]), torch.cat([b.labels for b in parts]))
+        )
     return out
 
 
@@ -91,7 +92,7 @@ def test_rows_are_the_streams_of_the_global_order(rng: random.Random, bundled: T
     n_batches = (min(map(len, streams)) - 1) // seq_len
 
     batches = take(loader(docs, bundled, seed, seq_len, rows), n_batches)
-    for b, (inputs, labels) in enumerate(batches):
+    for b, (inputs, labels, _) in enumerate(batches):
         assert inputs.shape == labels.shape == (rows, seq_len)
         assert inputs.dtype == labels.dtype == torch.int64
         for j in range(rows):
@@ -114,7 +115,7 @@ def test_other_seed_other_order(rng: random.Random, bundled: Tokenizer) -> None:
     first = take(loader(docs, bundled, seed), 5)
     assert_same(first, take(loader(docs, bundled, seed), 5))
     other = take(loader(docs, bundled, seed + 1), 5)
-    assert not all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(first, other))
+    assert not all(torch.equal(x1, x2) for (x1, *_), (x2, *_) in zip(first, other))
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 8, 13, 40])
@@ -184,7 +185,7 @@ def test_bad_rows_are_skipped_counted_and_resumed_exactly(
 
     uninterrupted = make()
     batches = take(uninterrupted, 12)
-    tokens = {t for x, _ in batches for t in x.flatten().tolist()}
+    tokens = {t for x, *_ in batches for t in x.flatten().tolist()}
     assert bundled.eos_id in tokens  # documents were read and packed
     rows, bad = row_counts(uninterrupted.state_dict())
     assert 0 < bad < rows and bad == sum(uninterrupted.bad_rows.by_file.values())
@@ -294,7 +295,7 @@ def test_build_loader_on_stdlib_docs(
     cfg = Data(cache_dir=str(stdlib_cache))
     docs = open_source(cfg, 0, 2)
     ranks = [build_loader(docs, cfg, bundled, 64, 2, rank, 2, seed=5) for rank in range(2)]
-    (x0, y0), (x1, _) = next(ranks[0]), next(ranks[1])
+    (x0, y0, _), (x1, *_) = next(ranks[0]), next(ranks[1])
     assert x0.shape == (2, 64) and torch.equal(y0[:, :-1], x0[:, 1:])
     assert not torch.equal(x0, x1)
     tokens = x0[0].tolist()  # row 0 starts with the first document of its stream

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_layouts import GLOBAL_BATCH, batches, config
+from tests.distributed.test_layouts import GLOBAL_BATCH, batches, config, rank_batches
 from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.train.trainer import Trainer
 
@@ -30,9 +30,7 @@ def train_steps(rank, cfg, data):
     trainer.checkpoint.load()
     dp, r = trainer.dims.dp, trainer.dims.dp_rank()
     rows = GLOBAL_BATCH // dp
-    trainer.batches = iter(
-        (b[r * rows : (r + 1) * rows, :-1], b[r * rows : (r + 1) * rows, 1:]) for b in data
-    )
+    trainer.batches = rank_batches(cfg, data, slice(r * rows, (r + 1) * rows))
     aux, biases = [], []
     for _ in data:
         stats = trainer.train_step().moe

@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tests.distributed.launcher import run_ranks
 from torchmoe.config.load import build_config
 from torchmoe.config.pipeline_keys import V_SHAPED
+from torchmoe.data.prefetch import Batch
 from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.parallel.pipeline import STAGES_TAKE_GRAD_SHAPES
 from torchmoe.train.trainer import Trainer
@@ -80,6 +81,23 @@ LAYOUTS = {
             "model.mtp_num_layers": 1,
         },
     ),
+    # packed documents kept apart (document ids reach every pipeline stage, the mask every
+    # tensor-parallel rank)
+    "block_causal_fsdp2_x_ep2": (4, {"parallelism.ep": 2, "model.attn_mask": "block_causal"}),
+    "block_causal_tp2": (2, {"parallelism.tp": 2, "model.attn_mask": "block_causal"}),
+    "qwen3_block_causal_tp2": (
+        2,
+        {"parallelism.tp": 2, "model.name": "qwen3_moe", "model.attn_mask": "block_causal"},
+    ),
+    "block_causal_pp2_mtp": (
+        2,
+        {
+            "parallelism.pp": 2,
+            "model.n_layers": 4,
+            "model.mtp_num_layers": 1,
+            "model.attn_mask": "block_causal",
+        },
+    ),
     "pp2_interleaved_x_fsdp2_x_ep2": (
         4,
         {
@@ -138,6 +156,17 @@ def batches(seed=0):
     return [torch.randint(0, 4096, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(STEPS)]
 
 
+def rank_batches(cfg, data, rank_rows: slice):
+    """This rank's rows of each global batch; with block-causal attention, documents of
+    random lengths (the same at every layout: a generator of their own)."""
+    g = torch.Generator().manual_seed(1)
+    for b in data:
+        starts = torch.rand(GLOBAL_BATCH, SEQ, generator=g) < 0.15
+        documents = starts.cumsum(dim=1) if cfg.model.attn_mask == "block_causal" else None
+        rows = b[rank_rows]
+        yield Batch(rows[:, :-1], rows[:, 1:], None if documents is None else documents[rank_rows])
+
+
 def merged(results) -> tuple[list[float], dict]:
     """Rank 0's losses and the union of every rank's parameters (pipeline stages differ)."""
     return results[0][0], {k: v for _, params in results for k, v in params.items()}
@@ -147,9 +176,7 @@ def train_and_collect(rank, cfg, data):
     trainer = Trainer(cfg, device=torch.device("cpu"))
     dp, r = trainer.dims.dp, trainer.dims.dp_rank()
     rows = GLOBAL_BATCH // dp
-    trainer.batches = iter(
-        (b[r * rows : (r + 1) * rows, :-1], b[r * rows : (r + 1) * rows, 1:]) for b in data
-    )
+    trainer.batches = rank_batches(cfg, data, slice(r * rows, (r + 1) * rows))
     losses = trainer.train()
     # every rank: pipeline stages hold different parameters
     return losses, get_model_state_dict(

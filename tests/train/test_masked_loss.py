@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tests.distributed.launcher import run_ranks
 from torchmoe.config.registry import build_model
 from torchmoe.data.loader import IGNORE
+from torchmoe.data.prefetch import Batch
 from torchmoe.data.stdlib_docs import load_stdlib_docs
 from torchmoe.train.trainer import Trainer
 
@@ -31,7 +32,7 @@ def test_masked_loss_equals_a_float64_reference(tiny_config, tmp_path, rng):
         "training.max_norm": "0",
     }
     trainer = Trainer(tiny_config(**keys), device=torch.device("cpu"))
-    inputs, labels = next(trainer.dataloader)
+    inputs, labels, _ = next(trainer.dataloader)
     assert (labels == IGNORE).any() and (labels != IGNORE).any()
     reference = build_model(trainer.cfg).double()
     reference.load_state_dict({k: v.double() for k, v in trainer.model.state_dict().items()})
@@ -41,7 +42,7 @@ def test_masked_loss_equals_a_float64_reference(tiny_config, tmp_path, rng):
         logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
     )
     expected = (nll / (labels != IGNORE).sum()).item()
-    trainer.batches = iter([(inputs, labels)])
+    trainer.batches = iter([Batch(inputs, labels)])
     assert abs(trainer.train_step().loss - expected) < 1e-5 * expected
 
 

@@ -48,7 +48,7 @@ def test_validation_loss_equals_a_float64_reference(tiny_config):
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for _ in range(3):
-            x, y = next(validator.batches)
+            x, y, _ = next(validator.batches)
             logits = model(x)
             nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             tokens += y.numel()

@@ -61,6 +61,13 @@ class Model:
     rope_beta_fast: float = opt(32.0, "YaRN: fast correction boundary (rotations).", gt=0)
     rope_beta_slow: float = opt(1.0, "YaRN: slow correction boundary (rotations).", gt=0)
     rope_mscale: float = opt(1.0, "YaRN: attention temperature coefficient.", ge=0)
+    attn_mask: str = opt(
+        "causal",
+        "'causal': a token sees every earlier token of its packed row; 'block_causal': only "
+        "those of its own document (packed documents do not attend to each other; flex "
+        "attention on CUDA).",
+        choices=("causal", "block_causal"),
+    )
     init_std: float = opt(0.02, "Std of the truncated-normal init of input projections.", gt=0)
     mtp_num_layers: int = opt(
         0,

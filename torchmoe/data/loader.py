@@ -26,7 +26,7 @@ from torchmoe.data.datasets import DocumentTable, StreamedDocuments, open_source
 from torchmoe.data.formats import Encoded, build_encoder
 from torchmoe.data.global_order import GlobalOrder
 from torchmoe.data.held_out import split_held_out
-from torchmoe.data.prefetch import Prefetcher
+from torchmoe.data.prefetch import Batch, Prefetcher
 from torchmoe.data.tokenizer import Tokenizer
 
 IGNORE = -100  # a label the loss skips (torch's cross_entropy ignore_index)
@@ -35,14 +35,16 @@ _RESUME_AFRESH = "set checkpoint.exclude_from_loading = ['dataloader'] to read t
 
 class _Stream:
     """One row of every global batch: its next global position (tables only), the tokens read
-    but not yet emitted (and, for prompt/chat data, which of them are no label), and its share
-    of the rows read and skipped."""
+    but not yet emitted (where each document among them starts, and, for prompt/chat data,
+    which of them are no label), and its share of the rows read and skipped."""
 
     def __init__(self, index: int) -> None:
         self.index, self.position = index, 0
         self.tokens: list[int] = []
         self.ignored: list[bool] = []  # parallel to tokens, for formats with a loss mask
         self.window_ignored: list[bool] = []  # of the window just emitted
+        self.starts: list[int] = []  # indices into tokens where a document begins
+        self.window_starts: list[int] = []  # of the window just emitted (its inputs)
         self.rows = self.bad = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -50,6 +52,7 @@ class _Stream:
             "position": self.position,
             "tokens": list(self.tokens),  # a copy: the prefetcher keeps it while this one grows
             "ignored": [i for i, x in enumerate(self.ignored) if x],
+            "starts": list(self.starts),
             "rows": self.rows,
             "bad": self.bad,
         }
@@ -58,14 +61,19 @@ class _Stream:
         self.position, self.tokens = state["position"], list(state["tokens"])
         ignored = set(state.get("ignored", ()))
         self.ignored = [i in ignored for i in range(len(self.tokens))]
+        # a state from before document starts were kept: its unread tokens count as one
+        # document (block-causal attention may let them see each other, for one window)
+        self.starts = list(state.get("starts", [0]))
         self.rows, self.bad = state["rows"], state["bad"]
 
 
 class PackedLoader:
-    """Endless ``(inputs, labels)`` int64 batches of shape [batch_size, seq_len] for one
-    data-parallel rank, micro-batch by micro-batch. ``state_dict`` holds keys ``order`` and
-    ``stream_<j>`` for the rank's streams (and ``streamed_<rank>_of_<dp>`` for a streamed
-    dataset), so that the checkpoint gathers every stream and any layout finds its own."""
+    """Endless ``Batch(inputs, labels, document_ids)`` of int64 [batch_size, seq_len] for one
+    data-parallel rank, micro-batch by micro-batch; ``document_ids`` (int32, the index of each
+    position's document within its row) only with ``document_ids=True``, else None.
+    ``state_dict`` holds keys ``order`` and ``stream_<j>`` for the rank's streams (and
+    ``streamed_<rank>_of_<dp>`` for a streamed dataset), so that the checkpoint gathers every
+    stream and any layout finds its own."""
 
     def __init__(
         self,
@@ -80,10 +88,12 @@ class PackedLoader:
         seed: int = 0,
         bad_rows: BadRowCounter | None = None,
         data_format: str = "text",
+        document_ids: bool = False,
     ) -> None:
         self._source = source
         self._encode = build_encoder(data_format, tokenizer, "messages")
         self._masked = data_format != "text"
+        self._document_ids = document_ids
         self._seq_len, self._batch_size = seq_len, batch_size
         self.rows_per_batch = batch_size * accumulation * dp_world
         first = dp_rank * accumulation * batch_size
@@ -99,7 +109,7 @@ class PackedLoader:
     def __iter__(self) -> "PackedLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         g, L = self._next_group, self._batch_size
         self._next_group = (g + 1) % self._groups
         streams = self._streams[g * L : (g + 1) * L]
@@ -110,20 +120,29 @@ class PackedLoader:
         if self._masked:  # tokens that are no label (prompts, user turns) do not count
             ignored = np.array([s.window_ignored for s in streams], dtype=bool)
             labels = labels.masked_fill(torch.from_numpy(ignored[:, 1:]), IGNORE)
-        return inputs, labels
+        if not self._document_ids:
+            return Batch(inputs, labels)
+        starts = np.zeros(inputs.shape, dtype=np.int32)
+        for row, stream in enumerate(streams):
+            starts[row, stream.window_starts] = 1
+        return Batch(inputs, labels, torch.from_numpy(starts.cumsum(axis=1, dtype=np.int32)))
 
     def _window(self, stream: _Stream) -> list[int]:
         """The stream's next seq_len + 1 tokens; the last stays as the next window's first."""
-        while len(stream.tokens) < self._seq_len + 1:
+        S = self._seq_len
+        while len(stream.tokens) < S + 1:
             ids, labels = self._next_document(stream)
+            stream.starts.append(len(stream.tokens))
             stream.tokens += ids
             if self._masked:
                 stream.ignored += [not x for x in labels] if labels else [False] * len(ids)
-        window = stream.tokens[: self._seq_len + 1]
-        del stream.tokens[: self._seq_len]
+        window = stream.tokens[: S + 1]
+        del stream.tokens[:S]
+        stream.window_starts = [i for i in stream.starts if i < S]
+        stream.starts = [i - S for i in stream.starts if i >= S]
         if self._masked:
-            stream.window_ignored = stream.ignored[: self._seq_len + 1]
-            del stream.ignored[: self._seq_len]
+            stream.window_ignored = stream.ignored[: S + 1]
+            del stream.ignored[:S]
         return window
 
     def _next_document(self, stream: _Stream) -> Encoded:
@@ -223,9 +242,11 @@ def build_loader(
     dp_world: int,
     seed: int,
     accumulation: int = 1,
+    document_ids: bool = False,
 ) -> Prefetcher:
     """Batches of one data-parallel rank from ``source``, produced ``data.prefetch_batches``
-    ahead in a background thread."""
+    ahead in a background thread; with ``document_ids`` (block-causal attention) they carry
+    each position's document."""
     loader = PackedLoader(
         source,
         tokenizer,
@@ -237,5 +258,6 @@ def build_loader(
         seed=seed,
         bad_rows=BadRowCounter(cfg.max_bad_fraction),
         data_format=cfg.format,
+        document_ids=document_ids,
     )
     return Prefetcher(loader, cfg.prefetch_batches)

@@ -9,11 +9,18 @@ the uninterrupted run would have used.
 
 import queue
 import threading
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+
+class Batch(NamedTuple):
+    """One micro-batch: token ids and their labels [B, S] (-100: no label), and for
+    block-causal attention the packed document of each position [B, S] (else None)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    document_ids: torch.Tensor | None = None
 
 
 class StatefulBatches(Protocol):

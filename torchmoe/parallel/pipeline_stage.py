@@ -14,6 +14,7 @@ import copy
 import torch
 from torch import nn
 
+from torchmoe.models.common.document_mask import document_mask
 from torchmoe.models.common.transformer import Decoder
 
 
@@ -25,9 +26,16 @@ class DecoderStage(Decoder):
     the last stage: no stage needs a copy of the embedding. The labels reach the last stage as
     a schedule keyword argument, as they reach the loss."""
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token ids [B, S] into the first stage, hidden states [B, S, D x (1 + MTP depth)]
-        into the others; logits out of the last, hidden states (and MTP inputs) otherwise."""
+        into the others; logits out of the last, hidden states (and MTP inputs) otherwise.
+        ``document_ids`` (block-causal attention) reach every stage as a schedule keyword
+        argument; each builds its mask from them."""
         if self.tok_embeddings is not None:
             if self.mtp_depth and labels is None and self.output is None:
                 raise ValueError(
@@ -38,10 +46,11 @@ class DecoderStage(Decoder):
             mtp = [] if labels is None else self.mtp_inputs(labels)
         else:
             h_BSD, *mtp = x.split(self.dim, dim=-1)
-        h_BSD = self.run_layers(h_BSD)
+        mask = None if document_ids is None else document_mask(document_ids)
+        h_BSD = self.run_layers(h_BSD, mask)
         if self.output is None:
             return torch.cat([h_BSD, *mtp], dim=-1) if mtp else h_BSD
-        return self.head(h_BSD, labels, mtp)
+        return self.head(h_BSD, labels, mtp, mask)
 
 
 def split_stage(model: Decoder, layout: list[int], stage: int) -> DecoderStage:

@@ -36,6 +36,7 @@ from torchmoe.data.loader import (
     open_training_and_validation,
     row_counts,
 )
+from torchmoe.data.prefetch import Batch
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
@@ -189,7 +190,10 @@ class Trainer:
         )
         # the same global batches at every layout, training and validation (loader.py)
         shape = (t.seq_len, t.local_batch_size, dp_rank, dp, t.seed, self.accum_steps)
-        self.dataloader = build_loader(train_docs, cfg.data, self.tokenizer, *shape)
+        documents = cfg.model.attn_mask == "block_causal"  # the batches say where each starts
+        self.dataloader = build_loader(
+            train_docs, cfg.data, self.tokenizer, *shape, document_ids=documents
+        )
         self.batches = iter(self.dataloader)  # the loader itself: a resume moves it in place
         self.global_tokens = t.local_batch_size * t.seq_len * self.dims.dp * self.accum_steps
         self.state = TrainState()
@@ -212,7 +216,7 @@ class Trainer:
         self.validator: Validator | None = None
         if val_docs is not None:
             self.validator = Validator(
-                build_loader(val_docs, cfg.data, self.tokenizer, *shape),
+                build_loader(val_docs, cfg.data, self.tokenizer, *shape, document_ids=documents),
                 cfg.validation.steps * self.accum_steps,
                 self.loss_fn,
                 self.device,
@@ -277,10 +281,9 @@ class Trainer:
         batches = [next(self.batches) for _ in range(self.accum_steps)]
         if self.cfg.data.format != "text":  # prompts and user turns are no labels
             self.global_tokens = self._labels_in_step(batches)
-        for inputs, labels in batches:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+        for batch in batches:
             step = self._pipeline_step if self.pipeline else self._forward_backward
-            loss_mean += step(inputs, labels)
+            loss_mean += step(*(t if t is None else t.to(self.device) for t in batch))
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes
@@ -307,10 +310,10 @@ class Trainer:
         self.lr_scheduler.step()
         return StepResult(loss_value, norm_value, lr, self._after_optimizer_step())
 
-    def _labels_in_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    def _labels_in_step(self, batches: list[Batch]) -> int:
         """Labels the loss counts in this step on every rank: the loss normaliser, so a
         masked loss is the single-process loss at every layout (one small all-reduce)."""
-        [count] = self._per_data_rank_sum([sum(int((y != IGNORE).sum()) for _, y in batches)])
+        [count] = self._per_data_rank_sum([sum(int((b.labels != IGNORE).sum()) for b in batches)])
         return max(count, 1)
 
     def _per_data_rank_sum(self, values: list[int]) -> list[int]:
@@ -334,36 +337,49 @@ class Trainer:
         bias_norm = self.expert_bias.norms(self.device) if with_bias else None
         return step_values(step, self.token_shards, bias_norm)
 
-    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _forward_backward(
+        self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """One micro-batch through the whole model; returns its summed token loss over
         ``global_tokens``."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            # Multi-token prediction needs the targets inside the model.
-            logits = self.model(inputs, labels=labels) if self.mtp else self.model(inputs)
+            logits = self.model(inputs, **self._model_kwargs(labels, document_ids))
         with loss_parallel() if self.dims.tp_enabled else nullcontext():
             loss = self.loss_fn(logits, labels) / self.global_tokens
             del logits  # backward needs the loss's own saved tensors only: free [B, S, V] now
             loss.backward()
         return _full(loss.detach())
 
-    def _pipeline_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _model_kwargs(
+        self, labels: torch.Tensor, document_ids: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """What the model takes besides the tokens: the labels for multi-token prediction,
+        the documents for block-causal attention."""
+        kwargs = {"labels": labels} if self.mtp else {}
+        return kwargs | ({} if document_ids is None else {"document_ids": document_ids})
+
+    def _pipeline_step(
+        self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """One local batch through the pipeline schedule (its micro-batches, forward and
         backward); returns the loss of the batch over ``global_tokens``, or zero on a rank
         without the last stage."""
         p, losses = self.pipeline, []
         # stages check their inputs' strides against the static shapes they were built with
         inputs, labels = inputs.contiguous(), labels.contiguous()
+        document_ids = None if document_ids is None else document_ids.contiguous()
         with (
             torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
             loss_parallel() if self.dims.tp_enabled else nullcontext(),
         ):
-            # the MTP modules of the last stage read the labels, as the loss does
+            # keyword arguments reach every stage: the MTP modules of the last stage read the
+            # labels, as the loss does; each stage builds its document mask
             p.schedule.step(
                 *([inputs] if p.has_first else []),
                 target=labels if p.has_last else None,
                 losses=losses,
                 return_outputs=False,
-                **({"labels": labels} if self.mtp else {}),
+                **self._model_kwargs(labels, document_ids),
             )
         return sum((_full(loss.detach()) for loss in losses), torch.zeros((), device=self.device))
 

@@ -41,7 +41,10 @@ class Validator:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
             for _ in range(self.steps):
-                inputs, labels = (t.to(self.device) for t in next(self.batches))
+                inputs, labels, documents = (
+                    t if t is None else t.to(self.device) for t in next(self.batches)
+                )
+                kwargs = {} if documents is None else {"document_ids": documents}
                 with (
                     torch.autocast(
                         self.device.type,
@@ -50,7 +53,7 @@ class Validator:
                     ),
                     loss_parallel() if self.tp else nullcontext(),
                 ):
-                    loss = self.loss_fn(model(inputs), labels)
+                    loss = self.loss_fn(model(inputs, **kwargs), labels)
                 if isinstance(loss, DTensor):
                     loss = loss.full_tensor()
                 labeled = (labels != IGNORE).sum()  # prompts and user turns are no labels

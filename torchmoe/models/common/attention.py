@@ -9,37 +9,60 @@ Attention modules expose ``n_heads``, ``qk_head_dim`` and ``v_head_dim`` for FLO
 counts.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from torchmoe.models.common.document_mask import AttentionMask
 from torchmoe.models.common.init import trunc_normal_
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
 
 
 def causal_attention(
-    q_BSHQ: torch.Tensor, k_BSJQ: torch.Tensor, v_BSJU: torch.Tensor, scale: float
+    q_BSHQ: torch.Tensor,
+    k_BSJQ: torch.Tensor,
+    v_BSJU: torch.Tensor,
+    scale: float,
+    mask: AttentionMask | None = None,
 ) -> torch.Tensor:
     """Causal attention over per-head q [B, S, H, Q], k [B, S, J, Q] and v [B, S, J, U] ->
-    [B, S, H, U]. Each key/value head serves H / J query heads (repeated here); flash kernels
-    want equal q/k/v head dims, so U is padded up to Q and sliced back."""
-    groups = q_BSHQ.shape[2] // k_BSJQ.shape[2]  # GQA: each key/value head serves a group
-    k_BSHQ = k_BSJQ.repeat_interleave(groups, dim=2) if groups > 1 else k_BSJQ
-    v_BSHU = v_BSJU.repeat_interleave(groups, dim=2) if groups > 1 else v_BSJU
-    v_dim = v_BSHU.shape[-1]
-    pad = q_BSHQ.shape[-1] - v_dim
-    v = F.pad(v_BSHU, (0, pad)) if pad > 0 else v_BSHU
+    [B, S, H, U]; each key/value head serves H / J query heads. ``mask`` (document_mask.py)
+    also keeps packed documents apart: a flex-attention BlockMask on CUDA, a dense boolean
+    mask elsewhere."""
+    q, k, v = (t.transpose(1, 2) for t in (q_BSHQ, k_BSJQ, v_BSJU))
+    if isinstance(mask, BlockMask):  # flex takes GQA and a value dim of its own
+        return _flex_attention(q, k, v, mask, scale).transpose(1, 2)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    v_dim = v.shape[-1]
+    pad = q.shape[-1] - v_dim  # flash kernels want equal q/k/v head dims: pad U up to Q
+    v = F.pad(v, (0, pad)) if pad > 0 else v
     out = F.scaled_dot_product_attention(
-        q_BSHQ.transpose(1, 2),
-        k_BSHQ.transpose(1, 2),
-        v.transpose(1, 2),
-        is_causal=True,
-        scale=scale,
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale
     )
     return out.transpose(1, 2)[..., :v_dim]
+
+
+_compiled_flex: Callable | None = None
+
+
+def _flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask, scale: float
+) -> torch.Tensor:
+    """Flex attention, compiled: eager flex materialises the full score matrix. Inside a
+    compiled block it is traced with the block; outside, a compiled copy (made once) runs."""
+    global _compiled_flex
+    kernel = flex_attention
+    if not torch.compiler.is_compiling():
+        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+        kernel = _compiled_flex
+    return kernel(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -53,9 +76,13 @@ class Attention(nn.Module):
         self.softmax_scale = softmax_scale
 
     def core_attention(
-        self, q_BSHQ: torch.Tensor, k_BSJQ: torch.Tensor, v_BSJU: torch.Tensor
+        self,
+        q_BSHQ: torch.Tensor,
+        k_BSJQ: torch.Tensor,
+        v_BSJU: torch.Tensor,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
-        return causal_attention(q_BSHQ, k_BSJQ, v_BSJU, self.softmax_scale)
+        return causal_attention(q_BSHQ, k_BSJQ, v_BSJU, self.softmax_scale, mask)
 
 
 @dataclass
@@ -91,7 +118,9 @@ class GQA(Attention):
             self.q_norm = RMSNorm(a.head_dim, eps=a.norm_eps)
             self.k_norm = RMSNorm(a.head_dim, eps=a.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         hd = self.args.head_dim
         q_BSHQ = self.wq(x_BSD).view(B, S, -1, hd)
@@ -100,7 +129,7 @@ class GQA(Attention):
             q_BSHQ, k_BSJQ = self.q_norm(q_BSHQ), self.k_norm(k_BSJQ)
         q_BSHQ, k_BSJQ = apply_rope(q_BSHQ, cos_sin), apply_rope(k_BSJQ, cos_sin)
         v_BSJU = self.wv(x_BSD).view(B, S, -1, hd)
-        return self.wo(self.core_attention(q_BSHQ, k_BSJQ, v_BSJU).flatten(2))
+        return self.wo(self.core_attention(q_BSHQ, k_BSJQ, v_BSJU, mask).flatten(2))
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name in ("wq", "wk", "wv"):

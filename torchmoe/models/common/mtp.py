@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchmoe.models.common.document_mask import AttentionMask
 from torchmoe.models.common.init import trunc_normal_
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.moe.moe import is_recomputing
@@ -49,11 +50,15 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(dim, eps=norm_eps)
 
     def forward(
-        self, h_BSD: torch.Tensor, emb_BSD: torch.Tensor, cos_sin: torch.Tensor
+        self,
+        h_BSD: torch.Tensor,
+        emb_BSD: torch.Tensor,
+        cos_sin: torch.Tensor,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """The next depth's hidden state (before ``norm``)."""
         x = self.eh_proj(torch.cat([self.enorm(emb_BSD), self.hnorm(h_BSD)], dim=-1))
-        return self.block(x, cos_sin)
+        return self.block(x, cos_sin, mask)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for norm in (self.enorm, self.hnorm, self.norm):
@@ -80,6 +85,7 @@ class MultiTokenPrediction(nn.ModuleList):
         labels_BS: torch.Tensor,
         cos_sin: torch.Tensor,
         head: nn.Module,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """L for the main model's last hidden state ``h_BSD`` (before the final norm), the
         depths' ``inputs`` (``mtp_inputs``) and the decoder's output ``head``.
@@ -92,7 +98,7 @@ class MultiTokenPrediction(nn.ModuleList):
         """
         losses = []
         for k, (module, emb_BSD) in enumerate(zip(self, inputs), start=1):
-            h_BSD = module(h_BSD, emb_BSD, cos_sin)
+            h_BSD = module(h_BSD, emb_BSD, cos_sin, mask)
             logits_TV = head(module.norm(h_BSD)).flatten(0, 1)
             logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
             losses.append(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchmoe.models.common.document_mask import AttentionMask, document_mask
 from torchmoe.models.common.init import normal_, trunc_normal_
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.mtp import MultiTokenPrediction, mtp_inputs
@@ -47,8 +48,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.feed_forward = feed_forward  # dense FeedForward or MoE
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
+        """``mask`` None is causal attention; a document mask (document_mask.py) also keeps
+        packed documents apart. Passed positionally, always: tensor parallelism prepares the
+        attention's inputs by position."""
+        x = x + self.attention(self.attention_norm(x), cos_sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -99,18 +105,26 @@ class Decoder(nn.Module):
         )
         self.register_buffer("rope_cos_sin", rope_cos_sin(rope, max_seq_len), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [B, S, V] of tokens [B, S] (int64). ``labels`` [B, S], the tokens shifted
-        left by one, are needed only for multi-token prediction."""
+        left by one, are needed only for multi-token prediction. ``document_ids`` [B, S], the
+        packed document each position belongs to, make attention block-causal: a token sees
+        only its own document (document_mask.py); None is plain causal attention."""
         h_BSD = self.tok_embeddings(tokens)
         mtp = [] if labels is None else self.mtp_inputs(labels)
-        return self.head(self.run_layers(h_BSD), labels, mtp)
+        mask = None if document_ids is None else document_mask(document_ids)
+        return self.head(self.run_layers(h_BSD, mask), labels, mtp, mask)
 
-    def run_layers(self, h_BSD: torch.Tensor) -> torch.Tensor:
+    def run_layers(self, h_BSD: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
         """The blocks, in order, over the residual stream. Every position of the rotary table
         goes in: a block may get a sequence shard (tensor parallel) and slices it."""
         for layer in self.layers.values():
-            h_BSD = layer(h_BSD, self.rope_cos_sin)
+            h_BSD = layer(h_BSD, self.rope_cos_sin, mask)
         return h_BSD
 
     def mtp_inputs(self, labels_BS: torch.Tensor) -> list[torch.Tensor]:
@@ -118,12 +132,16 @@ class Decoder(nn.Module):
         return mtp_inputs(self.tok_embeddings, labels_BS, self.mtp_depth)
 
     def head(
-        self, h_BSD: torch.Tensor, labels_BS: torch.Tensor | None, mtp: list[torch.Tensor]
+        self,
+        h_BSD: torch.Tensor,
+        labels_BS: torch.Tensor | None,
+        mtp: list[torch.Tensor],
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         """Final norm and output head; with labels, the MTP loss rides on the logits."""
         logits = self.output(self.norm(h_BSD))
         if self.mtp is not None and labels_BS is not None:
-            loss = self.mtp.loss(h_BSD, mtp, labels_BS, self.rope_cos_sin, self.output)
+            loss = self.mtp.loss(h_BSD, mtp, labels_BS, self.rope_cos_sin, self.output, mask)
             logits = attach_aux_loss(logits, loss)
         return logits
 

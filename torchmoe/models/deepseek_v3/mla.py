@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from torchmoe.models.common.attention import Attention
+from torchmoe.models.common.document_mask import AttentionMask
 from torchmoe.models.common.init import trunc_normal_
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
@@ -57,12 +58,14 @@ class MLA(Attention):
         )
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         a = self.args
         q_in = x_BSD if a.q_lora_rank == 0 else self.wq_a(x_BSD)
         latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         q_BSHQ, k_BSHQ, v_BSHU = self.up_project(q_in, latent, k_pe, cos_sin)
-        return self.wo(self.core_attention(q_BSHQ, k_BSHQ, v_BSHU).flatten(2))
+        return self.wo(self.core_attention(q_BSHQ, k_BSHQ, v_BSHU, mask).flatten(2))
 
     def up_project(
         self,

@@ -1,0 +1,38 @@
+"""Masks that keep packed documents apart (``model.attn_mask = "block_causal"``).
+
+The loader packs several documents into one row; with plain causal attention a token sees the
+documents before it in the row. Given each position's document index ([B, S], the loader's
+``document_ids``), a token attends only to earlier tokens of its own document.
+
+On CUDA the mask is a flex-attention ``BlockMask``: the kernel skips the blocks between
+documents, so many short documents cost less than causal attention. Elsewhere (CPU, where flex
+attention has no backward) it is a dense boolean [B, 1, S, S] mask for SDPA, exact but O(S^2)
+memory: the CPU path is for tests and small runs.
+
+Positions do not restart per document: neither DeepSeek-V3's nor Qwen3's reference does, and
+rotary embeddings depend only on the distance between query and key, so a document's own
+attention scores are the same at any offset in the row (up to rounding).
+"""
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+AttentionMask = BlockMask | torch.Tensor  # None, where a mask is optional, means plain causal
+
+
+def document_mask(document_ids_BS: torch.Tensor) -> AttentionMask:
+    """The block-causal mask of a batch whose position (b, s) belongs to document
+    ``document_ids_BS[b, s]`` (documents are contiguous runs of equal ids)."""
+    doc = document_ids_BS
+    B, S = doc.shape
+    if doc.device.type != "cuda":
+        causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
+        same_document = doc[:, :, None] == doc[:, None, :]
+        return (same_document & causal)[:, None]
+
+    def same_document_causal(
+        b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+    ) -> torch.Tensor:
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    return create_block_mask(same_document_causal, B, None, S, S, device=doc.device)
