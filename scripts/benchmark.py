@@ -46,6 +46,8 @@ VARIANTS = {
         "--quantize.float8_experts",
         "true",
     ],
+    # Packed documents kept apart (flex attention); the cost depends on the documents' lengths.
+    "compiled+block_causal": ["--compile.enable", "true", "--model.attn_mask", "block_causal"],
     # Best case of routing: every expert gets the same number of tokens (benchmark only).
     "compiled+forced_balance": ["--compile.enable", "true", "--moe.force_load_balance", "true"],
     # Token dropping at capacity 1.25, groups padded to capacity (static GEMM shapes).

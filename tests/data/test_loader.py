@@ -32,6 +32,7 @@ def loader(
     accumulation: int = 1,
     field: str | None = None,
     max_bad: float = 0.001,
+    documents: bool = False,
 ) -> PackedLoader:
     return PackedLoader(
         ListTable(docs, "docs", field),
@@ -43,6 +44,7 @@ def loader(
         accumulation=accumulation,
         seed=seed,
         bad_rows=BadRowCounter(max_bad),
+        document_ids=documents,
     )
 
 
@@ -123,12 +125,26 @@ def test_resume_yields_the_uninterrupted_batches(
     rng: random.Random, bundled: Tokenizer, k: int
 ) -> None:
     docs, seed = random_docs(rng, 12), rng.randrange(1000)
-    uninterrupted = loader(docs, bundled, seed)
+    uninterrupted = loader(docs, bundled, seed, documents=True)
     take(uninterrupted, k)
     state = json_round_trip(uninterrupted.state_dict())
-    resumed = loader(docs, bundled, seed)
+    resumed = loader(docs, bundled, seed, documents=True)
     resumed.load_state_dict(state)
-    assert_same(take(resumed, 30), take(uninterrupted, 30))  # 30 batches cross an epoch end
+    # 30 batches cross an epoch end; the document ids of the unread tokens are restored too
+    assert_same(take(resumed, 30), take(uninterrupted, 30))
+
+
+def test_a_document_starts_after_each_eos(rng: random.Random, bundled: Tokenizer) -> None:
+    """Document ids (block-causal attention) step up by one exactly where the previous input
+    is the EOS that ends a document, and nowhere else."""
+    docs, seed = random_docs(rng, 12), rng.randrange(1000)
+    steps = 0
+    for inputs, _, documents in take(loader(docs, bundled, seed, documents=True), 20):
+        after_eos = (inputs[:, :-1] == bundled.eos_id).int()
+        assert torch.equal(documents.diff(dim=1), after_eos)
+        steps += int(after_eos.sum())
+    assert steps >= 5  # documents end inside rows
+    assert next(loader(docs, bundled, seed)).document_ids is None  # only when asked for
 
 
 @pytest.mark.parametrize("new_dp", [1, 2])

@@ -48,6 +48,7 @@ def test_import_fine_tune_export_generate(family, tmp_path: Path, data_cache, sc
     train = [
         *("--job.dump_folder", str(tmp_path / "run"), "--data.cache_dir", data_cache),
         *("--data.dataset", str(tmp_path / "chat.jsonl"), "--data.format", "chat"),
+        *("--model.attn_mask", "block_causal"),  # packed conversations kept apart
         *("--validation.enable", "true", "--validation.freq", "5", "--validation.steps", "2"),
         *("--training.steps", "20", "--training.seq_len", "64", "--training.local_batch_size", "4"),
         *("--checkpoint.interval", "20", "--lr_scheduler.warmup_steps", "2"),
