@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-kv-cache",
+        action="store_true",
+        help="rerun the whole prefix for every token (the reference the cache is tested against)",
+    )
     return p
 
 
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             args.temperature,
             args.top_p,
             args.seed,
+            kv_cache=not args.no_kv_cache,
         )
     except (ConfigError, BadRow) as e:  # BadRow: the chat template refused a prompt
         print(f"error: {e}", file=sys.stderr)

@@ -1,15 +1,20 @@
 """Sampling text from a torchmoe model: batched prompts, greedy or temperature + top-p.
 
-Prompts of different lengths share a batch right-padded: attention is causal, so a position
-never sees the padding after it, and each prompt's next token is read at its own last
-position. Every new token reruns the forward over the batch (no KV cache yet: cost grows with
-the square of the length), which keeps the model code untouched and the result exact.
+With the KV cache (the default) the prompts are read once, right-padded to the longest, and
+every new token costs one position's forward: each row writes its token at its own position
+and attends to the cached positions before it (models/common/kv_cache.py; MLA caches its
+latent). Without it every new token reruns the forward over the whole batch, right-padded
+(causal attention keeps the padding after a position unseen): the cost grows with the square
+of the length, but it is the training forward itself, the reference the cache is tested
+against.
 """
 
 from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
+
+from torchmoe.models.common.kv_cache import KVCache
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_p: float, g: torch.Generator | None):
@@ -35,6 +40,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     pad_id: int = 0,
+    kv_cache: bool = True,
 ) -> list[list[int]]:
     """The new tokens of each prompt, up to ``max_new_tokens`` or a stop token (included:
     the tokenizer's EOS, and those generation_config.json lists)."""
@@ -49,10 +55,18 @@ def generate(
     new: list[list[int]] = [[] for _ in prompts]
     rows = torch.arange(len(prompts), device=device)
     stops = torch.tensor(sorted(stop_ids), device=device)
-    for _ in range(max_new_tokens):
-        width = int(lengths.max())
-        logits = model(tokens[:, :width])
-        nxt = sample(logits[rows, lengths - 1], temperature, top_p, g)
+    cache = KVCache(len(model.layers), total) if kv_cache else None
+    for step in range(max_new_tokens):
+        if cache is None:
+            logits = model(tokens[:, : int(lengths.max())])[rows, lengths - 1]
+        elif step == 0:  # the prompts, padded to the longest
+            width = int(lengths.max())
+            positions = torch.arange(width, device=device).expand(len(prompts), width)
+            logits = model(tokens[:, :width], cache=cache.at(positions))[rows, lengths - 1]
+        else:  # each row's last token, at its own position
+            positions = (lengths - 1)[:, None]
+            logits = model(tokens[rows, lengths - 1][:, None], cache=cache.at(positions))[:, -1]
+        nxt = sample(logits, temperature, top_p, g)
         for i in torch.nonzero(~done).flatten().tolist():
             new[i].append(int(nxt[i]))
         tokens[rows[~done], lengths[~done]] = nxt[~done]

@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from torchmoe.models.common.document_mask import AttentionMask
 from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.kv_cache import LayerCache
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
 
@@ -119,7 +120,11 @@ class GQA(Attention):
             self.k_norm = RMSNorm(a.head_dim, eps=a.norm_eps)
 
     def forward(
-        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+        self,
+        x_BSD: torch.Tensor,
+        cos_sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         hd = self.args.head_dim
@@ -129,6 +134,8 @@ class GQA(Attention):
             q_BSHQ, k_BSJQ = self.q_norm(q_BSHQ), self.k_norm(k_BSJQ)
         q_BSHQ, k_BSJQ = apply_rope(q_BSHQ, cos_sin), apply_rope(k_BSJQ, cos_sin)
         v_BSJU = self.wv(x_BSD).view(B, S, -1, hd)
+        if cache is not None:  # attend over every cached position up to each query's own
+            (k_BSJQ, v_BSJU), mask = cache.update(k_BSJQ, v_BSJU), cache.visible
         return self.wo(self.core_attention(q_BSHQ, k_BSJQ, v_BSJU, mask).flatten(2))
 
     def init_weights(self, std: float, out_std: float) -> None:

@@ -66,11 +66,12 @@ def rope_cos_sin(args: RopeArgs, seq_len: int, device: torch.device | None = Non
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, S, H, R] by position; cos_sin [>= S, R/2, 2], of which the first S
-    positions are used. Computed in float32."""
-    cos_sin = cos_sin[: x.shape[1]]
+    positions are used, or [B, S, R/2, 2], each row's own positions (generation with a KV
+    cache). Computed in float32."""
+    per_row = cos_sin if cos_sin.dim() == 4 else cos_sin[None, : x.shape[1]]
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos = cos_sin[None, :, None, :, 0]
-    sin = cos_sin[None, :, None, :, 1]
+    cos = per_row[:, :, None, :, 0]
+    sin = per_row[:, :, None, :, 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)

@@ -16,6 +16,7 @@ from torch import nn
 
 from torchmoe.models.common.document_mask import AttentionMask, document_mask
 from torchmoe.models.common.init import normal_, trunc_normal_
+from torchmoe.models.common.kv_cache import KVCache, LayerCache
 from torchmoe.models.common.mlp import FeedForward
 from torchmoe.models.common.mtp import MultiTokenPrediction, mtp_inputs
 from torchmoe.models.common.norms import RMSNorm
@@ -49,12 +50,16 @@ class TransformerBlock(nn.Module):
         self.feed_forward = feed_forward  # dense FeedForward or MoE
 
     def forward(
-        self, x: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+        self,
+        x: torch.Tensor,
+        cos_sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """``mask`` None is causal attention; a document mask (document_mask.py) also keeps
         packed documents apart. Passed positionally, always: tensor parallelism prepares the
-        attention's inputs by position."""
-        x = x + self.attention(self.attention_norm(x), cos_sin, mask)
+        attention's inputs by position. ``cache``: generation's (kv_cache.py)."""
+        x = x + self.attention(self.attention_norm(x), cos_sin, mask, cache=cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -110,12 +115,20 @@ class Decoder(nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, V] of tokens [B, S] (int64). ``labels`` [B, S], the tokens shifted
         left by one, are needed only for multi-token prediction. ``document_ids`` [B, S], the
         packed document each position belongs to, make attention block-causal: a token sees
-        only its own document (document_mask.py); None is plain causal attention."""
+        only its own document (document_mask.py); None is plain causal attention. With a
+        ``cache`` (generation, kv_cache.py) the tokens sit at ``cache.positions`` after the
+        cached ones."""
         h_BSD = self.tok_embeddings(tokens)
+        if cache is not None:
+            cos_sin = self.rope_cos_sin[cache.positions]  # each row's own positions
+            for layer, layer_cache in zip(self.layers.values(), cache.layers, strict=True):
+                h_BSD = layer(h_BSD, cos_sin, None, layer_cache)
+            return self.head(h_BSD, None, [])
         mtp = [] if labels is None else self.mtp_inputs(labels)
         mask = None if document_ids is None else document_mask(document_ids)
         return self.head(self.run_layers(h_BSD, mask), labels, mtp, mask)

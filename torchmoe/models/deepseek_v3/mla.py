@@ -18,6 +18,7 @@ from torch import nn
 from torchmoe.models.common.attention import Attention
 from torchmoe.models.common.document_mask import AttentionMask
 from torchmoe.models.common.init import trunc_normal_
+from torchmoe.models.common.kv_cache import LayerCache
 from torchmoe.models.common.norms import RMSNorm
 from torchmoe.models.common.rope import apply_rope
 
@@ -59,11 +60,17 @@ class MLA(Attention):
         self.wo = nn.Linear(a.n_heads * a.v_head_dim, a.dim, bias=False)
 
     def forward(
-        self, x_BSD: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask | None = None
+        self,
+        x_BSD: torch.Tensor,
+        cos_sin: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         a = self.args
         q_in = x_BSD if a.q_lora_rank == 0 else self.wq_a(x_BSD)
         latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        if cache is not None:
+            return self.wo(self.cached_attention(q_in, latent, k_pe, cos_sin, cache).flatten(2))
         q_BSHQ, k_BSHQ, v_BSHU = self.up_project(q_in, latent, k_pe, cos_sin)
         return self.wo(self.core_attention(q_BSHQ, k_BSHQ, v_BSHU, mask).flatten(2))
 
@@ -90,6 +97,36 @@ class MLA(Attention):
         k_nope, v_BSHU = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
         k_BSHQ = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
         return q_BSHQ, k_BSHQ, v_BSHU
+
+    def cached_attention(
+        self,
+        q_in: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        cos_sin: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """Generation: attention on the cached latents [B, T, C] and rotary keys [B, T, R].
+        The key half of ``wkv_b`` is folded into the queries and its value half applied after
+        the weighted sum, so per-head keys and values are never built: the same function as
+        ``up_project`` + the kernel, with the products in another order. -> [B, S, H, U]."""
+        a = self.args
+        B, S, _ = q_in.shape
+        q = self.wq(q_in) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
+        q_nope, q_pe = q.view(B, S, -1, self.qk_head_dim).split(
+            [a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1
+        )
+        latent_BTC, k_pe_BTR = cache.update(
+            self.kv_norm(kv_latent), apply_rope(k_pe.unsqueeze(2), cos_sin).squeeze(2)
+        )
+        w_HKC = self.wkv_b.weight.view(-1, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        w_key, w_value = w_HKC.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
+        q_latent = torch.einsum("bshk,hkc->bshc", q_nope, w_key)
+        scores = torch.einsum("bshc,btc->bhst", q_latent, latent_BTC)
+        scores = scores + torch.einsum("bshr,btr->bhst", apply_rope(q_pe, cos_sin), k_pe_BTR)
+        scores = (scores.float() * self.softmax_scale).masked_fill(~cache.visible, -torch.inf)
+        out_latent = torch.einsum("bhst,btc->bshc", scores.softmax(-1).to(q.dtype), latent_BTC)
+        return torch.einsum("bshc,huc->bshu", out_latent, w_value)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for name, module in self.named_children():
