@@ -56,8 +56,17 @@ _LEFTOVER = re.compile(r"^step-(0|[1-9][0-9]*)\.(tmp|deleting)$")  # what a kill
 def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
     """The model tensors of one checkpoint folder (a seed or a training step), in their saved
     dtype, without reading the optimizer or anything else; for offline tools, one process.
-    ``option`` names the command-line flag that gave the folder, for the error. The folder
-    may have been renamed; one without a manifest (an older torchmoe's) loads with a warning."""
+    ``option`` names the command-line flag that gave the folder, for the error."""
+    weights = model_weights_metadata(step_dir, option)
+    load_model_weights(step_dir, weights)
+    return weights
+
+
+def model_weights_metadata(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
+    """Meta tensors of the model weights one checkpoint folder holds (names, shapes, dtypes),
+    after verifying the folder against its manifest; ``load_model_weights`` then reads any of
+    them, a few at a time if memory is short. The folder may have been renamed; one without a
+    manifest (an older torchmoe's) loads with a warning."""
     if (step_dir / manifest.MANIFEST).exists():
         _, problem = manifest.verify(step_dir, None, collective=False)
         if problem:
@@ -71,16 +80,26 @@ def read_model_weights(step_dir: Path, option: str) -> dict[str, torch.Tensor]:
             f"{option} {step_dir}: not a torchmoe checkpoint ({e}); pass a step "
             "folder such as outputs/run/checkpoint/step-100"
         ) from None
-    prefix = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
     weights = {
-        key[len(prefix) :]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        key[len(_MODEL) :]: torch.empty(tuple(m.size), dtype=m.properties.dtype, device="meta")
         for key, m in saved.items()
-        if key.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+        if key.startswith(_MODEL) and isinstance(m, TensorStorageMetadata)
     }
     if not weights:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
-    safe_dcp.load({"train": {"model": weights}}, step_dir)
     return weights
+
+
+def load_model_weights(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+    """Read the named model weights of ``step_dir`` into ``weights``, in place; meta tensors
+    (``model_weights_metadata``'s) are replaced by loaded CPU tensors."""
+    for name, t in weights.items():
+        if t.is_meta:
+            weights[name] = torch.empty(t.shape, dtype=t.dtype)
+    safe_dcp.load({"train": {"model": weights}}, step_dir)
+
+
+_MODEL = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
 
 
 def _unverified(step_dir: Path) -> bool:
