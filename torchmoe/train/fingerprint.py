@@ -23,7 +23,7 @@ RESUME_MAY_CHANGE = frozenset(
     {
         "model.tokenizer_path",
         "model.init_std",
-        "model.init_std",
+        "model.mtp_loss_scale",
         "model.attn_mask",  # what attends to what, not the weights
         "moe.router_dtype",
         "moe.load_balancing_type",
