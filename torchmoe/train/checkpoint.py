@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlanner
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Checkpoint
@@ -436,14 +437,15 @@ class CheckpointManager:
                 "checkpoint.folder elsewhere"
             )
 
-    def save_seed(self) -> None:
-        """Write the freshly initialised weights as step-0 (see module docstring)."""
+    def save_seed(self, planner: SavePlanner | None = None) -> None:
+        """Write the freshly initialised weights as step-0 (see module docstring); a
+        ``planner`` (tensors_on_demand.py) makes the model's tensors as they are written."""
         if distributed():
             raise ConfigError(
                 "checkpoint.create_seed_checkpoint: run it on one rank (NGPU=1), "
                 "then start the parallel run from the same checkpoint.folder"
             )
-        self.writer.save(0, {"train": ModelOnly(self.model)}, self.job)
+        self.writer.save(0, {"train": ModelOnly(self.model)}, self.job, planner)
         self.writer.wait()
 
     def maybe_save(self, step: int, last_step: int) -> None:

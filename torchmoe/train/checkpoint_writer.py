@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.planner import SavePlanner
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import Checkpoint
@@ -91,8 +92,10 @@ class CheckpointWriter:
             if distributed():
                 self.group = dist.new_group(backend="gloo")
 
-    def save(self, step: int, states: dict, job: dict) -> None:
-        """Write ``states`` as ``step-<step>``; in async mode returns once they are staged."""
+    def save(self, step: int, states: dict, job: dict, planner: SavePlanner | None = None) -> None:
+        """Write ``states`` as ``step-<step>``; in async mode returns once they are staged.
+        With a ``planner`` that makes tensors on demand (tensors_on_demand.py), one file per
+        tensor and one thread, so each is released once written."""
         self.wait()
         tmp = self.folder / f"step-{step}.tmp"
         if is_lead():
@@ -106,7 +109,11 @@ class CheckpointWriter:
             self.pending = _PendingSave(step, tmp, job, future)
             return
         try:
-            dcp.save(states, checkpoint_id=str(tmp))
+            if planner is None:
+                dcp.save(states, checkpoint_id=str(tmp))
+            else:
+                writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1)
+                dcp.save(states, storage_writer=writer, planner=planner)
         except (CheckpointException, OSError) as e:  # every rank gets DCP's gathered failure
             raise self._failed(step, tmp, e) from None
         try:

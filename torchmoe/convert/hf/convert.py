@@ -17,13 +17,19 @@ from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
-from torchmoe.convert.hf.fp8 import block_size, dequantize
-from torchmoe.convert.hf.io import read_dcp_model, read_json, read_safetensors, write_safetensors
+from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, dequantize
+from torchmoe.convert.hf.io import (
+    SafetensorsFolder,
+    dcp_model_metadata,
+    read_json,
+    write_hf_shards,
+)
 from torchmoe.convert.hf.mapping import from_hf, to_hf
 from torchmoe.data.hf_tokenizer import HFTokenizer
 from torchmoe.data.tokenizer import build_tokenizer
-from torchmoe.train.checkpoint import CheckpointManager, TrainState
+from torchmoe.train.checkpoint import CheckpointManager, TrainState, load_model_weights
 from torchmoe.train.fingerprint import job_fingerprint
+from torchmoe.train.tensors_on_demand import TensorsOnDemand
 
 
 def _empty_folder(path: Path, flag: str) -> None:
@@ -89,25 +95,53 @@ def _check_names(
             )
 
 
+class HFWeights:
+    """A Hugging Face folder's model, as torchmoe tensors made on request: ``weights(names)``
+    reads only what those tensors are made from (each expert of a stack, fp8 scales), so an
+    import holds one tensor's sources at a time, not the model."""
+
+    def __init__(self, hf_dir: Path, family: str | None = None) -> None:
+        hf = read_json(hf_dir / "config.json")
+        adapter = adapter_for_model_type(hf.get("model_type"))
+        self.files = SafetensorsFolder(hf_dir)
+        self.block = block_size(hf)
+        have = dict(self.files.meta)
+        if self.block is not None:  # DeepSeek-V3's fp8 release: weights come out float32
+            have = {k: t.float() for k, t in have.items() if not k.endswith(SCALE_SUFFIX)}
+        self.cfg, self.values = config_from_hf(hf, have.keys(), family)
+        self.alias: dict[str, str] = {}  # a Hugging Face name read under another name
+        if "lm_head.weight" not in have and hf.get("tie_word_embeddings"):
+            if "model.embed_tokens.weight" in have:  # torchmoe's output head is its own tensor
+                self.alias["lm_head.weight"] = "model.embed_tokens.weight"
+                have["lm_head.weight"] = have["model.embed_tokens.weight"]
+        _, self.expected = _meta_state(self.cfg)
+        self.rules = adapter.rules(self.cfg, hf)
+        _check_names(hf_dir, have, to_hf(self.expected, self.rules, adapter.family))
+        primary = [r for r in self.rules if not r.copy]
+        self.sources = {
+            name: list(to_hf({name: t}, primary, adapter.family))
+            for name, t in self.expected.items()
+        }
+
+    def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The torchmoe tensors ``names``, in the model's dtypes."""
+        wanted = [h for name in names for h in self.sources[name]]
+        scales = [h + SCALE_SUFFIX for h in wanted if h + SCALE_SUFFIX in self.files.where]
+        read = self.files.read([self.alias.get(h, h) for h in wanted] + scales)
+        tensors = {h: read[self.alias.get(h, h)] for h in wanted} | {s: read[s] for s in scales}
+        if self.block is not None:
+            tensors = dequantize(tensors, self.block)
+        ours = from_hf(tensors, self.rules)
+        return {k: ours[k].to(self.expected[k].dtype) for k in names}
+
+
 def read_hf(
     hf_dir: Path, family: str | None = None
 ) -> tuple[JobConfig, dict, dict[str, torch.Tensor]]:
     """A Hugging Face folder -> (JobConfig, the [model]/[moe] values it sets, torchmoe state
-    dict in the model's dtypes)."""
-    hf = read_json(hf_dir / "config.json")
-    adapter = adapter_for_model_type(hf.get("model_type"))
-    tensors = read_safetensors(hf_dir)
-    block = block_size(hf)
-    if block is not None:  # DeepSeek-V3's fp8 release
-        tensors = dequantize(tensors, block)
-    cfg, values = config_from_hf(hf, tensors.keys(), family)
-    embed = tensors.get("model.embed_tokens.weight")
-    if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings") and embed is not None:
-        tensors["lm_head.weight"] = embed.clone()  # torchmoe's output head is its own tensor
-    _, expected = _meta_state(cfg)
-    rules = adapter.rules(cfg, hf)
-    _check_names(hf_dir, tensors, to_hf(expected, rules, adapter.family))
-    return cfg, values, {k: t.to(expected[k].dtype) for k, t in from_hf(tensors, rules).items()}
+    dict in the model's dtypes), the whole model in memory (generation, tests)."""
+    model = HFWeights(hf_dir, family)
+    return model.cfg, model.values, model.weights(list(model.expected))
 
 
 def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobConfig, dict]:
@@ -116,15 +150,15 @@ def import_hf(hf_dir: Path, out: Path, family: str | None = None) -> tuple[JobCo
     and ``out/model.toml``, which points at both; returns the JobConfig and the [model]/[moe]
     values it sets."""
     _empty_folder(out, "--out")
-    cfg, values, state = read_hf(hf_dir, family)
+    hf = HFWeights(hf_dir, family)
+    cfg, values = hf.cfg, hf.values
     tokenizer = _checked_tokenizer(hf_dir, cfg)  # before anything is written
-    model, _ = _meta_state(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
+    model, _ = _meta_state(cfg)  # stays on meta: the planner makes each tensor as it is written
     out.mkdir(parents=True, exist_ok=True)
     job = job_fingerprint(cfg, model, tokenizer_digest=None)  # weights: no tokenizer yet
     CheckpointManager(
         Checkpoint(enable=True), out, model, None, None, None, TrainState(), job=job
-    ).save_seed()
+    ).save_seed(TensorsOnDemand(lambda name: hf.weights([name])[name], prefix="train.model."))
     keep_original_configs(hf_dir, out / ORIGINAL)
     if tokenizer is not None:
         copy_tokenizer_files(tokenizer, out / "tokenizer")
@@ -230,14 +264,23 @@ def export_hf(
     kept = {k: v for k, v in original.items() if k not in _DROPPED}
     hf = {**kept, **ours} | {k: original[k] for k in _KEPT if k in original}
     _, expected = _meta_state(cfg)
-    state = read_dcp_model(step_dir, expected)
-    tensors = to_hf(state, adapter.rules(cfg, hf), adapter.family)
-    tensors = {
-        k: t.float() if k.endswith(_FP32_SUFFIXES) else t.to(EXPORT_DTYPES[dtype])
-        for k, t in tensors.items()
-    }
+    stored = dcp_model_metadata(step_dir, expected)
+    rules = adapter.rules(cfg, hf)
+
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors = to_hf(state, rules, adapter.family)
+        return {
+            k: t.float() if k.endswith(_FP32_SUFFIXES) else t.to(EXPORT_DTYPES[dtype])
+            for k, t in tensors.items()
+        }
+
+    def load(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        group = dict(group)
+        load_model_weights(step_dir, group)
+        return group
+
     hf["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
-    write_safetensors(out, tensors, max_shard_bytes)
+    write_hf_shards(out, [{k: t} for k, t in stored.items()], load, convert, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tokenizer = build_tokenizer(cfg.model.tokenizer_path)
     generation = _original(step_dir, "generation_config.json") or {

@@ -3,14 +3,17 @@ and the model part of torchmoe DCP checkpoints (saved as ``train.model.<name>``,
 torchmoe/train/checkpoint.py)."""
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.train.checkpoint import read_model_weights
+from torchmoe.train.checkpoint import load_model_weights, model_weights_metadata
 
 INDEX = "model.safetensors.index.json"
 
@@ -50,32 +53,90 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+class SafetensorsFolder:
+    """A Hugging Face folder's tensors, listed from the shards' headers and read a few at a
+    time through safetensors' memory map: an import holds one torchmoe tensor's sources, not
+    the model."""
+
+    def __init__(self, folder: Path) -> None:
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, torch.Tensor] = {}  # name -> meta tensor (shape, dtype)
+        for f in safetensors_files(folder):
+            with _opened(f) as shard:
+                for name in shard.keys():
+                    if name in self.where:
+                        raise ConfigError(f"{f}: repeats tensor {name} of another shard")
+                    piece = shard.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    if dtype is None:
+                        raise ConfigError(f"{f}: tensor {name} has dtype {piece.get_dtype()}")
+                    self.where[name] = f
+                    self.meta[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, loaded (each shard opened once)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name], []).append(name)
+        out = {}
+        for f, in_file in by_file.items():
+            with _opened(f) as shard:
+                for name in in_file:
+                    out[name] = shard.get_tensor(name)
+        return {name: out[name] for name in names}
+
+
+@contextmanager
+def _opened(f: Path) -> Iterator[Any]:
+    try:
+        with safe_open(f, framework="pt") as shard:
+            yield shard
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in safetensors_files(folder):
-        try:
-            shard = load_file(f)
-        except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
-        if tensors.keys() & shard.keys():
-            raise ConfigError(
-                f"{f}: repeats tensor {sorted(tensors.keys() & shard.keys())[0]} of another shard"
-            )
-        tensors.update(shard)
-    return tensors
+    """Every tensor of a Hugging Face folder (for tests and small models)."""
+    files = SafetensorsFolder(folder)
+    return files.read(list(files.where))
 
 
-def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """Write ``tensors`` (in order) into shards of at most ``max_shard_bytes`` (a larger tensor
-    gets a shard of its own) plus an index, or into model.safetensors when one shard will do."""
-    shards: list[list[str]] = [[]]
+def write_hf_shards(
+    folder: Path,
+    groups: list[dict[str, torch.Tensor]],
+    load: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    max_shard_bytes: int,
+) -> None:
+    """Write safetensors shards of at most ``max_shard_bytes`` plus an index (or one
+    model.safetensors when one shard will do), one shard in memory at a time. ``groups`` are
+    meta tensors; ``convert`` turns a group into the tensors written (on the meta tensors it
+    plans the shards: a group stays in one shard, a larger one gets a shard of its own), after
+    ``load`` has read the group's values."""
+    shards: list[list[dict[str, torch.Tensor]]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for group in groups:
+        nbytes = sum(t.numel() * t.element_size() for t in convert(group).values())
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(name)
+        shards[-1].append(group)
         size += nbytes
     n = len(shards)
     files = (
@@ -84,18 +145,19 @@ def write_safetensors(folder: Path, tensors: dict[str, torch.Tensor], max_shard_
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     folder.mkdir(parents=True, exist_ok=True)
-    for names, file in zip(shards, files):  # copies one shard at a time (experts are views)
-        save_file(
-            {k: tensors[k].clone(memory_format=torch.contiguous_format) for k in names},
-            folder / file,
-            metadata={"format": "pt"},
-        )
-    if n > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {
-            "metadata": {"total_size": total},
-            "weight_map": {k: f for names, f in zip(shards, files) for k in names},
+    weight_map, total = {}, 0
+    for shard, file in zip(shards, files):
+        tensors = {
+            k: t.clone(memory_format=torch.contiguous_format)  # experts are views of a stack
+            for group in shard
+            for k, t in convert(load(group)).items()
         }
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -103,7 +165,17 @@ def read_dcp_model(step_dir: Path, expected: dict[str, torch.Tensor]) -> dict[st
     """The model tensors of a torchmoe checkpoint (a seed or a training step; optimizer state is
     not read), in their saved dtype. ``expected`` (meta tensors of the model the config builds)
     must match the saved names and shapes."""
-    stored = read_model_weights(step_dir, "--checkpoint")
+    stored = dcp_model_metadata(step_dir, expected)
+    load_model_weights(step_dir, stored)
+    return stored
+
+
+def dcp_model_metadata(
+    step_dir: Path, expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Meta tensors of the model a torchmoe checkpoint holds (verified against its manifest),
+    checked against ``expected``; ``load_model_weights`` reads them."""
+    stored = model_weights_metadata(step_dir, "--checkpoint")
     for name, t in expected.items():
         if name not in stored:
             raise ConfigError(
