@@ -88,17 +88,23 @@ def test_one_process_with_accumulation_equals_fsdp2_x_ep2(runs):
 
 @pytest.mark.parametrize(
     "name, overrides, local_batch",
-    [("tp2", {"parallelism.tp": 2}, 2), ("pp2", {"parallelism.pp": 2}, 4)],
+    [
+        ("tp2", {"parallelism.tp": 2}, 2),
+        ("pp2", {"parallelism.pp": 2}, 4),
+        ("pp2_interleaved", {"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"}, 4),
+    ],
 )
 def test_tensor_and_pipeline_parallel_equal_one_process(
     runs, data_cache, name, overrides, local_batch
 ):
-    root, seed, _, (one, _) = runs
+    """Training and validation losses (validation runs forward only through the schedule)."""
+    root, seed, _, (one, one_val) = runs
     cfg = config(root / name, data_cache, seed, local_batch, **overrides)
-    if name == "pp2":  # validation does not run under pipeline parallelism yet
-        cfg.validation.enable = False
-    losses = run_ranks(2, train, cfg)
-    torch.testing.assert_close(losses[0], one, rtol=1e-5, atol=1e-5)
+    (losses, val), *others = run_ranks(2, train_and_validate, cfg)
+    torch.testing.assert_close(losses, one, rtol=1e-5, atol=1e-5)
+    assert [s for s, _ in val] == [s for s, _ in one_val] == [2, 4]
+    torch.testing.assert_close([v for _, v in val], [v for _, v in one_val], rtol=1e-5, atol=1e-5)
+    assert all(o[1] == val for o in others)  # every rank logs the same held-out loss
 
 
 @pytest.mark.parametrize("ranks", [2, 1])

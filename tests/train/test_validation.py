@@ -80,8 +80,3 @@ def test_eval_mode_uses_the_eval_capacity_and_records_nothing():
         dropping.eval(), dropless.eval()
         torch.testing.assert_close(dropping(x), dropless(x))  # eval: dropless
     assert dropping.tokens_per_expert.sum() == 0  # eval tokens do not move the expert bias
-
-
-def test_validation_under_pipeline_parallelism_is_one_line(tiny_config):
-    with pytest.raises(ConfigError, match=r"^validation.enable with parallelism.pp = 2 is not"):
-        tiny_config(**{"validation.enable": "true", "parallelism.pp": "2"})

@@ -54,11 +54,6 @@ def validate(cfg: JobConfig) -> None:
             "checkpoint.initial_load_path needs checkpoint.enable = true (the new run's "
             "checkpoints go to checkpoint.folder)"
         )
-    if cfg.validation.enable and cfg.parallelism.pp > 1:
-        raise ConfigError(
-            f"validation.enable with parallelism.pp = {cfg.parallelism.pp} is not supported "
-            "yet; validate with pp = 1 (e.g. on the exported model) or turn validation off"
-        )
     prof = cfg.profiling
     if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:
         raise ConfigError(

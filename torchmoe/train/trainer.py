@@ -218,10 +218,9 @@ class Trainer:
             self.validator = Validator(
                 build_loader(val_docs, cfg.data, self.tokenizer, *shape, document_ids=documents),
                 cfg.validation.steps * self.accum_steps,
-                self.loss_fn,
+                self._summed_eval_loss,
                 self.device,
-                self.dtype if self.autocast else None,
-                self.dims.tp_enabled,
+                counts_labels=self.pipeline is None or self.pipeline.has_last,
             )
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
@@ -357,6 +356,31 @@ class Trainer:
         the documents for block-causal attention."""
         kwargs = {"labels": labels} if self.mtp else {}
         return kwargs | ({} if document_ids is None else {"document_ids": document_ids})
+
+    def _summed_eval_loss(self, batch: Batch) -> torch.Tensor:
+        """The summed token loss of one batch, forward only (validation, in eval mode): through
+        the pipeline schedule under pipeline parallelism (zero on ranks without the last
+        stage), else through the model."""
+        inputs, labels, document_ids = batch
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
+            loss_parallel() if self.dims.tp_enabled else nullcontext(),
+        ):
+            if self.pipeline is None:
+                kwargs = {} if document_ids is None else {"document_ids": document_ids}
+                return _full(self.loss_fn(self.model(inputs, **kwargs), labels))
+            p, losses = self.pipeline, []
+            scale, self.global_tokens = self.global_tokens, 1  # the schedule's loss divides by it
+            try:
+                p.schedule.eval(
+                    *([inputs.contiguous()] if p.has_first else []),
+                    target=labels.contiguous() if p.has_last else None,
+                    losses=losses,
+                    **self._model_kwargs(labels.contiguous(), document_ids),
+                )
+            finally:
+                self.global_tokens = scale
+        return sum((_full(loss) for loss in losses), torch.zeros((), device=self.device))
 
     def _pipeline_step(
         self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None

@@ -1,20 +1,22 @@
 """Held-out loss every ``validation.freq`` steps: the same ``validation.steps`` global batches
 each time, in eval mode (no router jitter, the eval capacity), summed over every token on every
 rank, so the value is the same at every layout (data: loader.py's global order; weights: the
-layout-independent init)."""
+layout-independent init). Under pipeline parallelism the batches run forward only through the
+schedule and the ranks of the last stage count the labels."""
 
 import math
-from contextlib import nullcontext
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import loss_parallel
 
 from torchmoe.data.loader import IGNORE
-from torchmoe.data.prefetch import Prefetcher
-from torchmoe.train.loss import LossFn
+from torchmoe.data.prefetch import Batch, Prefetcher
+
+# one batch (on the device) -> its summed token loss on this rank (zero where a pipeline rank
+# holds no last stage)
+SummedLoss = Callable[[Batch], torch.Tensor]
 
 
 class Validator:
@@ -24,13 +26,12 @@ class Validator:
         self,
         batches: Prefetcher,
         steps: int,
-        loss_fn: LossFn,
+        summed_loss: SummedLoss,
         device: torch.device,
-        autocast_dtype: torch.dtype | None,
-        tensor_parallel: bool,
+        counts_labels: bool = True,
     ) -> None:
-        self.batches, self.steps, self.loss_fn = batches, steps, loss_fn
-        self.device, self.autocast_dtype, self.tp = device, autocast_dtype, tensor_parallel
+        self.batches, self.steps, self.summed_loss = batches, steps, summed_loss
+        self.device, self.counts_labels = device, counts_labels
         self._start = batches.state_dict()  # every run reads the same batches
         self.history: list[tuple[int, float]] = []
 
@@ -41,23 +42,11 @@ class Validator:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
             for _ in range(self.steps):
-                inputs, labels, documents = (
-                    t if t is None else t.to(self.device) for t in next(self.batches)
-                )
-                kwargs = {} if documents is None else {"document_ids": documents}
-                with (
-                    torch.autocast(
-                        self.device.type,
-                        dtype=self.autocast_dtype or torch.float32,
-                        enabled=self.autocast_dtype is not None,
-                    ),
-                    loss_parallel() if self.tp else nullcontext(),
-                ):
-                    loss = self.loss_fn(model(inputs, **kwargs), labels)
-                if isinstance(loss, DTensor):
-                    loss = loss.full_tensor()
-                labeled = (labels != IGNORE).sum()  # prompts and user turns are no labels
-                sums += torch.stack([loss.double(), labeled.to(sums)])
+                batch = Batch(*(t if t is None else t.to(self.device) for t in next(self.batches)))
+                loss = self.summed_loss(batch)
+                # prompts and user turns are no labels
+                labeled = (batch.labels != IGNORE).sum() if self.counts_labels else 0
+                sums += torch.stack([loss.double(), torch.as_tensor(labeled).to(sums)])
         finally:
             model.train()
         if dist.is_initialized():  # ranks of one data-parallel index add the same pair: the

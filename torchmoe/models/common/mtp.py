@@ -107,7 +107,7 @@ class MultiTokenPrediction(nn.ModuleList):
                 )
             )
         loss = torch.stack(losses).sum() * (self.loss_scale / len(self))
-        if not is_recomputing():
+        if self.training and not is_recomputing():  # validation's forwards are not logged
             self.loss_sum.add_(loss.detach())
         return loss
 
