@@ -44,7 +44,9 @@ def main() -> None:
     with torch.device(device):
         model = build_model(cfg)
         model.init_weights(cfg.model.init_std, cfg.model.n_layers)
+    cos_sin = model.rope_cos_sin  # float32, as in training
     model = model.to(dtype).eval()
+    model.rope_cos_sin = cos_sin
     rng = random.Random(0)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(

@@ -172,7 +172,7 @@ _SAVE_OPS = (
 
 
 @functools.cache
-def _ops_to_save() -> frozenset[torch._ops.OpOverload]:
+def _ops_to_save() -> frozenset[torch._ops.OperatorBase]:
     """``_SAVE_OPS`` that this torch build has."""
     if torch.distributed.is_available():  # importing it registers the _c10d_functional ops
         importlib.import_module("torch.distributed._functional_collectives")
@@ -182,7 +182,8 @@ def _ops_to_save() -> frozenset[torch._ops.OpOverload]:
         packet = getattr(getattr(torch.ops, namespace), op, None)
         if packet is not None and overload in packet.overloads():
             ops.add(getattr(packet, overload))
-    return frozenset(ops)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)  # block-causal attention
+    return frozenset(ops | ({flex} if flex is not None else set()))
 
 
 def _op_policy(ctx: SelectiveCheckpointContext, func, *args, **kwargs) -> CheckpointPolicy:

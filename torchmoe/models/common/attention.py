@@ -59,6 +59,9 @@ def _flex_attention(
     """Flex attention, compiled: eager flex materialises the full score matrix. Inside a
     compiled block it is traced with the block; outside, a compiled copy (made once) runs."""
     global _compiled_flex
+    if torch.is_autocast_enabled(q.device.type):  # flex is no autocast op: SDPA's precision
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     kernel = flex_attention
     if not torch.compiler.is_compiling():
         _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
