@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tests.models.test_hf_parity import assert_same_logits, tiny_hf, torchmoe_from_hf
 from torchmoe.config.errors import ConfigError
 from torchmoe.convert.hf.fp8 import dequantize
+from torchmoe.train.checkpoint import read_model_weights
 
 E4M3_MAX = 448.0
 
@@ -59,18 +60,23 @@ def test_dequantize_equals_the_loop_reference():
         dequantize({"a.weight": q, "a.weight_scale_inv": scale[:, :2]}, block)
 
 
-def test_an_fp8_release_imports_to_its_dequantized_values(tmp_path: Path):
+def fp8_release(tmp_path: Path, tied: bool = False) -> tuple[Path, Path]:
+    """A tiny DeepSeek-V3 as its fp8 release lays it out (projections in e4m3 with block
+    scales; with ``tied``, also the embedding, and no lm_head) and the same model's dequantized
+    weights in bfloat16's place (``bf``, float32), for transformers."""
     hf = tiny_hf("deepseek_v3")
+    if tied:
+        hf.config.tie_word_embeddings = True
     hf.save_pretrained(tmp_path / "bf")
     block = (16, 16)
     tensors, quantized = load_file(tmp_path / "bf" / "model.safetensors"), {}
     for name, t in tensors.items():
         linear = name.endswith("proj.weight") and t.dim() == 2 and "embed" not in name
-        if linear:  # as the release: projections in fp8, norms, router, embeddings as they are
+        if linear or (tied and name == "model.embed_tokens.weight"):  # as the release
             q, scale = quantize(t, block)
             quantized[name], quantized[name + "_scale_inv"] = q, scale
             t.copy_(loop_dequantize(q, scale, block).float())  # what the model should hold
-        else:
+        elif name != "lm_head.weight" or not tied:
             quantized[name] = t
     fp8 = tmp_path / "fp8"
     fp8.mkdir()
@@ -85,11 +91,56 @@ def test_an_fp8_release_imports_to_its_dequantized_values(tmp_path: Path):
     (fp8 / "config.json").write_text(json.dumps(config))
     assert any(t.dtype == torch.float8_e4m3fn for t in quantized.values())
     save_file(tensors, tmp_path / "bf" / "model.safetensors", metadata={"format": "pt"})
+    return fp8, tmp_path / "bf"
+
+
+def test_an_fp8_release_imports_to_its_dequantized_values(tmp_path: Path):
+    fp8, bf = fp8_release(tmp_path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(  # the dequantized weights
-        tmp_path / "bf", attn_implementation="eager", dtype=torch.float32
+        bf, attn_implementation="eager", dtype=torch.float32
     )
     _, ours = torchmoe_from_hf(fp8)
-    assert_same_logits(ours, reference.eval(), config["vocab_size"])
+    assert_same_logits(ours, reference.eval(), reference.config.vocab_size)
+
+
+def test_a_tied_fp8_embedding_is_also_the_dequantized_output_head(tmp_path: Path, script):
+    """The output head is read under the embedding's name, and so are its scales."""
+    fp8, bf = fp8_release(tmp_path, tied=True)
+    assert (
+        script("convert_hf").main(["import", "--hf", str(fp8), "--out", str(tmp_path / "c")]) == 0
+    )
+    weights = read_model_weights(tmp_path / "c" / "step-0", "--checkpoint")
+    embedding = load_file(bf / "model.safetensors")["model.embed_tokens.weight"]
+    assert embedding.abs().max() > 0.01  # quantized and dequantized, not zero
+    for name in ("tok_embeddings.weight", "output.weight"):
+        torch.testing.assert_close(weights[name], embedding, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad_scale", "_scale_inv has shape [1, 1]; a "),
+        ("orphan_scale", "scales a tensor model.stray.weight that is missing or not 2-D"),
+    ],
+)
+def test_a_bad_scale_is_one_line_before_anything_is_written(
+    tmp_path: Path, script, capsys, case: str, message: str
+):
+    fp8, _ = fp8_release(tmp_path)
+    tensors = load_file(fp8 / "model.safetensors")
+    scale = next(k for k in tensors if k.endswith("_scale_inv") and tensors[k].shape[0] > 1)
+    if case == "bad_scale":
+        tensors[scale] = tensors[scale][:1, :1].clone()
+    else:
+        tensors["model.stray.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, fp8 / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert (
+        script("convert_hf").main(["import", "--hf", str(fp8), "--out", str(tmp_path / "c")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c" / "step-0").exists()
 
 
 def test_other_quantizations_are_one_line(tmp_path: Path):

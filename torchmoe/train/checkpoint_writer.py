@@ -103,6 +103,8 @@ class CheckpointWriter:
         barrier()
         self.last_saved = step
         if self.stager is not None:
+            if planner is not None:
+                raise ValueError("a planner that makes tensors on demand needs a synchronous save")
             future = dcp.async_save(
                 states, checkpoint_id=str(tmp), process_group=self.group, async_stager=self.stager
             )
@@ -115,6 +117,10 @@ class CheckpointWriter:
                 writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1)
                 dcp.save(states, storage_writer=writer, planner=planner)
         except (CheckpointException, OSError) as e:  # every rank gets DCP's gathered failure
+            user_error = _user_error(e)  # e.g. a bad tensor found while an import makes it
+            if user_error is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise user_error from None
             raise self._failed(step, tmp, e) from None
         try:
             digests, error = manifest.digest_share(tmp), None
@@ -202,3 +208,10 @@ class CheckpointWriter:
             f"{free / GiB:.2f} GiB free); the last good checkpoint is {last}; free space or "
             "point checkpoint.folder elsewhere, then resume"
         )
+
+
+def _user_error(e: BaseException) -> ConfigError | None:
+    """The ConfigError inside DCP's gathered failure, if one is: it names what to fix, where
+    the save's own message would blame the disk."""
+    failures = e.failures.values() if isinstance(e, CheckpointException) else ()
+    return next((f[0] for f in failures if isinstance(f[0], ConfigError)), None)

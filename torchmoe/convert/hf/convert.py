@@ -17,7 +17,7 @@ from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
-from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, dequantize
+from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, check_scales, dequantize
 from torchmoe.convert.hf.io import (
     SafetensorsFolder,
     dcp_model_metadata,
@@ -107,6 +107,7 @@ class HFWeights:
         self.block = block_size(hf)
         have = dict(self.files.meta)
         if self.block is not None:  # DeepSeek-V3's fp8 release: weights come out float32
+            check_scales(have, self.block)  # now: a bad scale is one line before any write
             have = {k: t.float() for k, t in have.items() if not k.endswith(SCALE_SUFFIX)}
         self.cfg, self.values = config_from_hf(hf, have.keys(), family)
         self.alias: dict[str, str] = {}  # a Hugging Face name read under another name
@@ -125,10 +126,14 @@ class HFWeights:
 
     def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The torchmoe tensors ``names``, in the model's dtypes."""
-        wanted = [h for name in names for h in self.sources[name]]
-        scales = [h + SCALE_SUFFIX for h in wanted if h + SCALE_SUFFIX in self.files.where]
-        read = self.files.read([self.alias.get(h, h) for h in wanted] + scales)
-        tensors = {h: read[self.alias.get(h, h)] for h in wanted} | {s: read[s] for s in scales}
+        source = {h: self.alias.get(h, h) for name in names for h in self.sources[name]}
+        source |= {  # a weight's fp8 scales, read under the name it is read as
+            h + SCALE_SUFFIX: s + SCALE_SUFFIX
+            for h, s in list(source.items())
+            if s + SCALE_SUFFIX in self.files.where
+        }
+        read = self.files.read(list(dict.fromkeys(source.values())))
+        tensors = {h: read[s] for h, s in source.items()}
         if self.block is not None:
             tensors = dequantize(tensors, self.block)
         ours = from_hf(tensors, self.rules)

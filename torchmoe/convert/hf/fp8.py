@@ -3,6 +3,8 @@ e4m3 values Q with one float32 scale per block of ``weight_block_size`` (128 x 1
 ``<name>_scale_inv``, W = Q x scale. Dequantized on import to float32, so training starts from
 the released values exactly (the model's dtype takes over from there)."""
 
+from collections.abc import Mapping
+
 import torch
 
 from torchmoe.config.errors import ConfigError
@@ -27,10 +29,9 @@ def block_size(hf: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def dequantize(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """``tensors`` with every ``<w>`` that has a ``<w>_scale_inv`` dequantized to float32 and
-    the scales dropped; other tensors unchanged."""
-    out = {k: t for k, t in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+def check_scales(tensors: Mapping[str, torch.Tensor], block: tuple[int, int]) -> None:
+    """Every ``<w>_scale_inv`` scales a 2-D ``<w>`` of the folder with one scale per block
+    (meta tensors will do: an import checks before it reads)."""
     for name, scale in tensors.items():
         if not name.endswith(SCALE_SUFFIX):
             continue
@@ -45,6 +46,17 @@ def dequantize(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict
                 f"{name} has shape {list(scale.shape)}; a {rows}x{cols} weight in "
                 f"{block[0]}x{block[1]} blocks needs {list(grid)}"
             )
-        full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-        out[weight_name] = weight.float() * full[:rows, :cols]
+
+
+def dequantize(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every ``<w>`` that has a ``<w>_scale_inv`` dequantized to float32 and
+    the scales dropped; other tensors unchanged."""
+    check_scales(tensors, block)
+    out = {k: t for k, t in tensors.items() if not k.endswith(SCALE_SUFFIX)}
+    for name, scale in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            weight_name = name.removesuffix(SCALE_SUFFIX)
+            rows, cols = tensors[weight_name].shape
+            full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+            out[weight_name] = tensors[weight_name].float() * full[:rows, :cols]
     return out

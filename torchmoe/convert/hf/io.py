@@ -124,20 +124,21 @@ def write_hf_shards(
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     max_shard_bytes: int,
 ) -> None:
-    """Write safetensors shards of at most ``max_shard_bytes`` plus an index (or one
-    model.safetensors when one shard will do), one shard in memory at a time. ``groups`` are
-    meta tensors; ``convert`` turns a group into the tensors written (on the meta tensors it
-    plans the shards: a group stays in one shard, a larger one gets a shard of its own), after
-    ``load`` has read the group's values."""
-    shards: list[list[dict[str, torch.Tensor]]] = [[]]
+    """Write safetensors shards of at most ``max_shard_bytes`` (a larger tensor gets a shard
+    of its own) plus an index, or one model.safetensors when one shard will do; one shard in
+    memory at a time. ``groups`` are meta tensors that ``convert`` turns into the tensors
+    written (on the meta tensors it plans the shards); each shard ``load``s the values of the
+    groups it takes tensors from, in one read."""
+    shards: list[list[tuple[int, str]]] = [[]]  # (group, written name)
     size = 0
-    for group in groups:
-        nbytes = sum(t.numel() * t.element_size() for t in convert(group).values())
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(group)
-        size += nbytes
+    for i, group in enumerate(groups):
+        for name, t in convert(group).items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((i, name))
+            size += nbytes
     n = len(shards)
     files = (
         ["model.safetensors"]
@@ -147,11 +148,16 @@ def write_hf_shards(
     folder.mkdir(parents=True, exist_ok=True)
     weight_map, total = {}, 0
     for shard, file in zip(shards, files):
-        tensors = {
-            k: t.clone(memory_format=torch.contiguous_format)  # experts are views of a stack
-            for group in shard
-            for k, t in convert(load(group)).items()
-        }
+        names: dict[int, list[str]] = {}
+        for i, name in shard:
+            names.setdefault(i, []).append(name)
+        loaded = load({k: t for i in names for k, t in groups[i].items()})
+        tensors = {}
+        for i, wanted in names.items():
+            written = convert({k: loaded[k] for k in groups[i]})
+            # experts are views of a stack: each gets storage of its own
+            tensors |= {k: written[k].clone(memory_format=torch.contiguous_format) for k in wanted}
+        del loaded
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, file)
         total += sum(t.numel() * t.element_size() for t in tensors.values())

@@ -36,6 +36,4 @@ def document_mask(document_ids_BS: torch.Tensor) -> AttentionMask:
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
     # compiled: eager mask building materialises every (query, key) pair first, O(B S^2)
-    return create_block_mask(
-        same_document_causal, B, None, S, S, device=doc.device, _compile=True
-    )
+    return create_block_mask(same_document_causal, B, None, S, S, device=doc.device, _compile=True)
