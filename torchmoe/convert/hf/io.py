@@ -128,7 +128,7 @@ def write_hf_shards(
     of its own) plus an index, or one model.safetensors when one shard will do; one shard in
     memory at a time. ``groups`` are meta tensors that ``convert`` turns into the tensors
     written (on the meta tensors it plans the shards); each shard ``load``s the values of the
-    groups it takes tensors from, in one read."""
+    groups it takes tensors from, one group at a time."""
     shards: list[list[tuple[int, str]]] = [[]]  # (group, written name)
     size = 0
     for i, group in enumerate(groups):
@@ -151,13 +151,12 @@ def write_hf_shards(
         names: dict[int, list[str]] = {}
         for i, name in shard:
             names.setdefault(i, []).append(name)
-        loaded = load({k: t for i in names for k, t in groups[i].items()})
         tensors = {}
-        for i, wanted in names.items():
-            written = convert({k: loaded[k] for k in groups[i]})
+        for i, wanted in names.items():  # one group read at a time, beside the shard
+            written = convert(load(groups[i]))
             # experts are views of a stack: each gets storage of its own
             tensors |= {k: written[k].clone(memory_format=torch.contiguous_format) for k in wanted}
-        del loaded
+            del written
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, file)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
