@@ -64,10 +64,39 @@ def test_one_process_equals_two_data_parallel_ranks(tiny_config, tmp_path, data_
     torch.testing.assert_close(two[0], one, rtol=1e-5, atol=1e-5)
 
 
-def test_multi_token_prediction_with_masked_labels_is_one_line(tiny_config):
-    import pytest
+def mtp_loss_reference(model, inputs, labels, scale: float) -> float:
+    """Multi-token prediction by hand: depth k reads the true token t + k (the next input where
+    a label is masked) and predicts labels[t + k], skipping masked and past-the-end targets."""
+    true_next = torch.cat([inputs[:, 1:], labels[:, -1:].clamp(min=0)], dim=1)
+    h = model.run_layers(model.tok_embeddings(inputs))
+    losses = []
+    for k, depth in enumerate(model.mtp, start=1):
+        shifted = F.pad(true_next[:, k - 1 :], (0, k - 1), value=0)
+        h = depth(h, model.tok_embeddings(shifted), model.rope_cos_sin)
+        logits = model.output(depth.norm(h))
+        targets = F.pad(labels[:, k:], (0, k), value=IGNORE)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
+    return (scale / len(losses) * torch.stack(losses).sum()).item()
 
-    from torchmoe.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"with model.mtp_num_layers = 1 is not supported yet"):
-        tiny_config(**{"data.format": "chat", "model.mtp_num_layers": "1"})
+def test_multi_token_prediction_with_masked_labels_equals_a_float64_reference(
+    tiny_config, tmp_path, rng
+):
+    write_pairs(tmp_path / "pairs.jsonl", rng, 50)
+    keys = {
+        "data.dataset": str(tmp_path / "pairs.jsonl"),
+        "data.format": "prompt_completion",
+        "data.prefetch_batches": "0",
+        "model.mtp_num_layers": "2",
+        "model.mtp_loss_scale": "0.5",
+    }
+    trainer = Trainer(tiny_config(**keys), device=torch.device("cpu"))
+    inputs, labels, _ = next(trainer.dataloader)
+    assert (labels == IGNORE).any()
+    reference = build_model(trainer.cfg).double()
+    reference.load_state_dict({k: v.double() for k, v in trainer.model.state_dict().items()})
+    with torch.no_grad():
+        expected = mtp_loss_reference(reference, inputs, labels, 0.5)
+    trainer.batches = iter([Batch(inputs, labels)])
+    got = trainer.train_step().moe["mtp_loss"].item()
+    assert abs(got - expected) < 1e-5 * expected

@@ -42,13 +42,6 @@ def validate(cfg: JobConfig) -> None:
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
-    if cfg.data.format != "text" and cfg.model.mtp_num_layers:
-        raise ConfigError(
-            f"data.format = {cfg.data.format!r} with model.mtp_num_layers = "
-            f"{cfg.model.mtp_num_layers} is not supported yet (the MTP layers read the masked "
-            "labels); set model.mtp_num_layers = 0 (their weights stay in the checkpoint, "
-            "unused)"
-        )
     if cfg.checkpoint.initial_load_path and not cfg.checkpoint.enable:
         raise ConfigError(
             "checkpoint.initial_load_path needs checkpoint.enable = true (the new run's "

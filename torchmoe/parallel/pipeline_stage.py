@@ -43,7 +43,7 @@ class DecoderStage(Decoder):
                     "the labels: the last stage reads them"
                 )
             h_BSD = self.tok_embeddings(x)
-            mtp = [] if labels is None else self.mtp_inputs(labels)
+            mtp = [] if labels is None else self.mtp_inputs(x, labels)
         else:
             h_BSD, *mtp = x.split(self.dim, dim=-1)
         mask = None if document_ids is None else document_mask(document_ids)

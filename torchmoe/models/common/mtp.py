@@ -25,11 +25,15 @@ def _shift_left(tokens_BS: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     return F.pad(tokens_BS[:, n:], (0, n), value=fill) if n else tokens_BS
 
 
-def mtp_inputs(embed: nn.Module, labels_BS: torch.Tensor, depth: int) -> list[torch.Tensor]:
+def mtp_inputs(
+    embed: nn.Module, tokens_BS: torch.Tensor, labels_BS: torch.Tensor, depth: int
+) -> list[torch.Tensor]:
     """What depth k (1-based) reads at position t: the embedding of token t + k
-    (labels[t + k - 1]); past the end, of token 0. A pipeline's first stage makes them (it
-    holds the embedding) for the last stage, which holds the depths."""
-    return [embed(_shift_left(labels_BS, k - 1, 0)) for k in range(1, depth + 1)]
+    (labels[t + k - 1]; where that label is masked, as prompts are, the input token it
+    stands for); past the end, of token 0. A pipeline's first stage makes them (it holds the
+    embedding) for the last stage, which holds the depths."""
+    following = torch.where(labels_BS == _IGNORE, _shift_left(tokens_BS, 1, 0), labels_BS)
+    return [embed(_shift_left(following, k - 1, 0)) for k in range(1, depth + 1)]
 
 
 class MTPModule(nn.Module):

@@ -129,7 +129,7 @@ class Decoder(nn.Module):
             for layer, layer_cache in zip(self.layers.values(), cache.layers, strict=True):
                 h_BSD = layer(h_BSD, cos_sin, None, layer_cache)
             return self.head(h_BSD, None, [])
-        mtp = [] if labels is None else self.mtp_inputs(labels)
+        mtp = [] if labels is None else self.mtp_inputs(tokens, labels)
         mask = None if document_ids is None else document_mask(document_ids)
         return self.head(self.run_layers(h_BSD, mask), labels, mtp, mask)
 
@@ -140,9 +140,9 @@ class Decoder(nn.Module):
             h_BSD = layer(h_BSD, self.rope_cos_sin, mask)
         return h_BSD
 
-    def mtp_inputs(self, labels_BS: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_inputs(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> list[torch.Tensor]:
         """The MTP depths' inputs (mtp.py), empty without MTP."""
-        return mtp_inputs(self.tok_embeddings, labels_BS, self.mtp_depth)
+        return mtp_inputs(self.tok_embeddings, tokens_BS, labels_BS, self.mtp_depth)
 
     def head(
         self,
