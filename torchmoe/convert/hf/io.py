@@ -107,7 +107,11 @@ _SAFETENSORS_DTYPES = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
     "BOOL": torch.bool,
+    "F8_E8M0": torch.float8_e8m0fnu,  # MX scales
 }
 
 
