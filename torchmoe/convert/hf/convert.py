@@ -5,7 +5,7 @@ Export then import gives back every tensor bit for bit (float32 stays float32)."
 import json
 import shlex
 import shutil
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
-from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, check_scales, dequantize
+from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, check_scales, dequantize_one
 from torchmoe.convert.hf.io import (
     SafetensorsFolder,
     dcp_model_metadata,
@@ -116,6 +116,7 @@ class HFWeights:
                 self.alias["lm_head.weight"] = "model.embed_tokens.weight"
                 have["lm_head.weight"] = have["model.embed_tokens.weight"]
         _, self.expected = _meta_state(self.cfg)
+        self.dtypes = {k: t.dtype for k, t in self.expected.items()}
         self.rules = adapter.rules(self.cfg, hf)
         _check_names(hf_dir, have, to_hf(self.expected, self.rules, adapter.family))
         primary = [r for r in self.rules if not r.copy]
@@ -126,18 +127,35 @@ class HFWeights:
 
     def weights(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The torchmoe tensors ``names``, in the model's dtypes."""
-        source = {h: self.alias.get(h, h) for name in names for h in self.sources[name]}
-        source |= {  # a weight's fp8 scales, read under the name it is read as
-            h + SCALE_SUFFIX: s + SCALE_SUFFIX
-            for h, s in list(source.items())
-            if s + SCALE_SUFFIX in self.files.where
-        }
-        read = self.files.read(list(dict.fromkeys(source.values())))
-        tensors = {h: read[s] for h, s in source.items()}
-        if self.block is not None:
-            tensors = dequantize(tensors, self.block)
-        ours = from_hf(tensors, self.rules)
-        return {k: ours[k].to(self.expected[k].dtype) for k in names}
+        wanted = {h: None for name in names for h in self.sources[name]}
+        made = from_hf(_LazyTensors(self, list(wanted)), self.rules, self.dtypes)
+        return {k: made[k] for k in names}
+
+    def read(self, hf_name: str) -> torch.Tensor:
+        """One Hugging Face tensor (under the name it is read as), dequantized if fp8."""
+        source = self.alias.get(hf_name, hf_name)
+        tensor = self.files.read_one(source)
+        scale = source + SCALE_SUFFIX
+        if self.block is not None and scale in self.files.where:
+            tensor = dequantize_one(tensor, self.files.read_one(scale), self.block)
+        return tensor
+
+
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    """Hugging Face tensors by name, each read when it is looked up (``from_hf`` looks each
+    up once), so an expert stack is built holding one expert at a time."""
+
+    def __init__(self, model: HFWeights, names: list[str]) -> None:
+        self.model, self.names = model, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.model.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def read_hf(

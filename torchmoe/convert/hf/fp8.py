@@ -56,7 +56,14 @@ def dequantize(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict
     for name, scale in tensors.items():
         if name.endswith(SCALE_SUFFIX):
             weight_name = name.removesuffix(SCALE_SUFFIX)
-            rows, cols = tensors[weight_name].shape
-            full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-            out[weight_name] = tensors[weight_name].float() * full[:rows, :cols]
+            out[weight_name] = dequantize_one(tensors[weight_name], scale, block)
     return out
+
+
+def dequantize_one(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """W = Q x scale, float32, for one weight whose scales ``check_scales`` accepted."""
+    rows, cols = weight.shape
+    full = scale.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return weight.float() * full[:rows, :cols]

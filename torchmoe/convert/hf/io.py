@@ -73,6 +73,12 @@ class SafetensorsFolder:
                     self.where[name] = f
                     self.meta[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
 
+    def read_one(self, name: str) -> torch.Tensor:
+        """One tensor, its shard opened for it alone: once closed, the shard's pages leave
+        this process (they stay in the page cache)."""
+        with _opened(self.where[name]) as shard:
+            return shard.get_tensor(name)
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, loaded (each shard opened once)."""
         by_file: dict[Path, list[str]] = {}

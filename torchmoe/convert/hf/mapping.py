@@ -8,7 +8,7 @@ import). A rule may also carry a transform and its inverse (the RoPE channel per
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -74,11 +74,17 @@ def to_hf(
     return out
 
 
-def from_hf(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torch.Tensor]:
-    """Hugging Face state dict -> torchmoe names and layouts. Callers check the names first
-    (every key here must match a rule, and each expert stack must be complete)."""
-    out, experts = {}, {}
-    for name, t in state.items():
+def from_hf(
+    state: Mapping[str, torch.Tensor],
+    rules: list[Rule],
+    dtypes: Mapping[str, torch.dtype] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict -> torchmoe names and layouts, each in ``dtypes[name]`` when
+    given. ``state`` may read its tensors on access: each is read once, and an expert stack is
+    filled in place one expert at a time, so only the stack and one expert are held. Callers
+    check the names first (every key here must match a rule)."""
+    plan, experts = [], {}
+    for name in state:  # names only: how many experts each stack has
         hits = _matches(name, rules, "hf")[:1]
         if not hits:
             raise ConfigError(f"Hugging Face tensor {name} has no torchmoe counterpart")
@@ -87,10 +93,21 @@ def from_hf(state: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, torc
             continue
         e = groups.pop("expert", None)
         ours = rule.ours.format(**groups)
+        plan.append((name, rule, ours, None if e is None else int(e)))
+        if e is not None:
+            experts.setdefault(ours, set()).add(int(e))
+    for ours, indices in experts.items():
+        if indices != set(range(len(indices))):
+            missing = min(set(range(max(indices) + 1)) - indices)
+            raise ConfigError(f"the experts of {ours} are incomplete: expert {missing} is missing")
+    out: dict[str, torch.Tensor] = {}
+    for name, rule, ours, e in plan:
+        t = rule.from_hf(state[name])
+        dtype = (dtypes or {}).get(ours, t.dtype)
         if e is None:
-            out[ours] = rule.from_hf(t)
-        else:
-            experts.setdefault(ours, (rule, {}))[1][int(e)] = t
-    for ours, (rule, by_index) in experts.items():
-        out[ours] = torch.stack([rule.from_hf(by_index[e]) for e in range(len(by_index))])
+            out[ours] = t.to(dtype)
+            continue
+        if ours not in out:
+            out[ours] = torch.empty((len(experts[ours]), *t.shape), dtype=dtype)
+        out[ours][e] = t
     return out
