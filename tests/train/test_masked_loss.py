@@ -100,3 +100,17 @@ def test_multi_token_prediction_with_masked_labels_equals_a_float64_reference(
     trainer.batches = iter([Batch(inputs, labels)])
     got = trainer.train_step().moe["mtp_loss"].item()
     assert abs(got - expected) < 1e-5 * expected
+
+
+def test_a_depth_with_every_target_masked_adds_zero_not_nan(tiny_config):
+    """A micro-batch that is all prompt (a prompt longer than the sequence) has nothing for
+    multi-token prediction to learn: its loss is 0, so the logged value stays finite."""
+    model = build_model(tiny_config(**{"model.mtp_num_layers": "2"}))
+    model.init_weights(0.02, 3)
+    tokens = torch.randint(0, 4000, (2, 32))
+    labels = torch.full((2, 32), IGNORE)  # every label masked
+    h = model.run_layers(model.tok_embeddings(tokens))
+    mtp = model.mtp_inputs(tokens, labels)
+    assert model.mtp.loss(h, mtp, labels, model.rope_cos_sin, model.output) == 0
+    labels[0, 10] = tokens[0, 11]  # one counted target (depth 1 at position 9): positive
+    assert model.mtp.loss(h, mtp, labels, model.rope_cos_sin, model.output) > 0

@@ -80,3 +80,13 @@ def test_eval_mode_uses_the_eval_capacity_and_records_nothing():
         dropping.eval(), dropless.eval()
         torch.testing.assert_close(dropping(x), dropless(x))  # eval: dropless
     assert dropping.tokens_per_expert.sum() == 0  # eval tokens do not move the expert bias
+
+
+@pytest.mark.parametrize("schedule", ["ZBVZeroBubble", "DualPipeV"])
+def test_validation_with_a_v_shaped_pipeline_is_one_line(tiny_config, schedule):
+    keys = {"validation.enable": "true", "parallelism.pp": "2", "parallelism.pp_schedule": schedule}
+    with pytest.raises(
+        ConfigError,
+        match=rf"^validation.enable with parallelism.pp_schedule = '{schedule}' is not supported",
+    ):
+        tiny_config(**keys)

@@ -13,7 +13,7 @@ from torchmoe.config.parallel_checks import (
     check_parallel_shapes,
     resolve_dp_shard,
 )
-from torchmoe.config.pipeline_keys import check_pipeline
+from torchmoe.config.pipeline_keys import V_SHAPED, check_pipeline
 from torchmoe.config.registry import get_model_spec
 from torchmoe.config.schema import JobConfig
 
@@ -46,6 +46,12 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             "checkpoint.initial_load_path needs checkpoint.enable = true (the new run's "
             "checkpoints go to checkpoint.folder)"
+        )
+    if cfg.validation.enable and cfg.parallelism.pp > 1 and cfg.parallelism.pp_schedule in V_SHAPED:
+        raise ConfigError(
+            f"validation.enable with parallelism.pp_schedule = {cfg.parallelism.pp_schedule!r} "
+            "is not supported (torch's V-shaped schedules cannot run forward only); use 1F1B, "
+            "Interleaved1F1B or InterleavedZeroBubble, or turn validation off"
         )
     prof = cfg.profiling
     if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:

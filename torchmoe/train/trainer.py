@@ -376,6 +376,7 @@ class Trainer:
                     *([inputs.contiguous()] if p.has_first else []),
                     target=labels.contiguous() if p.has_last else None,
                     losses=losses,
+                    return_outputs=False,  # else the last stage keeps every micro-batch's logits
                     **self._model_kwargs(labels.contiguous(), document_ids),
                 )
             finally:

@@ -105,11 +105,10 @@ class MultiTokenPrediction(nn.ModuleList):
             h_BSD = module(h_BSD, emb_BSD, cos_sin, mask)
             logits_TV = head(module.norm(h_BSD)).flatten(0, 1)
             logits_TV = logits_TV.to(torch.promote_types(logits_TV.dtype, torch.float32))
-            losses.append(
-                F.cross_entropy(
-                    logits_TV, _shift_left(labels_BS, k, _IGNORE).flatten(), ignore_index=_IGNORE
-                )
-            )
+            targets_T = _shift_left(labels_BS, k, _IGNORE).flatten()
+            # a mean over the counted targets; none counted (a micro-batch of prompt only) is 0
+            total = F.cross_entropy(logits_TV, targets_T, ignore_index=_IGNORE, reduction="sum")
+            losses.append(total / (targets_T != _IGNORE).sum().clamp(min=1))
         loss = torch.stack(losses).sum() * (self.loss_scale / len(self))
         if self.training and not is_recomputing():  # validation's forwards are not logged
             self.loss_sum.add_(loss.detach())
