@@ -154,6 +154,9 @@ class _LazyTensors(Mapping[str, torch.Tensor]):
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
+    def __contains__(self, name: object) -> bool:  # by name: Mapping's own would read it
+        return name in self.names
+
     def __len__(self) -> int:
         return len(self.names)
 

@@ -109,5 +109,10 @@ def from_hf(
             continue
         if ours not in out:
             out[ours] = torch.empty((len(experts[ours]), *t.shape), dtype=dtype)
+        if t.shape != out[ours].shape[1:]:
+            raise ConfigError(
+                f"Hugging Face tensor {name} has shape {list(t.shape)}; the other experts of "
+                f"{ours} have {list(out[ours].shape[1:])}"
+            )
         out[ours][e] = t
     return out
