@@ -23,19 +23,27 @@ def write_pairs(path, rng: random.Random, n: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_masked_loss_equals_a_float64_reference(tiny_config, tmp_path, rng):
+def masked_run(tiny_config, tmp_path, rng, **extra):
+    """A trainer on prompt/completion pairs, its first batch, and a float64 copy of its model."""
     write_pairs(tmp_path / "pairs.jsonl", rng, 50)
     keys = {
         "data.dataset": str(tmp_path / "pairs.jsonl"),
         "data.format": "prompt_completion",
         "data.prefetch_batches": "0",
-        "training.max_norm": "0",
+        **extra,
     }
     trainer = Trainer(tiny_config(**keys), device=torch.device("cpu"))
     inputs, labels, _ = next(trainer.dataloader)
     assert (labels == IGNORE).any() and (labels != IGNORE).any()
     reference = build_model(trainer.cfg).double()
     reference.load_state_dict({k: v.double() for k, v in trainer.model.state_dict().items()})
+    return trainer, reference, inputs, labels
+
+
+def test_masked_loss_equals_a_float64_reference(tiny_config, tmp_path, rng):
+    trainer, reference, inputs, labels = masked_run(
+        tiny_config, tmp_path, rng, **{"training.max_norm": "0"}
+    )
     with torch.no_grad():
         logits = reference(inputs)
     nll = F.cross_entropy(
@@ -82,19 +90,9 @@ def mtp_loss_reference(model, inputs, labels, scale: float) -> float:
 def test_multi_token_prediction_with_masked_labels_equals_a_float64_reference(
     tiny_config, tmp_path, rng
 ):
-    write_pairs(tmp_path / "pairs.jsonl", rng, 50)
-    keys = {
-        "data.dataset": str(tmp_path / "pairs.jsonl"),
-        "data.format": "prompt_completion",
-        "data.prefetch_batches": "0",
-        "model.mtp_num_layers": "2",
-        "model.mtp_loss_scale": "0.5",
-    }
-    trainer = Trainer(tiny_config(**keys), device=torch.device("cpu"))
-    inputs, labels, _ = next(trainer.dataloader)
-    assert (labels == IGNORE).any()
-    reference = build_model(trainer.cfg).double()
-    reference.load_state_dict({k: v.double() for k, v in trainer.model.state_dict().items()})
+    trainer, reference, inputs, labels = masked_run(
+        tiny_config, tmp_path, rng, **{"model.mtp_num_layers": "2", "model.mtp_loss_scale": "0.5"}
+    )
     with torch.no_grad():
         expected = mtp_loss_reference(reference, inputs, labels, 0.5)
     trainer.batches = iter([Batch(inputs, labels)])
