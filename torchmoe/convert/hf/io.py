@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.convert.hf.safetensors_writer import SafetensorsWriter
 from torchmoe.train.checkpoint import load_model_weights, model_weights_metadata
 
 INDEX = "model.safetensors.index.json"
@@ -140,9 +140,10 @@ def write_hf_shards(
     written (on the meta tensors it plans the shards); each shard ``load``s the values of the
     groups it takes tensors from, one group at a time."""
     shards: list[list[tuple[int, str]]] = [[]]  # (group, written name)
-    size = 0
+    size, layout = 0, {}
     for i, group in enumerate(groups):
         for name, t in convert(group).items():
+            layout[name] = t
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
@@ -161,16 +162,15 @@ def write_hf_shards(
         names: dict[int, list[str]] = {}
         for i, name in shard:
             names.setdefault(i, []).append(name)
-        tensors = {}
-        for i, wanted in names.items():  # one group read at a time, beside the shard
-            written = convert(load(groups[i]))
-            # experts are views of a stack: each gets storage of its own
-            tensors |= {k: written[k].clone(memory_format=torch.contiguous_format) for k in wanted}
-            del written
-        save_file(tensors, folder / file, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(tensors, file)
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
+        shard_layout = {name: layout[name] for _, name in shard}
+        with SafetensorsWriter(folder / file, shard_layout, {"format": "pt"}) as out:
+            for i, wanted in names.items():  # one group read and written at a time
+                written = convert(load(groups[i]))
+                for name in wanted:
+                    out.write(name, written[name])
+                del written
+        weight_map |= dict.fromkeys(shard_layout, file)
+        total += sum(t.numel() * t.element_size() for t in shard_layout.values())
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
