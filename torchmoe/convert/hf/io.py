@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from torchmoe.config.errors import ConfigError
-from torchmoe.convert.hf.safetensors_writer import SafetensorsWriter
+from torchmoe.convert.hf.safetensors_writer import SAFETENSORS_DTYPES, SafetensorsWriter
 from torchmoe.train.checkpoint import load_model_weights, model_weights_metadata
 
 INDEX = "model.safetensors.index.json"
@@ -67,7 +67,7 @@ class SafetensorsFolder:
                     if name in self.where:
                         raise ConfigError(f"{f}: repeats tensor {name} of another shard")
                     piece = shard.get_slice(name)
-                    dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
+                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
                     if dtype is None:
                         raise ConfigError(f"{f}: tensor {name} has dtype {piece.get_dtype()}")
                     self.where[name] = f
@@ -99,26 +99,6 @@ def _opened(f: Path) -> Iterator[Any]:
             yield shard
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "U16": torch.uint16,
-    "U32": torch.uint32,
-    "U64": torch.uint64,
-    "BOOL": torch.bool,
-    "F8_E8M0": torch.float8_e8m0fnu,  # MX scales
-}
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
