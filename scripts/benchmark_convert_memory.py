@@ -22,6 +22,7 @@ import torch
 from torchmoe.config.load import build_config
 from torchmoe.config.registry import build_model
 from torchmoe.convert.hf import adapter_for_family
+from torchmoe.convert.hf.io import write_hf_shards
 from torchmoe.convert.hf.mapping import to_hf
 
 SCRIPT = Path(__file__).resolve().parent / "convert_hf.py"
@@ -64,19 +65,14 @@ def write_hf_model(folder: Path, keys: list[tuple[str, str]], shard_bytes: int) 
     hf |= adapter.to_hf_config(cfg)
     tensors = to_hf(model.state_dict(), adapter.rules(cfg, hf), "deepseek_v3")
     del model
-    from torchmoe.convert.hf.io import write_hf_shards
-
     groups = [{k: t} for k, t in tensors.items()]
     write_hf_shards(folder, groups, lambda g: g, lambda g: g, shard_bytes)
     (folder / "config.json").write_text(json.dumps(hf))
     shards = [f.stat().st_size for f in folder.glob("*.safetensors")]
-    stacked = max(t.numel() * t.element_size() for t in build_model_meta(keys).values())
-    return {"model": sum(shards), "largest shard": max(shards), "largest tensor": stacked}
-
-
-def build_model_meta(keys: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        return build_model(build_config({}, keys)).state_dict()
+        meta = build_model(build_config({}, keys)).state_dict()
+    stacked = max(t.numel() * t.element_size() for t in meta.values())
+    return {"model": sum(shards), "largest shard": max(shards), "largest tensor": stacked}
 
 
 def peak_rss(run: str, args: list[str]) -> int:

@@ -22,6 +22,9 @@ class Batch(NamedTuple):
     labels: torch.Tensor
     document_ids: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t if t is None else t.to(device) for t in self))
+
 
 class StatefulBatches(Protocol):
     def __next__(self) -> Batch: ...

@@ -46,7 +46,7 @@ class DecoderStage(Decoder):
             mtp = [] if labels is None else self.mtp_inputs(x, labels)
         else:
             h_BSD, *mtp = x.split(self.dim, dim=-1)
-        mask = None if document_ids is None else document_mask(document_ids)
+        mask = document_mask(document_ids)
         h_BSD = self.run_layers(h_BSD, mask)
         if self.output is None:
             return torch.cat([h_BSD, *mtp], dim=-1) if mtp else h_BSD

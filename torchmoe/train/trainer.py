@@ -282,7 +282,7 @@ class Trainer:
             self.global_tokens = self._labels_in_step(batches)
         for batch in batches:
             step = self._pipeline_step if self.pipeline else self._forward_backward
-            loss_mean += step(*(t if t is None else t.to(self.device) for t in batch))
+            loss_mean += step(*batch.to(self.device))
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes

@@ -42,7 +42,7 @@ class Validator:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         try:
             for _ in range(self.steps):
-                batch = Batch(*(t if t is None else t.to(self.device) for t in next(self.batches)))
+                batch = next(self.batches).to(self.device)
                 loss = self.summed_loss(batch)
                 # prompts and user turns are no labels
                 labeled = (batch.labels != IGNORE).sum() if self.counts_labels else 0

@@ -80,16 +80,8 @@ class SafetensorsFolder:
             return shard.get_tensor(name)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, loaded (each shard opened once)."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.where[name], []).append(name)
-        out = {}
-        for f, in_file in by_file.items():
-            with _opened(f) as shard:
-                for name in in_file:
-                    out[name] = shard.get_tensor(name)
-        return {name: out[name] for name in names}
+        """The named tensors, loaded."""
+        return {name: self.read_one(name) for name in names}
 
 
 @contextmanager

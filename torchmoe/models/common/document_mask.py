@@ -20,9 +20,12 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 AttentionMask = BlockMask | torch.Tensor  # None, where a mask is optional, means plain causal
 
 
-def document_mask(document_ids_BS: torch.Tensor) -> AttentionMask:
+def document_mask(document_ids_BS: torch.Tensor | None) -> AttentionMask | None:
     """The block-causal mask of a batch whose position (b, s) belongs to document
-    ``document_ids_BS[b, s]`` (documents are contiguous runs of equal ids)."""
+    ``document_ids_BS[b, s]`` (documents are contiguous runs of equal ids); None (plain causal
+    attention) without document ids."""
+    if document_ids_BS is None:
+        return None
     doc = document_ids_BS
     B, S = doc.shape
     if doc.device.type != "cuda":

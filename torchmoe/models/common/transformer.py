@@ -130,7 +130,7 @@ class Decoder(nn.Module):
                 h_BSD = layer(h_BSD, cos_sin, None, layer_cache)
             return self.head(h_BSD, None, [])
         mtp = [] if labels is None else self.mtp_inputs(tokens, labels)
-        mask = None if document_ids is None else document_mask(document_ids)
+        mask = document_mask(document_ids)
         return self.head(self.run_layers(h_BSD, mask), labels, mtp, mask)
 
     def run_layers(self, h_BSD: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
