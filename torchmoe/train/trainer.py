@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -362,26 +363,18 @@ class Trainer:
         the pipeline schedule under pipeline parallelism (zero on ranks without the last
         stage), else through the model."""
         inputs, labels, document_ids = batch
+        if self.pipeline is not None:
+            scale, self.global_tokens = self.global_tokens, 1  # the schedule's loss divides by it
+            try:
+                return self._run_schedule(self.pipeline.schedule.eval, *batch)
+            finally:
+                self.global_tokens = scale
+        kwargs = {} if document_ids is None else {"document_ids": document_ids}
         with (
             torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
             loss_parallel() if self.dims.tp_enabled else nullcontext(),
         ):
-            if self.pipeline is None:
-                kwargs = {} if document_ids is None else {"document_ids": document_ids}
-                return _full(self.loss_fn(self.model(inputs, **kwargs), labels))
-            p, losses = self.pipeline, []
-            scale, self.global_tokens = self.global_tokens, 1  # the schedule's loss divides by it
-            try:
-                p.schedule.eval(
-                    *([inputs.contiguous()] if p.has_first else []),
-                    target=labels.contiguous() if p.has_last else None,
-                    losses=losses,
-                    return_outputs=False,  # else the last stage keeps every micro-batch's logits
-                    **self._model_kwargs(labels.contiguous(), document_ids),
-                )
-            finally:
-                self.global_tokens = scale
-        return sum((_full(loss) for loss in losses), torch.zeros((), device=self.device))
+            return _full(self.loss_fn(self.model(inputs, **kwargs), labels))
 
     def _pipeline_step(
         self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None
@@ -389,6 +382,17 @@ class Trainer:
         """One local batch through the pipeline schedule (its micro-batches, forward and
         backward); returns the loss of the batch over ``global_tokens``, or zero on a rank
         without the last stage."""
+        return self._run_schedule(self.pipeline.schedule.step, inputs, labels, document_ids)
+
+    def _run_schedule(
+        self,
+        run: Callable[..., object],
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        document_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``run`` (the schedule's ``step`` or ``eval``) over one local batch; the sum of the
+        micro-batches' losses on ranks with the last stage, else zero."""
         p, losses = self.pipeline, []
         # stages check their inputs' strides against the static shapes they were built with
         inputs, labels = inputs.contiguous(), labels.contiguous()
@@ -398,8 +402,9 @@ class Trainer:
             loss_parallel() if self.dims.tp_enabled else nullcontext(),
         ):
             # keyword arguments reach every stage: the MTP modules of the last stage read the
-            # labels, as the loss does; each stage builds its document mask
-            p.schedule.step(
+            # labels, as the loss does; each stage builds its document mask. No outputs kept:
+            # else the last stage holds every micro-batch's logits
+            run(
                 *([inputs] if p.has_first else []),
                 target=labels if p.has_last else None,
                 losses=losses,
