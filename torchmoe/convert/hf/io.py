@@ -2,7 +2,9 @@
 and the model part of torchmoe DCP checkpoints (saved as ``train.model.<name>``, see
 torchmoe/train/checkpoint.py)."""
 
+import ctypes
 import json
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,13 +56,15 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 class SafetensorsFolder:
-    """A Hugging Face folder's tensors, listed from the shards' headers and read a few at a
-    time through safetensors' memory map: an import holds one torchmoe tensor's sources, not
-    the model."""
+    """A Hugging Face folder's tensors, listed from the shards' headers (checked by
+    safetensors) and read one at a time with a plain file read into memory torch owns: an
+    import holds one torchmoe tensor's sources, not the model, and can free each tensor as
+    soon as it is written (safetensors' own tensors are views of its buffers)."""
 
     def __init__(self, folder: Path) -> None:
         self.where: dict[str, Path] = {}
         self.meta: dict[str, torch.Tensor] = {}  # name -> meta tensor (shape, dtype)
+        self.offset: dict[str, int] = {}  # name -> where its bytes start in its shard
         for f in safetensors_files(folder):
             with _opened(f) as shard:
                 for name in shard.keys():
@@ -72,16 +76,40 @@ class SafetensorsFolder:
                         raise ConfigError(f"{f}: tensor {name} has dtype {piece.get_dtype()}")
                     self.where[name] = f
                     self.meta[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+            self.offset |= _data_offsets(f)
 
     def read_one(self, name: str) -> torch.Tensor:
-        """One tensor, its shard opened for it alone: once closed, the shard's pages leave
-        this process (they stay in the page cache)."""
-        with _opened(self.where[name]) as shard:
-            return shard.get_tensor(name)
+        """One tensor, read from its shard into a new tensor."""
+        meta = self.meta[name]
+        tensor = torch.empty(meta.shape, dtype=meta.dtype)
+        # the tensor's own bytes as a buffer (a numpy view would pin its storage's size)
+        buffer = memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr()))
+        done = 0
+        with open(self.where[name], "rb", buffering=0) as f:
+            f.seek(self.offset[name])
+            while done < tensor.nbytes:
+                n = f.readinto(buffer[done:])
+                if not n:
+                    raise ConfigError(f"{self.where[name]}: tensor {name} is cut short")
+                done += n
+        return tensor
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors, loaded."""
         return {name: self.read_one(name) for name in names}
+
+
+def _data_offsets(f: Path) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file (already checked by
+    safetensors): after the 8-byte header length and the JSON header."""
+    with open(f, "rb") as stream:
+        [length] = struct.unpack("<Q", stream.read(8))
+        header = json.loads(stream.read(length))
+    return {
+        name: 8 + length + entry["data_offsets"][0]
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
 
 
 @contextmanager
