@@ -83,6 +83,16 @@ LAYOUTS = {
     ),
     # packed documents kept apart (document ids reach every pipeline stage, the mask every
     # tensor-parallel rank)
+    # torchmoe's AdamW (clipping folded into the update) on DTensor shards of two meshes
+    "torchmoe_adamw_fsdp2_x_ep2": (
+        4,
+        {"parallelism.ep": 2, "optimizer.implementation": "torchmoe"},
+    ),
+    "torchmoe_adamw_tp2": (2, {"parallelism.tp": 2, "optimizer.implementation": "torchmoe"}),
+    "torchmoe_adamw_pp2_x_fsdp2": (  # the norm summed over stages before the fold
+        4,
+        {"parallelism.pp": 2, "model.n_layers": 4, "optimizer.implementation": "torchmoe"},
+    ),
     "block_causal_fsdp2_x_ep2": (4, {"parallelism.ep": 2, "model.attn_mask": "block_causal"}),
     "block_causal_tp2": (2, {"parallelism.tp": 2, "model.attn_mask": "block_causal"}),
     "qwen3_block_causal_tp2": (

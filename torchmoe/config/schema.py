@@ -222,8 +222,16 @@ class Optimizer:
     weight_decay: float = opt(0.1, "Decoupled weight decay (never on norms or biases).", ge=0)
     implementation: str = opt(
         "auto",
-        "auto = fused on CUDA, foreach elsewhere.",
-        choices=("auto", "fused", "foreach", "for-loop"),
+        "torchmoe = one Triton kernel per parameter with gradient clipping folded in (plain "
+        "torch without Triton); fused, foreach, for-loop = torch.optim.AdamW's. auto = "
+        "torchmoe on CUDA or with bfloat16 moments, foreach elsewhere.",
+        choices=("auto", "torchmoe", "fused", "foreach", "for-loop"),
+    )
+    state_dtype: str = opt(
+        "float32",
+        "dtype of Adam's moments (parameters stay float32): bfloat16 halves the optimizer "
+        "state's memory and traffic (needs implementation torchmoe or auto).",
+        choices=("float32", "bfloat16"),
     )
 
 

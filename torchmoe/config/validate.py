@@ -53,6 +53,12 @@ def validate(cfg: JobConfig) -> None:
             "is not supported (torch's V-shaped schedules cannot run forward only); use 1F1B, "
             "Interleaved1F1B or InterleavedZeroBubble, or turn validation off"
         )
+    o = cfg.optimizer
+    if o.state_dtype != "float32" and o.implementation not in ("auto", "torchmoe"):
+        raise ConfigError(
+            f"optimizer.state_dtype = {o.state_dtype!r} needs optimizer.implementation = "
+            f"'torchmoe' or 'auto' (torch's {o.implementation!r} AdamW keeps float32 moments)"
+        )
     prof = cfg.profiling
     if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:
         raise ConfigError(

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchmoe.config.schema import LRScheduler, Optimizer
+from torchmoe.train.adamw import AdamW
 
 
 def build_optimizer(
@@ -20,7 +21,17 @@ def build_optimizer(
     ]
     impl = cfg.implementation
     if impl == "auto":
-        impl = "fused" if device.type == "cuda" else "foreach"
+        ours = device.type == "cuda" or cfg.state_dtype != "float32"
+        impl = "torchmoe" if ours else "foreach"
+    if impl == "torchmoe":
+        return AdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            state_dtype=getattr(torch, cfg.state_dtype),
+        )
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,

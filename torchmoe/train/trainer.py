@@ -44,7 +44,7 @@ from torchmoe.models.moe.balance import set_aux_loss_scale
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
-from torchmoe.parallel.grad_norm import clip_grad_norm_
+from torchmoe.parallel.grad_norm import clip_grad_norm_, grad_norm_and_clip_coef
 from torchmoe.parallel.named_init import init_by_name
 from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
@@ -287,11 +287,17 @@ class Trainer:
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes
-        grad_norm = clip_grad_norm_(
-            list(self.model.parameters()),
+        params = list(self.model.parameters())
+        max_norm, pp_group = (
             self.cfg.training.max_norm,
             meshes.dense["pp"].get_group() if self.pipeline else None,
         )
+        # torchmoe's AdamW clips inside its update: no pass of its own over the gradients
+        folds_clip = getattr(self.optimizer, "takes_grad_scale", False)
+        if folds_clip:
+            grad_norm, clip_coef = grad_norm_and_clip_coef(params, max_norm, pp_group)
+        else:
+            grad_norm = clip_grad_norm_(params, max_norm, pp_group)
         if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
             dist.all_reduce(loss_mean, group=meshes.dp_pp.get_group())
         # The step's one host sync: the values the non-finite check and the log need.
@@ -304,7 +310,10 @@ class Trainer:
                     "training.max_norm > 0"
                 )
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if folds_clip:
+            self.optimizer.step(grad_scale=clip_coef)
+        else:
+            self.optimizer.step()
         if self.freezer is not None:
             self.freezer.restore()
         self.lr_scheduler.step()

@@ -1,0 +1,100 @@
+"""torchmoe's AdamW in the trainer: with float32 moments it trains exactly as torch's AdamW with
+clipping done beforehand, its checkpoints move to and from torch's, bfloat16 moments stay
+bfloat16 through a resume, and a bfloat16 state with torch's AdamW is one config line."""
+
+import functools
+
+import pytest
+import torch
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.train import trainer as trainer_module
+from torchmoe.train.adamw import AdamW
+
+Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
+CLIPPED = {"training.steps": 6, "training.max_norm": 0.05, "optimizer.lr": 1e-2}
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    params = list(model.parameters())
+    return [
+        {"params": [p for p in params if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def test_float32_moments_step_bit_for_bit_as_torch_adamw() -> None:
+    ours, theirs = _model(), _model()
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    opt = AdamW(_groups(ours), **hyper)
+    ref = torch.optim.AdamW(_groups(theirs), **hyper, foreach=False)
+    for _ in range(4):
+        x = torch.randn(3, 6)
+        for model in (ours, theirs):
+            model(x).square().sum().backward()
+        scale = torch.tensor(0.37)
+        for p in theirs.parameters():
+            p.grad.mul_(scale)
+        opt.step(grad_scale=scale)
+        ref.step()
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_state_moves_between_the_two_and_keeps_bf16_moments() -> None:
+    ours, theirs = _model(), _model()
+    opt = AdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                state_dtype=torch.bfloat16)
+    ours(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2)
+    ref.load_state_dict(opt.state_dict())  # torch's takes ours (and casts to float32)
+    assert ref.state[next(theirs.parameters())]["exp_avg"].dtype == torch.float32
+    back = AdamW(_groups(_model()), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                 state_dtype=torch.bfloat16)
+    back.load_state_dict(ref.state_dict())  # and ours takes torch's, in its own dtype
+    for state, want in zip(back.state.values(), opt.state.values()):
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert torch.equal(state["exp_avg"], want["exp_avg"])
+        assert int(state["step"]) == 1
+
+
+def test_trainer_with_folded_clipping_equals_torch_adamw(tiny_config) -> None:
+    ours = Trainer(tiny_config(**CLIPPED, **{"optimizer.implementation": "torchmoe"}))
+    torch_run = Trainer(tiny_config(**CLIPPED, **{"optimizer.implementation": "foreach"}))
+    assert isinstance(ours.optimizer, AdamW)
+    assert not isinstance(torch_run.optimizer, AdamW)
+    losses = ours.train()
+    torch.testing.assert_close(losses, torch_run.train(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ours.model.named_parameters(), torch_run.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_moments_train_and_resume_bit_exact(tiny_config) -> None:
+    keys = {
+        **CLIPPED,
+        "optimizer.state_dtype": "bfloat16",
+        "checkpoint.enable": "true",
+        "checkpoint.interval": 3,
+    }
+    full = Trainer(tiny_config(**keys))
+    losses = full.train()
+    states = list(full.optimizer.state.values())
+    assert states and all(s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+    resumed = Trainer(
+        tiny_config(**keys, **{"checkpoint.load_step": 3, "checkpoint.discard_newer": "true"})
+    )
+    assert resumed.train() == losses[3:]
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in resumed.optimizer.state.values())
+
+
+def test_bf16_moments_with_torch_adamw_is_one_config_line(tiny_config) -> None:
+    with pytest.raises(ConfigError, match=r"optimizer.state_dtype = 'bfloat16' needs optimizer"):
+        tiny_config(**{"optimizer.state_dtype": "bfloat16", "optimizer.implementation": "fused"})
