@@ -46,6 +46,24 @@ VARIANTS = {
         "--quantize.float8_experts",
         "true",
     ],
+    # 4 micro-batches of 2 sequences accumulated per optimizer step.
+    "compiled+accum4": [
+        "--compile.enable",
+        "true",
+        "--training.local_batch_size",
+        "2",
+        "--training.global_batch_size",
+        "8",
+    ],
+    # torch's fused AdamW after a separate clipping pass (the optimizer before torchmoe's).
+    "compiled+torch_fused_adamw": [
+        "--compile.enable",
+        "true",
+        "--optimizer.implementation",
+        "fused",
+    ],
+    # Adam's moments in bfloat16 (torchmoe's AdamW).
+    "compiled+bf16_moments": ["--compile.enable", "true", "--optimizer.state_dtype", "bfloat16"],
     # Packed documents kept apart (flex attention); the cost depends on the documents' lengths.
     "compiled+block_causal": ["--compile.enable", "true", "--model.attn_mask", "block_causal"],
     # Best case of routing: every expert gets the same number of tokens (benchmark only).
