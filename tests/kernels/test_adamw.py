@@ -19,8 +19,11 @@ HYPER = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0
 def _tensors(n: int, state_dtype: torch.dtype, seed: int, device: str = "cpu") -> list:
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(n, generator=g)
-    return [p.to(device), torch.zeros(n, dtype=state_dtype, device=device),
-            torch.zeros(n, dtype=state_dtype, device=device)]
+    return [
+        p.to(device),
+        torch.zeros(n, dtype=state_dtype, device=device),
+        torch.zeros(n, dtype=state_dtype, device=device),
+    ]
 
 
 def _grads(n: int, steps: int, seed: int, device: str = "cpu") -> list[torch.Tensor]:
@@ -40,8 +43,12 @@ def test_reference_is_torch_adamw_bit_for_bit() -> None:
     n, steps = 1000, 6
     p_ref = torch.nn.Parameter(_tensors(n, torch.float32, seed=1)[0].clone())
     opt = torch.optim.AdamW(
-        [p_ref], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
-        weight_decay=HYPER["weight_decay"], foreach=False,
+        [p_ref],
+        lr=HYPER["lr"],
+        betas=(HYPER["beta1"], HYPER["beta2"]),
+        eps=HYPER["eps"],
+        weight_decay=HYPER["weight_decay"],
+        foreach=False,
     )
     for grad in _grads(n, steps, seed=2):
         p_ref.grad = grad
@@ -97,9 +104,13 @@ def compare_kernel_to_reference(device: str, sizes: list[int]) -> None:
                 for name, a, b in zip(tol, got, want):
                     assert a.dtype == b.dtype
                     rtol, atol = tol[name]
+                    where = f"{name} n={n} {state_dtype} scales={scales}"
                     torch.testing.assert_close(
-                        a.float(), b.float(), rtol=rtol, atol=atol,
-                        msg=lambda m: f"{name} n={n} {state_dtype} scales={scales}: {m}",
+                        a.float(),
+                        b.float(),
+                        rtol=rtol,
+                        atol=atol,
+                        msg=lambda m, where=where: f"{where}: {m}",
                     )
 
 

@@ -42,23 +42,35 @@ def test_float32_moments_step_bit_for_bit_as_torch_adamw() -> None:
             p.grad.mul_(scale)
         opt.step(grad_scale=scale)
         ref.step()
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.zero_grad()
+        opt.zero_grad()
+        ref.zero_grad()
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(p, q)
 
 
 def test_checkpoint_state_moves_between_the_two_and_keeps_bf16_moments() -> None:
     ours, theirs = _model(), _model()
-    opt = AdamW(_groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                state_dtype=torch.bfloat16)
+    opt = AdamW(
+        _groups(ours),
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        state_dtype=torch.bfloat16,
+    )
     ours(torch.randn(3, 6)).sum().backward()
     opt.step()
     ref = torch.optim.AdamW(_groups(theirs), lr=1e-2)
     ref.load_state_dict(opt.state_dict())  # torch's takes ours (and casts to float32)
     assert ref.state[next(theirs.parameters())]["exp_avg"].dtype == torch.float32
-    back = AdamW(_groups(_model()), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                 state_dtype=torch.bfloat16)
+    back = AdamW(
+        _groups(_model()),
+        lr=1e-2,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        weight_decay=0.1,
+        state_dtype=torch.bfloat16,
+    )
     back.load_state_dict(ref.state_dict())  # and ours takes torch's, in its own dtype
     for state, want in zip(back.state.values(), opt.state.values()):
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
@@ -98,3 +110,15 @@ def test_bf16_moments_train_and_resume_bit_exact(tiny_config) -> None:
 def test_bf16_moments_with_torch_adamw_is_one_config_line(tiny_config) -> None:
     with pytest.raises(ConfigError, match=r"optimizer.state_dtype = 'bfloat16' needs optimizer"):
         tiny_config(**{"optimizer.state_dtype": "bfloat16", "optimizer.implementation": "fused"})
+
+
+def test_memory_check_counts_bf16_moments_at_two_bytes() -> None:
+    from torchmoe.train.memory import check_model_fits, device_memory_bytes
+
+    cpu = torch.device("cpu")
+    n = device_memory_bytes(cpu) // 14  # 16 bytes a parameter do not fit, 12 do
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(n, device="meta"))
+    with pytest.raises(ConfigError, match="weights, gradients and AdamW state"):
+        check_model_fits(model, cpu, moment_bytes=4)
+    check_model_fits(model, cpu, moment_bytes=2)

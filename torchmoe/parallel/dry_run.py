@@ -122,7 +122,7 @@ def estimate(
     return {
         "params": numel * FP32,
         "grads": numel * FP32,
-        "AdamW": numel * 2 * FP32,
+        "AdamW": numel * 2 * (BF16 if cfg.optimizer.state_dtype == "bfloat16" else FP32),
         "FSDP-buf": fsdp,
         "activations": flight * sum(stored) / len(stored) + max(recompute),
     }
@@ -172,7 +172,8 @@ def dry_run(cfg: JobConfig) -> None:
     if pipeline:
         print(pipeline)
     print(
-        "columns: fp32 parameters, fp32 gradients, AdamW's two fp32 moments, FSDP's gathered "
+        "columns: fp32 parameters, fp32 gradients, AdamW's two moments (optimizer.state_dtype), "
+        "FSDP's gathered "
         "bf16 weights of two blocks (under pp: of all the rank's stages, and their unsharded "
         "fp32 gradients), activations (estimate), total"
     )

@@ -7,8 +7,8 @@ from torch import nn
 
 from torchmoe.config.errors import ConfigError
 
-# fp32 master weight + fp32 gradient + AdamW's two fp32 moments.
-BYTES_PER_PARAM = 4 + 4 + 8
+# fp32 master weight + fp32 gradient (AdamW's two moments come on top, by their dtype).
+BYTES_PER_PARAM = 4 + 4
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -18,11 +18,14 @@ def device_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_model_fits(model: nn.Module, device: torch.device, shards: int = 1) -> None:
-    """Raise a ConfigError when parameters + gradients + AdamW state, split over ``shards``
-    data-parallel ranks, exceed the device's memory. Activations come on top, uncounted."""
+def check_model_fits(
+    model: nn.Module, device: torch.device, shards: int = 1, moment_bytes: int = 4
+) -> None:
+    """Raise a ConfigError when parameters + gradients + AdamW state (two moments of
+    ``moment_bytes`` each), split over ``shards`` data-parallel ranks, exceed the device's
+    memory. Activations come on top, uncounted."""
     n_params = sum(p.numel() for p in model.parameters())
-    need = n_params * BYTES_PER_PARAM // shards
+    need = n_params * (BYTES_PER_PARAM + 2 * moment_bytes) // shards
     have = device_memory_bytes(device)
     if need > have:
         raise ConfigError(

@@ -143,7 +143,12 @@ class Trainer:
         if cfg.moe.freeze_router:
             freeze_routers(model)
         check_recompute_modules(model, cfg.activation_checkpoint)
-        check_model_fits(model, self.device, shards=self.dims.dp * self.dims.pp)
+        check_model_fits(
+            model,
+            self.device,
+            shards=self.dims.dp * self.dims.pp,
+            moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
+        )
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
         job = job_fingerprint(cfg, model, self.tokenizer.digest)  # before any split
