@@ -3,14 +3,10 @@ moments), the folded clip coefficient against pre-scaled gradients, bfloat16 mom
 float32 ones, and the Triton kernel against the reference (in Triton's CPU interpreter, and on
 CUDA when there)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.kernels.interpreter import run_in_interpreter
 from torchmoe.kernels import adamw_ref
 
 HYPER = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
@@ -115,18 +111,7 @@ def compare_kernel_to_reference(device: str, sizes: list[int]) -> None:
 
 
 def test_triton_kernel_in_interpreter() -> None:
-    root = Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+    run_in_interpreter(__file__)
 
 
 @pytest.mark.gpu

@@ -5,13 +5,11 @@ Legend: T tokens, D model dim, E experts, K experts per token, M buffer rows, P 
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernels.interpreter import run_in_interpreter
 from torchmoe.kernels import moe_permute_ref as ref
 
 # T, K, E, P, drops: T prime-ish, K up to 3, pad 1 and 16; with drops, about a third of the
@@ -240,21 +238,8 @@ def _interpreter_main() -> None:
     print("OK")
 
 
-def test_triton_kernels_in_interpreter():
-    root = Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-    }
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=root, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+def test_triton_kernels_in_interpreter() -> None:
+    run_in_interpreter(__file__)
 
 
 def test_triton_backend_refuses_cpu_tensors():
