@@ -75,30 +75,15 @@ def _grouped_swiglu(
     w3_EFD: torch.Tensor,
     act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync.
-
-    w1 and w3 run as one grouped GEMM on their concatenation [E, 2F, D]: the tokens are read
-    once, the GEMM is twice as wide, and backward's input gradient is one GEMM instead of two
-    and a sum; compiled, the concatenation fuses with the bfloat16 cast that happens anyway.
-    Quantized weights (tensor subclasses, e.g. float8) keep a GEMM each, as their subclass
-    only knows ``_grouped_mm``."""
+    """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
     # cumsum then cast (not cumsum(dtype=int32)): inductor folds the cumsum of fixed group
     # sizes (pad_to_capacity) into an int64 constant otherwise.
     offsets = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    if _plain(w1_EFD) and _plain(w3_EFD):
-        w13_EFD = torch.cat((w1_EFD, w3_EFD), dim=1)
-        h13_MF = torch._grouped_mm(x_MD, w13_EFD.transpose(-2, -1), offs=offsets)
-        h_MF = act(*h13_MF.split(w1_EFD.shape[1], dim=-1))
-    else:
-        h_MF = act(
-            torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
-            torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets),
-        )
+    h_MF = act(
+        torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
+        torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets),
+    )
     return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
-
-
-def _plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter)
 
 
 def _looped_swiglu(
