@@ -78,6 +78,23 @@ def test_checkpoint_state_moves_between_the_two_and_keeps_bf16_moments() -> None
         assert int(state["step"]) == 1
 
 
+def test_a_fused_adamw_checkpoint_keeps_the_counters_on_the_host() -> None:
+    """torch moves the step counters to the parameters' device when the saved groups say
+    fused (torch's fused AdamW saves that); ours keeps them on the CPU and its own keys."""
+    theirs = _model()
+    ref = torch.optim.AdamW(_groups(theirs), lr=1e-2, fused=True)
+    theirs(torch.randn(3, 6)).sum().backward()
+    ref.step()
+    saved = ref.state_dict()
+    assert all(g["fused"] for g in saved["param_groups"])  # what makes torch move them
+    opt = AdamW(_groups(_model()), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt.load_state_dict(saved)
+    assert all(g["fused"] is None and g["foreach"] is None for g in opt.param_groups)
+    for state in opt.state.values():
+        assert state["step"].device.type == "cpu"
+        assert int(state["step"]) == 1
+
+
 def test_trainer_with_folded_clipping_equals_torch_adamw(tiny_config) -> None:
     ours = Trainer(tiny_config(**CLIPPED, **{"optimizer.implementation": "torchmoe"}))
     torch_run = Trainer(tiny_config(**CLIPPED, **{"optimizer.implementation": "foreach"}))

@@ -230,7 +230,8 @@ class Optimizer:
     state_dtype: str = opt(
         "float32",
         "dtype of Adam's moments (parameters stay float32): bfloat16 halves the optimizer "
-        "state's memory and traffic (needs implementation torchmoe or auto).",
+        "state's memory and traffic (needs implementation torchmoe or auto); with beta2 near 1 "
+        "(0.999) bfloat16 rounding stalls the second moment's decay, keep float32 there.",
         choices=("float32", "bfloat16"),
     )
 

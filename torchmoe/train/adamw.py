@@ -98,8 +98,15 @@ class AdamW(torch.optim.Optimizer):
 
 
 def _moments_in_state_dtype(optimizer: torch.optim.Optimizer) -> None:
-    """torch's load_state_dict casts the moments to the parameter's dtype; keep ours."""
+    """After torch's load_state_dict: the moments back in our dtype (it casts them to the
+    parameter's), the step counters back on the CPU (it moves them to the parameter's device
+    when the saved groups say fused or capturable, as torch's fused AdamW saves them: a GPU
+    counter would sync the host per parameter), and the group keys ours."""
+    for group in optimizer.param_groups:
+        group.update(_TORCH_GROUP_KEYS)
     for state in optimizer.state.values():
         for key in MOMENTS:
             if key in state and state[key].dtype != optimizer.state_dtype:
                 state[key] = state[key].to(optimizer.state_dtype)
+        if "step" in state:
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device="cpu")
