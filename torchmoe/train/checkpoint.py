@@ -37,7 +37,7 @@ from torchmoe.train.checkpoint_states import (
     OldPickledState,
     TrainState,
 )
-from torchmoe.train.checkpoint_writer import CheckpointWriter, step_numbers
+from torchmoe.train.checkpoint_writer import CheckpointWriter, config_error_in, step_numbers
 from torchmoe.train.ranks import barrier, distributed, is_lead
 
 logger = logging.getLogger(__name__)
@@ -262,9 +262,9 @@ class CheckpointManager:
                 "copy it to step-0 of a new checkpoint.folder (a seed: weights only)"
             ) from None
         except CheckpointException as e:  # every rank's failures, gathered
-            refused = [x for x, _ in e.failures.values() if isinstance(x, ConfigError)]
-            if refused:  # safe_dcp refused an item: say that, not "does not fit"
-                raise refused[0] from None
+            refused = config_error_in(e)
+            if refused is not None:  # safe_dcp refused an item: say that, not "does not fit"
+                raise refused from None
             raise self._mismatch(path, e) from e
         except ConfigError:
             raise

@@ -117,7 +117,7 @@ class CheckpointWriter:
                 writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1)
                 dcp.save(states, storage_writer=writer, planner=planner)
         except (CheckpointException, OSError) as e:  # every rank gets DCP's gathered failure
-            user_error = _user_error(e)  # e.g. a bad tensor found while an import makes it
+            user_error = config_error_in(e)  # e.g. a bad tensor found while an import makes it
             if user_error is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise user_error from None
@@ -210,8 +210,8 @@ class CheckpointWriter:
         )
 
 
-def _user_error(e: BaseException) -> ConfigError | None:
-    """The ConfigError inside DCP's gathered failure, if one is: it names what to fix, where
-    the save's own message would blame the disk."""
+def config_error_in(e: BaseException) -> ConfigError | None:
+    """The ConfigError inside DCP's gathered failure (of any rank), if one is: it names what
+    to fix, where the save's or load's own message would blame the disk or the model."""
     failures = e.failures.values() if isinstance(e, CheckpointException) else ()
     return next((f[0] for f in failures if isinstance(f[0], ConfigError)), None)
