@@ -5,10 +5,8 @@ torchmoe/train/checkpoint.py)."""
 import ctypes
 import json
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -66,17 +64,15 @@ class SafetensorsFolder:
         self.meta: dict[str, torch.Tensor] = {}  # name -> meta tensor (shape, dtype)
         self.offset: dict[str, int] = {}  # name -> where its bytes start in its shard
         for f in safetensors_files(folder):
-            with _opened(f) as shard:
-                for name in shard.keys():
-                    if name in self.where:
-                        raise ConfigError(f"{f}: repeats tensor {name} of another shard")
-                    piece = shard.get_slice(name)
-                    dtype = SAFETENSORS_DTYPES.get(piece.get_dtype())
-                    if dtype is None:
-                        raise ConfigError(f"{f}: tensor {name} has dtype {piece.get_dtype()}")
-                    self.where[name] = f
-                    self.meta[name] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-            self.offset |= _data_offsets(f)
+            _check_readable(f)
+            for name, (dtype_name, shape, offset) in _header(f).items():
+                if name in self.where:
+                    raise ConfigError(f"{f}: repeats tensor {name} of another shard")
+                dtype = SAFETENSORS_DTYPES.get(dtype_name)
+                if dtype is None:
+                    raise ConfigError(f"{f}: tensor {name} has dtype {dtype_name}")
+                self.where[name], self.offset[name] = f, offset
+                self.meta[name] = torch.empty(shape, dtype=dtype, device="meta")
 
     def read_one(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard into a new tensor."""
@@ -99,24 +95,24 @@ class SafetensorsFolder:
         return {name: self.read_one(name) for name in names}
 
 
-def _data_offsets(f: Path) -> dict[str, int]:
-    """Where each tensor's bytes start in a safetensors file (already checked by
-    safetensors): after the 8-byte header length and the JSON header."""
+def _header(f: Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, where its bytes start) from a safetensors file's header (8-byte
+    length, then JSON; data offsets count from the header's end)."""
     with open(f, "rb") as stream:
         [length] = struct.unpack("<Q", stream.read(8))
         header = json.loads(stream.read(length))
     return {
-        name: 8 + length + entry["data_offsets"][0]
+        name: (entry["dtype"], entry["shape"], 8 + length + entry["data_offsets"][0])
         for name, entry in header.items()
         if name != "__metadata__"
     }
 
 
-@contextmanager
-def _opened(f: Path) -> Iterator[Any]:
+def _check_readable(f: Path) -> None:
+    """safetensors checks the header (offsets, sizes, dtypes) when it opens a file."""
     try:
-        with safe_open(f, framework="pt") as shard:
-            yield shard
+        with safe_open(f, framework="pt"):
+            pass
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
 
