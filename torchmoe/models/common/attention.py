@@ -66,7 +66,28 @@ def _flex_attention(
     if not torch.compiler.is_compiling():
         _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
         kernel = _compiled_flex
-    return kernel(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    # float32 tiles of wide heads (MLA's 192) overflow shared memory at flex's default sizes
+    options = _FLOAT32_FLEX_TILES if q.dtype == torch.float32 else None
+    return kernel(
+        q,
+        k,
+        v,
+        block_mask=mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=options,
+    )
+
+
+_FLOAT32_FLEX_TILES = {
+    "BLOCK_M": 32,
+    "BLOCK_N": 32,
+    "BLOCK_M1": 16,
+    "BLOCK_N1": 32,
+    "BLOCK_M2": 32,
+    "BLOCK_N2": 16,
+    "num_stages": 1,
+}
 
 
 class Attention(nn.Module):
