@@ -2,7 +2,6 @@
 and the model part of torchmoe DCP checkpoints (saved as ``train.model.<name>``, see
 torchmoe/train/checkpoint.py)."""
 
-import ctypes
 import json
 import struct
 from collections.abc import Callable
@@ -12,6 +11,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.convert.hf.file_reads import read_into
 from torchmoe.convert.hf.safetensors_writer import SAFETENSORS_DTYPES, SafetensorsWriter
 from torchmoe.train.checkpoint import load_model_weights, model_weights_metadata
 
@@ -78,16 +78,9 @@ class SafetensorsFolder:
         """One tensor, read from its shard into a new tensor."""
         meta = self.meta[name]
         tensor = torch.empty(meta.shape, dtype=meta.dtype)
-        # the tensor's own bytes as a buffer (a numpy view would pin its storage's size)
-        buffer = memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr()))
-        done = 0
         with open(self.where[name], "rb", buffering=0) as f:
             f.seek(self.offset[name])
-            while done < tensor.nbytes:
-                n = f.readinto(buffer[done:])
-                if not n:
-                    raise ConfigError(f"{self.where[name]}: tensor {name} is cut short")
-                done += n
+            read_into(f, tensor, self.where[name], name)
         return tensor
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
