@@ -17,6 +17,7 @@ files when model.tokenizer_path is a Hugging Face tokenizer. Mistakes print one 
 """
 
 import argparse
+import ctypes
 import re
 import sys
 from pathlib import Path
@@ -60,8 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _return_freed_blocks_to_the_os() -> None:
+    """Conversion streams tensors of a few MiB through memory, and glibc keeps such blocks once
+    freed (its mmap threshold rises to them), so the process would grow by every tensor read.
+    Pinning the threshold at 1 MiB maps and unmaps larger blocks; other C libraries: no-op."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _return_freed_blocks_to_the_os()
     try:
         args, rest = _parser().parse_known_args(argv)
         if args.command == "import":

@@ -22,6 +22,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.convert.hf.file_reads import read_into
 from torchmoe.train import safe_dcp
 
+_Where = tuple[Path, int, tuple[int, ...], torch.dtype]
 _MODEL = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
 
 
@@ -59,6 +60,7 @@ class CheckpointRows:
     def __init__(self, step_dir: Path) -> None:
         self.step_dir = step_dir
         self.metadata = safe_dcp.read_metadata(step_dir)
+        self._found: dict[str, _Where] = {}
 
     def readable(self, name: str) -> bool:
         """Stored as one chunk without a transform: ``rows`` can read it."""
@@ -70,19 +72,31 @@ class CheckpointRows:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of model tensor ``name`` (dim 0), read from its file."""
+        path, data, shape, dtype = self._where(name)
+        row = math.prod(shape[1:]) * dtype.itemsize
+        out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(data + start * row)
+            read_into(f, out, path, name)
+        return out
+
+    def _where(self, name: str) -> _Where:
+        """(file, where the tensor's bytes start, shape, dtype), from its archive's header,
+        read once per tensor."""
+        if name not in self._found:
+            self._found[name] = self._find(name)
+        return self._found[name]
+
+    def _find(self, name: str) -> _Where:
         meta = self.metadata.state_dict_metadata[_MODEL + name]
         info = self.metadata.storage_data[MetadataIndex(_MODEL + name, meta.chunks[0].offsets)]
         path = self.step_dir / info.relative_path
-        with open(path, "rb") as f:
-            with FakeTensorMode():  # the layout only: storages are not read
-                layout = torch.load(
-                    io.BufferedReader(_FileSlice(f, info.offset, info.length)), weights_only=True
-                )
-            if tuple(layout.shape) != tuple(meta.size) or not layout.is_contiguous():
-                raise ConfigError(f"{path}: {name} is not stored as its metadata says")
-            row = math.prod(layout.shape[1:]) * layout.element_size()
-            first = layout.storage_offset() * layout.element_size() + start * row
-            out = torch.empty((stop - start, *layout.shape[1:]), dtype=layout.dtype)
-            f.seek(info.offset + layout.untyped_storage()._checkpoint_offset + first)
-            read_into(f, out, path, name)
-        return out
+        with open(path, "rb") as f, FakeTensorMode():  # the layout only: no storage is read
+            layout = torch.load(
+                io.BufferedReader(_FileSlice(f, info.offset, info.length)), weights_only=True
+            )
+        if tuple(layout.shape) != tuple(meta.size) or not layout.is_contiguous():
+            raise ConfigError(f"{path}: {name} is not stored as its metadata says")
+        data = info.offset + layout.untyped_storage()._checkpoint_offset
+        data += layout.storage_offset() * layout.element_size()
+        return path, data, tuple(layout.shape), layout.dtype

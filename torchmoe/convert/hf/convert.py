@@ -17,6 +17,7 @@ from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import Checkpoint, JobConfig
 from torchmoe.config.validate import validate
 from torchmoe.convert.hf import adapter_for_family, adapter_for_model_type
+from torchmoe.convert.hf.checkpoint_rows import CheckpointRows
 from torchmoe.convert.hf.fp8 import SCALE_SUFFIX, block_size, check_scales, dequantize_one
 from torchmoe.convert.hf.io import (
     SafetensorsFolder,
@@ -24,7 +25,7 @@ from torchmoe.convert.hf.io import (
     read_json,
     write_hf_shards,
 )
-from torchmoe.convert.hf.mapping import from_hf, to_hf
+from torchmoe.convert.hf.mapping import from_hf, is_expert_stack, to_hf
 from torchmoe.data.hf_tokenizer import HFTokenizer
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.train.checkpoint import CheckpointManager, TrainState, load_model_weights
@@ -208,6 +209,7 @@ _DROPPED = ("rope_scaling", "rope_theta", "torch_dtype", "auto_map", "quantizati
 # transformers keeps in float32 (bf16 would lose the expert-bias steps).
 _FP32_SUFFIXES = ("e_score_correction_bias", ".gate.weight")
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_Piece = tuple[str, int | None, torch.Tensor]  # what an export reads and writes at a time
 
 
 def keep_original_configs(hf_dir: Path, folder: Path) -> None:
@@ -292,21 +294,35 @@ def export_hf(
     _, expected = _meta_state(cfg)
     stored = dcp_model_metadata(step_dir, expected)
     rules = adapter.rules(cfg, hf)
+    rows = CheckpointRows(step_dir)
+    # (name, first expert or None, tensor): an expert stack DCP stored whole is read and
+    # written one expert at a time; the rest one tensor at a time
+    pieces: list[_Piece] = []
+    for name, t in stored.items():
+        if rows.readable(name) and is_expert_stack(name, rules):
+            pieces += [(name, e, t[e : e + 1]) for e in range(t.shape[0])]
+        else:
+            pieces.append((name, None, t))
 
-    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tensors = to_hf(state, rules, adapter.family)
+    def convert(piece: _Piece) -> dict[str, torch.Tensor]:
+        name, first, t = piece
+        tensors = to_hf({name: t}, rules, adapter.family, first_expert=first or 0)
         return {
             k: t.float() if k.endswith(_FP32_SUFFIXES) else t.to(EXPORT_DTYPES[dtype])
             for k, t in tensors.items()
         }
 
-    def load(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        group = dict(group)
-        load_model_weights(step_dir, group)
-        return group
+    def load(piece: _Piece) -> _Piece:
+        name, first, t = piece
+        if rows.readable(name):
+            start = first or 0
+            return name, first, rows.rows(name, start, start + t.shape[0])
+        group = {name: t}
+        load_model_weights(step_dir, group)  # a multi-rank run's shards: through DCP, whole
+        return name, first, group[name]
 
     hf["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
-    write_hf_shards(out, [{k: t} for k, t in stored.items()], load, convert, max_shard_bytes)
+    write_hf_shards(out, pieces, load, convert, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tokenizer = build_tokenizer(cfg.model.tokenizer_path)
     generation = _original(step_dir, "generation_config.json") or {

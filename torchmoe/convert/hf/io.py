@@ -6,6 +6,7 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,6 +17,7 @@ from torchmoe.convert.hf.safetensors_writer import SAFETENSORS_DTYPES, Safetenso
 from torchmoe.train.checkpoint import load_model_weights, model_weights_metadata
 
 INDEX = "model.safetensors.index.json"
+G = TypeVar("G")  # a group of tensors write_hf_shards plans, loads and converts
 
 
 def read_json(path: Path) -> dict:
@@ -118,9 +120,9 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def write_hf_shards(
     folder: Path,
-    groups: list[dict[str, torch.Tensor]],
-    load: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    groups: list[G],
+    load: Callable[[G], G],
+    convert: Callable[[G], dict[str, torch.Tensor]],
     max_shard_bytes: int,
 ) -> None:
     """Write safetensors shards of at most ``max_shard_bytes`` (a larger tensor gets a shard

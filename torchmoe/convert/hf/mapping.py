@@ -52,10 +52,16 @@ def _matches(name: str, rules: list[Rule], side: str) -> list[tuple[Rule, dict[s
     return out
 
 
+def is_expert_stack(name: str, rules: list[Rule]) -> bool:
+    """torchmoe tensor ``name`` stacks per-expert Hugging Face tensors along dim 0."""
+    return any(rule.per_expert for rule, _ in _matches(name, rules, "ours") if not rule.copy)
+
+
 def to_hf(
-    state: dict[str, torch.Tensor], rules: list[Rule], family: str
+    state: dict[str, torch.Tensor], rules: list[Rule], family: str, first_expert: int = 0
 ) -> dict[str, torch.Tensor]:
-    """torchmoe state dict -> Hugging Face names and layouts (tensors may be views)."""
+    """torchmoe state dict -> Hugging Face names and layouts (tensors may be views). Expert
+    stacks may be slices of their stack starting at expert ``first_expert``."""
     out = {}
     for name, t in state.items():
         hits = _matches(name, rules, "ours")
@@ -67,7 +73,7 @@ def to_hf(
             )
         for rule, groups in primary + [h for h in hits if h[0].copy]:
             if rule.per_expert:
-                for e, t_e in enumerate(t.unbind(0)):
+                for e, t_e in enumerate(t.unbind(0), start=first_expert):
                     out[rule.hf.format(expert=e, **groups)] = rule.to_hf(t_e)
             else:
                 out[rule.hf.format(**groups)] = rule.to_hf(t)
