@@ -130,16 +130,25 @@ def run_variant(recipe: list[str], warmup: int, steps: int, profile: bool) -> di
 
 
 def _print_kernels(trainer) -> None:
+    """The GPU kernels of two steps by self time, and how busy the GPU was: a step whose
+    kernels sum to less than its wall time waits on the host (launches, syncs)."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             trainer.train_step()
         torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / 2
+    events = prof.key_averages()
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3 / 2
     print(
-        prof.key_averages().table(
-            sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
-        ),
+        events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
+        file=sys.stderr,
+    )
+    print(
+        f"profiled step: {wall_ms:.1f} ms wall (with the profiler), {busy_ms:.1f} ms of kernels",
         file=sys.stderr,
         flush=True,
     )
