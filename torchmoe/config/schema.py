@@ -209,6 +209,17 @@ class Training:
     mixed_precision_reduce: str = opt(
         "float32", "FSDP gradient reduction dtype.", choices=("float32", "bfloat16")
     )
+    compute_weights: str = opt(
+        "auto",
+        "Where one process's bfloat16 compute gets its weights (FSDP casts them itself when it "
+        "runs): cast = autocast casts the float32 weights in every forward and their gradients "
+        "back in every backward; cached = bfloat16 copies kept beside the float32 weights, "
+        "written by torchmoe's AdamW in its update, gradients kept bfloat16 (summed in float32 "
+        "over micro-batches), the same arithmetic with 12 fewer bytes of memory traffic per "
+        "parameter; auto = cached where it applies (one process, bfloat16 autocast, torchmoe's "
+        "AdamW, no float8, no moe.freeze_experts), else cast.",
+        choices=("auto", "cached", "cast"),
+    )
     deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU).")
 
 

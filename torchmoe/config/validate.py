@@ -59,6 +59,7 @@ def validate(cfg: JobConfig) -> None:
             f"optimizer.state_dtype = {o.state_dtype!r} needs optimizer.implementation = "
             f"'torchmoe' or 'auto' (torch's {o.implementation!r} AdamW keeps float32 moments)"
         )
+    check_cached_weights(cfg)
     prof = cfg.profiling
     if prof.enable_profiling and prof.warmup_steps + prof.active_steps > prof.freq:
         raise ConfigError(
@@ -122,4 +123,25 @@ def check_float8(cfg: JobConfig, planning: bool) -> None:
         raise ConfigError(
             "quantize.float8_experts = true needs a CUDA GPU of compute capability "
             "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine"
+        )
+
+
+def check_cached_weights(cfg: JobConfig) -> None:
+    """``training.compute_weights = "cached"`` against what it cannot serve; the number of
+    processes is checked where it is known (the trainer)."""
+    if cfg.training.compute_weights != "cached":
+        return
+    why = None
+    if cfg.optimizer.implementation not in ("auto", "torchmoe"):
+        why = f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
+    elif cfg.quantize.float8_linear or cfg.quantize.float8_experts:
+        why = "float8 (quantize.float8_linear / float8_experts quantize the float32 weights)"
+    elif cfg.moe.freeze_experts:
+        why = "moe.freeze_experts"
+    elif cfg.training.mixed_precision_param == "float32":
+        why = "training.mixed_precision_param = 'float32' (nothing to cast)"
+    if why:
+        raise ConfigError(
+            f"training.compute_weights = 'cached' does not work with {why}; set it to 'auto' "
+            "or 'cast'"
         )

@@ -1,7 +1,8 @@
 """AdamW's update of one tensor as one Triton kernel: each element's parameter, gradient and
 moments are read once and written once, the arithmetic in float32 and the moments stored in
 their own dtype (float32 or bfloat16), with the gradient-clipping coefficient read from device
-memory (no host sync, no separate pass over the gradients). Same contract as
+memory (no host sync, no separate pass over the gradients); the gradient may be bfloat16 and a
+bfloat16 copy of the new parameter may be written in the same pass. Same contract as
 ``adamw_ref.adamw_update``; the kernel takes contiguous tensors and runs under
 TRITON_INTERPRET=1 on CPU for tests.
 """
@@ -22,6 +23,7 @@ def _adamw_kernel(
     m_ptr,
     v_ptr,
     scale_ptr,
+    c_ptr,
     n,
     lr,
     beta1,
@@ -31,6 +33,7 @@ def _adamw_kernel(
     step_size,
     bias2_sqrt,
     HAS_SCALE: tl.constexpr,
+    HAS_COPY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -48,6 +51,9 @@ def _adamw_kernel(
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+    if HAS_COPY:
+        c = p.to(c_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+        tl.store(c_ptr + offs, c, mask=mask)
 
 
 @torch.no_grad()
@@ -64,8 +70,10 @@ def adamw_update(
     weight_decay: float,
     step: int,
     grad_scale: torch.Tensor | None = None,
+    copy: torch.Tensor | None = None,
 ) -> None:
-    """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (``step`` counts this one)."""
+    """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (``step`` counts this one)
+    and write ``copy``, if given, from the new parameter."""
     n = param.numel()
     if n == 0:
         return
@@ -76,6 +84,7 @@ def adamw_update(
         exp_avg,
         exp_avg_sq,
         grad if grad_scale is None else grad_scale,  # unread without a scale
+        param if copy is None else copy,  # unwritten without a copy
         n,
         lr,
         beta1,
@@ -85,6 +94,7 @@ def adamw_update(
         lr / bias1,
         bias2_sqrt,
         HAS_SCALE=grad_scale is not None,
+        HAS_COPY=copy is not None,
         BLOCK=BLOCK,
         num_warps=8,
     )

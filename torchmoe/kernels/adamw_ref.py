@@ -5,7 +5,8 @@ The arithmetic is torch.optim.AdamW's (decoupled weight decay, bias-corrected mo
 float32 whatever the storage dtypes: the moments may be kept in bfloat16 (half the optimizer
 state's memory and traffic) and are rounded only when stored. ``grad_scale`` (a one-element
 tensor, e.g. the gradient-clipping coefficient) multiplies the gradient inside the update, so
-clipping needs no pass of its own over the gradients and no host sync.
+clipping needs no pass of its own over the gradients and no host sync. The gradient may be
+bfloat16 (cached weights' gradients) and a bfloat16 copy of the parameter may be written with it.
 """
 
 import math
@@ -32,8 +33,11 @@ def adamw_update(
     weight_decay: float,
     step: int,
     grad_scale: torch.Tensor | None = None,
+    copy: torch.Tensor | None = None,
 ) -> None:
-    """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (``step`` counts this one)."""
+    """Update ``param``, ``exp_avg`` and ``exp_avg_sq`` in place (``step`` counts this one);
+    ``copy`` (a lower-precision copy of ``param`` that compute runs on) gets the new values
+    rounded to its dtype."""
     bias1, bias2_sqrt = bias_corrections(beta1, beta2, step)
     g = grad.float()
     if grad_scale is not None:
@@ -46,3 +50,5 @@ def adamw_update(
     param.copy_(p)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+    if copy is not None:
+        copy.copy_(p)

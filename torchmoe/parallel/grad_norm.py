@@ -5,21 +5,33 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 
-def _grads_by_mesh(params: list[torch.nn.Parameter]) -> dict[object, list[torch.Tensor]]:
+def _grads_by_mesh(grads: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:
     groups: dict[object, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-            groups.setdefault(key, []).append(p.grad)
+    for g in grads:
+        groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
     return groups
+
+
+def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``grads`` together, accumulated in float32 whatever their dtype (bfloat16
+    gradients of cached weights, cached_weights.py, would otherwise give a bfloat16 norm)."""
+    if any(isinstance(g, DTensor) or g.dtype == torch.float64 for g in grads):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(
+        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+    )
 
 
 @torch.no_grad()
 def grad_norm_and_clip_coef(
-    params: list[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None
+    grads: list[torch.Tensor],
+    max_norm: float,
+    pp_group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The total gradient norm and the factor that clips the gradients to ``max_norm`` (None
-    when ``max_norm`` is 0), both device tensors: no host sync, the GPU keeps its queue.
+    """The total norm of ``grads`` and the factor that clips them to ``max_norm`` (None
+    when ``max_norm`` is 0), both device tensors: no host sync, the GPU keeps its queue
+    (``device`` holds them when this rank has no gradients).
 
     Dense parameters (dense mesh), sharded experts (expert mesh) and plain tensors cannot share
     one foreach call, so norms are taken per mesh, completed across ranks with ``full_tensor``,
@@ -27,15 +39,15 @@ def grad_norm_and_clip_coef(
     different parameters) the squares are summed over the stages too.
     """
     squares = []
-    for grads in _grads_by_mesh(params).values():
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    for group in _grads_by_mesh(grads).values():
+        norm = _norm(group)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float().square())
     total = (
         torch.stack(squares).sum()
         if squares
-        else torch.zeros((), device=params[0].device if params else None)
+        else torch.zeros((), device=grads[0].device if grads else device)
     )
     if pp_group is not None:
         dist.all_reduce(total, group=pp_group)
@@ -51,13 +63,15 @@ def clip_grad_norm_(
     """Clip in place to ``max_norm`` (no clipping when it is 0) and return the total norm (a
     non-finite norm makes the gradients non-finite too; the trainer stops before the update).
     For optimizers that take the coefficient in their update, use ``grad_norm_and_clip_coef``."""
-    total, coef = grad_norm_and_clip_coef(params, max_norm, pp_group)
+    grads = [p.grad for p in params if p.grad is not None]
+    device = params[0].device if params else None
+    total, coef = grad_norm_and_clip_coef(grads, max_norm, pp_group, device)
     if coef is not None:
-        for mesh, grads in _grads_by_mesh(params).items():
+        for mesh, group in _grads_by_mesh(grads).items():
             scale = (
                 coef
                 if mesh is None
                 else DTensor.from_local(coef, mesh, [Replicate()] * mesh.ndim, run_check=False)
             )
-            torch._foreach_mul_(grads, scale)
+            torch._foreach_mul_(group, scale)
     return total

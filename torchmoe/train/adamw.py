@@ -14,12 +14,15 @@ parameter's placement, and the update is elementwise.
 """
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from torchmoe.kernels import adamw_ref
+
+if TYPE_CHECKING:
+    from torchmoe.train.cached_weights import CachedWeights
 
 try:
     from torchmoe.kernels import adamw as adamw_triton
@@ -45,7 +48,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class AdamW(torch.optim.Optimizer):
     """AdamW whose ``step(grad_scale=...)`` multiplies every gradient by ``grad_scale`` (a
-    one-element tensor on the parameters' device) inside the update."""
+    one-element tensor on the parameters' device) inside the update; with ``cached`` it reads
+    the bfloat16 gradients of cached weights and writes their new copies in the same pass."""
 
     takes_grad_scale = True  # the trainer folds clipping into step() instead of scaling grads
 
@@ -64,13 +68,20 @@ class AdamW(torch.optim.Optimizer):
         self.register_load_state_dict_post_hook(_moments_in_state_dtype)
 
     @torch.no_grad()
-    def step(self, closure: None = None, grad_scale: torch.Tensor | None = None) -> None:
+    def step(
+        self,
+        closure: None = None,
+        grad_scale: torch.Tensor | None = None,
+        cached: "CachedWeights | None" = None,
+    ) -> None:
         if closure is not None:
             raise ValueError("torchmoe's AdamW takes no closure")
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
+                copy = cached.copies.get(p) if cached is not None else None
+                grad = p.grad if copy is None else copy.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 if not state:
@@ -78,11 +89,12 @@ class AdamW(torch.optim.Optimizer):
                     for key in MOMENTS:
                         state[key] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-                tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                tensors = [_local(t) for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])]
+                out = None if copy is None else copy.copy
                 fused = (
                     adamw_triton is not None
                     and tensors[0].is_cuda
-                    and all(t.is_contiguous() for t in tensors)
+                    and all(t.is_contiguous() for t in tensors + [out] if t is not None)
                 )
                 update = adamw_triton.adamw_update if fused else adamw_ref.adamw_update
                 update(
@@ -94,7 +106,10 @@ class AdamW(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"],
                     step=int(state["step"].item()),  # a CPU tensor: no device sync
                     grad_scale=grad_scale,
+                    copy=out,
                 )
+                if copy is not None:
+                    copy.mark_current()
 
 
 def _moments_in_state_dtype(optimizer: torch.optim.Optimizer) -> None:

@@ -9,8 +9,17 @@ from torchmoe.config.schema import LRScheduler, Optimizer
 from torchmoe.train.adamw import AdamW
 
 
+def resolve_implementation(cfg: Optimizer, device: torch.device, cached_weights: bool) -> str:
+    """``optimizer.implementation`` for this run: auto = torchmoe's AdamW on CUDA, with
+    bfloat16 moments or with cached weights (only it updates their copies), else foreach."""
+    if cfg.implementation != "auto":
+        return cfg.implementation
+    ours = device.type == "cuda" or cfg.state_dtype != "float32" or cached_weights
+    return "torchmoe" if ours else "foreach"
+
+
 def build_optimizer(
-    model: nn.Module, cfg: Optimizer, device: torch.device
+    model: nn.Module, cfg: Optimizer, device: torch.device, cached_weights: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW with no weight decay on 1-D parameters (norm weights, biases). The expert bias is a
     buffer moved by its own rule, so the optimizer never sees it."""
@@ -19,10 +28,7 @@ def build_optimizer(
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    impl = cfg.implementation
-    if impl == "auto":
-        ours = device.type == "cuda" or cfg.state_dtype != "float32"
-        impl = "torchmoe" if ours else "foreach"
+    impl = resolve_implementation(cfg, device, cached_weights)
     if impl == "torchmoe":
         return AdamW(
             groups,

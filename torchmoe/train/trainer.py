@@ -48,6 +48,7 @@ from torchmoe.parallel.grad_norm import clip_grad_norm_, grad_norm_and_clip_coef
 from torchmoe.parallel.named_init import init_by_name
 from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
+from torchmoe.train.cached_weights import CachedWeights, wants_cached_weights
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.expert_bias import ExpertBiasUpdate
 from torchmoe.train.fingerprint import job_fingerprint
@@ -187,7 +188,10 @@ class Trainer:
             pp_group,
         )
 
-        self.optimizer = build_optimizer(model, cfg.optimizer, self.device)
+        cached = wants_cached_weights(cfg, self.autocast, self.dims.world_size, self.device)
+        self.optimizer = build_optimizer(model, cfg.optimizer, self.device, cached)
+        # bfloat16 copies the micro-batches compute with (None: autocast casts the weights)
+        self.cached_weights = CachedWeights(model, self.dtype) if cached else None
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
         self.accum_steps = self._accumulation_steps()
         dp_rank, dp = self.dims.dp_rank(), self.dims.dp
@@ -280,6 +284,8 @@ class Trainer:
         Balance and MTP losses are in the gradient; their values reach the log through
         ``StepResult.moe``."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cached_weights is not None:
+            self.cached_weights.zero_grad()
         # Balance losses are computed per token shard and averaged over the step's shards.
         set_aux_loss_scale(1.0 / self.token_shards)
         loss_mean = torch.zeros(1, device=self.device)
@@ -300,7 +306,12 @@ class Trainer:
         # torchmoe's AdamW clips inside its update: no pass of its own over the gradients
         folds_clip = getattr(self.optimizer, "takes_grad_scale", False)
         if folds_clip:
-            grad_norm, clip_coef = grad_norm_and_clip_coef(params, max_norm, pp_group)
+            grads = (
+                self.cached_weights.grads(params)
+                if self.cached_weights is not None
+                else [p.grad for p in params if p.grad is not None]
+            )
+            grad_norm, clip_coef = grad_norm_and_clip_coef(grads, max_norm, pp_group, self.device)
         else:
             grad_norm = clip_grad_norm_(params, max_norm, pp_group)
         if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
@@ -316,7 +327,7 @@ class Trainer:
                 )
         lr = self.lr_scheduler.get_last_lr()[0]
         if folds_clip:
-            self.optimizer.step(grad_scale=clip_coef)
+            self.optimizer.step(grad_scale=clip_coef, cached=self.cached_weights)
         else:
             self.optimizer.step()
         if self.freezer is not None:
@@ -356,12 +367,16 @@ class Trainer:
     ) -> torch.Tensor:
         """One micro-batch through the whole model; returns its summed token loss over
         ``global_tokens``."""
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            logits = self.model(inputs, **self._model_kwargs(labels, document_ids))
-        with loss_parallel() if self.dims.tp_enabled else nullcontext():
-            loss = self.loss_fn(logits, labels) / self.global_tokens
-            del logits  # backward needs the loss's own saved tensors only: free [B, S, V] now
-            loss.backward()
+        cached = self.cached_weights
+        with cached.swapped() if cached is not None else nullcontext():
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+                logits = self.model(inputs, **self._model_kwargs(labels, document_ids))
+            with loss_parallel() if self.dims.tp_enabled else nullcontext():
+                loss = self.loss_fn(logits, labels) / self.global_tokens
+                del logits  # backward needs the loss's own saved tensors only: free [B, S, V]
+                loss.backward()
+        if cached is not None and self.accum_steps > 1:
+            cached.fold_grads()
         return _full(loss.detach())
 
     def _model_kwargs(

@@ -1,0 +1,158 @@
+"""bfloat16 copies of the float32 weights that one-process training computes with
+(``training.compute_weights = "cached"``).
+
+Under autocast every micro-batch casts each float32 weight to bfloat16 in forward and its
+bfloat16 gradient back to float32 in backward: 12 bytes of memory traffic per parameter, about
+8 ms of a DeepSeek-V3-16B-L4 step on one H100. Here each weight autocast would cast keeps a
+bfloat16 copy beside its float32 master. For a micro-batch the copies are swapped into their
+modules, so forward and backward run on them with no cast; their gradients stay bfloat16
+(summed in float32 across micro-batches, as autocast's float32 gradients would be); torchmoe's
+AdamW reads those gradients and writes the new copy in the kernel that updates the master.
+The arithmetic is autocast's: the same bfloat16 weights, the same bfloat16 gradients.
+
+The masters stay the model's parameters, outside the swap: checkpoints, validation, generation
+and export see the float32 weights as before. A master changed by anything but the optimizer
+(a checkpoint load, a restore) bumps its version counter, and its copy is made again before the
+next micro-batch: a copy never runs stale.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchmoe.config.errors import ConfigError
+from torchmoe.config.schema import JobConfig
+from torchmoe.models.moe.experts import GroupedExperts
+from torchmoe.models.moe.router import TopKRouter
+from torchmoe.train.optim import resolve_implementation
+
+
+def wants_cached_weights(
+    cfg: JobConfig, autocast: bool, world_size: int, device: torch.device
+) -> bool:
+    """``training.compute_weights`` for this run. The config checks refused "cached" with
+    float8, frozen experts or torch's AdamW; here, where it needs one process under autocast."""
+    mode = cfg.training.compute_weights
+    if mode == "cast":
+        return False
+    applies = autocast and world_size == 1
+    if mode == "cached":
+        if not applies:
+            has = f"{world_size} processes" if world_size > 1 else "float32 compute"
+            raise ConfigError(
+                "training.compute_weights = 'cached' needs one process computing in bfloat16 "
+                f"under autocast; this run has {has}; set it to 'auto' or 'cast'"
+            )
+        return True
+    q = cfg.quantize
+    return (
+        applies
+        and resolve_implementation(cfg.optimizer, device, cached_weights=False) == "torchmoe"
+        and not (q.float8_linear or q.float8_experts or cfg.moe.freeze_experts)
+    )
+
+
+@dataclass
+class WeightCopy:
+    """One master's copy, where the model holds the master, and its gradient."""
+
+    master: nn.Parameter
+    copy: nn.Parameter
+    owners: list[tuple[nn.Module, str]]  # (module, attribute) holding the master
+    version: int = -1  # the master's version counter when the copy was last made from it
+    grad_sum: torch.Tensor | None = None  # float32 sum of earlier micro-batches' gradients
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The step's gradient of the master so far."""
+        if self.grad_sum is None:
+            return self.copy.grad
+        if self.copy.grad is not None:  # a micro-batch since the last fold
+            self.fold()
+        return self.grad_sum
+
+    def fold(self) -> None:
+        """Move the copy's bfloat16 gradient into the float32 sum."""
+        g, self.copy.grad = self.copy.grad, None
+        self.grad_sum = g.float() if self.grad_sum is None else self.grad_sum.add_(g)
+
+    def mark_current(self) -> None:
+        """The optimizer wrote the copy from the updated master."""
+        self.version = self.master._version
+
+
+class CachedWeights:
+    """The copies of ``model``'s weights that autocast would cast to ``dtype``: nn.Linear
+    weights and biases (not the routers', which compute in ``moe.router_dtype``) and the routed
+    experts' weights, when every module holding the parameter is one of those."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        routers = {id(m) for r in model.modules() if isinstance(r, TopKRouter) for m in r.modules()}
+        owners: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    owners.setdefault(p, []).append((module, name))
+        self.copies: dict[nn.Parameter, WeightCopy] = {}
+        for p, uses in owners.items():
+            if (
+                p.requires_grad
+                and p.dtype == torch.float32
+                and type(p.data) is torch.Tensor  # not a DTensor or a quantized subclass
+                and all(_computes_in_autocast(m, routers) for m, _ in uses)
+            ):
+                copy = nn.Parameter(torch.empty_like(p, dtype=dtype))
+                self.copies[p] = WeightCopy(p, copy, uses)
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self.copies)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Make again every copy whose master changed since it was made."""
+        for c in self.copies.values():
+            if c.master._version != c.version:
+                c.copy.copy_(c.master)
+                c.mark_current()
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The copies in the masters' places (forward and backward of one micro-batch)."""
+        self.refresh()
+        self._place(lambda c: c.copy)
+        try:
+            yield
+        finally:
+            self._place(lambda c: c.master)
+
+    def _place(self, pick) -> None:
+        for c in self.copies.values():
+            for module, name in c.owners:
+                module._parameters[name] = pick(c)
+
+    def fold_grads(self) -> None:
+        """After a micro-batch's backward under accumulation: its bfloat16 gradients into the
+        float32 sums, so the next micro-batch's do not round them."""
+        for c in self.copies.values():
+            if c.copy.grad is not None:
+                c.fold()
+
+    def grads(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """The step's gradient of each of ``params`` that has one (a copy's where it has one)."""
+        found = (self.copies[p].grad if p in self.copies else p.grad for p in params)
+        return [g for g in found if g is not None]
+
+    def zero_grad(self) -> None:
+        for c in self.copies.values():
+            c.copy.grad, c.grad_sum = None, None
+
+
+def _computes_in_autocast(module: nn.Module, routers: set[int]) -> bool:
+    """Whether autocast casts this module's parameters to its dtype for compute."""
+    if isinstance(module, GroupedExperts):
+        return True
+    return type(module) is nn.Linear and id(module) not in routers
