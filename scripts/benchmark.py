@@ -62,6 +62,8 @@ VARIANTS = {
         "--optimizer.implementation",
         "fused",
     ],
+    # autocast casts the float32 weights in every micro-batch (compute_weights before "cached").
+    "compiled+cast_weights": ["--compile.enable", "true", "--training.compute_weights", "cast"],
     # Adam's moments in bfloat16 (torchmoe's AdamW).
     "compiled+bf16_moments": ["--compile.enable", "true", "--optimizer.state_dtype", "bfloat16"],
     # Packed documents kept apart (flex attention); the cost depends on the documents' lengths.

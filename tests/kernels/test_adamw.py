@@ -112,6 +112,29 @@ def compare_kernel_to_reference(device: str, sizes: list[int]) -> None:
                     )
 
 
+def compare_copies_from_bf16_grads(device: str, sizes: list[int]) -> None:
+    """Cached weights' update: bfloat16 gradients in, a bfloat16 copy of the new parameter out
+    (the parameter itself as from float32 gradients of the same values)."""
+    from torchmoe.kernels import adamw as fused
+
+    exact = device != "cpu"  # the CPU interpreter truncates float32 -> bfloat16
+    for n in sizes:
+        results = []
+        for update in (fused.adamw_update, adamw_ref.adamw_update):
+            p, m, v = _tensors(n, torch.float32, seed=1, device=device)
+            copy = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device)
+            for step, grad in enumerate(_grads(n, 3, seed=2, device=device), start=1):
+                update(p, grad.bfloat16(), m, v, **HYPER, step=step, copy=copy)
+            results.append((p, copy))
+        (p, copy), (p_ref, copy_ref) = results
+        torch.testing.assert_close(p, p_ref, rtol=1e-5, atol=1e-7)
+        assert torch.equal(copy_ref, p_ref.bfloat16())
+        if exact:
+            assert torch.equal(copy, p.bfloat16()), f"n={n}"
+        else:
+            torch.testing.assert_close(copy.float(), p, rtol=2**-7, atol=0)
+
+
 def test_triton_kernel_in_interpreter() -> None:
     run_in_interpreter(__file__)
 
@@ -120,6 +143,12 @@ def test_triton_kernel_in_interpreter() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_kernel_matches_reference_on_gpu() -> None:
     compare_kernel_to_reference("cuda", [1, 4095, 4096, 1_000_003, 3 * 2**22 + 17])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_kernel_writes_bf16_copies_on_gpu() -> None:
+    compare_copies_from_bf16_grads("cuda", [1, 4095, 1_000_003])
 
 
 @pytest.mark.gpu
@@ -142,4 +171,5 @@ def test_triton_kernel_addresses_past_2_31_elements() -> None:
 
 if __name__ == "__main__":  # the interpreter run (TRITON_INTERPRET=1)
     compare_kernel_to_reference("cpu", [1, 4095, 4097, 9000])
+    compare_copies_from_bf16_grads("cpu", [1, 4097])
     print("OK")

@@ -1,0 +1,153 @@
+"""Cached bfloat16 weights (``training.compute_weights = "cached"``): training on them is
+autocast's training bit for bit (with and without accumulation, with clipping), they cover what
+autocast casts and nothing else, a master changed outside the optimizer (a resume) is copied
+again, their bfloat16 gradients get a float32 norm, and what cannot run them is one config
+line."""
+
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.train.test_cli import run as run_cli
+from torchmoe.config.errors import ConfigError
+from torchmoe.parallel.grad_norm import grad_norm_and_clip_coef
+from torchmoe.train import trainer as trainer_module
+from torchmoe.train.cached_weights import CachedWeights, wants_cached_weights
+
+Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
+# bfloat16 autocast on the CPU; torchmoe's AdamW for both modes; clipping active
+BF16 = {
+    "training.mixed_precision_param": "bfloat16",
+    "optimizer.implementation": "torchmoe",
+    "training.max_norm": 0.05,
+    "optimizer.lr": 1e-2,
+    "training.steps": 3,
+}
+
+
+def _train(tiny_config, mode: str, **overrides) -> tuple[trainer_module.Trainer, list[float]]:
+    trainer = Trainer(tiny_config(**{**BF16, "training.compute_weights": mode, **overrides}))
+    return trainer, [trainer.train_step().loss for _ in range(3)]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cached_weights_train_as_autocast_bit_for_bit(tiny_config, accumulation):
+    batch = {"training.global_batch_size": 4 * accumulation}
+    cast, cast_losses = _train(tiny_config, "cast", **batch)
+    cached, cached_losses = _train(tiny_config, "cached", **batch)
+    assert cast.cached_weights is None and len(cached.cached_weights) > 0
+    assert cached_losses == cast_losses
+    for (name, a), b in zip(cast.model.named_parameters(), cached.model.parameters()):
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+    for c in cached.cached_weights.copies.values():  # the optimizer wrote the copies
+        assert torch.equal(c.copy, c.master.bfloat16())
+
+
+def test_copies_cover_the_weights_autocast_casts(tiny_config):
+    trainer = Trainer(tiny_config(**BF16, **{"training.compute_weights": "cached"}))
+    names = {p: n for n, p in trainer.model.named_parameters()}
+    copied = {names[p] for p in trainer.cached_weights.copies}
+    assert any(n.endswith("experts.w1") for n in copied)
+    assert any(n.endswith("experts.w2") for n in copied)
+    assert "output.weight" in copied
+    assert any("attention" in n for n in copied)
+    for n in copied:
+        assert "router" not in n and "norm" not in n and "embeddings" not in n, n
+
+
+def test_a_weight_shared_with_an_uncast_module_gets_no_copy():
+    tied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert len(CachedWeights(tied, torch.bfloat16)) == 0
+    plain = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=True))
+    assert len(CachedWeights(plain, torch.bfloat16)) == 2  # the linear's weight and bias
+
+
+def test_a_master_changed_outside_the_optimizer_is_copied_before_use():
+    model = nn.Sequential(nn.Linear(8, 8))
+    cached = CachedWeights(model, torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(8, 8))  # as a checkpoint load writes it
+    master = model[0].weight
+    with cached.swapped():
+        inside = model[0].weight
+        assert inside.dtype == torch.bfloat16
+        assert torch.equal(inside, master.bfloat16())
+    assert model[0].weight is master
+
+
+def test_a_resume_continues_exactly(tiny_config):
+    ckpt = {**BF16, "training.compute_weights": "cached", "checkpoint.enable": "true"}
+    ckpt |= {"checkpoint.interval": 2, "training.steps": 4}
+    first = Trainer(tiny_config(**ckpt))
+    losses = first.train()
+    folder = first.checkpoint.folder
+    for p in (folder / "step-4").iterdir():
+        p.unlink()
+    (folder / "step-4").rmdir()
+    resumed = Trainer(tiny_config(**ckpt))
+    assert resumed.train() == losses[2:]
+
+
+def test_bfloat16_gradients_get_a_float32_norm():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g).bfloat16() * 3 for n in (1000, 4097, 7)]
+    want = torch.cat([t.double() for t in grads]).norm()
+    norm, coef = grad_norm_and_clip_coef(grads, max_norm=1.0)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(coef.double(), 1.0 / want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        ({"optimizer.implementation": "fused"}, "optimizer.implementation = 'fused'"),
+        ({"quantize.float8_linear": "true"}, "float8"),
+        ({"moe.freeze_experts": "0"}, "moe.freeze_experts"),
+        ({"training.mixed_precision_param": "float32"}, "mixed_precision_param = 'float32'"),
+    ],
+)
+def test_what_cannot_run_cached_weights_is_refused(tiny_config, overrides, names):
+    with pytest.raises(ConfigError, match="training.compute_weights = 'cached'") as err:
+        tiny_config(**{"training.compute_weights": "cached", **overrides})
+    assert names in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cached_needs_one_process_under_autocast(tiny_config):
+    cfg = tiny_config(**BF16, **{"training.compute_weights": "cached"})
+    cpu = torch.device("cpu")
+    assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)
+    with pytest.raises(ConfigError, match="this run has 2 processes"):
+        wants_cached_weights(cfg, autocast=False, world_size=2, device=cpu)
+    with pytest.raises(ConfigError, match="this run has float32 compute"):
+        wants_cached_weights(cfg, autocast=False, world_size=1, device=cpu)
+
+
+def test_auto_picks_cached_only_where_it_applies(tiny_config):
+    cfg = tiny_config(**{"training.compute_weights": "auto"})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+    assert not wants_cached_weights(cfg, autocast=True, world_size=2, device=cuda)
+    assert not wants_cached_weights(cfg, autocast=False, world_size=1, device=cuda)
+    assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)  # foreach
+    cfg.optimizer.implementation = "torchmoe"
+    assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)
+    cfg.quantize.float8_experts = True
+    assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+    cfg.quantize.float8_experts, cfg.moe.freeze_experts = False, [1]
+    assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+    cfg.moe.freeze_experts, cfg.training.compute_weights = [], "cast"
+    assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+
+
+def test_the_refusal_is_one_line_and_exit_2_from_the_command_line(tmp_path, data_cache):
+    args = ["--training.compute_weights", "cached", "--optimizer.implementation", "foreach"]
+    proc = run_cli([sys.executable, "-m", "torchmoe.train", *args], Path(tmp_path), data_cache)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "training.compute_weights = 'cached' does not work with" in proc.stderr
