@@ -113,7 +113,7 @@ def test_bfloat16_gradients_get_a_float32_norm():
     ],
 )
 def test_what_cannot_run_cached_weights_is_refused(tiny_config, overrides, names):
-    with pytest.raises(ConfigError, match="training.compute_weights = 'cached'") as err:
+    with pytest.raises(ConfigError, match=r"training\.compute_weights = 'cached'") as err:
         tiny_config(**{"training.compute_weights": "cached", **overrides})
     assert names in str(err.value) and "\n" not in str(err.value)
 
@@ -122,7 +122,7 @@ def test_cached_needs_one_process_under_autocast(tiny_config):
     cfg = tiny_config(**BF16, **{"training.compute_weights": "cached"})
     cpu = torch.device("cpu")
     assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)
-    with pytest.raises(ConfigError, match="this run has 2 processes"):
+    with pytest.raises(ConfigError, match=r"this run has 2 processes"):
         wants_cached_weights(cfg, autocast=False, world_size=2, device=cpu)
     with pytest.raises(ConfigError, match="this run has float32 compute"):
         wants_cached_weights(cfg, autocast=False, world_size=1, device=cpu)
