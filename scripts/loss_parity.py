@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--variants", default="compiled+bf16_moments,compiled+float8")
     parser.add_argument("--baseline", default="compiled")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--save", help="write every run's per-step losses to this JSON file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # variant, seed offset
     args, recipe = parser.parse_known_args(argv)
     if args.child:
@@ -71,6 +72,9 @@ def main(argv: list[str]) -> None:
         *[(n, n, 0) for n in names],
     ]:
         runs[label] = _spawn(["--child", name, str(offset), "--steps", str(args.steps), *recipe])
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(runs, f)
     base = runs[args.baseline]
     if base is None:
         sys.exit(f"the baseline {args.baseline!r} failed (see stderr)")
