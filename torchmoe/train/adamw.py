@@ -94,7 +94,13 @@ class AdamW(torch.optim.Optimizer):
                 fused = (
                     adamw_triton is not None
                     and tensors[0].is_cuda
-                    and all(t.is_contiguous() for t in tensors + [out] if t is not None)
+                    # plain, contiguous storage: a wrapper subclass (torchao's float8 expert
+                    # weights) has no data of its own for a kernel's pointer
+                    and all(
+                        type(t) is torch.Tensor and t.is_contiguous()
+                        for t in tensors + [out]
+                        if t is not None
+                    )
                 )
                 update = adamw_triton.adamw_update if fused else adamw_ref.adamw_update
                 update(
