@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchmoe.kernels import adamw_ref
 
@@ -43,7 +44,17 @@ _TORCH_GROUP_KEYS = {
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The tensor holding this rank's values: a DTensor's local shard, and inside a wrapper
+    subclass with one inner tensor of its shape (torchao's float8 expert weights) that inner
+    tensor, which a kernel can address."""
+    t = t.to_local() if isinstance(t, DTensor) else t
+    while is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        inner = getattr(t, names[0]) if len(names) == 1 else None
+        if inner is None or inner.shape != t.shape:
+            break
+        t = inner
+    return t
 
 
 class AdamW(torch.optim.Optimizer):
@@ -94,8 +105,8 @@ class AdamW(torch.optim.Optimizer):
                 fused = (
                     adamw_triton is not None
                     and tensors[0].is_cuda
-                    # plain, contiguous storage: a wrapper subclass (torchao's float8 expert
-                    # weights) has no data of its own for a kernel's pointer
+                    # plain, contiguous storage: a wrapper subclass left has no data of its
+                    # own for a kernel's pointer
                     and all(
                         type(t) is torch.Tensor and t.is_contiguous()
                         for t in tensors + [out]
