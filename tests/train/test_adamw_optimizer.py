@@ -9,7 +9,7 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.train import trainer as trainer_module
-from torchmoe.train.adamw import AdamW
+from torchmoe.train.adamw import AdamW, storage_tensor
 
 Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
 CLIPPED = {"training.steps": 6, "training.max_norm": 0.05, "optimizer.lr": 1e-2}
@@ -139,3 +139,47 @@ def test_memory_check_counts_bf16_moments_at_two_bytes() -> None:
     with pytest.raises(ConfigError, match="weights, gradients and AdamW state"):
         check_model_fits(model, cpu, moment_bytes=4)
     check_model_fits(model, cpu, moment_bytes=2)
+    # cached weights' float32 gradient sums under accumulation: 4 more bytes a parameter
+    with pytest.raises(ConfigError, match="weights, gradients and AdamW state"):
+        check_model_fits(model, cpu, moment_bytes=2, extra_bytes=4)
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass with one inner tensor, as torchao wraps float8 expert weights."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        return torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype)
+
+    def __init__(self, data: torch.Tensor):
+        self._data = data
+
+    def __tensor_flatten__(self):
+        return ["_data"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return _Wrapper(inner["_data"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t._data if isinstance(t, _Wrapper) else t  # noqa: E731
+        out = func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+        return _Wrapper(out) if func is torch.ops.aten.detach.default else out
+
+
+def test_kernels_address_the_inner_tensor_of_a_wrapper() -> None:
+    inner = torch.randn(4, 3)
+    assert storage_tensor(_Wrapper(inner)) is inner
+    plain = torch.randn(2)
+    assert storage_tensor(plain) is plain
+    param = torch.nn.Parameter(_Wrapper(inner.clone()))
+    ref = torch.nn.Parameter(inner.clone())
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    opt, opt_ref = AdamW([param], **hyper), AdamW([ref], **hyper)
+    for _ in range(2):
+        grad = torch.randn(4, 3)
+        param.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        opt_ref.step()
+    assert torch.equal(storage_tensor(param), ref.detach())

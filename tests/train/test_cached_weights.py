@@ -4,6 +4,7 @@ autocast casts and nothing else, a master changed outside the optimizer (a resum
 again, their bfloat16 gradients get a float32 norm, and what cannot run them is one config
 line."""
 
+import ast
 import functools
 import sys
 from pathlib import Path
@@ -67,6 +68,58 @@ def test_a_weight_shared_with_an_uncast_module_gets_no_copy():
     assert len(CachedWeights(plain, torch.bfloat16)) == 2  # the linear's weight and bias
 
 
+def test_modules_that_turn_autocast_off_keep_their_weights():
+    class Float32Gate(nn.Module):
+        autocast_exempt = True
+
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 1)
+
+    model = nn.Sequential(nn.Linear(8, 8), Float32Gate())
+    copied = CachedWeights(model, torch.bfloat16).copies
+    assert set(copied) == {model[0].weight, model[0].bias}
+
+
+def test_every_module_that_turns_autocast_off_is_marked():
+    """A model module computing with autocast off must say so (``autocast_exempt``), else its
+    linears would get bfloat16 copies."""
+    root = Path(__file__).resolve().parents[2] / "torchmoe" / "models"
+    found = 0
+    for path in root.rglob("*.py"):
+        for cls in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            off = [
+                node
+                for node in ast.walk(cls)
+                if isinstance(node, ast.Call)
+                and ast.unparse(node.func).endswith("autocast")
+                and any(
+                    k.arg == "enabled" and ast.unparse(k.value) == "False" for k in node.keywords
+                )
+            ]
+            marked = any(
+                isinstance(node, ast.Assign)
+                and any(ast.unparse(t) == "autocast_exempt" for t in node.targets)
+                and ast.unparse(node.value) == "True"
+                for node in cls.body
+            )
+            assert marked or not off, f"{path.name}: {cls.name} turns autocast off unmarked"
+            found += bool(off)
+    assert found >= 1  # the router
+
+
+def test_a_replaced_master_is_refused_not_put_back():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    cached = CachedWeights(model, torch.bfloat16)
+    model[1].load_state_dict(nn.Linear(8, 8).state_dict(), assign=True)
+    with pytest.raises(RuntimeError, match=r"Linear\.weight was replaced"):
+        with cached.swapped():
+            pass
+    assert model[0].weight.dtype == torch.float32  # nothing was swapped in
+
+
 def test_a_master_changed_outside_the_optimizer_is_copied_before_use():
     model = nn.Sequential(nn.Linear(8, 8))
     cached = CachedWeights(model, torch.bfloat16)
@@ -96,6 +149,7 @@ def test_a_resume_continues_exactly(tiny_config):
 def test_bfloat16_gradients_get_a_float32_norm():
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(n, generator=g).bfloat16() * 3 for n in (1000, 4097, 7)]
+    grads.insert(1, torch.randn(300, generator=g))  # float32 ones too (embeddings, norms)
     want = torch.cat([t.double() for t in grads]).norm()
     norm, coef = grad_norm_and_clip_coef(grads, max_norm=1.0)
     assert norm.dtype == torch.float32

@@ -14,12 +14,20 @@ def _grads_by_mesh(grads: list[torch.Tensor]) -> dict[object, list[torch.Tensor]
 
 def _norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of ``grads`` together, accumulated in float32 whatever their dtype (bfloat16
-    gradients of cached weights, cached_weights.py, would otherwise give a bfloat16 norm)."""
+    gradients of cached weights, cached_weights.py, would otherwise give a bfloat16 norm). One
+    foreach call per dtype (a mixed list takes torch's one-kernel-per-tensor path), the
+    per-tensor norms summed in the gradients' order."""
     if any(isinstance(g, DTensor) or g.dtype == torch.float64 for g in grads):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
-    return torch.linalg.vector_norm(
-        torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
-    )
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    norms: list[torch.Tensor] = [torch.empty(())] * len(grads)
+    for where in by_dtype.values():
+        found = torch._foreach_norm([grads[i] for i in where], 2.0, dtype=torch.float32)
+        for i, norm in zip(where, found, strict=True):
+            norms[i] = norm
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()

@@ -13,17 +13,14 @@ DTensor parameters (FSDP2, EP, TP) are updated shard by shard: the moments share
 parameter's placement, and the update is elementwise.
 """
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from torchmoe.kernels import adamw_ref
-
-if TYPE_CHECKING:
-    from torchmoe.train.cached_weights import CachedWeights
 
 try:
     from torchmoe.kernels import adamw as adamw_triton
@@ -43,10 +40,22 @@ _TORCH_GROUP_KEYS = {
 }
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor holding this rank's values: a DTensor's local shard, and inside a wrapper
-    subclass with one inner tensor of its shape (torchao's float8 expert weights) that inner
-    tensor, which a kernel can address."""
+class WorkingCopy(Protocol):
+    """A lower-precision copy of a parameter that forward and backward ran on
+    (cached_weights.py): its gradient is the parameter's, and the update writes it."""
+
+    copy: torch.Tensor
+
+    @property
+    def grad(self) -> torch.Tensor | None: ...
+
+    def mark_current(self) -> None: ...
+
+
+def storage_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding this rank's values of ``t``, which a kernel can address: a
+    DTensor's local shard, and inside a wrapper subclass with one inner tensor of its shape
+    (torchao's float8 expert weights) that inner tensor."""
     t = t.to_local() if isinstance(t, DTensor) else t
     while is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
@@ -59,8 +68,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class AdamW(torch.optim.Optimizer):
     """AdamW whose ``step(grad_scale=...)`` multiplies every gradient by ``grad_scale`` (a
-    one-element tensor on the parameters' device) inside the update; with ``cached`` it reads
-    the bfloat16 gradients of cached weights and writes their new copies in the same pass."""
+    one-element tensor on the parameters' device) inside the update; for a parameter in
+    ``copies`` it reads the copy's gradient and writes the new copy in the same pass."""
 
     takes_grad_scale = True  # the trainer folds clipping into step() instead of scaling grads
 
@@ -83,14 +92,14 @@ class AdamW(torch.optim.Optimizer):
         self,
         closure: None = None,
         grad_scale: torch.Tensor | None = None,
-        cached: "CachedWeights | None" = None,
+        copies: Mapping[torch.Tensor, WorkingCopy] | None = None,
     ) -> None:
         if closure is not None:
             raise ValueError("torchmoe's AdamW takes no closure")
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                copy = cached.copies.get(p) if cached is not None else None
+                copy = copies.get(p) if copies is not None else None
                 grad = p.grad if copy is None else copy.grad
                 if grad is None:
                     continue
@@ -100,7 +109,9 @@ class AdamW(torch.optim.Optimizer):
                     for key in MOMENTS:
                         state[key] = torch.zeros_like(p, dtype=self.state_dtype)
                 state["step"] += 1
-                tensors = [_local(t) for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])]
+                tensors = [
+                    storage_tensor(t) for t in (p, grad, state["exp_avg"], state["exp_avg_sq"])
+                ]
                 out = None if copy is None else copy.copy
                 fused = (
                     adamw_triton is not None

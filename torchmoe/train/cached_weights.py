@@ -11,12 +11,13 @@ AdamW reads those gradients and writes the new copy in the kernel that updates t
 The arithmetic is autocast's: the same bfloat16 weights, the same bfloat16 gradients.
 
 The masters stay the model's parameters, outside the swap: checkpoints, validation, generation
-and export see the float32 weights as before. A master changed by anything but the optimizer
-(a checkpoint load, a restore) bumps its version counter, and its copy is made again before the
-next micro-batch: a copy never runs stale.
+and export see the float32 weights as before. An in-place write to a master other than the
+optimizer's (``copy_``, a DCP checkpoint load) bumps its version counter, and its copy is made
+again before the next micro-batch. Writes through ``.data`` bump nothing and must not be used
+on a training model; a master replaced by another tensor is refused at the next swap.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,7 +27,6 @@ from torch import nn
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.experts import GroupedExperts
-from torchmoe.models.moe.router import TopKRouter
 from torchmoe.train.optim import resolve_implementation
 
 
@@ -86,11 +86,17 @@ class WeightCopy:
 
 class CachedWeights:
     """The copies of ``model``'s weights that autocast would cast to ``dtype``: nn.Linear
-    weights and biases (not the routers', which compute in ``moe.router_dtype``) and the routed
-    experts' weights, when every module holding the parameter is one of those."""
+    weights and biases and the routed experts' weights, outside modules marked
+    ``autocast_exempt`` (the router computes in ``moe.router_dtype``), when every module
+    holding the parameter is one of those."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
-        routers = {id(m) for r in model.modules() if isinstance(r, TopKRouter) for m in r.modules()}
+        exempt = {
+            id(m)
+            for e in model.modules()
+            if getattr(e, "autocast_exempt", False)
+            for m in e.modules()
+        }
         owners: dict[nn.Parameter, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for name, p in module._parameters.items():
@@ -102,7 +108,7 @@ class CachedWeights:
                 p.requires_grad
                 and p.dtype == torch.float32
                 and type(p.data) is torch.Tensor  # not a DTensor or a quantized subclass
-                and all(_computes_in_autocast(m, routers) for m, _ in uses)
+                and all(_computes_in_autocast(m, exempt) for m, _ in uses)
             ):
                 copy = nn.Parameter(torch.empty_like(p, dtype=dtype))
                 self.copies[p] = WeightCopy(p, copy, uses)
@@ -123,16 +129,29 @@ class CachedWeights:
     def swapped(self) -> Iterator[None]:
         """The copies in the masters' places (forward and backward of one micro-batch)."""
         self.refresh()
-        self._place(lambda c: c.copy)
+        self._place(lambda c: c.master, lambda c: c.copy)
         try:
             yield
         finally:
-            self._place(lambda c: c.master)
+            self._place(lambda c: c.copy, lambda c: c.master)
 
-    def _place(self, pick) -> None:
-        for c in self.copies.values():
-            for module, name in c.owners:
-                module._parameters[name] = pick(c)
+    def _place(
+        self,
+        held: Callable[[WeightCopy], nn.Parameter],
+        put: Callable[[WeightCopy], nn.Parameter],
+    ) -> None:
+        """Every owner's ``held(c)`` replaced by ``put(c)``; nothing replaced if any owner holds
+        something else."""
+        slots = [(module, name, c) for c in self.copies.values() for module, name in c.owners]
+        for module, name, c in slots:
+            if module._parameters[name] is not held(c):
+                raise RuntimeError(
+                    f"{type(module).__name__}.{name} was replaced after its bfloat16 copy was "
+                    "made (load_state_dict(assign=True)?); load weights in place, or set "
+                    "training.compute_weights = 'cast'"
+                )
+        for module, name, c in slots:
+            module._parameters[name] = put(c)
 
     def fold_grads(self) -> None:
         """After a micro-batch's backward under accumulation: its bfloat16 gradients into the
@@ -151,8 +170,10 @@ class CachedWeights:
             c.copy.grad, c.grad_sum = None, None
 
 
-def _computes_in_autocast(module: nn.Module, routers: set[int]) -> bool:
-    """Whether autocast casts this module's parameters to its dtype for compute."""
-    if isinstance(module, GroupedExperts):
-        return True
-    return type(module) is nn.Linear and id(module) not in routers
+def _computes_in_autocast(module: nn.Module, exempt: set[int]) -> bool:
+    """Whether autocast casts this module's parameters to its dtype for compute: a plain
+    nn.Linear or the routed experts, not inside a module that turns autocast off (marked
+    ``autocast_exempt``, as the router is)."""
+    if id(module) in exempt:
+        return False
+    return isinstance(module, GroupedExperts) or type(module) is nn.Linear

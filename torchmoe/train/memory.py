@@ -19,13 +19,18 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def check_model_fits(
-    model: nn.Module, device: torch.device, shards: int = 1, moment_bytes: int = 4
+    model: nn.Module,
+    device: torch.device,
+    shards: int = 1,
+    moment_bytes: int = 4,
+    extra_bytes: int = 0,
 ) -> None:
     """Raise a ConfigError when parameters + gradients + AdamW state (two moments of
-    ``moment_bytes`` each), split over ``shards`` data-parallel ranks, exceed the device's
+    ``moment_bytes`` each) + ``extra_bytes`` per parameter (cached weights' float32 gradient
+    sums under accumulation), split over ``shards`` data-parallel ranks, exceed the device's
     memory. Activations come on top, uncounted."""
     n_params = sum(p.numel() for p in model.parameters())
-    need = n_params * (BYTES_PER_PARAM + 2 * moment_bytes) // shards
+    need = n_params * (BYTES_PER_PARAM + 2 * moment_bytes + extra_bytes) // shards
     have = device_memory_bytes(device)
     if need > have:
         raise ConfigError(

@@ -144,11 +144,16 @@ class Trainer:
         if cfg.moe.freeze_router:
             freeze_routers(model)
         check_recompute_modules(model, cfg.activation_checkpoint)
+        cached = wants_cached_weights(cfg, self.autocast, self.dims.world_size, self.device)
+        self.accum_steps = self._accumulation_steps()
         check_model_fits(
             model,
             self.device,
             shards=self.dims.dp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
+            # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus the
+            # float32 gradient sums under accumulation
+            extra_bytes=4 if cached and self.accum_steps > 1 else 0,
         )
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
@@ -188,12 +193,10 @@ class Trainer:
             pp_group,
         )
 
-        cached = wants_cached_weights(cfg, self.autocast, self.dims.world_size, self.device)
         self.optimizer = build_optimizer(model, cfg.optimizer, self.device, cached)
         # bfloat16 copies the micro-batches compute with (None: autocast casts the weights)
         self.cached_weights = CachedWeights(model, self.dtype) if cached else None
         self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, t.steps)
-        self.accum_steps = self._accumulation_steps()
         dp_rank, dp = self.dims.dp_rank(), self.dims.dp
         train_docs, val_docs = open_training_and_validation(
             cfg.data, cfg.validation, dp_rank, dp, t.seed
@@ -327,7 +330,8 @@ class Trainer:
                 )
         lr = self.lr_scheduler.get_last_lr()[0]
         if folds_clip:
-            self.optimizer.step(grad_scale=clip_coef, cached=self.cached_weights)
+            copies = self.cached_weights.copies if self.cached_weights is not None else None
+            self.optimizer.step(grad_scale=clip_coef, copies=copies)
         else:
             self.optimizer.step()
         if self.freezer is not None:

@@ -70,6 +70,10 @@ def round_robin(num_tokens: int, topk: int, num_experts: int, device: torch.devi
 class TopKRouter(nn.Module):
     """Scores every expert for every token and picks each token's top-k (see module docstring)."""
 
+    # Computes with autocast off, in router_dtype: bfloat16 copies of weights made for autocast
+    # compute (train/cached_weights.py) leave this module's parameters alone.
+    autocast_exempt = True
+
     def __init__(self, args: RouterArgs):
         super().__init__()
         self.args = args
