@@ -23,7 +23,15 @@ class Batch(NamedTuple):
     document_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(*(t if t is None else t.to(device) for t in self))
+        """On ``device``. To a GPU through pinned memory without blocking: a copy from
+        pageable memory makes the host wait until the GPU has finished all queued work (the
+        previous step's optimizer, the previous micro-batch's backward), then start launching
+        this one's kernels into an idle GPU."""
+        if device.type != "cuda":
+            return Batch(*(t if t is None else t.to(device) for t in self))
+        return Batch(
+            *(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in self)
+        )
 
 
 class StatefulBatches(Protocol):
