@@ -176,10 +176,19 @@ def test_cached_needs_one_process_under_autocast(tiny_config):
     cfg = tiny_config(**BF16, **{"training.compute_weights": "cached"})
     cpu = torch.device("cpu")
     assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)
-    with pytest.raises(ConfigError, match=r"this run has 2 processes"):
+    with pytest.raises(ConfigError, match=r"does not work with 2 processes"):
         wants_cached_weights(cfg, autocast=False, world_size=2, device=cpu)
-    with pytest.raises(ConfigError, match="this run has float32 compute"):
+    with pytest.raises(ConfigError, match="this run computes in float32"):
         wants_cached_weights(cfg, autocast=False, world_size=1, device=cpu)
+
+
+def test_the_dry_run_refuses_cached_weights_on_several_ranks(tiny_config, monkeypatch):
+    from torchmoe.parallel.dry_run import dry_run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config(**BF16, **{"training.compute_weights": "cached"})
+    with pytest.raises(ConfigError, match=r"does not work with 2 processes"):
+        dry_run(cfg)
 
 
 def test_auto_picks_cached_only_where_it_applies(tiny_config):

@@ -126,13 +126,17 @@ def check_float8(cfg: JobConfig, planning: bool) -> None:
         )
 
 
-def check_cached_weights(cfg: JobConfig) -> None:
-    """``training.compute_weights = "cached"`` against what it cannot serve; the number of
-    processes is checked where it is known (the trainer)."""
+def check_cached_weights(cfg: JobConfig, world_size: int = 1) -> None:
+    """``training.compute_weights = "cached"`` against what it cannot serve, ``world_size``
+    processes included (the trainer and the dry run know it)."""
     if cfg.training.compute_weights != "cached":
         return
     why = None
-    if cfg.optimizer.implementation not in ("auto", "torchmoe"):
+    if world_size > 1:
+        why = (
+            f"{world_size} processes (it runs in one; FSDP and the parallel plans cast the weights)"
+        )
+    elif cfg.optimizer.implementation not in ("auto", "torchmoe"):
         why = f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
     elif cfg.quantize.float8_linear or cfg.quantize.float8_experts:
         why = "float8 (quantize.float8_linear / float8_experts quantize the float32 weights)"

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torchmoe.config.pipeline_keys import microbatches, stage_ids
 from torchmoe.config.registry import build_model, get_model_spec
 from torchmoe.config.schema import JobConfig
+from torchmoe.config.validate import check_cached_weights
 from torchmoe.models.moe.moe import MoE
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
 from torchmoe.parallel.dims import ParallelDims
@@ -134,6 +135,7 @@ def dry_run(cfg: JobConfig) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers "fake"
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_cached_weights(cfg, world)  # as the real run would refuse it
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         dims = ParallelDims.from_config(cfg.parallelism, world)

@@ -26,6 +26,7 @@ from torch import nn
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
+from torchmoe.config.validate import check_cached_weights
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.train.optim import resolve_implementation
 
@@ -33,18 +34,19 @@ from torchmoe.train.optim import resolve_implementation
 def wants_cached_weights(
     cfg: JobConfig, autocast: bool, world_size: int, device: torch.device
 ) -> bool:
-    """``training.compute_weights`` for this run. The config checks refused "cached" with
-    float8, frozen experts or torch's AdamW; here, where it needs one process under autocast."""
+    """``training.compute_weights`` for this run; "cached" where it cannot run is a ConfigError
+    (config/validate.py refused the static cases already)."""
     mode = cfg.training.compute_weights
     if mode == "cast":
         return False
     applies = autocast and world_size == 1
     if mode == "cached":
+        check_cached_weights(cfg, world_size)
         if not applies:
-            has = f"{world_size} processes" if world_size > 1 else "float32 compute"
             raise ConfigError(
-                "training.compute_weights = 'cached' needs one process computing in bfloat16 "
-                f"under autocast; this run has {has}; set it to 'auto' or 'cast'"
+                "training.compute_weights = 'cached' needs bfloat16 compute under autocast; this "
+                "run computes in float32 (training.mixed_precision_param); set it to 'auto' or "
+                "'cast'"
             )
         return True
     q = cfg.quantize
