@@ -133,9 +133,7 @@ def check_cached_weights(cfg: JobConfig, world_size: int = 1) -> None:
         return
     why = None
     if world_size > 1:
-        why = (
-            f"{world_size} processes (it runs in one; FSDP and the parallel plans cast the weights)"
-        )
+        why = f"{world_size} processes (it runs in one only)"
     elif cfg.optimizer.implementation not in ("auto", "torchmoe"):
         why = f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
     elif cfg.quantize.float8_linear or cfg.quantize.float8_experts:
