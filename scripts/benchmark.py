@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -254,15 +255,18 @@ def _child(args: argparse.Namespace, recipe: list[str]) -> None:
     print("RESULT " + json.dumps(row), flush=True)
 
 
-def _spawn(flags: list[str], recipe: list[str]) -> dict | None:
-    """Run a child process (its stderr passes through) and return its RESULT row."""
-    proc = subprocess.run(
-        [sys.executable, __file__, *flags, *recipe], stdout=subprocess.PIPE, text=True
-    )
+def run_child(script: str, args: list[str], tag: str = "RESULT") -> Any:
+    """Run ``script`` in a fresh process (its stderr passes through) and return the JSON it
+    printed after ``tag``; None if it printed none (it failed)."""
+    proc = subprocess.run([sys.executable, script, *args], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1 :])
     return None
+
+
+def _spawn(flags: list[str], recipe: list[str]) -> dict | None:
+    return run_child(__file__, flags + recipe)
 
 
 def main(argv: list[str]) -> None:

@@ -13,11 +13,10 @@ gap over those steps (same batches, so only the numerics differ).
 
 import argparse
 import json
-import subprocess
 import sys
 
 import torch
-from benchmark import _QUIET, VARIANTS
+from benchmark import _QUIET, VARIANTS, run_child
 
 NOISE = "baseline, seed + 1"
 
@@ -29,14 +28,6 @@ def _losses(recipe: list[str], steps: int) -> list[float]:
     cfg, _ = load_config(recipe + _QUIET)
     trainer = Trainer(cfg)
     return [trainer.train_step().loss for _ in range(steps)]
-
-
-def _spawn(flags: list[str]) -> list[float] | None:
-    proc = subprocess.run([sys.executable, __file__, *flags], stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("LOSSES "):
-            return json.loads(line[len("LOSSES ") :])
-    return None
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +62,8 @@ def main(argv: list[str]) -> None:
         (NOISE, args.baseline, 1),
         *[(n, n, 0) for n in names],
     ]:
-        runs[label] = _spawn(["--child", name, str(offset), "--steps", str(args.steps), *recipe])
+        flags = ["--child", name, str(offset), "--steps", str(args.steps), *recipe]
+        runs[label] = run_child(__file__, flags, tag="LOSSES")
     if args.save:
         with open(args.save, "w") as f:
             json.dump(runs, f)
