@@ -214,3 +214,30 @@ def test_the_refusal_is_one_line_and_exit_2_from_the_command_line(tmp_path, data
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "training.compute_weights = 'cached' does not work with" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cached_weights_on_a_gpu_follow_autocast(tiny_config, compiled):
+    """The Triton update writing the copies, compiled blocks swapping them, accumulation: the
+    same training as autocast's casts (deterministic kernels; the gradient norm's sums may round
+    differently, so close rather than equal)."""
+    job = {
+        "training.deterministic": "true",
+        "training.global_batch_size": 8,
+        "compile.enable": str(compiled).lower(),
+        "training.max_norm": 0.05,
+        "optimizer.lr": 1e-2,
+    }
+    runs = {}
+    for mode in ("cast", "cached"):
+        trainer = trainer_module.Trainer(tiny_config(**job, **{"training.compute_weights": mode}))
+        runs[mode] = (trainer, [trainer.train_step().loss for _ in range(3)])
+    (cast, cast_losses), (cached, cached_losses) = runs["cast"], runs["cached"]
+    assert cast.cached_weights is None and len(cached.cached_weights) > 0
+    torch.testing.assert_close(cached_losses, cast_losses, rtol=1e-5, atol=0)
+    for a, b in zip(cast.model.parameters(), cached.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for c in cached.cached_weights.copies.values():
+        assert torch.equal(c.copy, c.master.bfloat16())
