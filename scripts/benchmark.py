@@ -76,6 +76,22 @@ VARIANTS = {
         "--training.local_batch_size",
         "4",
     ],
+    "compiled+selective_ac+bf16_moments": [
+        "--compile.enable",
+        "true",
+        "--activation_checkpoint.mode",
+        "selective",
+        "--optimizer.state_dtype",
+        "bfloat16",
+    ],
+    "compiled+accum4+bf16_moments": [
+        "--compile.enable",
+        "true",
+        "--training.global_batch_size",
+        "8",
+        "--optimizer.state_dtype",
+        "bfloat16",
+    ],
     # Packed documents kept apart (flex attention); the cost depends on the documents' lengths.
     "compiled+block_causal": ["--compile.enable", "true", "--model.attn_mask", "block_causal"],
     # Best case of routing: every expert gets the same number of tokens (benchmark only).

@@ -28,8 +28,14 @@ from torch import nn
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 from torchmoe.config.validate import check_cached_weights
+from torchmoe.kernels import grad_fold_ref
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.train.optim import resolve_implementation
+
+try:
+    from torchmoe.kernels import grad_fold
+except ImportError:  # no Triton on this platform: the torch fold only
+    grad_fold = None
 
 
 def wants_cached_weights(
@@ -80,7 +86,8 @@ class WeightCopy:
     def fold(self) -> None:
         """Move the copy's bfloat16 gradient into the float32 sum."""
         g, self.copy.grad = self.copy.grad, None
-        self.grad_sum = g.float() if self.grad_sum is None else self.grad_sum.add_(g)
+        fused = grad_fold is not None and g.is_cuda and g.is_contiguous()
+        self.grad_sum = (grad_fold if fused else grad_fold_ref).fold(self.grad_sum, g)
 
     def mark_current(self) -> None:
         """The optimizer wrote the copy from the updated master."""
