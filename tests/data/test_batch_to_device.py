@@ -36,3 +36,5 @@ def test_batches_copied_to_the_gpu_without_blocking_arrive_intact():
     for batch, on_gpu in zip(batches, moved, strict=True):
         for a, b in zip(batch, on_gpu, strict=True):
             assert b.is_cuda and torch.equal(a, b.cpu())
+    again = moved[0].to(cuda)  # already there: nothing to pin
+    assert all(torch.equal(a, b) for a, b in zip(moved[0], again, strict=True))

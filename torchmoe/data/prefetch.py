@@ -27,11 +27,13 @@ class Batch(NamedTuple):
         pageable memory makes the host wait until the GPU has finished all queued work (the
         previous step's optimizer, the previous micro-batch's backward), then start launching
         this one's kernels into an idle GPU."""
-        if device.type != "cuda":
-            return Batch(*(t if t is None else t.to(device) for t in self))
-        return Batch(
-            *(t if t is None else t.pin_memory().to(device, non_blocking=True) for t in self)
-        )
+        return Batch(*(t if t is None else _to(t, device) for t in self))
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class StatefulBatches(Protocol):

@@ -86,7 +86,12 @@ class WeightCopy:
     def fold(self) -> None:
         """Move the copy's bfloat16 gradient into the float32 sum."""
         g, self.copy.grad = self.copy.grad, None
-        fused = grad_fold is not None and g.is_cuda and g.is_contiguous()
+        fused = (
+            grad_fold is not None
+            and g.is_cuda
+            and g.is_contiguous()
+            and (self.grad_sum is None or self.grad_sum.is_contiguous())
+        )
         self.grad_sum = (grad_fold if fused else grad_fold_ref).fold(self.grad_sum, g)
 
     def mark_current(self) -> None:
