@@ -281,10 +281,6 @@ def run_child(script: str, args: list[str], tag: str = "RESULT") -> Any:
     return None
 
 
-def _spawn(flags: list[str], recipe: list[str]) -> dict | None:
-    return run_child(__file__, flags + recipe)
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -316,7 +312,7 @@ def main(argv: list[str]) -> None:
             sys.exit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
         flags = ["--variant", name, "--warmup", str(args.warmup), "--steps", str(args.steps)]
         flags += ["--profile"] if args.profile else []
-        r = _spawn(flags, recipe)
+        r = run_child(__file__, flags + recipe)
         if r is None:
             print(f"| {name} | failed (see stderr) | | | | |", flush=True)
             continue
@@ -328,7 +324,7 @@ def main(argv: list[str]) -> None:
         )
     if args.no_layer_split:
         return
-    split = _spawn(["--split"], recipe)
+    split = run_child(__file__, ["--split"] + recipe)
     if split is None:
         return
     split = split["split"]

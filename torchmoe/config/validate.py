@@ -126,22 +126,28 @@ def check_float8(cfg: JobConfig, planning: bool) -> None:
         )
 
 
+def cached_weights_conflict(cfg: JobConfig, world_size: int = 1) -> str | None:
+    """What keeps ``training.compute_weights = "cached"`` from running in this job on
+    ``world_size`` processes, or None."""
+    if world_size > 1:
+        return f"{world_size} processes (it runs in one only)"
+    if cfg.optimizer.implementation not in ("auto", "torchmoe"):
+        return f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
+    if cfg.quantize.float8_linear or cfg.quantize.float8_experts:
+        return "float8 (quantize.float8_linear / float8_experts quantize the float32 weights)"
+    if cfg.moe.freeze_experts:
+        return "moe.freeze_experts"
+    if cfg.training.mixed_precision_param == "float32":
+        return "training.mixed_precision_param = 'float32' (nothing to cast)"
+    return None
+
+
 def check_cached_weights(cfg: JobConfig, world_size: int = 1) -> None:
-    """``training.compute_weights = "cached"`` against what it cannot serve, ``world_size``
-    processes included (the trainer and the dry run know it)."""
+    """An explicit ``training.compute_weights = "cached"`` where it cannot run is one line
+    (the trainer and the dry run pass the number of processes)."""
     if cfg.training.compute_weights != "cached":
         return
-    why = None
-    if world_size > 1:
-        why = f"{world_size} processes (it runs in one only)"
-    elif cfg.optimizer.implementation not in ("auto", "torchmoe"):
-        why = f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
-    elif cfg.quantize.float8_linear or cfg.quantize.float8_experts:
-        why = "float8 (quantize.float8_linear / float8_experts quantize the float32 weights)"
-    elif cfg.moe.freeze_experts:
-        why = "moe.freeze_experts"
-    elif cfg.training.mixed_precision_param == "float32":
-        why = "training.mixed_precision_param = 'float32' (nothing to cast)"
+    why = cached_weights_conflict(cfg, world_size)
     if why:
         raise ConfigError(
             f"training.compute_weights = 'cached' does not work with {why}; set it to 'auto' "

@@ -27,7 +27,7 @@ from torch import nn
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
-from torchmoe.config.validate import check_cached_weights
+from torchmoe.config.validate import cached_weights_conflict, check_cached_weights
 from torchmoe.kernels import grad_fold_ref
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.train.optim import resolve_implementation
@@ -56,11 +56,10 @@ def wants_cached_weights(
                 "'cast'"
             )
         return True
-    q = cfg.quantize
     return (
         applies
+        and cached_weights_conflict(cfg, world_size) is None
         and resolve_implementation(cfg.optimizer, device, cached_weights=False) == "torchmoe"
-        and not (q.float8_linear or q.float8_experts or cfg.moe.freeze_experts)
     )
 
 
@@ -76,12 +75,9 @@ class WeightCopy:
 
     @property
     def grad(self) -> torch.Tensor | None:
-        """The step's gradient of the master so far."""
-        if self.grad_sum is None:
-            return self.copy.grad
-        if self.copy.grad is not None:  # a micro-batch since the last fold
-            self.fold()
-        return self.grad_sum
+        """The step's gradient of the master: the float32 sum under accumulation (folded after
+        every micro-batch), else the copy's own."""
+        return self.copy.grad if self.grad_sum is None else self.grad_sum
 
     def fold(self) -> None:
         """Move the copy's bfloat16 gradient into the float32 sum."""
