@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -182,7 +183,7 @@ def _print_kernels(trainer) -> None:
     )
 
 
-def _gpu_ms(fn, repeats: int = 10) -> float:
+def gpu_ms(fn, repeats: int = 10) -> float:
     """Mean milliseconds of GPU kernels per call of ``fn`` (from the profiler, so a phase made
     of small kernels is not charged for the CPU time it takes to launch them)."""
     from torch.profiler import ProfilerActivity, profile
@@ -197,10 +198,14 @@ def _gpu_ms(fn, repeats: int = 10) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
 
 
-def _fwd_bwd(fn, *inputs: torch.Tensor):
+def fwd_bwd(fn, *inputs: torch.Tensor, params: Iterable[torch.Tensor] = ()):
     """A callable running ``fn`` forward and backward (seeded with ones-like gradients) on
-    detached copies of ``inputs``, so one phase is timed alone."""
+    detached copies of ``inputs``, so one phase is timed alone. Gradients of the inputs and of
+    ``params`` are returned, not accumulated into ``.grad``: the trainer's first micro-batch
+    writes fresh gradients, and an accumulating add would charge the phase for a pass over
+    every weight it touches."""
     leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    wrt = [t for t in (*leaves, *params) if t.requires_grad]
 
     def run():
         outs = fn(*leaves)
@@ -209,7 +214,7 @@ def _fwd_bwd(fn, *inputs: torch.Tensor):
             for o in (outs if isinstance(outs, tuple) else (outs,))
             if isinstance(o, torch.Tensor) and o.requires_grad
         ]
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        torch.autograd.grad(outs, wrt, [torch.ones_like(o) for o in outs], allow_unused=True)
 
     return run
 
@@ -238,27 +243,32 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
     def dense_swiglu(x_MD, w1, w3, w2):
         return (torch.nn.functional.silu(x_MD @ w1.T) * (x_MD @ w3.T)) @ w2.T
 
+    params = list(layer.parameters())
+
+    def step(fn, *inputs):
+        return fwd_bwd(fn, *inputs, params=params)
+
     phases = [
-        ("router", _fwd_bwd(lambda x: layer.router(x).topk_weight_TK, x)),
-        ("dispatch", _fwd_bwd(lambda x: layer.dispatcher.dispatch(x, routing.topk_idx_TK)[0], x)),
-        ("experts (grouped GEMM)", _fwd_bwd(lambda h: layer.experts(h, counts), x_MD)),
+        ("router", step(lambda x: layer.router(x).topk_weight_TK, x)),
+        ("dispatch", step(lambda x: layer.dispatcher.dispatch(x, routing.topk_idx_TK)[0], x)),
+        ("experts (grouped GEMM)", step(lambda h: layer.experts(h, counts), x_MD)),
         (
             "combine",
-            _fwd_bwd(
+            step(
                 lambda y, wt: layer.dispatcher.combine(y, wt, state), y_MD, routing.topk_weight_TK
             ),
         ),
     ]
     if layer.shared_experts is not None:
-        phases.append(("shared experts", _fwd_bwd(layer.shared_experts, x)))
-    phases.append(("whole layer", _fwd_bwd(lambda x: layer(x.view(1, T, D)), x)))
+        phases.append(("shared experts", step(layer.shared_experts, x)))
+    phases.append(("whole layer", step(lambda x: layer(x.view(1, T, D)), x)))
     compiled = torch.compile(layer, fullgraph=True)
-    phases.append(("whole layer, compiled", _fwd_bwd(lambda x: compiled(x.view(1, T, D)), x)))
+    phases.append(("whole layer, compiled", step(lambda x: compiled(x.view(1, T, D)), x)))
     phases.append(
-        (f"dense SwiGLU, same FLOPs ({rows} rows)", _fwd_bwd(dense_swiglu, x_MD[:rows], *w))
+        (f"dense SwiGLU, same FLOPs ({rows} rows)", fwd_bwd(dense_swiglu, x_MD[:rows], *w))
     )
     expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
-    results = [(name, _gpu_ms(fn)) for name, fn in phases]
+    results = [(name, gpu_ms(fn)) for name, fn in phases]
     return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
 
 
