@@ -317,7 +317,7 @@ def main(argv: list[str]) -> None:
         sys.exit("scripts/benchmark.py measures GPU speed and needs CUDA")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: {' '.join(recipe)}")
     print("| variant | tokens/s | TFLOP/s | MFU | peak GiB | loss |\n|---|---|---|---|---|---|")
-    for name in args.variants.split(","):
+    for name in filter(None, args.variants.split(",")):  # --variants "": the layer split only
         if name not in VARIANTS:
             sys.exit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
         flags = ["--variant", name, "--warmup", str(args.warmup), "--steps", str(args.steps)]
