@@ -183,9 +183,10 @@ def _print_kernels(trainer) -> None:
     )
 
 
-def gpu_ms(fn, repeats: int = 10) -> float:
+def gpu_ms(fn, repeats: int = 10, label: str = "") -> float:
     """Mean milliseconds of GPU kernels per call of ``fn`` (from the profiler, so a phase made
-    of small kernels is not charged for the CPU time it takes to launch them)."""
+    of small kernels is not charged for the CPU time it takes to launch them). With a label,
+    the phase's kernels go to stderr, slowest first."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -195,7 +196,13 @@ def gpu_ms(fn, repeats: int = 10) -> float:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / repeats
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    if label:
+        print(f"--- {label}: kernels per call", file=sys.stderr)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:8]:
+            per_call = e.self_device_time_total / repeats
+            print(f"{per_call:9.1f} us  x{e.count // repeats:<3} {e.key[:110]}", file=sys.stderr)
+    return sum(e.self_device_time_total for e in events) / 1e3 / repeats
 
 
 def fwd_bwd(fn, *inputs: torch.Tensor, params: Iterable[torch.Tensor] = ()):
@@ -268,7 +275,7 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
         (f"dense SwiGLU, same FLOPs ({rows} rows)", fwd_bwd(dense_swiglu, x_MD[:rows], *w))
     )
     expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
-    results = [(name, gpu_ms(fn)) for name, fn in phases]
+    results = [(name, gpu_ms(fn, label=name)) for name, fn in phases]
     return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
 
 
