@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
     flops = 18 * M * D * Fh
     print("\n| SwiGLU experts, forward + backward | GPU ms | TFLOP/s | rate vs dense |")
     print("|---|---|---|---|")
-    times = [(name, gpu_ms(fn)) for name, fn in cases]
+    times = [(name, gpu_ms(fn, label=name)) for name, fn in cases]
     dense_ms = times[2][1]
     for name, ms in times:
         print(f"| {name} | {ms:.3f} | {flops / ms / 1e9:.0f} | {dense_ms / ms:.0%} |")
