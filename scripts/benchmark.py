@@ -176,11 +176,40 @@ def _print_kernels(trainer) -> None:
         events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90),
         file=sys.stderr,
     )
+    kernels = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
+    total, gaps = gpu_idle_gaps(kernels)
     print(
-        f"profiled step: {wall_ms:.1f} ms wall (with the profiler), {busy_ms:.1f} ms of kernels",
+        "--- the GPU's longest idle gaps (us, the kernel before -> the kernel after)",
+        file=sys.stderr,
+    )
+    for gap, before, after in gaps:
+        print(f"{gap:9.0f}  {before[:70]} -> {after[:70]}", file=sys.stderr)
+    print(
+        f"profiled step: {wall_ms:.1f} ms wall (with the profiler), {busy_ms:.1f} ms of kernels, "
+        f"{total / 1e3 / 2:.1f} ms idle between the first and last kernel",
         file=sys.stderr,
         flush=True,
     )
+
+
+def gpu_idle_gaps(
+    kernels: list[tuple[float, float, str]], top: int = 12
+) -> tuple[float, list[tuple[float, str, str]]]:
+    """Total idle time between kernels (start, end, name; any order, overlaps merged) and the
+    ``top`` longest gaps as (length, kernel before, kernel after): where the GPU waited on the
+    host."""
+    total, gaps, busy_until, last = 0.0, [], None, ""
+    for start, end, name in sorted(kernels):
+        if busy_until is not None and start > busy_until:
+            total += start - busy_until
+            gaps.append((start - busy_until, last, name))
+        if busy_until is None or end >= busy_until:
+            busy_until, last = end, name
+    return total, sorted(gaps, reverse=True)[:top]
 
 
 def gpu_ms(fn, repeats: int = 10, label: str = "") -> float:
