@@ -3,6 +3,7 @@ parameters (float32, gloo, forked CPU ranks). All runs start from one seed check
 experts are biased out of the routing so some experts get no tokens (uneven routing)."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -108,6 +109,13 @@ LAYOUTS = {
             "model.attn_mask": "block_causal",
         },
     ),
+    # context parallelism: each rank holds a head and a tail chunk of every sequence
+    "cp2": (2, {"parallelism.cp": 2}),
+    "cp2_x_fsdp2": (4, {"parallelism.cp": 2}),
+    "cp2_x_ep2": (2, {"parallelism.cp": 2, "parallelism.ep": 2}),
+    "cp2_x_fsdp2_x_ep4": (4, {"parallelism.cp": 2, "parallelism.ep": 4}),
+    "cp2_x_tp2": (4, {"parallelism.cp": 2, "parallelism.tp": 2}),
+    "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
     "pp2_interleaved_x_fsdp2_x_ep2": (
         4,
         {
@@ -126,7 +134,8 @@ NO_BALANCE_LOSS = {"moe.load_balancing_type": "none", "moe.aux_loss_coeff": 0.0}
 
 
 def data_parallel(world: int, overrides: dict) -> int:
-    return world // (overrides.get("parallelism.tp", 1) * overrides.get("parallelism.pp", 1))
+    degrees = (overrides.get(f"parallelism.{k}", 1) for k in ("tp", "pp", "cp"))
+    return world // math.prod(degrees)
 
 
 def balance_loss_is_layout_dependent(world: int, overrides: dict) -> bool:

@@ -8,8 +8,13 @@ from torchmoe.config.schema import ActivationCheckpoint, JobConfig, Parallelism
 # recompute_modules names (Megatron's); torchmoe/parallel/activation_checkpoint.py maps each
 # to what it recomputes.
 RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act")
-# Degrees this version implements; the others are validated but refused with a clear message.
-_AVAILABLE = {"cp": 1}
+# What context parallelism does not combine with yet: (section, key, refused value test, what)
+_CP_REFUSES = (
+    ("parallelism", "pp", lambda v: v > 1, "pipeline stages"),
+    ("parallelism", "dp_replicate", lambda v: v > 1, "replicated data parallelism (HSDP)"),
+    ("model", "attn_mask", lambda v: v == "block_causal", "document masks"),
+    ("model", "mtp_num_layers", lambda v: v > 0, "multi-token prediction"),
+)
 
 
 def resolve_dp_shard(p: Parallelism, world_size: int) -> int:
@@ -68,10 +73,26 @@ def check_parallel_shapes(cfg: JobConfig, heads_keys: tuple[str, ...]) -> None:
             f"model.n_layers = {cfg.model.n_layers} is fewer than the "
             f"parallelism.pp = {p.pp} pipeline stages"
         )
-    for key, available in _AVAILABLE.items():
-        if getattr(p, key) > available:
+    if p.cp > 1:
+        check_context_parallel(cfg)
+
+
+def check_context_parallel(cfg: JobConfig) -> None:
+    """cp > 1: the sequence cuts into 2 x cp equal chunks (each rank's part split again by
+    tp), and nothing context parallelism does not implement yet is on."""
+    p, seq_len = cfg.parallelism, cfg.training.seq_len
+    if seq_len % (2 * p.cp * p.tp):
+        raise ConfigError(
+            f"training.seq_len = {seq_len} is not divisible by 2 x parallelism.cp x "
+            f"parallelism.tp = {2 * p.cp * p.tp} (context parallelism cuts each sequence into "
+            "2 x cp chunks, tensor parallelism splits each rank's part); pick a seq_len that is"
+        )
+    for section, key, refused, what in _CP_REFUSES:
+        value = getattr(getattr(cfg, section), key)
+        if refused(value):
             raise ConfigError(
-                f"parallelism.{key} = {getattr(p, key)} is not available yet; use {available}"
+                f"{section}.{key} = {value!r} with parallelism.cp = {p.cp}: context parallelism "
+                f"does not take {what} yet; set parallelism.cp = 1 or change {section}.{key}"
             )
 
 

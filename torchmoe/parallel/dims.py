@@ -31,17 +31,27 @@ class Meshes:
     dense: DeviceMesh
     expert: DeviceMesh
     dp: DeviceMesh  # dense dp_replicate x dp_shard flattened: ranks that read different data
-    # dense dp_replicate x dp_shard x tp flattened: ranks that route different tokens. FSDP over
-    # it shards the modules replicated over tp (router, shared experts) and sums their
-    # gradients over tp too.
-    dp_tp: DeviceMesh
-    # pp x dp_replicate x dp_shard flattened: the ranks whose losses make the global loss
-    dp_pp: DeviceMesh
+    # dense dp_replicate x dp_shard x cp x tp flattened: ranks that route different tokens. FSDP
+    # over it shards the modules replicated over tp (router, shared experts) and sums their
+    # gradients over cp and tp too.
+    tokens: DeviceMesh
+    # dense cp x tp flattened: the ranks holding other parts of the same sequences (context
+    # chunks, tensor-parallel sequence shards)
+    sequence: DeviceMesh
+    # pp x dp_replicate x dp_shard x cp flattened: the ranks whose losses make the global loss
+    # (context-parallel ranks each hold the loss of their chunks)
+    loss: DeviceMesh
+    # dp_shard x cp flattened: FSDP's mesh under context parallelism (cp ranks hold the same
+    # weights and sum their gradients); the config refuses cp with dp_replicate
+    dp_shard_cp: DeviceMesh
 
     def dp_mesh(self) -> DeviceMesh:
-        """FSDP mesh of dense parameters: 2-D (HSDP) when replicated."""
+        """FSDP mesh of dense parameters: 2-D (HSDP) when replicated, dp_shard x cp under
+        context parallelism."""
         if self.dense["dp_replicate"].size() > 1:
             return self.dense["dp_replicate", "dp_shard"]
+        if self.dense["cp"].size() > 1:
+            return self.dp_shard_cp
         return self.dense["dp_shard"]
 
     def expert_dp_mesh(self) -> DeviceMesh:
@@ -161,6 +171,8 @@ def build_meshes(dims: ParallelDims, device_type: str) -> Meshes:
         dense,
         expert,
         dense["dp_replicate", "dp_shard"]._flatten("dp"),
-        dense["dp_replicate", "dp_shard", "tp"]._flatten("dp_tp"),
-        dense["pp", "dp_replicate", "dp_shard"]._flatten("dp_pp"),
+        dense["dp_replicate", "dp_shard", "cp", "tp"]._flatten("tokens"),
+        dense["cp", "tp"]._flatten("sequence"),
+        dense["pp", "dp_replicate", "dp_shard", "cp"]._flatten("loss"),
+        dense["dp_shard", "cp"]._flatten("dp_shard_cp"),
     )

@@ -46,6 +46,8 @@ def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
         + BF16 * m.dim
         + BF16 * a.n_heads * (3 * a.qk_head_dim + 2 * a.v_head_dim)
         + FP32 * a.n_heads * a.qk_head_dim
+        # context parallelism keeps the keys and values gathered from the other cp ranks
+        + (cfg.parallelism.cp - 1) * BF16 * a.n_heads * (a.qk_head_dim + a.v_head_dim)
     )
     ffn = block.feed_forward
     if isinstance(ffn, MoE):
@@ -113,7 +115,8 @@ def estimate(
         (unsharded_by_fsdp(b) for part in parts for b in part.layers.values()), default=0
     )
     m = microbatches(cfg) if dims.pp_enabled else 1
-    tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / dims.tp  # seq. parallel
+    # each rank holds 1 / cp of every sequence, and sequence parallelism splits that by tp
+    tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / (dims.cp * dims.tp)
     stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
     flight = in_flight(cfg.parallelism.pp_schedule, dims.pp, pp_rank, len(parts), m)
     fsdp = 2 * gathered * BF16 if dims.dp_enabled else 0

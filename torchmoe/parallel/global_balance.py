@@ -3,9 +3,10 @@
 Each MoE layer has two count reductions, identities on one process (moe.py); this plan makes
 them all-reduces of the per-expert counts:
 
-- ``batch_counts`` over the tensor-parallel ranks, which hold the other sequence shards of the
-  same micro-batch: aux_loss and seq_aux_loss then count whole sequences, as on one process;
-- ``global_counts`` over every rank that routes other tokens of the step (data parallel x
+- ``batch_counts`` over the context- and tensor-parallel ranks, which hold the other parts of
+  the same micro-batch's sequences: aux_loss and seq_aux_loss then count whole sequences, as on
+  one process;
+- ``global_counts`` over every rank that routes other tokens of the step (data x context x
   tensor parallel), for the global aux loss.
 
 Counts carry no gradient, so backward needs nothing; each rank's loss still differentiates only
@@ -31,14 +32,14 @@ class AllReduceCounts(nn.Module):
 
 
 def apply_balance_counts(
-    model: nn.Module, token_mesh: DeviceMesh, tp_mesh: DeviceMesh | None
+    model: nn.Module, token_mesh: DeviceMesh, sequence_mesh: DeviceMesh
 ) -> None:
     """Install the count all-reduces (module docstring) in every MoE layer whose losses need
-    them: ``token_mesh`` (dp x tp) for the global aux loss, ``tp_mesh`` (when tp > 1) for the
-    per-micro-batch and per-sequence losses."""
+    them: ``token_mesh`` (dp x cp x tp) for the global aux loss, ``sequence_mesh`` (cp x tp)
+    for the per-micro-batch and per-sequence losses."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         coeffs = moe.args.balance_coeffs
         if "global_aux_loss" in coeffs and token_mesh.size() > 1:
             moe.global_counts = AllReduceCounts(token_mesh)
-        if tp_mesh is not None and ("aux_loss" in coeffs or "seq_aux_loss" in coeffs):
-            moe.batch_counts = AllReduceCounts(tp_mesh)
+        if sequence_mesh.size() > 1 and ("aux_loss" in coeffs or "seq_aux_loss" in coeffs):
+            moe.batch_counts = AllReduceCounts(sequence_mesh)

@@ -18,6 +18,7 @@ from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import apply_ac
 from torchmoe.parallel.compile import apply_compile
+from torchmoe.parallel.context_parallel import apply_cp
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.expert_parallel import apply_ep
 from torchmoe.parallel.fsdp import apply_fsdp
@@ -29,19 +30,19 @@ ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
-    """float8 (linears, experts) -> tensor parallel -> expert parallel (and the balance
-    losses' count all-reduces) -> activation checkpointing -> compile -> FSDP. Each step is a
-    public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    """float8 (linears, experts) -> context parallel -> tensor parallel -> expert parallel
+    (and the balance losses' count all-reduces) -> activation checkpointing -> compile ->
+    FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
     apply_float8_linears(model, cfg.quantize)
     apply_float8_experts(model, cfg.quantize)
+    if dims.cp > 1:
+        apply_cp(model, dims.meshes.dense["cp"], cfg.training.seq_len)
     if dims.tp_enabled:
         apply_tp(model, dims.meshes.dense["tp"])
     if dims.ep_enabled:
         apply_ep(model, dims.meshes.expert, cfg.moe.dispatcher)
     if dims.meshes is not None:
-        apply_balance_counts(
-            model, dims.meshes.dp_tp, dims.meshes.dense["tp"] if dims.tp_enabled else None
-        )
+        apply_balance_counts(model, dims.meshes.tokens, dims.meshes.sequence)
     apply_ac(model, cfg.activation_checkpoint)
     apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
     if dims.fsdp_enabled:
@@ -55,7 +56,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
             reduce_dtype=resolve_dtype(cfg.training.mixed_precision_reduce, device_type),
             reshard_after_forward=_reshard_policy(dims, cfg),
             cpu_offload=cfg.parallelism.fsdp_cpu_offload,
-            token_mesh=meshes.dp_tp if dims.tp_enabled else None,
+            token_mesh=meshes.tokens if dims.tp_enabled else None,
         )
     return model
 

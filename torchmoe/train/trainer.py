@@ -43,6 +43,7 @@ from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
+from torchmoe.parallel.context_parallel import local_positions, shard_sequence
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_, grad_norm_and_clip_coef
 from torchmoe.parallel.named_init import init_by_name
@@ -233,10 +234,14 @@ class Trainer:
                 cfg.validation.steps * self.accum_steps,
                 self._summed_eval_loss,
                 self.device,
-                counts_labels=self.pipeline is None or self.pipeline.has_last,
             )
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
+        # context parallelism: the positions of this rank's chunks of every sequence
+        self.cp_positions: torch.Tensor | None = None
+        if self.dims.cp > 1:
+            rank = self.dims.meshes.dense["cp"].get_local_rank()
+            self.cp_positions = local_positions(t.seq_len, self.dims.cp, rank, self.device)
 
     def _materialize(self, model: nn.Module) -> None:
         """Allocate a parallelized meta model (or pipeline stage) on the device and
@@ -318,7 +323,7 @@ class Trainer:
         else:
             grad_norm = clip_grad_norm_(params, max_norm, pp_group)
         if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
-            dist.all_reduce(loss_mean, group=meshes.dp_pp.get_group())
+            dist.all_reduce(loss_mean, group=meshes.loss.get_group())
         # The step's one host sync: the values the non-finite check and the log need.
         loss_value, norm_value = torch.cat([loss_mean, grad_norm.reshape(1).to(loss_mean)]).tolist()
         for what, value in (("loss", loss_value), ("gradient norm", norm_value)):
@@ -371,6 +376,7 @@ class Trainer:
     ) -> torch.Tensor:
         """One micro-batch through the whole model; returns its summed token loss over
         ``global_tokens``."""
+        inputs, labels = self._local_chunks(inputs), self._local_chunks(labels)
         cached = self.cached_weights
         with cached.swapped() if cached is not None else nullcontext():
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
@@ -384,30 +390,39 @@ class Trainer:
         return _full(loss.detach())
 
     def _model_kwargs(
-        self, labels: torch.Tensor, document_ids: torch.Tensor | None
+        self, labels: torch.Tensor | None, document_ids: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """What the model takes besides the tokens: the labels for multi-token prediction,
-        the documents for block-causal attention."""
-        kwargs = {"labels": labels} if self.mtp else {}
+        the documents for block-causal attention, the positions of context-parallel chunks."""
+        kwargs = {"labels": labels} if self.mtp and labels is not None else {}
+        if self.cp_positions is not None:
+            kwargs["positions"] = self.cp_positions
         return kwargs | ({} if document_ids is None else {"document_ids": document_ids})
 
-    def _summed_eval_loss(self, batch: Batch) -> torch.Tensor:
-        """The summed token loss of one batch, forward only (validation, in eval mode): through
-        the pipeline schedule under pipeline parallelism (zero on ranks without the last
-        stage), else through the model."""
+    def _local_chunks(self, t_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's chunks of a [B, S] batch tensor under context parallelism, else it."""
+        return t_BS if self.cp_positions is None else shard_sequence(t_BS, self.cp_positions)
+
+    def _summed_eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed token loss of one batch and the labels it counts, forward only
+        (validation, in eval mode): through the pipeline schedule under pipeline parallelism
+        (zeros on ranks without the last stage), else through the model."""
         inputs, labels, document_ids = batch
         if self.pipeline is not None:
             scale, self.global_tokens = self.global_tokens, 1  # the schedule's loss divides by it
             try:
-                return self._run_schedule(self.pipeline.schedule.eval, *batch)
+                loss = self._run_schedule(self.pipeline.schedule.eval, *batch)
             finally:
                 self.global_tokens = scale
-        kwargs = {} if document_ids is None else {"document_ids": document_ids}
+            return loss, (labels != IGNORE).sum() * int(self.pipeline.has_last)
+        inputs, labels = self._local_chunks(inputs), self._local_chunks(labels)
+        kwargs = self._model_kwargs(None, document_ids)  # no MTP loss in evaluation
         with (
             torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
             loss_parallel() if self.dims.tp_enabled else nullcontext(),
         ):
-            return _full(self.loss_fn(self.model(inputs, **kwargs), labels))
+            loss = _full(self.loss_fn(self.model(inputs, **kwargs), labels))
+        return loss, (labels != IGNORE).sum()  # prompts and user turns are no labels
 
     def _pipeline_step(
         self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None

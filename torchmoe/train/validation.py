@@ -2,7 +2,8 @@
 each time, in eval mode (no router jitter, the eval capacity), summed over every token on every
 rank, so the value is the same at every layout (data: loader.py's global order; weights: the
 layout-independent init). Under pipeline parallelism the batches run forward only through the
-schedule and the ranks of the last stage count the labels."""
+schedule and the ranks of the last stage count the labels; under context parallelism each rank
+counts the labels of its own chunks."""
 
 import math
 from collections.abc import Callable
@@ -11,12 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchmoe.data.loader import IGNORE
 from torchmoe.data.prefetch import Batch, Prefetcher
 
-# one batch (on the device) -> its summed token loss on this rank (zero where a pipeline rank
-# holds no last stage)
-SummedLoss = Callable[[Batch], torch.Tensor]
+# one batch (on the device) -> the summed token loss on this rank and the labels it counts (both
+# zero where a pipeline rank holds no last stage)
+SummedLoss = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Validator:
@@ -28,10 +28,9 @@ class Validator:
         steps: int,
         summed_loss: SummedLoss,
         device: torch.device,
-        counts_labels: bool = True,
     ) -> None:
         self.batches, self.steps, self.summed_loss = batches, steps, summed_loss
-        self.device, self.counts_labels = device, counts_labels
+        self.device = device
         self._start = batches.state_dict()  # every run reads the same batches
         self.history: list[tuple[int, float]] = []
 
@@ -43,10 +42,8 @@ class Validator:
         try:
             for _ in range(self.steps):
                 batch = next(self.batches).to(self.device)
-                loss = self.summed_loss(batch)
-                # prompts and user turns are no labels
-                labeled = (batch.labels != IGNORE).sum() if self.counts_labels else 0
-                sums += torch.stack([loss.double(), torch.as_tensor(labeled).to(sums)])
+                loss, labeled = self.summed_loss(batch)
+                sums += torch.stack([loss.double(), labeled.to(sums)])
         finally:
             model.train()
         if dist.is_initialized():  # ranks of one data-parallel index add the same pair: the

@@ -116,13 +116,15 @@ class Decoder(nn.Module):
         labels: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, V] of tokens [B, S] (int64). ``labels`` [B, S], the tokens shifted
         left by one, are needed only for multi-token prediction. ``document_ids`` [B, S], the
         packed document each position belongs to, make attention block-causal: a token sees
         only its own document (document_mask.py); None is plain causal attention. With a
         ``cache`` (generation, kv_cache.py) the tokens sit at ``cache.positions`` after the
-        cached ones."""
+        cached ones. ``positions`` [S] are the tokens' places in their sequences when they are
+        not 0..S-1 (a context-parallel rank holds chunks from the middle and the end)."""
         h_BSD = self.tok_embeddings(tokens)
         if cache is not None:
             cos_sin = self.rope_cos_sin[cache.positions]  # each row's own positions
@@ -131,13 +133,21 @@ class Decoder(nn.Module):
             return self.head(h_BSD, None, [])
         mtp = [] if labels is None else self.mtp_inputs(tokens, labels)
         mask = document_mask(document_ids)
-        return self.head(self.run_layers(h_BSD, mask), labels, mtp, mask)
+        cos_sin = None if positions is None else self.rope_cos_sin[positions]
+        return self.head(self.run_layers(h_BSD, mask, cos_sin), labels, mtp, mask)
 
-    def run_layers(self, h_BSD: torch.Tensor, mask: AttentionMask | None = None) -> torch.Tensor:
-        """The blocks, in order, over the residual stream. Every position of the rotary table
-        goes in: a block may get a sequence shard (tensor parallel) and slices it."""
+    def run_layers(
+        self,
+        h_BSD: torch.Tensor,
+        mask: AttentionMask | None = None,
+        cos_sin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The blocks, in order, over the residual stream. Without ``cos_sin`` (the rotary
+        rows of given positions) every position of the rotary table goes in: a block may get
+        a sequence shard (tensor parallel) and slices it."""
+        cos_sin = self.rope_cos_sin if cos_sin is None else cos_sin
         for layer in self.layers.values():
-            h_BSD = layer(h_BSD, self.rope_cos_sin, mask)
+            h_BSD = layer(h_BSD, cos_sin, mask)
         return h_BSD
 
     def mtp_inputs(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> list[torch.Tensor]:

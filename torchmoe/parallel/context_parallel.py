@@ -1,0 +1,109 @@
+"""Context parallelism: every sequence split over ``cp`` ranks, attention over all of it.
+
+Legend (torchmoe/__init__.py): B batch, S sequence, H query heads, J key/value heads, Q
+query/key channels per head, U value channels per head.
+
+The sequence is cut into 2 x cp chunks of L = S / (2 cp) tokens; rank r holds chunks r and
+2 cp - 1 - r (a head and a tail chunk). Under causal attention a late chunk attends to more
+keys than an early one, so pairing them gives every rank the same attention work.
+
+The training loop gives each rank its chunks of the batch (``shard_sequence``) and their
+positions (``local_positions``: the model's rotary rows). Everything but attention is
+per-token and runs on the local chunks unchanged. ``apply_cp`` wraps every attention
+module's kernel (``core_attention``): keys and values are all-gathered over the cp ranks
+(autograd-aware: their gradients reduce-scatter back), put in sequence order, and each local
+query attends to the keys at or before its own position. The mask is built once, at plan time:
+a flex-attention BlockMask on CUDA (the kernel skips the blocks above the diagonal), a dense
+boolean [2L, S] mask elsewhere.
+
+Reductions that must see whole sequences (the balance losses' expert counts, the step's loss)
+run over the cp ranks too: ``Meshes.sequence`` and ``Meshes.loss`` (dims.py). Dense
+parameters are sharded by FSDP over dp_shard x cp, so cp ranks sum their gradients.
+"""
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention.flex_attention import create_block_mask
+
+from torchmoe.models.common.attention import Attention
+from torchmoe.models.common.document_mask import AttentionMask
+
+
+def local_chunks(cp: int, rank: int) -> tuple[int, int]:
+    """The two of the 2 x cp sequence chunks that ``rank`` holds, in its local order."""
+    return rank, 2 * cp - 1 - rank
+
+
+def local_positions(seq_len: int, cp: int, rank: int, device: torch.device) -> torch.Tensor:
+    """Positions [2L] in the sequence of the tokens ``rank`` holds, in local order."""
+    L = seq_len // (2 * cp)
+    return torch.cat(
+        [torch.arange(c * L, (c + 1) * L, device=device) for c in local_chunks(cp, rank)]
+    )
+
+
+def shard_sequence(t_BS: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rank's chunks of a [B, S, ...] batch tensor (tokens, labels)."""
+    return t_BS.index_select(1, positions)
+
+
+def gather_sequence(t_local: torch.Tensor, cp: int, group) -> torch.Tensor:
+    """[B, 2L, ...] chunks of every cp rank -> [B, S, ...] in sequence order (autograd: the
+    gradient of the whole reduce-scatters back to each rank's chunks)."""
+    gathered = all_gather_tensor_autograd(t_local.contiguous(), gather_dim=1, group=group)
+    pieces = gathered.chunk(2 * cp, dim=1)  # rank r's chunks at 2r (head) and 2r + 1 (tail)
+    order = [2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)]
+    return torch.cat([pieces[i] for i in order], dim=1)
+
+
+def causal_mask(seq_len: int, cp: int, rank: int, device: torch.device) -> AttentionMask:
+    """Local queries [2L] x all keys [S]: a query sees the keys at or before its position."""
+    q_pos = local_positions(seq_len, cp, rank, device)
+    if device.type != "cuda":
+        return q_pos[:, None] >= torch.arange(seq_len, device=device)[None, :]
+
+    def visible(b, h, q_idx, kv_idx):
+        return q_pos[q_idx] >= kv_idx
+
+    return create_block_mask(
+        visible, None, None, q_pos.numel(), seq_len, device=device, _compile=True
+    )
+
+
+def _context_parallel_kernel(
+    kernel: Callable[..., torch.Tensor],
+    cp: int,
+    group,
+    mask: AttentionMask,
+    q_BSHQ: torch.Tensor,
+    k_BSJQ: torch.Tensor,
+    v_BSJU: torch.Tensor,
+    document_mask: AttentionMask | None = None,
+) -> torch.Tensor:
+    """``kernel`` (the module's own core_attention) of the local queries over the gathered
+    keys and values, with the context-parallel causal mask."""
+    if document_mask is not None:  # the config checks refuse block_causal with cp
+        raise NotImplementedError("context parallelism takes plain causal attention only")
+    k_full, v_full = gather_sequence(k_BSJQ, cp, group), gather_sequence(v_BSJU, cp, group)
+    return kernel(q_BSHQ, k_full, v_full, mask)
+
+
+def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
+    """Wrap every attention module's kernel (module docstring) for sequences of ``seq_len``
+    tokens split over ``cp_mesh``. Apply before tensor parallelism, which then hands this
+    wrapper local heads."""
+    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    device_type = cp_mesh.device_type
+    device = torch.device(device_type)
+    if device_type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    mask = causal_mask(seq_len, cp, rank, device)
+    for attention in (m for m in model.modules() if isinstance(m, Attention)):
+        attention.core_attention = functools.partial(
+            _context_parallel_kernel, attention.core_attention, cp, cp_mesh.get_group(), mask
+        )
