@@ -43,7 +43,7 @@ def test_671b_on_256_ranks_with_ep64():
     proc = dry_run(256, "--config", "train_configs/deepseek_v3_671b.toml", "--parallelism.ep", "64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "256 ranks: dp_replicate 1 dp_shard 256 tp 1 pp 1 ep 64 etp 1" in out
+    assert "256 ranks: dp_replicate 1 dp_shard 256 cp 1 tp 1 pp 1 ep 64 etp 1" in out
     assert "experts sharded over edp 4" in out
     assert rows(out) == ["rank 0"]
     total = float(re.search(r"([\d.]+)B parameters", out).group(1)) * 1e9
@@ -68,7 +68,7 @@ def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
-    assert "1024 ranks: dp_replicate 1 dp_shard 32 tp 2 pp 16 ep 64 etp 1" in out
+    assert "1024 ranks: dp_replicate 1 dp_shard 32 cp 1 tp 2 pp 16 ep 64 etp 1" in out
     assert "pipeline 1F1B, 16 micro-batches: stage 0: embedding + blocks 0-" in out
     labels = rows(out)
     assert labels == [f"pp rank {r} (stage {r})" for r in range(16)]
@@ -85,7 +85,7 @@ def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
 @pytest.mark.parametrize(
     "ngpu,extra,layout",
     [
-        (8, [], "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8"),
+        (8, [], "8 ranks: dp_replicate 1 dp_shard 8 cp 1 tp 1 pp 1 ep 8"),
         (
             64,
             [
@@ -98,7 +98,7 @@ def test_deepseek_v3_671b_seed_layout_tp2_pp16_ep64_on_1024_ranks():
                 "--parallelism.dp_replicate",
                 "2",
             ],
-            "64 ranks: dp_replicate 2 dp_shard 8 tp 1 pp 4 ep 8",
+            "64 ranks: dp_replicate 2 dp_shard 8 cp 1 tp 1 pp 4 ep 8",
         ),
     ],
 )
@@ -125,3 +125,18 @@ def test_invalid_layout_is_the_usual_one_line_error():
         "error: parallelism.ep = 3 x parallelism.etp = 1 must divide dp_shard x cp x tp = 1024, "
         "the ranks expert parallelism borrows from; on fewer GPUs lower parallelism.ep"
     ]
+
+
+def test_context_parallel_ranks_hold_a_share_of_the_sequence_and_the_gathered_keys():
+    """32K tokens on 16 ranks: cp 4 holds a quarter of each sequence's activations, plus the
+    keys and values gathered from the other cp ranks."""
+    args = ("--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")
+    long = ("--training.seq_len", "32768")
+    cp1 = dry_run(16, *args, *long)
+    cp4 = dry_run(16, *args, *long, "--parallelism.cp", "4")
+    assert cp1.returncode == cp4.returncode == 0, cp1.stderr[-2000:] + cp4.stderr[-2000:]
+    assert "16 ranks: dp_replicate 1 dp_shard 4 cp 4 tp 1 pp 1 ep 8" in cp4.stdout
+    ratio = gib(cp4.stdout, "rank 0", "activations") / gib(cp1.stdout, "rank 0", "activations")
+    assert 0.25 < ratio < 0.4
+    # dense weights shard over dp_shard x cp: the same 16 ways as dp_shard 16
+    assert gib(cp4.stdout, "rank 0", "params") == gib(cp1.stdout, "rank 0", "params")

@@ -11,25 +11,25 @@ RECIPES = [  # recipe, GPUs, the layout its header documents, the model line
     (
         "qwen3_30b_a3b",
         8,
-        "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
+        "8 ranks: dp_replicate 1 dp_shard 8 cp 1 tp 1 pp 1 ep 8 etp 1",
         "qwen3_moe/30B-A3B, 30.5B parameters",
     ),
     (
         "qwen3_235b_a22b",
         128,
-        "128 ranks: dp_replicate 1 dp_shard 128 tp 1 pp 1 ep 8 etp 1",
+        "128 ranks: dp_replicate 1 dp_shard 128 cp 1 tp 1 pp 1 ep 8 etp 1",
         "qwen3_moe/235B-A22B, 235.1B parameters",
     ),
     (
         "mixtral_8x22b",
         64,
-        "64 ranks: dp_replicate 1 dp_shard 64 tp 1 pp 1 ep 1 etp 8",
+        "64 ranks: dp_replicate 1 dp_shard 64 cp 1 tp 1 pp 1 ep 1 etp 8",
         "mixtral/8x22B, 140.6B parameters",
     ),
     (
         "deepseek_v2_lite",
         8,
-        "8 ranks: dp_replicate 1 dp_shard 8 tp 1 pp 1 ep 8 etp 1",
+        "8 ranks: dp_replicate 1 dp_shard 8 cp 1 tp 1 pp 1 ep 8 etp 1",
         "deepseek_v2/lite, 15.7B parameters",
     ),
 ]

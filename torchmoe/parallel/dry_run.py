@@ -169,7 +169,7 @@ def dry_run(cfg: JobConfig) -> None:
     d = dims
     print(
         f"dry run: {cfg.model.name}/{cfg.model.flavor}, {total_params / 1e9:.1f}B parameters, "
-        f"{world} ranks: dp_replicate {d.dp_replicate} dp_shard {d.dp_shard} tp {d.tp} "
+        f"{world} ranks: dp_replicate {d.dp_replicate} dp_shard {d.dp_shard} cp {d.cp} tp {d.tp} "
         f"pp {d.pp} ep {d.ep} etp {d.etp} (experts sharded over edp {d.edp}); "
         f"local batch {cfg.training.local_batch_size} x seq {cfg.training.seq_len}, "
         f"activation checkpointing {cfg.activation_checkpoint.mode}"
