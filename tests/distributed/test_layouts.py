@@ -116,6 +116,16 @@ LAYOUTS = {
     "cp2_x_fsdp2_x_ep4": (4, {"parallelism.cp": 2, "parallelism.ep": 4}),
     "cp2_x_tp2": (4, {"parallelism.cp": 2, "parallelism.tp": 2}),
     "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
+    "block_causal_cp2": (2, {"parallelism.cp": 2, "model.attn_mask": "block_causal"}),
+    "qwen3_block_causal_cp2_x_tp2": (
+        4,
+        {
+            "parallelism.cp": 2,
+            "parallelism.tp": 2,
+            "model.name": "qwen3_moe",
+            "model.attn_mask": "block_causal",
+        },
+    ),
     "pp2_interleaved_x_fsdp2_x_ep2": (
         4,
         {

@@ -8,13 +8,14 @@ The sequence is cut into 2 x cp chunks of L = S / (2 cp) tokens; rank r holds ch
 keys than an early one, so pairing them gives every rank the same attention work.
 
 The training loop gives each rank its chunks of the batch (``shard_sequence``) and their
-positions (``local_positions``: the model's rotary rows). Everything but attention is
-per-token and runs on the local chunks unchanged. ``apply_cp`` wraps every attention
-module's kernel (``core_attention``): keys and values are all-gathered over the cp ranks
-(autograd-aware: their gradients reduce-scatter back), put in sequence order, and each local
-query attends to the keys at or before its own position. The mask is built once, at plan time:
-a flex-attention BlockMask on CUDA (the kernel skips the blocks above the diagonal), a dense
-boolean [2L, S] mask elsewhere.
+positions (``local_positions``: the model's rotary rows); with packed documents, the document
+ids of whole sequences, from which the model masks its local queries over every key.
+Everything but attention is per-token and runs on the local chunks unchanged. ``apply_cp``
+wraps every attention module's kernel (``core_attention``): keys and values are all-gathered
+over the cp ranks (autograd-aware: their gradients reduce-scatter back), put in sequence order,
+and each local query attends to the keys at or before its own position. The mask is built once,
+at plan time: a flex-attention BlockMask on CUDA (the kernel skips the blocks above the
+diagonal), a dense boolean [2L, S] mask elsewhere.
 
 Reductions that must see whole sequences (the balance losses' expert counts, the step's loss)
 run over the cp ranks too: ``Meshes.sequence`` and ``Meshes.loss`` (dims.py). Dense
@@ -86,11 +87,10 @@ def _context_parallel_kernel(
     document_mask: AttentionMask | None = None,
 ) -> torch.Tensor:
     """``kernel`` (the module's own core_attention) of the local queries over the gathered
-    keys and values, with the context-parallel causal mask."""
-    if document_mask is not None:  # the config checks refuse block_causal with cp
-        raise NotImplementedError("context parallelism takes plain causal attention only")
+    keys and values, with the context-parallel causal mask, or the model's document mask
+    (made for the local queries over every key: ``document_mask``'s ``q_positions``)."""
     k_full, v_full = gather_sequence(k_BSJQ, cp, group), gather_sequence(v_BSJU, cp, group)
-    return kernel(q_BSHQ, k_full, v_full, mask)
+    return kernel(q_BSHQ, k_full, v_full, mask if document_mask is None else document_mask)
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:

@@ -20,23 +20,30 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 AttentionMask = BlockMask | torch.Tensor  # None, where a mask is optional, means plain causal
 
 
-def document_mask(document_ids_BS: torch.Tensor | None) -> AttentionMask | None:
+def document_mask(
+    document_ids_BS: torch.Tensor | None, q_positions: torch.Tensor | None = None
+) -> AttentionMask | None:
     """The block-causal mask of a batch whose position (b, s) belongs to document
     ``document_ids_BS[b, s]`` (documents are contiguous runs of equal ids); None (plain causal
-    attention) without document ids."""
+    attention) without document ids. Queries are all S positions, or only those at
+    ``q_positions`` [Q] (a context-parallel rank's chunks) over keys at all S positions."""
     if document_ids_BS is None:
         return None
     doc = document_ids_BS
     B, S = doc.shape
+    q_pos = torch.arange(S, device=doc.device) if q_positions is None else q_positions
     if doc.device.type != "cuda":
-        causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
-        same_document = doc[:, :, None] == doc[:, None, :]
+        causal = q_pos[:, None] >= torch.arange(S, device=doc.device)[None, :]
+        same_document = doc[:, q_pos, None] == doc[:, None, :]
         return (same_document & causal)[:, None]
 
     def same_document_causal(
         b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
-        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+        q = q_pos[q_idx]
+        return (q >= kv_idx) & (doc[b, q] == doc[b, kv_idx])
 
     # compiled: eager mask building materialises every (query, key) pair first, O(B S^2)
-    return create_block_mask(same_document_causal, B, None, S, S, device=doc.device, _compile=True)
+    return create_block_mask(
+        same_document_causal, B, None, q_pos.numel(), S, device=doc.device, _compile=True
+    )

@@ -124,7 +124,9 @@ class Decoder(nn.Module):
         only its own document (document_mask.py); None is plain causal attention. With a
         ``cache`` (generation, kv_cache.py) the tokens sit at ``cache.positions`` after the
         cached ones. ``positions`` [S] are the tokens' places in their sequences when they are
-        not 0..S-1 (a context-parallel rank holds chunks from the middle and the end)."""
+        not 0..S-1 (a context-parallel rank holds chunks from the middle and the end); then
+        ``document_ids`` cover the whole sequences, and the mask is of these tokens' queries
+        over keys at every position."""
         h_BSD = self.tok_embeddings(tokens)
         if cache is not None:
             cos_sin = self.rope_cos_sin[cache.positions]  # each row's own positions
@@ -132,7 +134,7 @@ class Decoder(nn.Module):
                 h_BSD = layer(h_BSD, cos_sin, None, layer_cache)
             return self.head(h_BSD, None, [])
         mtp = [] if labels is None else self.mtp_inputs(tokens, labels)
-        mask = document_mask(document_ids)
+        mask = document_mask(document_ids, positions)
         cos_sin = None if positions is None else self.rope_cos_sin[positions]
         return self.head(self.run_layers(h_BSD, mask, cos_sin), labels, mtp, mask)
 
