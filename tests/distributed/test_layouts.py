@@ -117,6 +117,16 @@ LAYOUTS = {
     "cp2_x_tp2": (4, {"parallelism.cp": 2, "parallelism.tp": 2}),
     "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
     "block_causal_cp2": (2, {"parallelism.cp": 2, "model.attn_mask": "block_causal"}),
+    "mtp_cp2": (2, {"parallelism.cp": 2, "model.mtp_num_layers": 1}),
+    "block_causal_mtp2_cp2_x_fsdp2_x_ep2": (
+        4,
+        {
+            "parallelism.cp": 2,
+            "parallelism.ep": 2,
+            "model.mtp_num_layers": 2,
+            "model.attn_mask": "block_causal",
+        },
+    ),
     "qwen3_block_causal_cp2_x_tp2": (
         4,
         {

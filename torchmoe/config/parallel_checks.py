@@ -12,7 +12,6 @@ RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe
 _CP_REFUSES = (
     ("parallelism", "pp", lambda v: v > 1, "pipeline stages"),
     ("parallelism", "dp_replicate", lambda v: v > 1, "replicated data parallelism (HSDP)"),
-    ("model", "mtp_num_layers", lambda v: v > 0, "multi-token prediction"),
 )
 
 

@@ -7,18 +7,21 @@ The sequence is cut into 2 x cp chunks of L = S / (2 cp) tokens; rank r holds ch
 2 cp - 1 - r (a head and a tail chunk). Under causal attention a late chunk attends to more
 keys than an early one, so pairing them gives every rank the same attention work.
 
-The training loop gives each rank its chunks of the batch (``shard_sequence``) and their
-positions (``local_positions``: the model's rotary rows); with packed documents, the document
-ids of whole sequences, from which the model masks its local queries over every key.
-Everything but attention is per-token and runs on the local chunks unchanged. ``apply_cp``
-wraps every attention module's kernel (``core_attention``): keys and values are all-gathered
-over the cp ranks (autograd-aware: their gradients reduce-scatter back), put in sequence order,
-and each local query attends to the keys at or before its own position. The mask is built once,
-at plan time: a flex-attention BlockMask on CUDA (the kernel skips the blocks above the
-diagonal), a dense boolean [2L, S] mask elsewhere.
+The model takes whole sequences and the positions of the rank's chunks (``local_positions``;
+``Decoder.forward``): it embeds only those tokens, rotates them by their positions, masks their
+queries over every key (packed documents: from the whole sequences' document ids) and reads
+multi-token prediction's inputs and targets past a chunk's end. The training loop compares the
+logits with the chunks' labels (``shard_sequence``). Everything but attention is per-token and
+runs on the local chunks unchanged. ``apply_cp`` wraps every attention module's kernel
+(``core_attention``): keys and values are all-gathered over the cp ranks (autograd-aware: their
+gradients reduce-scatter back), put in sequence order, and each local query attends to the keys
+at or before its own position. The mask is built once, at plan time: a flex-attention BlockMask
+on CUDA (the kernel skips the blocks above the diagonal), a dense boolean [2L, S] mask
+elsewhere.
 
-Reductions that must see whole sequences (the balance losses' expert counts, the step's loss)
-run over the cp ranks too: ``Meshes.sequence`` and ``Meshes.loss`` (dims.py). Dense
+Reductions that must see whole sequences (the balance losses' expert counts, the step's loss,
+multi-token prediction's target counts) run over the cp ranks too: ``Meshes.sequence`` and
+``Meshes.loss`` (dims.py), ``MultiTokenPrediction.target_counts``. Dense
 parameters are sharded by FSDP over dp_shard x cp, so cp ranks sum their gradients.
 """
 
@@ -27,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed._functional_collectives import all_gather_tensor_autograd, all_reduce
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.flex_attention import create_block_mask
 
@@ -102,8 +105,12 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     device = torch.device(device_type)
     if device_type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    mask = causal_mask(seq_len, cp, rank, device)
+    mask, group = causal_mask(seq_len, cp, rank, device), cp_mesh.get_group()
     for attention in (m for m in model.modules() if isinstance(m, Attention)):
         attention.core_attention = functools.partial(
-            _context_parallel_kernel, attention.core_attention, cp, cp_mesh.get_group(), mask
+            _context_parallel_kernel, attention.core_attention, cp, group, mask
         )
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:  # each depth's mean divides by the targets of the whole sequences
+        mtp.target_counts = functools.partial(all_reduce, reduceOp="sum", group=group)
+        mtp.sequence_shards = cp

@@ -375,14 +375,15 @@ class Trainer:
         self, inputs: torch.Tensor, labels: torch.Tensor, document_ids: torch.Tensor | None
     ) -> torch.Tensor:
         """One micro-batch through the whole model; returns its summed token loss over
-        ``global_tokens``."""
-        inputs, labels = self._local_chunks(inputs), self._local_chunks(labels)
+        ``global_tokens``. Under context parallelism the model takes whole sequences and
+        computes this rank's chunks of them (``positions``), which the loss compares with
+        their labels."""
         cached = self.cached_weights
         with cached.swapped() if cached is not None else nullcontext():
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
                 logits = self.model(inputs, **self._model_kwargs(labels, document_ids))
             with loss_parallel() if self.dims.tp_enabled else nullcontext():
-                loss = self.loss_fn(logits, labels) / self.global_tokens
+                loss = self.loss_fn(logits, self._local_chunks(labels)) / self.global_tokens
                 del logits  # backward needs the loss's own saved tensors only: free [B, S, V]
                 loss.backward()
         if cached is not None and self.accum_steps > 1:
@@ -399,9 +400,11 @@ class Trainer:
             kwargs["positions"] = self.cp_positions
         return kwargs | ({} if document_ids is None else {"document_ids": document_ids})
 
-    def _local_chunks(self, t_BS: torch.Tensor) -> torch.Tensor:
-        """This rank's chunks of a [B, S] batch tensor under context parallelism, else it."""
-        return t_BS if self.cp_positions is None else shard_sequence(t_BS, self.cp_positions)
+    def _local_chunks(self, labels_BS: torch.Tensor) -> torch.Tensor:
+        """This rank's chunks of the labels under context parallelism, else all of them."""
+        return (
+            labels_BS if self.cp_positions is None else shard_sequence(labels_BS, self.cp_positions)
+        )
 
     def _summed_eval_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The summed token loss of one batch and the labels it counts, forward only
@@ -415,8 +418,8 @@ class Trainer:
             finally:
                 self.global_tokens = scale
             return loss, (labels != IGNORE).sum() * int(self.pipeline.has_last)
-        inputs, labels = self._local_chunks(inputs), self._local_chunks(labels)
         kwargs = self._model_kwargs(None, document_ids)  # no MTP loss in evaluation
+        labels = self._local_chunks(labels)
         with (
             torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast),
             loss_parallel() if self.dims.tp_enabled else nullcontext(),

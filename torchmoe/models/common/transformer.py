@@ -123,20 +123,24 @@ class Decoder(nn.Module):
         packed document each position belongs to, make attention block-causal: a token sees
         only its own document (document_mask.py); None is plain causal attention. With a
         ``cache`` (generation, kv_cache.py) the tokens sit at ``cache.positions`` after the
-        cached ones. ``positions`` [S] are the tokens' places in their sequences when they are
-        not 0..S-1 (a context-parallel rank holds chunks from the middle and the end); then
-        ``document_ids`` cover the whole sequences, and the mask is of these tokens' queries
-        over keys at every position."""
-        h_BSD = self.tok_embeddings(tokens)
+        cached ones.
+
+        ``positions`` [P] computes only the tokens at those places of the sequences (a
+        context-parallel rank's chunks): ``tokens``, ``labels`` and ``document_ids`` still
+        cover whole sequences (MTP reads tokens past a chunk's end), the logits are [B, P, V],
+        and attention runs these queries over keys at every position, whose keys and values
+        from the other places a context-parallel plan supplies."""
         if cache is not None:
+            h_BSD = self.tok_embeddings(tokens)
             cos_sin = self.rope_cos_sin[cache.positions]  # each row's own positions
             for layer, layer_cache in zip(self.layers.values(), cache.layers, strict=True):
                 h_BSD = layer(h_BSD, cos_sin, None, layer_cache)
             return self.head(h_BSD, None, [])
-        mtp = [] if labels is None else self.mtp_inputs(tokens, labels)
+        mtp = [] if labels is None else self.mtp_inputs(tokens, labels, positions)
         mask = document_mask(document_ids, positions)
+        h_BSD = self.tok_embeddings(tokens if positions is None else tokens[:, positions])
         cos_sin = None if positions is None else self.rope_cos_sin[positions]
-        return self.head(self.run_layers(h_BSD, mask, cos_sin), labels, mtp, mask)
+        return self.head(self.run_layers(h_BSD, mask, cos_sin), labels, mtp, mask, positions)
 
     def run_layers(
         self,
@@ -152,9 +156,14 @@ class Decoder(nn.Module):
             h_BSD = layer(h_BSD, cos_sin, mask)
         return h_BSD
 
-    def mtp_inputs(self, tokens_BS: torch.Tensor, labels_BS: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_inputs(
+        self,
+        tokens_BS: torch.Tensor,
+        labels_BS: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """The MTP depths' inputs (mtp.py), empty without MTP."""
-        return mtp_inputs(self.tok_embeddings, tokens_BS, labels_BS, self.mtp_depth)
+        return mtp_inputs(self.tok_embeddings, tokens_BS, labels_BS, self.mtp_depth, positions)
 
     def head(
         self,
@@ -162,11 +171,13 @@ class Decoder(nn.Module):
         labels_BS: torch.Tensor | None,
         mtp: list[torch.Tensor],
         mask: AttentionMask | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final norm and output head; with labels, the MTP loss rides on the logits."""
         logits = self.output(self.norm(h_BSD))
         if self.mtp is not None and labels_BS is not None:
-            loss = self.mtp.loss(h_BSD, mtp, labels_BS, self.rope_cos_sin, self.output, mask)
+            cos_sin = self.rope_cos_sin if positions is None else self.rope_cos_sin[positions]
+            loss = self.mtp.loss(h_BSD, mtp, labels_BS, cos_sin, self.output, mask, positions)
             logits = attach_aux_loss(logits, loss)
         return logits
 
