@@ -118,6 +118,18 @@ LAYOUTS = {
     "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
     "block_causal_cp2": (2, {"parallelism.cp": 2, "model.attn_mask": "block_causal"}),
     "mtp_cp2": (2, {"parallelism.cp": 2, "model.mtp_num_layers": 1}),
+    "pp2_x_cp2": (4, {"parallelism.pp": 2, "parallelism.cp": 2, "model.n_layers": 4}),
+    "block_causal_mtp_pp2_zbv_x_cp2": (
+        4,
+        {
+            "parallelism.pp": 2,
+            "parallelism.pp_schedule": "ZBVZeroBubble",
+            "parallelism.cp": 2,
+            "model.n_layers": 4,
+            "model.mtp_num_layers": 1,
+            "model.attn_mask": "block_causal",
+        },
+    ),
     "block_causal_mtp2_cp2_x_fsdp2_x_ep2": (
         4,
         {

@@ -52,7 +52,6 @@ def test_explicit_dp_shard_times_ep_fills_the_world():
             {"training.seq_len": "36"},
             "2 x parallelism.cp x parallelism.tp = 8",
         ),
-        (4, dict(cp=2, pp=2), {}, "parallelism.pp = 2 with parallelism.cp = 2: context"),
         (4, dict(ep=2, etp=4), {}, "parallelism.ep = 2 x parallelism.etp = 4 must divide"),
         (4, dict(pp=3), {}, "x pp = 3 does not divide the 4 ranks"),
     ],

@@ -10,7 +10,6 @@ from torchmoe.config.schema import ActivationCheckpoint, JobConfig, Parallelism
 RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act")
 # What context parallelism does not combine with yet: (section, key, refused value test, what)
 _CP_REFUSES = (
-    ("parallelism", "pp", lambda v: v > 1, "pipeline stages"),
     ("parallelism", "dp_replicate", lambda v: v > 1, "replicated data parallelism (HSDP)"),
 )
 

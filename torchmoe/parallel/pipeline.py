@@ -19,6 +19,7 @@ from torch.distributed.pipelining import PipelineStage
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.pipeline_keys import SINGLE_STAGE, V_SHAPED, microbatches, stage_ids
 from torchmoe.config.schema import JobConfig
+from torchmoe.parallel.context_parallel import local_positions
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.pipeline_layout import describe_layout, stage_layout
 from torchmoe.parallel.pipeline_stage import LocalStages, split_stage
@@ -55,10 +56,12 @@ def build_pipeline(
     ``loss_fn(logits, labels)`` is called per micro-batch.
 
     Stage inputs and outputs are given to torch statically: token ids [b, S] into the first
-    stage, hidden states [b, S / tp, D] (sequence-parallel shards; D x (1 + MTP depth) with
-    the MTP inputs) between stages, logits [b, S, V] out of the last. The dtypes depend on
-    the plan: FSDP's mixed precision casts hidden states to the parameter dtype, autocast
-    keeps the residual stream in float32."""
+    stage, hidden states [b, S / (cp tp), D] (a context-parallel rank's chunks, split again
+    into sequence-parallel shards; D x (1 + MTP depth) with the MTP inputs) between stages,
+    logits [b, S / cp, V] out of the last. Under context parallelism every stage computes the
+    rank's chunks (``DecoderStage.positions``) of the whole sequences the first one takes.
+    The dtypes depend on the plan: FSDP's mixed precision casts hidden states to the parameter
+    dtype, autocast keeps the residual stream in float32."""
     p, t = cfg.parallelism, cfg.training
     layout = stage_layout(model, cfg)
     logger.info(
@@ -82,16 +85,23 @@ def build_pipeline(
     parts, stages = [], []
     b = t.local_batch_size // microbatches(cfg)
     width = cfg.model.dim * (1 + cfg.model.mtp_num_layers)
+    local = t.seq_len // dims.cp  # tokens of each sequence a context-parallel rank computes
     hidden = torch.empty(
-        b, t.seq_len // dims.tp, width, dtype=hidden_dtype, device="meta", requires_grad=True
+        b, local // dims.tp, width, dtype=hidden_dtype, device="meta", requires_grad=True
     )
+    positions = None
+    if dims.cp > 1:
+        positions = local_positions(
+            t.seq_len, dims.cp, dims.meshes.dense["cp"].get_local_rank(), device
+        )
     for stage in ids:
         part = plan(split_stage(model, layout, stage), dims, cfg)
         materialize(part)
+        part.positions = positions
         first, last = stage == 0, stage == len(layout) - 1
         inputs = torch.empty(b, t.seq_len, dtype=torch.long, device="meta") if first else hidden
         outputs = (
-            torch.empty(b, t.seq_len, cfg.model.vocab_size, dtype=logits_dtype, device="meta")
+            torch.empty(b, local, cfg.model.vocab_size, dtype=logits_dtype, device="meta")
             if last
             else hidden
         )

@@ -24,7 +24,11 @@ class DecoderStage(Decoder):
     the hidden state and return it. MTP's inputs, the embeddings of the shifted labels, are
     made by the first stage and travel with the hidden state, concatenated on its last dim, to
     the last stage: no stage needs a copy of the embedding. The labels reach the last stage as
-    a schedule keyword argument, as they reach the loss."""
+    a schedule keyword argument, as they reach the loss. ``positions``, set by the pipeline
+    builder under context parallelism, are the places of the whole sequences this rank's
+    stages compute (``Decoder.forward``); None computes every place."""
+
+    positions: torch.Tensor | None = None
 
     def forward(
         self,
@@ -42,15 +46,17 @@ class DecoderStage(Decoder):
                     "the first pipeline stage of a model with multi-token prediction needs "
                     "the labels: the last stage reads them"
                 )
-            h_BSD = self.tok_embeddings(x)
-            mtp = [] if labels is None else self.mtp_inputs(x, labels)
+            positions = self.positions
+            h_BSD = self.tok_embeddings(x if positions is None else x[:, positions])
+            mtp = [] if labels is None else self.mtp_inputs(x, labels, positions)
         else:
             h_BSD, *mtp = x.split(self.dim, dim=-1)
-        mask = document_mask(document_ids)
-        h_BSD = self.run_layers(h_BSD, mask)
+        mask = document_mask(document_ids, self.positions)
+        cos_sin = None if self.positions is None else self.rope_cos_sin[self.positions]
+        h_BSD = self.run_layers(h_BSD, mask, cos_sin)
         if self.output is None:
             return torch.cat([h_BSD, *mtp], dim=-1) if mtp else h_BSD
-        return self.head(h_BSD, labels, mtp, mask)
+        return self.head(h_BSD, labels, mtp, mask, self.positions)
 
 
 def split_stage(model: Decoder, layout: list[int], stage: int) -> DecoderStage:

@@ -394,9 +394,10 @@ class Trainer:
         self, labels: torch.Tensor | None, document_ids: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         """What the model takes besides the tokens: the labels for multi-token prediction,
-        the documents for block-causal attention, the positions of context-parallel chunks."""
+        the documents for block-causal attention, the positions of context-parallel chunks
+        (a pipeline's stages hold their own)."""
         kwargs = {"labels": labels} if self.mtp and labels is not None else {}
-        if self.cp_positions is not None:
+        if self.cp_positions is not None and self.pipeline is None:
             kwargs["positions"] = self.cp_positions
         return kwargs | ({} if document_ids is None else {"document_ids": document_ids})
 
@@ -417,7 +418,8 @@ class Trainer:
                 loss = self._run_schedule(self.pipeline.schedule.eval, *batch)
             finally:
                 self.global_tokens = scale
-            return loss, (labels != IGNORE).sum() * int(self.pipeline.has_last)
+            counted = (self._local_chunks(labels) != IGNORE).sum()
+            return loss, counted * int(self.pipeline.has_last)
         kwargs = self._model_kwargs(None, document_ids)  # no MTP loss in evaluation
         labels = self._local_chunks(labels)
         with (
@@ -457,7 +459,7 @@ class Trainer:
             # else the last stage holds every micro-batch's logits
             run(
                 *([inputs] if p.has_first else []),
-                target=labels if p.has_last else None,
+                target=self._local_chunks(labels).contiguous() if p.has_last else None,
                 losses=losses,
                 return_outputs=False,
                 **self._model_kwargs(labels, document_ids),
