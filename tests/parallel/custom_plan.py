@@ -15,3 +15,14 @@ def copying_parallelize(model, parallel_dims, job_config):
     import copy
 
     return copy.deepcopy(model)
+
+
+def fsdp_only(model, parallel_dims, job_config):
+    """A plan that forgets context parallelism: FSDP over the dense mesh, nothing else."""
+    import torch
+
+    from torchmoe.parallel.fsdp import apply_fsdp
+
+    meshes = parallel_dims.meshes
+    apply_fsdp(model, meshes.dp_mesh(), None, torch.float32, torch.float32)
+    return model

@@ -409,7 +409,12 @@ class Parallelism:
     pp: int = opt(1, "Pipeline-parallel degree.", gt=0)
     ep: int = opt(1, "Expert-parallel degree.", gt=0)
     etp: int = opt(1, "Expert tensor-parallel degree.", gt=0)
-    cp: int = opt(1, "Context-parallel degree (reserved).", gt=0)
+    cp: int = opt(
+        1,
+        "Context-parallel degree: each sequence split over cp ranks (2 x cp chunks), "
+        "attention over all of it.",
+        gt=0,
+    )
     pp_schedule: str = opt(
         "1F1B",
         "Pipeline schedule of torch.distributed.pipelining, named as torch names it: "

@@ -15,9 +15,8 @@ logits with the chunks' labels (``shard_sequence``). Everything but attention is
 runs on the local chunks unchanged. ``apply_cp`` wraps every attention module's kernel
 (``core_attention``): keys and values are all-gathered over the cp ranks (autograd-aware: their
 gradients reduce-scatter back), put in sequence order, and each local query attends to the keys
-at or before its own position. The mask is built once, at plan time: a flex-attention BlockMask
-on CUDA (the kernel skips the blocks above the diagonal), a dense boolean [2L, S] mask
-elsewhere.
+at or before its own position: a flex-attention BlockMask on CUDA (built once, at plan time;
+the kernel skips the blocks above the diagonal), dense [2L, S] booleans elsewhere.
 
 Reductions that must see whole sequences (the balance losses' expert counts, the step's loss,
 multi-token prediction's target counts) run over the cp ranks too: ``Meshes.sequence`` and
@@ -30,7 +29,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import all_gather_tensor_autograd, all_reduce
+from torch.distributed import _functional_collectives as funcol
+from torch.distributed._functional_collectives import all_reduce
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention.flex_attention import create_block_mask
 
@@ -56,26 +56,33 @@ def shard_sequence(t_BS: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t_BS.index_select(1, positions)
 
 
+# torch 2.13 renamed the autograd all-gather (the old name warns there); 2.11 has the old one
+_all_gather = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
+
+
 def gather_sequence(t_local: torch.Tensor, cp: int, group) -> torch.Tensor:
     """[B, 2L, ...] chunks of every cp rank -> [B, S, ...] in sequence order (autograd: the
     gradient of the whole reduce-scatters back to each rank's chunks)."""
-    gathered = all_gather_tensor_autograd(t_local.contiguous(), gather_dim=1, group=group)
+    gathered = _all_gather(t_local.contiguous(), gather_dim=1, group=group)
     pieces = gathered.chunk(2 * cp, dim=1)  # rank r's chunks at 2r (head) and 2r + 1 (tail)
     order = [2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)]
     return torch.cat([pieces[i] for i in order], dim=1)
 
 
-def causal_mask(seq_len: int, cp: int, rank: int, device: torch.device) -> AttentionMask:
-    """Local queries [2L] x all keys [S]: a query sees the keys at or before its position."""
-    q_pos = local_positions(seq_len, cp, rank, device)
-    if device.type != "cuda":
-        return q_pos[:, None] >= torch.arange(seq_len, device=device)[None, :]
+def causal_mask(q_pos: torch.Tensor, seq_len: int) -> AttentionMask:
+    """Queries at ``q_pos`` [Q] x all keys [S]: a query sees the keys at or before its
+    position. A flex-attention BlockMask on CUDA, dense [Q, S] booleans elsewhere."""
+    if q_pos.device.type != "cuda":
+        return q_pos[:, None] >= torch.arange(seq_len, device=q_pos.device)[None, :]
+    last = q_pos.numel() - 1
 
-    def visible(b, h, q_idx, kv_idx):
-        return q_pos[q_idx] >= kv_idx
+    def visible(b, h, q_idx, kv_idx):  # a partial last block asks for q_idx past the end
+        return q_pos[q_idx.clamp(max=last)] >= kv_idx
 
     return create_block_mask(
-        visible, None, None, q_pos.numel(), seq_len, device=device, _compile=True
+        visible, None, None, q_pos.numel(), seq_len, device=q_pos.device, _compile=True
     )
 
 
@@ -83,34 +90,51 @@ def _context_parallel_kernel(
     kernel: Callable[..., torch.Tensor],
     cp: int,
     group,
-    mask: AttentionMask,
+    q_pos: torch.Tensor,
+    block_mask: AttentionMask | None,
     q_BSHQ: torch.Tensor,
     k_BSJQ: torch.Tensor,
     v_BSJU: torch.Tensor,
     document_mask: AttentionMask | None = None,
 ) -> torch.Tensor:
     """``kernel`` (the module's own core_attention) of the local queries over the gathered
-    keys and values, with the context-parallel causal mask, or the model's document mask
-    (made for the local queries over every key: ``document_mask``'s ``q_positions``)."""
+    keys and values, with the model's document mask (made for the local queries over every
+    key: ``document_mask``'s ``q_positions``) or else the causal one: the plan-time
+    ``block_mask`` on CUDA, elsewhere made per call from ``q_pos`` (held only while one
+    attention runs; the CPU dry run would otherwise hold it for 128K-token sequences)."""
     k_full, v_full = gather_sequence(k_BSJQ, cp, group), gather_sequence(v_BSJU, cp, group)
-    return kernel(q_BSHQ, k_full, v_full, mask if document_mask is None else document_mask)
+    mask = document_mask
+    if mask is None:
+        mask = block_mask if block_mask is not None else causal_mask(q_pos, k_full.shape[1])
+    return kernel(q_BSHQ, k_full, v_full, mask)
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     """Wrap every attention module's kernel (module docstring) for sequences of ``seq_len``
-    tokens split over ``cp_mesh``. Apply before tensor parallelism, which then hands this
-    wrapper local heads."""
-    cp, rank = cp_mesh.size(), cp_mesh.get_local_rank()
-    device_type = cp_mesh.device_type
-    device = torch.device(device_type)
-    if device_type == "cuda":
+    tokens split over ``cp_mesh``, and mark the module ``context_parallel`` (the training
+    loop refuses a plan that leaves one out). Apply before tensor parallelism, which then
+    hands this wrapper local heads."""
+    cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
+    device = torch.device(cp_mesh.device_type)
+    if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    mask, group = causal_mask(seq_len, cp, rank, device), cp_mesh.get_group()
+    q_pos = local_positions(seq_len, cp, rank, device)
+    block_mask = causal_mask(q_pos, seq_len) if device.type == "cuda" else None
     for attention in (m for m in model.modules() if isinstance(m, Attention)):
         attention.core_attention = functools.partial(
-            _context_parallel_kernel, attention.core_attention, cp, group, mask
+            _context_parallel_kernel, attention.core_attention, cp, group, q_pos, block_mask
         )
+        attention.context_parallel = True
     mtp = getattr(model, "mtp", None)
     if mtp is not None:  # each depth's mean divides by the targets of the whole sequences
         mtp.target_counts = functools.partial(all_reduce, reduceOp="sum", group=group)
         mtp.sequence_shards = cp
+
+
+def missing_context_parallel(model: nn.Module) -> list[str]:
+    """Names of the attention modules a plan left without ``apply_cp``."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, Attention) and not getattr(m, "context_parallel", False)
+    ]

@@ -3,7 +3,8 @@
 One world, two views of it (Megatron's "parallel folding"):
 
 - the dense view, dims ``(pp, dp_replicate, dp_shard, cp, tp)``: attention, dense MLPs,
-  embeddings; FSDP shards over ``dp_replicate x dp_shard``, TP splits over ``tp``;
+  embeddings; FSDP shards over ``dp_replicate x dp_shard`` (x ``cp``: context-parallel ranks
+  hold the same weights), TP splits over ``tp``;
 - the expert view, dims ``(pp, dp_replicate, edp, ep, etp)``: routed experts; ``ep x etp``
   borrows its ranks from the dense view's ``dp_shard x cp x tp`` block and ``edp`` is what is
   left of that block, over which FSDP shards the experts.
@@ -88,7 +89,9 @@ class ParallelDims:
         )
         return (
             f"{self.world_size} ranks: given {given}; resolved: data-parallel {self.dp} "
-            f"(replicate {self.dp_replicate} x dense FSDP {self.dp_shard}), experts over "
+            f"(replicate {self.dp_replicate} x dense FSDP {self.dp_shard}"
+            + (f", FSDP over dp_shard x cp {self.dp_shard * self.cp}" if self.cp > 1 else "")
+            + "), experts over "
             f"ep {self.ep} x etp {self.etp} with FSDP {self.edp}"
         )
 

@@ -119,8 +119,9 @@ def estimate(
     tokens = cfg.training.local_batch_size / m * cfg.training.seq_len / (dims.cp * dims.tp)
     stored, recompute = zip(*(stage_activations(part, dims, cfg, tokens) for part in parts))
     flight = in_flight(cfg.parallelism.pp_schedule, dims.pp, pp_rank, len(parts), m)
-    fsdp = 2 * gathered * BF16 if dims.dp_enabled else 0
-    if dims.dp_enabled and dims.pp_enabled:  # torch keeps a stage's weights gathered and its
+    fsdp_sharded = dims.dp * dims.cp > 1  # FSDP shards dense weights over dp x cp
+    fsdp = 2 * gathered * BF16 if fsdp_sharded else 0
+    if fsdp_sharded and dims.pp_enabled:  # torch keeps a stage's weights gathered and its
         # gradients unsharded (fp32 reduce dtype) until the step's last micro-batch
         fsdp = sum(unsharded_by_fsdp(part) for part in parts) * (BF16 + FP32)
     return {

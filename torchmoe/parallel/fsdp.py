@@ -24,7 +24,8 @@ def apply_fsdp(
     over tp), its router and shared experts on ``token_mesh`` (given under tensor parallelism:
     data-parallel x tp ranks, which each route their own tokens), then each transformer block,
     the embedding, final norm + output head together, and the root, all on ``dp_mesh`` (the
-    dense view's ``dp_replicate x dp_shard``; 2-D means HSDP; size 1 without data parallelism,
+    dense view's ``dp_replicate x dp_shard``, x ``cp`` under context parallelism; 2-D means
+    HSDP; size 1 without data parallelism,
     which still gives the per-token modules' units the single root FSDP needs).
 
     Gradients are summed, not averaged, across ranks: the training loop normalises the loss by

@@ -32,14 +32,15 @@ class AllReduceCounts(nn.Module):
 
 
 def apply_balance_counts(
-    model: nn.Module, token_mesh: DeviceMesh, sequence_mesh: DeviceMesh
+    model: nn.Module, token_mesh: DeviceMesh, sequence_mesh: DeviceMesh | None
 ) -> None:
     """Install the count all-reduces (module docstring) in every MoE layer whose losses need
-    them: ``token_mesh`` (dp x cp x tp) for the global aux loss, ``sequence_mesh`` (cp x tp)
-    for the per-micro-batch and per-sequence losses."""
+    them: ``token_mesh`` (dp x cp x tp) for the global aux loss, ``sequence_mesh`` (cp x tp;
+    None or size 1: nothing to sum) for the per-micro-batch and per-sequence losses."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         coeffs = moe.args.balance_coeffs
         if "global_aux_loss" in coeffs and token_mesh.size() > 1:
             moe.global_counts = AllReduceCounts(token_mesh)
-        if sequence_mesh.size() > 1 and ("aux_loss" in coeffs or "seq_aux_loss" in coeffs):
+        per_sequence = "aux_loss" in coeffs or "seq_aux_loss" in coeffs
+        if sequence_mesh is not None and sequence_mesh.size() > 1 and per_sequence:
             moe.batch_counts = AllReduceCounts(sequence_mesh)

@@ -43,7 +43,11 @@ from torchmoe.models.flops import flops_per_token
 from torchmoe.models.moe.balance import set_aux_loss_scale
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import check_recompute_modules
-from torchmoe.parallel.context_parallel import local_positions, shard_sequence
+from torchmoe.parallel.context_parallel import (
+    local_positions,
+    missing_context_parallel,
+    shard_sequence,
+)
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.grad_norm import clip_grad_norm_, grad_norm_and_clip_coef
 from torchmoe.parallel.named_init import init_by_name
@@ -150,7 +154,7 @@ class Trainer:
         check_model_fits(
             model,
             self.device,
-            shards=self.dims.dp * self.dims.pp,
+            shards=self.dims.dp * self.dims.cp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
             # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus the
             # float32 gradient sums under accumulation
@@ -181,6 +185,13 @@ class Trainer:
             model = plan(model, self.dims, cfg)
             self._materialize(model)
         self.model = model
+        if self.dims.cp > 1 and (left_out := missing_context_parallel(model)):
+            raise ConfigError(
+                f"parallelism.plan = {cfg.parallelism.plan!r} did not apply context parallelism "
+                f"to {len(left_out)} attention modules ({left_out[0]}, ...) with "
+                f"parallelism.cp = {self.dims.cp}: those would attend within their own chunks; "
+                "call torchmoe.parallel.context_parallel.apply_cp in the plan"
+            )
         self.moe_stats = MoEStepStats(
             whole, model, cfg.moe.num_experts, reduce=self.dims.meshes is not None
         )

@@ -46,8 +46,8 @@ class Validator:
                 sums += torch.stack([loss.double(), labeled.to(sums)])
         finally:
             model.train()
-        if dist.is_initialized():  # ranks of one data-parallel index add the same pair: the
-            dist.all_reduce(sums)  # ratio is unchanged
+        if dist.is_initialized():  # ranks of one data-parallel index add the same pair (tp),
+            dist.all_reduce(sums)  # or shares of it (cp, pp): the ratio is the batches' own
         loss = (sums[0] / sums[1]).item()
         self.history.append((step, loss))
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
