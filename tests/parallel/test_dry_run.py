@@ -140,3 +140,11 @@ def test_context_parallel_ranks_hold_a_share_of_the_sequence_and_the_gathered_ke
     assert 0.25 < ratio < 0.4
     # dense weights shard over dp_shard x cp: the same 16 ways as dp_shard 16
     assert gib(cp4.stdout, "rank 0", "params") == gib(cp1.stdout, "rank 0", "params")
+
+
+def test_context_parallel_ranks_gather_fsdp_weights_like_data_parallel_ones():
+    args = ("--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "1")
+    dp2 = dry_run(2, *args)
+    cp2 = dry_run(2, *args, "--parallelism.cp", "2", "--parallelism.dp_shard", "1")
+    assert dp2.returncode == cp2.returncode == 0, dp2.stderr[-2000:] + cp2.stderr[-2000:]
+    assert gib(cp2.stdout, "rank 0", "FSDP-buf") == gib(dp2.stdout, "rank 0", "FSDP-buf") > 0
