@@ -26,6 +26,12 @@ RECIPES = [  # recipe, GPUs, the layout its header documents, the model line
         "64 ranks: dp_replicate 1 dp_shard 64 cp 1 tp 1 pp 1 ep 1 etp 8",
         "mixtral/8x22B, 140.6B parameters",
     ),
+    (  # 32K tokens per sequence: context parallelism over the node
+        "deepseek_v3_32k",
+        8,
+        "8 ranks: dp_replicate 1 dp_shard 1 cp 8 tp 1 pp 1 ep 8 etp 1",
+        "deepseek_v3/16B, 15.7B parameters",
+    ),
     (
         "deepseek_v2_lite",
         8,
