@@ -37,11 +37,15 @@ def document_mask(
         same_document = doc[:, q_pos, None] == doc[:, None, :]
         return (same_document & causal)[:, None]
 
+    last_q = q_pos.numel() - 1
+
     def same_document_causal(
         b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
     ) -> torch.Tensor:
-        q = q_pos[q_idx]
-        return (q >= kv_idx) & (doc[b, q] == doc[b, kv_idx])
+        # a partial last block asks for indices past the ends: read in range (kv past S is
+        # after every query, so the causal term masks it anyway)
+        q = q_pos[q_idx.clamp(max=last_q)]
+        return (q >= kv_idx) & (doc[b, q] == doc[b, kv_idx.clamp(max=S - 1)])
 
     # compiled: eager mask building materialises every (query, key) pair first, O(B S^2)
     return create_block_mask(
