@@ -101,6 +101,11 @@ def ep_rank(
         (2, 2, 1, "alltoall", False, 0.7),
         (2, 2, 1, "allgather", False, 0.7),
         (4, 2, 2, "alltoall", True, 0.7),
+        (2, 2, 1, "sync_free", False, 0.0),
+        (4, 4, 1, "sync_free", True, 0.0),
+        (4, 2, 2, "sync_free", False, 0.0),
+        (2, 2, 1, "sync_free", False, 0.7),
+        (4, 4, 1, "sync_free", True, 0.7),
     ],
 )
 def test_padded_expert_groups_change_nothing(

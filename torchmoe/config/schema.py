@@ -169,9 +169,11 @@ class MoE:
     freeze_router: bool = opt(False, "Do not train the router gates.")
     dispatcher: str = opt(
         "alltoall",
-        "Expert-parallel token exchange: all-to-all of the routed copies, or "
-        "all-gather of all tokens + reduce-scatter (small groups, large top-k).",
-        choices=("alltoall", "allgather"),
+        "Expert-parallel token exchange: all-to-all of the routed copies (one host sync "
+        "per layer for the sizes); sync_free: all-to-all of fixed-size blocks per (rank, "
+        "expert), no host sync (dropless: E x tokens rows; with moe.capacity_factor: the "
+        "capacity); or all-gather of all tokens + reduce-scatter (small groups, large top-k).",
+        choices=("alltoall", "sync_free", "allgather"),
     )
     grouped_mm: str = opt(
         "auto",

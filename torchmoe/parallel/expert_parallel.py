@@ -5,12 +5,19 @@ Legend (torchmoe/__init__.py): T local tokens, D model dim, K experts per token,
 X = E / ep local experts, W ranks of the expert-parallel group, M rows of an expert-ordered
 buffer.
 
-Two dispatchers, same contract as ``LocalDispatcher`` (``dispatch`` -> grouped tokens + counts
-for this rank's experts; ``combine`` -> [T, D]):
+Three dispatchers, same contract as ``LocalDispatcher`` (``dispatch`` -> grouped tokens +
+counts for this rank's experts; ``combine`` -> [T, D]):
 
 - ``AllToAllDispatcher``: sort copies by expert, exchange per-expert counts, then one
   variable-size ``all_to_all_single`` of tokens; regroup the received blocks per local expert.
-  Combine runs the same steps backwards. Traffic: only the routed copies.
+  Combine runs the same steps backwards. Traffic: only the routed copies; one host sync per
+  layer for the split sizes.
+- ``SyncFreeAllToAllDispatcher``: the same exchange with every (rank, expert) block padded to a
+  fixed G rows, so the split sizes are static and the counts stay on the device: no host
+  sync, and the MoE block traces into one graph. G is a bound on the copies one rank sends
+  one expert: the capacity under ``moe.capacity_factor``, else the rank's token count (a
+  token sends an expert at most one copy), which is dropless at any routing but moves and
+  holds E x T rows instead of T x K.
 - ``AllGatherDispatcher``: all-gather every rank's tokens, keep the copies routed to local
   experts, and reduce-scatter the weighted outputs. More traffic but no count exchange: the
   better choice for small groups or large top-k.
@@ -27,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 from torch.distributed._functional_collectives import (
     all_gather_tensor_autograd,
     all_to_all_single_autograd,
@@ -96,6 +104,58 @@ class AllToAllDispatcher(LocalDispatcher):
 
 
 @dataclass
+class SyncFreeState:
+    local: DispatchState  # this rank's copies in G-row blocks per global expert
+    regroup: DispatchState  # received slots -> padded per-local-expert groups
+
+
+class SyncFreeAllToAllDispatcher(LocalDispatcher):
+    """See the module docstring: static all-to-alls of G-row blocks, counts on the device."""
+
+    def __init__(
+        self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
+    ):
+        super().__init__(num_experts, backend, pad_multiple)
+        self.group = ep_mesh.get_group()
+        self.ep = ep_mesh.size()
+
+    def dispatch(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, SyncFreeState]:
+        E, W = self.num_experts, self.ep
+        G = capacity or topk_idx_TK.shape[0]  # copies this rank may send one expert
+        x_EGD, _, local = self.permute(x_TD, topk_idx_TK, E, 1, G)  # expert e at rows e*G...
+        sent_E = expert_copies(topk_idx_TK, E)
+        recv_WX = funcol.all_to_all_single(sent_E, None, None, self.group).view(W, -1)
+        x_recv = all_to_all_single_autograd(x_EGD, None, None, self.group)
+        # received rows (source w, local expert x, slot g); slots past the count hold nothing
+        X = recv_WX.shape[1]
+        slot = torch.arange(G, device=x_TD.device)
+        expert = torch.arange(X, device=x_TD.device).view(1, X, 1)
+        expert_M = torch.where(slot < recv_WX.unsqueeze(-1), expert, -1).flatten()
+        grouped_MD, counts_X, regroup = self.permute(
+            x_recv, expert_M.unsqueeze(1), X, self.pad_multiple, self.group_rows(capacity, W)
+        )
+        return grouped_MD, counts_X, SyncFreeState(local, regroup)
+
+    def combine(
+        self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: SyncFreeState
+    ) -> torch.Tensor:
+        y_recv = self.unpermute(y_MD, None, state.regroup)  # empty slots come back as zeros
+        y_back = all_to_all_single_autograd(y_recv, None, None, self.group)
+        return self.unpermute(y_back, topk_weight_TK, state.local)
+
+
+def expert_copies(topk_idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Copies routed to each expert [E] (int64), dropped copies (id -1) not counted."""
+    ids = topk_idx_TK.flatten()
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, torch.where(ids >= 0, ids, num_experts), torch.ones_like(ids))[
+        :num_experts
+    ]
+
+
+@dataclass
 class AllGatherState:
     kept: torch.Tensor  # positions, among all gathered copies, routed to local experts
     num_copies: int
@@ -148,6 +208,13 @@ class AllGatherDispatcher(LocalDispatcher):
         y_TKD = y_all.view(w_all.shape[0], -1, y_MD.shape[-1])
         out = torch.bmm(w_all.to(y_MD.dtype).unsqueeze(1), y_TKD).squeeze(1)
         return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
+
+
+DISPATCHERS = {  # moe.dispatcher -> class
+    "alltoall": AllToAllDispatcher,
+    "sync_free": SyncFreeAllToAllDispatcher,
+    "allgather": AllGatherDispatcher,
+}
 
 
 class ExpertTensorParallelDispatcher(nn.Module):
@@ -212,7 +279,7 @@ def apply_ep(model: nn.Module, expert_mesh: DeviceMesh, dispatcher: str) -> None
         experts.__class__ = LocalShardExperts
         num_experts = moe.args.router.num_experts
         if "ep" in names:
-            cls = AllToAllDispatcher if dispatcher == "alltoall" else AllGatherDispatcher
+            cls = DISPATCHERS[dispatcher]
             local = moe.dispatcher  # keeps its permute backend and padding
             moe.dispatcher = cls(num_experts, expert_mesh["ep"], local.backend, local.pad_multiple)
         if "etp" in names:
