@@ -28,6 +28,11 @@ LAYOUTS = {
     "fsdp2_x_ep2": (4, {"parallelism.ep": 2}),
     "hsdp_x_ep2": (4, {"parallelism.dp_replicate": 2, "parallelism.ep": 2}),
     "ep2_allgather": (2, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
+    "ep2_sync_free": (2, {"parallelism.ep": 2, "moe.dispatcher": "sync_free"}),
+    "fsdp2_x_ep2_sync_free_x_cp2": (
+        4,
+        {"parallelism.ep": 2, "parallelism.cp": 2, "moe.dispatcher": "sync_free"},
+    ),
     "fsdp4_x_ep2_allgather": (4, {"parallelism.ep": 2, "moe.dispatcher": "allgather"}),
     "etp2": (2, {"parallelism.etp": 2}),
     "ep2_x_etp2": (4, {"parallelism.ep": 2, "parallelism.etp": 2}),

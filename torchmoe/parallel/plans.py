@@ -69,10 +69,13 @@ def _reshard_policy(dims: ParallelDims, cfg: JobConfig) -> str:
 
 
 def _sync_free_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:
-    """Blocks trace into one graph when no MoE layer needs its token counts on the host: no
-    expert or tensor parallelism, and experts on torch._grouped_mm rather than the loop."""
+    """Blocks trace into one graph when no MoE layer needs its token counts on the host:
+    experts on torch._grouped_mm rather than the loop, and no expert or tensor parallelism,
+    or expert parallelism (no etp, no tp) through the sync-free dispatcher."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return not dims.experts_split and use_grouped_mm(cfg.moe.grouped_mm, device)
+    sync_free_ep = cfg.moe.dispatcher == "sync_free" and dims.etp == 1 and dims.tp == 1
+    dispatch_free = not dims.experts_split or sync_free_ep
+    return dispatch_free and use_grouped_mm(cfg.moe.grouped_mm, device)
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
