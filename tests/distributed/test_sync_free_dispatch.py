@@ -6,7 +6,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from torch._dynamo.exc import Unsupported
 from torch.distributed.device_mesh import init_device_mesh
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.distributed.launcher import run_ranks
@@ -65,3 +67,32 @@ def test_sync_free_dispatch_reads_nothing_on_the_host(capacity):
 
 def test_the_probe_catches_the_host_sync_all_to_all():
     assert all("host read" in r for r in run_ranks(2, _exchange, "alltoall", 0))
+
+
+def _compile_block(rank: int, dispatcher: str) -> str:
+    """One MLA + MoE block under EP2 with grouped-GEMM experts, traced whole (fullgraph: a
+    graph break raises) and run forward and backward: the same output as eager."""
+    from tests.parallel.test_compile import _tiny_moe_model
+
+    torch.manual_seed(0)
+    model = _tiny_moe_model()
+    apply_ep(model, init_device_mesh("cpu", (2, 1), mesh_dim_names=("ep", "etp")), dispatcher)
+    tokens_BS = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(rank))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(tokens_BS).float()
+        model.layers["0"] = torch.compile(model.layers["0"], fullgraph=True, backend="aot_eager")
+        try:
+            compiled = model(tokens_BS).float()
+        except (Unsupported, GuardOnDataDependentSymNode) as e:  # a break, a host read
+            return f"graph break: {type(e).__name__}"
+    compiled.pow(2).mean().backward()
+    torch.testing.assert_close(compiled, eager, atol=0.05, rtol=0.05)
+    return "one graph"
+
+
+def test_sync_free_moe_block_traces_into_one_graph_under_ep():
+    assert run_ranks(2, _compile_block, "sync_free") == ["one graph"] * 2
+
+
+def test_the_host_sync_all_to_all_breaks_the_graph():
+    assert all(r.startswith("graph break") for r in run_ranks(2, _compile_block, "alltoall"))

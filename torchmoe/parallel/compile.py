@@ -14,9 +14,9 @@ logger = logging.getLogger(__name__)
 def apply_compile(model: nn.Module, cfg: Compile, fullgraph: bool) -> None:
     """Compile each transformer block (``model.layers`` and MTP depths) separately: blocks of one
     kind share a compiled graph, so compile time does not grow with depth. ``fullgraph`` (the MoE
-    layer has no host sync: local dispatcher and grouped GEMM experts) turns any graph break into an
-    error instead of a silent slowdown; expert-parallel dispatchers need the token counts on the
-    host and compile with a break there."""
+    layer has no host sync: grouped GEMM experts behind the local or the sync-free dispatcher)
+    turns any graph break into an error instead of a silent slowdown; the other expert-parallel
+    dispatchers need the token counts on the host and compile with a break there."""
     if not cfg.enable:
         return
     slots = block_slots(model)
