@@ -120,6 +120,7 @@ LAYOUTS = {
     "cp2_x_ep2": (2, {"parallelism.cp": 2, "parallelism.ep": 2}),
     "cp2_x_fsdp2_x_ep4": (4, {"parallelism.cp": 2, "parallelism.ep": 4}),
     "cp2_x_tp2": (4, {"parallelism.cp": 2, "parallelism.tp": 2}),
+    "hsdp_2x1_x_cp2": (4, {"parallelism.dp_replicate": 2, "parallelism.cp": 2}),
     "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
     "block_causal_cp2": (2, {"parallelism.cp": 2, "model.attn_mask": "block_causal"}),
     "mtp_cp2": (2, {"parallelism.cp": 2, "model.mtp_num_layers": 1}),

@@ -85,7 +85,7 @@ def test_validation_errors(world, parallelism, model, fragment):
     ],
 )
 def test_shape_checks_come_first_and_name_both_keys(key, value, fragment):
-    """Checked against the degrees before any is refused as not yet available."""
+    """Each shape is checked against the degree that splits it, naming both keys."""
     tp = 4 if value == "mixtral" else 2
     cfg = build_config(
         {},

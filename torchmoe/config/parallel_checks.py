@@ -8,10 +8,6 @@ from torchmoe.config.schema import ActivationCheckpoint, JobConfig, Parallelism
 # recompute_modules names (Megatron's); torchmoe/parallel/activation_checkpoint.py maps each
 # to what it recomputes.
 RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act")
-# What context parallelism does not combine with yet: (section, key, refused value test, what)
-_CP_REFUSES = (
-    ("parallelism", "dp_replicate", lambda v: v > 1, "replicated data parallelism (HSDP)"),
-)
 
 
 def resolve_dp_shard(p: Parallelism, world_size: int) -> int:
@@ -51,7 +47,7 @@ def resolve_dp_shard(p: Parallelism, world_size: int) -> int:
 
 def check_parallel_shapes(cfg: JobConfig, heads_keys: tuple[str, ...]) -> None:
     """Degrees against the model's shape (``heads_keys``: the family's head counts that tensor
-    parallelism splits), then against what this version implements."""
+    parallelism splits) and the sequence (context parallelism)."""
     p = cfg.parallelism
     shape_rules = [  # (key, value, degree key, degree, why)
         ("moe.num_experts", cfg.moe.num_experts, "ep", p.ep, ""),
@@ -76,7 +72,7 @@ def check_parallel_shapes(cfg: JobConfig, heads_keys: tuple[str, ...]) -> None:
 
 def check_context_parallel(cfg: JobConfig) -> None:
     """cp > 1: the sequence cuts into 2 x cp equal chunks (each rank's part split again by
-    tp), and nothing context parallelism does not implement yet is on."""
+    tp)."""
     p, seq_len = cfg.parallelism, cfg.training.seq_len
     if seq_len % (2 * p.cp * p.tp):
         raise ConfigError(
@@ -84,13 +80,6 @@ def check_context_parallel(cfg: JobConfig) -> None:
             f"parallelism.tp = {2 * p.cp * p.tp} (context parallelism cuts each sequence into "
             "2 x cp chunks, tensor parallelism splits each rank's part); pick a seq_len that is"
         )
-    for section, key, refused, what in _CP_REFUSES:
-        value = getattr(getattr(cfg, section), key)
-        if refused(value):
-            raise ConfigError(
-                f"{section}.{key} = {value!r} with parallelism.cp = {p.cp}: context parallelism "
-                f"does not take {what} yet; set parallelism.cp = 1 or change {section}.{key}"
-            )
 
 
 def check_activation_checkpoint(ac: ActivationCheckpoint) -> None:

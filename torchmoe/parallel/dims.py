@@ -43,17 +43,23 @@ class Meshes:
     # (context-parallel ranks each hold the loss of their chunks)
     loss: DeviceMesh
     # dp_shard x cp flattened: FSDP's mesh under context parallelism (cp ranks hold the same
-    # weights and sum their gradients); the config refuses cp with dp_replicate
+    # weights and sum their gradients)
     dp_shard_cp: DeviceMesh
 
     def dp_mesh(self) -> DeviceMesh:
-        """FSDP mesh of dense parameters: 2-D (HSDP) when replicated, dp_shard x cp under
-        context parallelism."""
-        if self.dense["dp_replicate"].size() > 1:
-            return self.dense["dp_replicate", "dp_shard"]
-        if self.dense["cp"].size() > 1:
+        """FSDP mesh of dense parameters: dp_shard, x cp under context parallelism; 2-D (HSDP)
+        when replicated."""
+        replicated = self.dense["dp_replicate"].size() > 1
+        if self.dense["cp"].size() == 1:
+            return self.dense["dp_replicate", "dp_shard"] if replicated else self.dense["dp_shard"]
+        if not replicated:
             return self.dp_shard_cp
-        return self.dense["dp_shard"]
+        # replicate x (dp_shard x cp), 2-D. torch 2.13 joins two meshes of one root; older
+        # torch slices the flattened dim out of the root (deprecated in 2.13)
+        concatenate = getattr(DeviceMesh, "_concatenate", None)
+        if concatenate is None:
+            return self.dense["dp_replicate", "dp_shard_cp"]
+        return concatenate([self.dense["dp_replicate"], self.dp_shard_cp])
 
     def expert_dp_mesh(self) -> DeviceMesh:
         if self.expert["dp_replicate"].size() > 1:
