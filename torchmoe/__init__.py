@@ -14,6 +14,8 @@ names the letters it uses, and every letter means the same thing everywhere:
 - Q: query/key channels per head
 - U: value channels per head
 - R: rotary channels per head
+- A: key/value positions an attention reads (S; the whole sequence for a context-parallel
+  rank's queries)
 - F: feed-forward hidden dim (a dense SwiGLU's or one expert's)
 - E: experts
 - X: local experts of an expert-parallel rank (E / ep)

@@ -1,9 +1,10 @@
 """Context parallelism: every sequence split over ``cp`` ranks, attention over all of it.
 
-Legend (torchmoe/__init__.py): B batch, S sequence, H query heads, J key/value heads, Q
-query/key channels per head, U value channels per head.
+Legend (torchmoe/__init__.py): B batch, S sequence (a rank's chunks where local), A key/value
+positions (the whole sequence), H query heads, J key/value heads, Q query/key channels per
+head, U value channels per head.
 
-The sequence is cut into 2 x cp chunks of L = S / (2 cp) tokens; rank r holds chunks r and
+The sequence is cut into 2 x cp chunks of S / (2 cp) tokens; rank r holds chunks r and
 2 cp - 1 - r (a head and a tail chunk). Under causal attention a late chunk attends to more
 keys than an early one, so pairing them gives every rank the same attention work.
 
@@ -13,15 +14,17 @@ queries over every key (packed documents: from the whole sequences' document ids
 multi-token prediction's inputs and targets past a chunk's end. The training loop compares the
 logits with the chunks' labels (``shard_sequence``). Everything but attention is per-token and
 runs on the local chunks unchanged. ``apply_cp`` wraps every attention module's kernel
-(``core_attention``): keys and values are all-gathered over the cp ranks (autograd-aware: their
-gradients reduce-scatter back), put in sequence order, and each local query attends to the keys
-at or before its own position: a flex-attention BlockMask on CUDA (built once, at plan time;
-the kernel skips the blocks above the diagonal), dense [2L, S] booleans elsewhere.
+(``core_attention``): it sees the keys and values of the whole sequence, all-gathered over the
+cp ranks in sequence order (autograd-aware: their gradients reduce-scatter back); MLA gathers
+its small latents and rotary keys instead and makes the keys and values from them
+(``MLA.key_value_inputs``). Each local query attends to the keys at or before its own position:
+a flex-attention BlockMask on CUDA (built once, at plan time; the kernel skips the blocks above
+the diagonal), dense [S / cp, S] booleans elsewhere.
 
 Reductions that must see whole sequences (the balance losses' expert counts, the step's loss,
 multi-token prediction's target counts) run over the cp ranks too: ``Meshes.sequence`` and
-``Meshes.loss`` (dims.py), ``MultiTokenPrediction.target_counts``. Dense
-parameters are sharded by FSDP over dp_shard x cp, so cp ranks sum their gradients.
+``Meshes.loss`` (dims.py), ``MultiTokenPrediction.target_counts``. Dense parameters are sharded
+by FSDP over dp_shard x cp, so cp ranks sum their gradients.
 """
 
 import functools
@@ -32,6 +35,7 @@ from torch import nn
 from torch.distributed import _functional_collectives as funcol
 from torch.distributed._functional_collectives import all_reduce
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import create_block_mask
 
 from torchmoe.models.common.attention import Attention
@@ -44,10 +48,10 @@ def local_chunks(cp: int, rank: int) -> tuple[int, int]:
 
 
 def local_positions(seq_len: int, cp: int, rank: int, device: torch.device) -> torch.Tensor:
-    """Positions [2L] in the sequence of the tokens ``rank`` holds, in local order."""
-    L = seq_len // (2 * cp)
+    """Positions [S / cp] in the sequence of the tokens ``rank`` holds, in local order."""
+    chunk = seq_len // (2 * cp)
     return torch.cat(
-        [torch.arange(c * L, (c + 1) * L, device=device) for c in local_chunks(cp, rank)]
+        [torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in local_chunks(cp, rank)]
     )
 
 
@@ -62,8 +66,8 @@ _all_gather = (
 )
 
 
-def gather_sequence(t_local: torch.Tensor, cp: int, group) -> torch.Tensor:
-    """[B, 2L, ...] chunks of every cp rank -> [B, S, ...] in sequence order (autograd: the
+def gather_sequence(t_local: torch.Tensor, *, cp: int, group) -> torch.Tensor:
+    """[B, S / cp, ...] chunks of every cp rank -> [B, S, ...] in sequence order (autograd: the
     gradient of the whole reduce-scatters back to each rank's chunks)."""
     gathered = _all_gather(t_local.contiguous(), gather_dim=1, group=group)
     pieces = gathered.chunk(2 * cp, dim=1)  # rank r's chunks at 2r (head) and 2r + 1 (tail)
@@ -88,41 +92,75 @@ def causal_mask(q_pos: torch.Tensor, seq_len: int) -> AttentionMask:
 
 def _context_parallel_kernel(
     kernel: Callable[..., torch.Tensor],
-    cp: int,
-    group,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
     q_pos: torch.Tensor,
     block_mask: AttentionMask | None,
     q_BSHQ: torch.Tensor,
-    k_BSJQ: torch.Tensor,
-    v_BSJU: torch.Tensor,
+    k_BAJQ: torch.Tensor,
+    v_BAJU: torch.Tensor,
     document_mask: AttentionMask | None = None,
 ) -> torch.Tensor:
-    """``kernel`` (the module's own core_attention) of the local queries over the gathered
-    keys and values, with the model's document mask (made for the local queries over every
-    key: ``document_mask``'s ``q_positions``) or else the causal one: the plan-time
-    ``block_mask`` on CUDA, elsewhere made per call from ``q_pos`` (held only while one
-    attention runs; the CPU dry run would otherwise hold it for 128K-token sequences)."""
-    k_full, v_full = gather_sequence(k_BSJQ, cp, group), gather_sequence(v_BSJU, cp, group)
+    """``kernel`` (the module's own core_attention) of the local queries over the keys and
+    values of the whole sequence (``gather``-ed here, or made whole from gathered latents:
+    MLA), with the model's document mask (made for the local queries over every key:
+    ``document_mask``'s ``q_positions``) or else the causal one: the plan-time ``block_mask``
+    on CUDA, elsewhere made per call from ``q_pos`` (held only while one attention runs; the
+    CPU dry run would otherwise hold it for 128K-token sequences)."""
+    if gather is not None:
+        k_BAJQ, v_BAJU = gather(k_BAJQ), gather(v_BAJU)
     mask = document_mask
     if mask is None:
-        mask = block_mask if block_mask is not None else causal_mask(q_pos, k_full.shape[1])
-    return kernel(q_BSHQ, k_full, v_full, mask)
+        mask = block_mask if block_mask is not None else causal_mask(q_pos, k_BAJQ.shape[1])
+    return kernel(q_BSHQ, k_BAJQ, v_BAJU, mask)
+
+
+def _whole_sequence_latents(
+    gather: Callable[[torch.Tensor], torch.Tensor],
+    decoder: nn.Module,
+    kv_latent: torch.Tensor,
+    k_pe: torch.Tensor,
+    cos_sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's ``key_value_inputs`` under context parallelism: the latents and rotary keys of
+    every cp rank, in sequence order, with the rotary rows of every position (the decoder's
+    table; its first S rows are used). Tensor parallelism hands them over as replicated
+    DTensors: gathered locally and handed back alike, the table too."""
+
+    def like(t: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, DTensor):
+            return local
+        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False)
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return like(t, gather(t.to_local() if isinstance(t, DTensor) else t))
+
+    return whole(kv_latent), whole(k_pe), like(cos_sin, decoder.rope_cos_sin)
 
 
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     """Wrap every attention module's kernel (module docstring) for sequences of ``seq_len``
     tokens split over ``cp_mesh``, and mark the module ``context_parallel`` (the training
-    loop refuses a plan that leaves one out). Apply before tensor parallelism, which then
-    hands this wrapper local heads."""
+    loop refuses a plan that leaves one out). MLA gathers its latents and rotary keys, 9x
+    (16B) to 70x (671B) smaller than the per-head keys and values it makes from them; other
+    attention gathers its keys and values. Apply before tensor parallelism, which then hands
+    these wrappers local heads."""
     cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
     device = torch.device(cp_mesh.device_type)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     q_pos = local_positions(seq_len, cp, rank, device)
     block_mask = causal_mask(q_pos, seq_len) if device.type == "cuda" else None
+    gather = functools.partial(gather_sequence, cp=cp, group=group)
     for attention in (m for m in model.modules() if isinstance(m, Attention)):
+        makes_whole = hasattr(attention, "key_value_inputs")  # MLA
+        if makes_whole:
+            attention.key_value_inputs = functools.partial(_whole_sequence_latents, gather, model)
         attention.core_attention = functools.partial(
-            _context_parallel_kernel, attention.core_attention, cp, group, q_pos, block_mask
+            _context_parallel_kernel,
+            attention.core_attention,
+            None if makes_whole else gather,
+            q_pos,
+            block_mask,
         )
         attention.context_parallel = True
     mtp = getattr(model, "mtp", None)

@@ -13,8 +13,9 @@ counts for this rank's experts; ``combine`` -> [T, D]):
   Combine runs the same steps backwards. Traffic: only the routed copies; one host sync per
   layer for the split sizes.
 - ``SyncFreeAllToAllDispatcher``: the same exchange with every (rank, expert) block padded to a
-  fixed G rows, so the split sizes are static and the counts stay on the device: no host
-  sync, and the MoE block traces into one graph. G is a bound on the copies one rank sends
+  fixed number of rows, so the split sizes are static and the counts stay on the device: no
+  host sync, and the MoE block traces into one graph. The block is a bound on the copies one
+  rank sends
   one expert: the capacity under ``moe.capacity_factor``, else the rank's token count (a
   token sends an expert at most one copy), which is dropless at any routing but moves and
   holds E x T rows instead of T x K.
@@ -105,12 +106,13 @@ class AllToAllDispatcher(LocalDispatcher):
 
 @dataclass
 class SyncFreeState:
-    local: DispatchState  # this rank's copies in G-row blocks per global expert
+    local: DispatchState  # this rank's copies in one fixed-size block per global expert
     regroup: DispatchState  # received slots -> padded per-local-expert groups
 
 
 class SyncFreeAllToAllDispatcher(LocalDispatcher):
-    """See the module docstring: static all-to-alls of G-row blocks, counts on the device."""
+    """See the module docstring: static all-to-alls of fixed-size blocks, counts on the
+    device."""
 
     def __init__(
         self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
@@ -123,14 +125,14 @@ class SyncFreeAllToAllDispatcher(LocalDispatcher):
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, SyncFreeState]:
         E, W = self.num_experts, self.ep
-        G = capacity or topk_idx_TK.shape[0]  # copies this rank may send one expert
-        x_EGD, _, local = self.permute(x_TD, topk_idx_TK, E, 1, G)  # expert e at rows e*G...
+        block = capacity or topk_idx_TK.shape[0]  # copies this rank may send one expert
+        x_MD, _, local = self.permute(x_TD, topk_idx_TK, E, 1, block)  # expert e: block e
         sent_E = expert_copies(topk_idx_TK, E)
         recv_WX = funcol.all_to_all_single(sent_E, None, None, self.group).view(W, -1)
-        x_recv = all_to_all_single_autograd(x_EGD, None, None, self.group)
+        x_recv = all_to_all_single_autograd(x_MD, None, None, self.group)
         # received rows (source w, local expert x, slot g); slots past the count hold nothing
         X = recv_WX.shape[1]
-        slot = torch.arange(G, device=x_TD.device)
+        slot = torch.arange(block, device=x_TD.device)
         expert = torch.arange(X, device=x_TD.device).view(1, X, 1)
         expert_M = torch.where(slot < recv_WX.unsqueeze(-1), expert, -1).flatten()
         grouped_MD, counts_X, regroup = self.permute(

@@ -1,8 +1,8 @@
 """Multi-head latent attention (MLA), DeepSeek-V2/V3's attention.
 
-Legend (torchmoe/__init__.py): B batch, S sequence, D model dim, H heads, Q query/key channels
-per head (qk_nope_head_dim + qk_rope_head_dim), U value channels per head, R rotary channels
-per head (qk_rope_head_dim).
+Legend (torchmoe/__init__.py): B batch, S sequence, A key/value positions, D model dim, H heads,
+Q query/key channels per head (qk_nope_head_dim + qk_rope_head_dim), U value channels per head,
+R rotary channels per head (qk_rope_head_dim).
 
 MLA rebuilds keys and values from a kv_lora_rank-dim latent; one R-dim rotary key is shared by
 all heads.
@@ -71,8 +71,18 @@ class MLA(Attention):
         latent, k_pe = self.wkv_a(x_BSD).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         if cache is not None:
             return self.wo(self.cached_attention(q_in, latent, k_pe, cos_sin, cache).flatten(2))
-        q_BSHQ, k_BSHQ, v_BSHU = self.up_project(q_in, latent, k_pe, cos_sin)
-        return self.wo(self.core_attention(q_BSHQ, k_BSHQ, v_BSHU, mask).flatten(2))
+        latent, k_pe, kv_cos_sin = self.key_value_inputs(latent, k_pe, cos_sin)
+        q_BSHQ, k_BAHQ, v_BAHU = self.up_project(q_in, latent, k_pe, cos_sin, kv_cos_sin)
+        return self.wo(self.core_attention(q_BSHQ, k_BAHQ, v_BAHU, mask).flatten(2))
+
+    def key_value_inputs(
+        self, kv_latent: torch.Tensor, k_pe: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The latents [B, A, C] and rotary keys [B, A, R] that keys and values are made from,
+        and the rotary rows of their A positions: this sequence's own (A = S). A method of its
+        own so context parallelism can gather the small latents of the whole sequence instead
+        of the per-head keys and values (parallel/context_parallel.py)."""
+        return kv_latent, k_pe, cos_sin
 
     def up_project(
         self,
@@ -80,23 +90,27 @@ class MLA(Attention):
         kv_latent: torch.Tensor,
         k_pe: torch.Tensor,
         cos_sin: torch.Tensor,
+        kv_cos_sin: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query input (x, or the Q-dim latent) and the C-dim key/value latent -> per-head
-        q, k [B, S, H, Q] and v [B, S, H, U]: ``q_norm`` / ``kv_norm``, the up projections and
-        rotary. A method of its own so activation checkpointing can recompute it from the small
-        latents (``recompute_modules = ["mla_up_proj"]``)."""
+        q [B, S, H, Q], k [B, A, H, Q] and v [B, A, H, U]: ``q_norm`` / ``kv_norm``, the up
+        projections and rotary (``kv_cos_sin``: the keys' rows when their A positions are not
+        the queries' S). A method of its own so activation checkpointing can recompute it from
+        the small latents (``recompute_modules = ["mla_up_proj"]``)."""
         a = self.args
         B, S, _ = q_in.shape
+        kv_cos_sin = cos_sin if kv_cos_sin is None else kv_cos_sin
         q = self.wq(q_in) if a.q_lora_rank == 0 else self.wq_b(self.q_norm(q_in))
         q_BSHQ = q.view(B, S, -1, self.qk_head_dim)
         q_nope, q_pe = q_BSHQ.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q_BSHQ = torch.cat([q_nope, apply_rope(q_pe, cos_sin)], dim=-1)
 
-        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), cos_sin)
-        kv = self.wkv_b(self.kv_norm(kv_latent)).view(B, S, -1, a.qk_nope_head_dim + a.v_head_dim)
-        k_nope, v_BSHU = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
-        k_BSHQ = torch.cat([k_nope, k_pe_BS1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
-        return q_BSHQ, k_BSHQ, v_BSHU
+        A = kv_latent.shape[1]
+        k_pe_BA1R = apply_rope(k_pe.unsqueeze(2), kv_cos_sin)
+        kv = self.wkv_b(self.kv_norm(kv_latent)).view(B, A, -1, a.qk_nope_head_dim + a.v_head_dim)
+        k_nope, v_BAHU = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k_BAHQ = torch.cat([k_nope, k_pe_BA1R.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+        return q_BSHQ, k_BAHQ, v_BAHU
 
     def cached_attention(
         self,
