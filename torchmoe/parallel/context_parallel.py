@@ -141,7 +141,8 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     """Wrap every attention module's kernel (module docstring) for sequences of ``seq_len``
     tokens split over ``cp_mesh``, and mark the module ``context_parallel`` (the training
     loop refuses a plan that leaves one out). MLA gathers its latents and rotary keys, 9x
-    (16B) to 70x (671B) smaller than the per-head keys and values it makes from them; other
+    (16B) to 70x (671B) less to send than the per-head keys and values it makes from them
+    (every rank still makes, and keeps for backward, those of the whole sequence); other
     attention gathers its keys and values. Apply before tensor parallelism, which then hands
     these wrappers local heads."""
     cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
