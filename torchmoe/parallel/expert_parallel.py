@@ -57,7 +57,9 @@ class AllToAllState:
     recv_splits: list[int]
 
 
-class AllToAllDispatcher(LocalDispatcher):
+class ExpertParallelDispatcher(LocalDispatcher):
+    """A dispatcher that exchanges tokens over the ``ep`` ranks of ``ep_mesh``."""
+
     def __init__(
         self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
     ):
@@ -65,6 +67,8 @@ class AllToAllDispatcher(LocalDispatcher):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
 
+
+class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
@@ -110,16 +114,9 @@ class SyncFreeState:
     regroup: DispatchState  # received slots -> padded per-local-expert groups
 
 
-class SyncFreeAllToAllDispatcher(LocalDispatcher):
+class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
     """See the module docstring: static all-to-alls of fixed-size blocks, counts on the
     device."""
-
-    def __init__(
-        self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
-    ):
-        super().__init__(num_experts, backend, pad_multiple)
-        self.group = ep_mesh.get_group()
-        self.ep = ep_mesh.size()
 
     def dispatch(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
@@ -164,13 +161,11 @@ class AllGatherState:
     padding: DispatchState | None  # kept rows -> padded groups, when pad_multiple > 1
 
 
-class AllGatherDispatcher(LocalDispatcher):
+class AllGatherDispatcher(ExpertParallelDispatcher):
     def __init__(
         self, num_experts: int, ep_mesh: DeviceMesh, backend: str = "auto", pad_multiple: int = 1
     ):
-        super().__init__(num_experts, backend, pad_multiple)
-        self.group = ep_mesh.get_group()
-        self.ep = ep_mesh.size()
+        super().__init__(num_experts, ep_mesh, backend, pad_multiple)
         self.local_experts = num_experts // self.ep
         self.first = ep_mesh.get_local_rank() * self.local_experts
 
