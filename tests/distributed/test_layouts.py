@@ -121,6 +121,15 @@ LAYOUTS = {
     "cp2_x_fsdp2_x_ep4": (4, {"parallelism.cp": 2, "parallelism.ep": 4}),
     "cp2_x_tp2": (4, {"parallelism.cp": 2, "parallelism.tp": 2}),
     "hsdp_2x1_x_cp2": (4, {"parallelism.dp_replicate": 2, "parallelism.cp": 2}),
+    "cp2_full_ac": (2, {"parallelism.cp": 2, "activation_checkpoint.mode": "full"}),
+    "cp2_recompute_mla_up_proj_core_attn": (  # the latents' gather and the kernel rerun
+        2,
+        {
+            "parallelism.cp": 2,
+            "activation_checkpoint.mode": "selective",
+            "activation_checkpoint.recompute_modules": "mla_up_proj,core_attn",
+        },
+    ),
     "qwen3_cp2": (2, {"parallelism.cp": 2, "model.name": "qwen3_moe"}),
     "block_causal_cp2": (2, {"parallelism.cp": 2, "model.attn_mask": "block_causal"}),
     "mtp_cp2": (2, {"parallelism.cp": 2, "model.mtp_num_layers": 1}),

@@ -148,3 +148,28 @@ def test_context_parallel_ranks_gather_fsdp_weights_like_data_parallel_ones():
     cp2 = dry_run(2, *args, "--parallelism.cp", "2", "--parallelism.dp_shard", "1")
     assert dp2.returncode == cp2.returncode == 0, dp2.stderr[-2000:] + cp2.stderr[-2000:]
     assert gib(cp2.stdout, "rank 0", "FSDP-buf") == gib(dp2.stdout, "rank 0", "FSDP-buf") > 0
+
+
+def test_the_sync_free_dispatchers_fixed_blocks_are_planned():
+    """Dropless sync_free holds a block of every token for every expert (E rows per token
+    instead of top-k); padded to a capacity it holds the capacity's blocks."""
+    args = ("--config", "train_configs/deepseek_v3.toml", "--parallelism.ep", "8")
+    runs = {
+        name: dry_run(8, *args, *extra)
+        for name, extra in {
+            "alltoall": (),
+            "sync_free": ("--moe.dispatcher", "sync_free"),
+            "sync_free_capacity": (
+                "--moe.dispatcher",
+                "sync_free",
+                "--moe.capacity_factor",
+                "1.0",
+                "--moe.pad_to_capacity",
+                "true",
+            ),
+        }.items()
+    }
+    assert all(p.returncode == 0 for p in runs.values()), [p.stderr[-500:] for p in runs.values()]
+    acts = {name: gib(p.stdout, "rank 0", "activations") for name, p in runs.items()}
+    assert acts["sync_free"] > 3 * acts["alltoall"]
+    assert acts["sync_free_capacity"] == acts["alltoall"]  # capacity 1.0: k rows per token

@@ -171,8 +171,9 @@ class MoE:
         "alltoall",
         "Expert-parallel token exchange: all-to-all of the routed copies (one host sync "
         "per layer for the sizes); sync_free: all-to-all of fixed-size blocks per (rank, "
-        "expert), no host sync (dropless: E x tokens rows; with moe.capacity_factor: the "
-        "capacity); or all-gather of all tokens + reduce-scatter (small groups, large top-k).",
+        "expert), no host sync (dropless: E x tokens rows; with moe.capacity_factor and "
+        "moe.pad_to_capacity: the capacity); or all-gather of all tokens + reduce-scatter "
+        "(small groups, large top-k).",
         choices=("alltoall", "sync_free", "allgather"),
     )
     grouped_mm: str = opt(

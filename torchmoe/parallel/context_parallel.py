@@ -142,8 +142,9 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int) -> None:
     tokens split over ``cp_mesh``, and mark the module ``context_parallel`` (the training
     loop refuses a plan that leaves one out). MLA gathers its latents and rotary keys, 9x
     (16B) to 70x (671B) less to send than the per-head keys and values it makes from them
-    (every rank still makes, and keeps for backward, those of the whole sequence); other
-    attention gathers its keys and values. Apply before tensor parallelism, which then hands
+    (every rank still makes, and keeps for backward, those of the whole sequence: its
+    ``kv_norm`` and ``wkv_b`` run over all S tokens, not S / cp); other attention gathers its
+    keys and values. Apply before tensor parallelism, which then hands
     these wrappers local heads."""
     cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
     device = torch.device(cp_mesh.device_type)

@@ -51,15 +51,27 @@ def activation_bytes_per_token(cfg: JobConfig, block: nn.Module) -> float:
     )
     ffn = block.feed_forward
     if isinstance(ffn, MoE):
-        e, k = cfg.moe, cfg.moe.router_topk
+        e = cfg.moe
         mlp = (
             FP32 * (2 * m.dim + 3 * e.num_experts)
-            + BF16 * k * (3 * m.dim + 4 * e.ffn_hidden_size)
+            + BF16 * expert_rows_per_token(cfg) * (3 * m.dim + 4 * e.ffn_hidden_size)
             + BF16 * (m.dim + 3 * e.shared_expert_intermediate_size)
         )
     else:
         mlp = FP32 * m.dim + BF16 * (m.dim + 3 * m.inter_dim)
     return attention + mlp
+
+
+def expert_rows_per_token(cfg: JobConfig) -> float:
+    """Rows of the experts' buffers per token of the rank: its top-k copies, but under expert
+    parallelism the sync-free dispatcher's fixed blocks, one per expert: the capacity when the
+    layer pads to it (cf x k rows per token), else every token for every expert (E)."""
+    e, k = cfg.moe, cfg.moe.router_topk
+    if e.dispatcher != "sync_free" or cfg.parallelism.ep == 1:
+        return k
+    if e.capacity_factor > 0 and e.pad_to_capacity:
+        return min(e.capacity_factor * k, e.num_experts)
+    return e.num_experts
 
 
 def in_flight(schedule: str, pp: int, pp_rank: int, stages_per_rank: int, m: int) -> int:

@@ -15,18 +15,17 @@ counts for this rank's experts; ``combine`` -> [T, D]):
 - ``SyncFreeAllToAllDispatcher``: the same exchange with every (rank, expert) block padded to a
   fixed number of rows, so the split sizes are static and the counts stay on the device: no
   host sync, and the MoE block traces into one graph. The block is a bound on the copies one
-  rank sends
-  one expert: the capacity under ``moe.capacity_factor``, else the rank's token count (a
-  token sends an expert at most one copy), which is dropless at any routing but moves and
-  holds E x T rows instead of T x K.
+  rank sends one expert: the capacity when the layer pads to it (``moe.capacity_factor`` with
+  ``moe.pad_to_capacity``), else the rank's token count (a token sends an expert at most one
+  copy), which is dropless at any routing but moves and holds E x T rows instead of T x K.
 - ``AllGatherDispatcher``: all-gather every rank's tokens, keep the copies routed to local
   experts, and reduce-scatter the weighted outputs. More traffic but no count exchange: the
   better choice for small groups or large top-k.
 
-Both pad the groups the local experts see (``pad_multiple``, as the local dispatcher does) after
-the exchange, never before: the padding is a matter of this rank's GEMMs, not of the traffic.
-Their buffer sizes follow the received counts anyway (a host sync); padding adds at most
-X * (pad_multiple - 1) rows.
+All three pad the groups the local experts see (``pad_multiple``, as the local dispatcher does)
+after the exchange, never before: the padding is a matter of this rank's GEMMs, not of the
+traffic. It adds at most X * (pad_multiple - 1) rows to buffers sized by the received counts
+(all-to-all, all-gather: a host sync) or by the static blocks (sync-free).
 """
 
 from dataclasses import dataclass
@@ -122,7 +121,8 @@ class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, SyncFreeState]:
         E, W = self.num_experts, self.ep
-        block = capacity or topk_idx_TK.shape[0]  # copies this rank may send one expert
+        T = topk_idx_TK.shape[0]  # a token sends an expert at most one copy
+        block = min(capacity, T) if capacity else T  # copies this rank may send one expert
         x_MD, _, local = self.permute(x_TD, topk_idx_TK, E, 1, block)  # expert e: block e
         sent_E = expert_copies(topk_idx_TK, E)
         recv_WX = funcol.all_to_all_single(sent_E, None, None, self.group).view(W, -1)
