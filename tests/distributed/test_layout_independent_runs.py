@@ -1,7 +1,7 @@
 """Same seed and global batch, same run: the real loader and initialisation (no seed checkpoint)
-give equal losses on one process with gradient accumulation, FSDP2 x EP2 on 4 ranks, TP2 and
-PP2; and a checkpoint from 4 data-parallel ranks resumes at 2 and at 1 with its data position
-(elastic resume), continuing the uninterrupted run's losses."""
+give equal losses on one process with gradient accumulation, FSDP2 x EP2 on 4 ranks, TP2, PP2
+and CP2; and a checkpoint from 4 data-parallel ranks resumes at 2 and at 1 with its data position
+(elastic resume), and under CP2, continuing the uninterrupted run's losses."""
 
 import json
 import shutil
@@ -92,6 +92,7 @@ def test_one_process_with_accumulation_equals_fsdp2_x_ep2(runs):
         ("tp2", {"parallelism.tp": 2}, 2),
         ("pp2", {"parallelism.pp": 2}, 4),
         ("pp2_interleaved", {"parallelism.pp": 2, "parallelism.pp_schedule": "Interleaved1F1B"}, 4),
+        ("cp2", {"parallelism.cp": 2}, 4),
     ],
 )
 def test_tensor_and_pipeline_parallel_equal_one_process(
@@ -116,4 +117,16 @@ def test_resume_at_fewer_data_parallel_ranks(runs, data_cache, ranks):
     )
     cfg = config(folder, data_cache, seed, GLOBAL_BATCH // ranks // (2 if ranks == 1 else 1))
     losses = run_ranks(ranks, train, cfg)[0]
+    torch.testing.assert_close(losses, four[2:], rtol=1e-5, atol=1e-5)
+
+
+def test_resume_under_context_parallelism(runs, data_cache):
+    """The 4-rank FSDP2 x EP2 checkpoint resumes on 2 ranks that split every sequence (CP2)."""
+    root, seed, (four, _), _ = runs
+    folder = root / "resumed_at_cp2"
+    shutil.copytree(
+        root / "fsdp2_x_ep2" / "checkpoint" / "step-2", folder / "checkpoint" / "step-2"
+    )
+    cfg = config(folder, data_cache, seed, GLOBAL_BATCH, **{"parallelism.cp": 2})
+    losses = run_ranks(2, train, cfg)[0]
     torch.testing.assert_close(losses, four[2:], rtol=1e-5, atol=1e-5)
