@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
 from torch.distributed._functional_collectives import all_reduce
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -40,6 +39,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from torchmoe.models.common.attention import Attention
 from torchmoe.models.common.document_mask import AttentionMask
+from torchmoe.parallel.collectives import all_gather_autograd
 
 
 def local_chunks(cp: int, rank: int) -> tuple[int, int]:
@@ -60,16 +60,10 @@ def shard_sequence(t_BS: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t_BS.index_select(1, positions)
 
 
-# torch 2.13 renamed the autograd all-gather (the old name warns there); 2.11 has the old one
-_all_gather = (
-    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-)
-
-
 def gather_sequence(t_local: torch.Tensor, *, cp: int, group) -> torch.Tensor:
     """[B, S / cp, ...] chunks of every cp rank -> [B, S, ...] in sequence order (autograd: the
     gradient of the whole reduce-scatters back to each rank's chunks)."""
-    gathered = _all_gather(t_local.contiguous(), gather_dim=1, group=group)
+    gathered = all_gather_autograd(t_local.contiguous(), gather_dim=1, group=group)
     pieces = gathered.chunk(2 * cp, dim=1)  # rank r's chunks at 2r (head) and 2r + 1 (tail)
     order = [2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)]
     return torch.cat([pieces[i] for i in order], dim=1)

@@ -35,17 +35,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
-from torch.distributed._functional_collectives import (
-    all_gather_tensor_autograd,
-    all_to_all_single_autograd,
-    reduce_scatter_tensor_autograd,
-)
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from torchmoe.models.moe.dispatch import DispatchState, LocalDispatcher
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
+from torchmoe.parallel.collectives import all_gather_autograd, reduce_scatter_autograd
 
 
 @dataclass
@@ -172,8 +169,8 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
     def dispatch(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
-        x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
-        idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
+        x_all = all_gather_autograd(x_TD, gather_dim=0, group=self.group)
+        idx_all = all_gather_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         K = idx_all.shape[1]
         local = idx_all.flatten() - self.first
         X = self.local_experts
@@ -200,11 +197,11 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
     ) -> torch.Tensor:
         if state.padding is not None:
             y_MD = self.unpermute(y_MD, None, state.padding)
-        w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
+        w_all = all_gather_autograd(topk_weight_TK, gather_dim=0, group=self.group)
         y_all = y_MD.new_zeros(state.num_copies, y_MD.shape[-1]).index_copy(0, state.kept, y_MD)
         y_TKD = y_all.view(w_all.shape[0], -1, y_MD.shape[-1])
         out = torch.bmm(w_all.to(y_MD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-        return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
+        return reduce_scatter_autograd(out, "sum", scatter_dim=0, group=self.group)
 
 
 DISPATCHERS = {  # moe.dispatcher -> class
@@ -235,14 +232,14 @@ class ExpertTensorParallelDispatcher(nn.Module):
         self.inner.pad_multiple = value
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0):
-        x_all = all_gather_tensor_autograd(x_TD, gather_dim=0, group=self.group)
-        idx_all = all_gather_tensor_autograd(topk_idx_TK, gather_dim=0, group=self.group)
+        x_all = all_gather_autograd(x_TD, gather_dim=0, group=self.group)
+        idx_all = all_gather_autograd(topk_idx_TK, gather_dim=0, group=self.group)
         return self.inner.dispatch(x_all, idx_all, capacity * self.group.size())
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state) -> torch.Tensor:
-        w_all = all_gather_tensor_autograd(topk_weight_TK, gather_dim=0, group=self.group)
+        w_all = all_gather_autograd(topk_weight_TK, gather_dim=0, group=self.group)
         out = self.inner.combine(y_MD, w_all, state)
-        return reduce_scatter_tensor_autograd(out, "sum", scatter_dim=0, group=self.group)
+        return reduce_scatter_autograd(out, "sum", scatter_dim=0, group=self.group)
 
 
 class LocalShardExperts(GroupedExperts):
