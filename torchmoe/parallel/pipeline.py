@@ -19,7 +19,6 @@ from torch.distributed.pipelining import PipelineStage
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.pipeline_keys import SINGLE_STAGE, V_SHAPED, microbatches, stage_ids
 from torchmoe.config.schema import JobConfig
-from torchmoe.parallel.context_parallel import local_positions
 from torchmoe.parallel.dims import ParallelDims
 from torchmoe.parallel.pipeline_layout import describe_layout, stage_layout
 from torchmoe.parallel.pipeline_stage import LocalStages, split_stage
@@ -50,6 +49,7 @@ def build_pipeline(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     hidden_dtype: torch.dtype,
     logits_dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
 ) -> Pipeline:
     """Split ``model`` (meta), parallelize this rank's stages with ``plan`` and
     ``materialize(part)`` them, and build the schedule, whose
@@ -59,7 +59,8 @@ def build_pipeline(
     stage, hidden states [b, S / (cp tp), D] (a context-parallel rank's chunks, split again
     into sequence-parallel shards; D x (1 + MTP depth) with the MTP inputs) between stages,
     logits [b, S / cp, V] out of the last. Under context parallelism every stage computes the
-    rank's chunks (``DecoderStage.positions``) of the whole sequences the first one takes.
+    rank's chunks (``positions``, given to every ``DecoderStage``) of the whole sequences the
+    first one takes.
     The dtypes depend on the plan: FSDP's mixed precision casts hidden states to the parameter
     dtype, autocast keeps the residual stream in float32."""
     p, t = cfg.parallelism, cfg.training
@@ -89,11 +90,6 @@ def build_pipeline(
     hidden = torch.empty(
         b, local // dims.tp, width, dtype=hidden_dtype, device="meta", requires_grad=True
     )
-    positions = None
-    if dims.cp > 1:
-        positions = local_positions(
-            t.seq_len, dims.cp, dims.meshes.dense["cp"].get_local_rank(), device
-        )
     for stage in ids:
         part = plan(split_stage(model, layout, stage), dims, cfg)
         materialize(part)

@@ -166,6 +166,11 @@ class Trainer:
         self._log_model(model)
         whole = model  # before any split: the statistics lay out rows by its MoE layers
         plan = load_plan(cfg.parallelism.plan or spec.plan)
+        # context parallelism: the positions of this rank's chunks of every sequence
+        self.cp_positions: torch.Tensor | None = None
+        if self.dims.cp > 1:
+            rank = self.dims.meshes.dense["cp"].get_local_rank()
+            self.cp_positions = local_positions(t.seq_len, self.dims.cp, rank, self.device)
         self.pipeline: Pipeline | None = None
         if self.dims.pp_enabled:
             self.pipeline = build_pipeline(
@@ -179,6 +184,7 @@ class Trainer:
                 # FSDP's mixed precision casts the hidden states; autocast keeps them float32
                 hidden_dtype=self.dtype if self.dims.fsdp_enabled else torch.float32,
                 logits_dtype=self.dtype,
+                positions=self.cp_positions,
             )
             model = self.pipeline.model
         else:
@@ -248,11 +254,6 @@ class Trainer:
             )
         self.mtp = cfg.model.mtp_num_layers > 0
         self.freezer: ExpertFreezer | None = None  # set in train(), after a checkpoint loads
-        # context parallelism: the positions of this rank's chunks of every sequence
-        self.cp_positions: torch.Tensor | None = None
-        if self.dims.cp > 1:
-            rank = self.dims.meshes.dense["cp"].get_local_rank()
-            self.cp_positions = local_positions(t.seq_len, self.dims.cp, rank, self.device)
 
     def _materialize(self, model: nn.Module) -> None:
         """Allocate a parallelized meta model (or pipeline stage) on the device and
