@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.kernels import adamw_ref
 from torchmoe.train import trainer as trainer_module
-from torchmoe.train.adamw import AdamW, storage_tensor
+from torchmoe.train.adamw import AdamW, kernel_can_address, storage_tensor
 
 Trainer = functools.partial(trainer_module.Trainer, device=torch.device("cpu"))
 CLIPPED = {"training.steps": 6, "training.max_norm": 0.05, "optimizer.lr": 1e-2}
@@ -183,3 +184,33 @@ def test_kernels_address_the_inner_tensor_of_a_wrapper() -> None:
         opt.step()
         opt_ref.step()
     assert torch.equal(storage_tensor(param), ref.detach())
+
+
+def test_the_kernel_takes_parameters_and_not_wrappers_or_strided_views() -> None:
+    assert kernel_can_address([torch.nn.Parameter(torch.randn(3)), torch.randn(2), None])
+    assert not kernel_can_address([torch.randn(4, 3).T])
+    assert not kernel_can_address([_Wrapper(torch.randn(3))])
+    assert not kernel_can_address([torch.nn.Parameter(_Wrapper(torch.randn(3)))])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compute_weights", ["cached", "cast"])
+def test_a_cuda_trainer_updates_every_parameter_in_the_kernel(
+    tiny_config, monkeypatch, compute_weights
+) -> None:
+    """The plain-torch update is ~8 passes over the state: on one H100 it took a 4-layer
+    DeepSeek-V3-16B from 102K to 50K tokens/s when nn.Parameter fell through to it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a parameter took the plain-torch AdamW update")
+
+    monkeypatch.setattr(adamw_ref, "adamw_update", refuse)
+    trainer = trainer_module.Trainer(
+        tiny_config(
+            **{"training.compute_weights": compute_weights, "optimizer.state_dtype": "bfloat16"}
+        ),
+        device=torch.device("cuda"),
+    )
+    trainer.train_step()
+    assert all(trainer.optimizer.state[p] for p in trainer.model.parameters() if p.requires_grad)

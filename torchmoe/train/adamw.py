@@ -66,6 +66,17 @@ def storage_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def kernel_can_address(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether a kernel can take these tensors' data pointers: plain contiguous storage
+    (nn.Parameter included). A wrapper subclass has no data of its own: its pointer is not its
+    values (an illegal memory access on the H100 with torchao's float8 weights)."""
+    return all(
+        not isinstance(t, DTensor) and not is_traceable_wrapper_subclass(t) and t.is_contiguous()
+        for t in tensors
+        if t is not None
+    )
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW whose ``step(grad_scale=...)`` multiplies every gradient by ``grad_scale`` (a
     one-element tensor on the parameters' device) inside the update; for a parameter in
@@ -116,13 +127,7 @@ class AdamW(torch.optim.Optimizer):
                 fused = (
                     adamw_triton is not None
                     and tensors[0].is_cuda
-                    # plain, contiguous storage: a wrapper subclass left has no data of its
-                    # own for a kernel's pointer
-                    and all(
-                        type(t) is torch.Tensor and t.is_contiguous()
-                        for t in tensors + [out]
-                        if t is not None
-                    )
+                    and kernel_can_address(tensors + [out])
                 )
                 update = adamw_triton.adamw_update if fused else adamw_ref.adamw_update
                 update(
