@@ -16,10 +16,11 @@ def _grads(n: int, count: int, device: str) -> list[torch.Tensor]:
     ]
 
 
-def _fold_all(fold, grads: list[torch.Tensor]) -> torch.Tensor:
-    total = None
-    for grad in grads:
-        total = fold(total, grad)
+def _fold_all(fold, grads: list[torch.Tensor], pairs: bool = False) -> torch.Tensor:
+    """Every gradient into one sum, one per pass or (``pairs``) two per pass."""
+    total, per_pass = None, 2 if pairs else 1
+    for i in range(0, len(grads), per_pass):
+        total = fold(total, grads[i : i + per_pass])
     return total
 
 
@@ -29,7 +30,8 @@ def test_reference_sums_in_float32() -> None:
     assert total.dtype == torch.float32
     want = torch.stack([g.double() for g in grads]).sum(0)
     torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=1e-6)
-    rounded = _fold_all(lambda t, g: g.clone() if t is None else t.add_(g), grads)  # in bf16
+    assert torch.equal(_fold_all(grad_fold_ref.fold, grads, pairs=True), total)
+    rounded = _fold_all(lambda t, g: g[0].clone() if t is None else t.add_(g[0]), grads)  # bf16
     assert (rounded.double() - want).abs().max() > 10 * (total.double() - want).abs().max()
 
 
@@ -37,11 +39,17 @@ def compare_kernel_to_reference(device: str, sizes: list[int]) -> None:
     from torchmoe.kernels import grad_fold
 
     for n in sizes:
-        grads = _grads(n, 4, device)
-        got = _fold_all(grad_fold.fold, grads)
-        want = _fold_all(grad_fold_ref.fold, grads)
-        assert got.dtype == torch.float32 and got.shape == want.shape
-        assert torch.equal(got, want), f"n={n}"
+        for count, pairs in [(4, False), (4, True), (3, True)]:  # (3, True): a pair, then one
+            grads = _grads(n, count, device)
+            got = _fold_all(grad_fold.fold, grads, pairs)
+            want = _fold_all(grad_fold_ref.fold, grads)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert torch.equal(got, want), f"n={n} count={count} pairs={pairs}"
+
+
+def test_a_fold_takes_one_or_two_gradients() -> None:
+    with pytest.raises(ValueError, match="one or two gradients"):
+        grad_fold_ref.fold(None, _grads(8, 3, "cpu"))
 
 
 def test_triton_kernel_in_interpreter() -> None:

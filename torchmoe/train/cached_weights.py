@@ -72,23 +72,31 @@ class WeightCopy:
     owners: list[tuple[nn.Module, str]]  # (module, attribute) holding the master
     version: int = -1  # the master's version counter when the copy was last made from it
     grad_sum: torch.Tensor | None = None  # float32 sum of earlier micro-batches' gradients
+    waiting: torch.Tensor | None = None  # a micro-batch's bfloat16 gradient not yet in the sum
 
     @property
     def grad(self) -> torch.Tensor | None:
-        """The step's gradient of the master: the float32 sum under accumulation (folded after
-        every micro-batch), else the copy's own."""
+        """The step's gradient of the master: the float32 sum under accumulation (after the
+        step's last fold), else the copy's own."""
         return self.copy.grad if self.grad_sum is None else self.grad_sum
 
-    def fold(self) -> None:
-        """Move the copy's bfloat16 gradient into the float32 sum."""
+    def fold(self, last: bool) -> None:
+        """Move the copy's bfloat16 gradient toward the float32 sum, in pairs: the first of a
+        pair waits, the second goes in with it in one pass (which reads and writes the sum
+        once for two micro-batches); the step's last micro-batch folds whatever waits."""
         g, self.copy.grad = self.copy.grad, None
-        fused = (
-            grad_fold is not None
-            and g.is_cuda
-            and g.is_contiguous()
-            and (self.grad_sum is None or self.grad_sum.is_contiguous())
-        )
-        self.grad_sum = (grad_fold if fused else grad_fold_ref).fold(self.grad_sum, g)
+        grads = [t for t in (self.waiting, g) if t is not None]
+        self.waiting = None
+        if len(grads) == 1 and not last:
+            self.waiting = grads[0]
+        elif grads:
+            fused = (
+                grad_fold is not None
+                and grads[0].is_cuda
+                and all(t.is_contiguous() for t in grads)
+                and (self.grad_sum is None or self.grad_sum.is_contiguous())
+            )
+            self.grad_sum = (grad_fold if fused else grad_fold_ref).fold(self.grad_sum, grads)
 
     def mark_current(self) -> None:
         """The optimizer wrote the copy from the updated master."""
@@ -164,12 +172,13 @@ class CachedWeights:
         for module, name, c in slots:
             module._parameters[name] = put(c)
 
-    def fold_grads(self) -> None:
-        """After a micro-batch's backward under accumulation: its bfloat16 gradients into the
-        float32 sums, so the next micro-batch's do not round them."""
+    def fold_grads(self, last: bool) -> None:
+        """After a micro-batch's backward under accumulation: its bfloat16 gradients toward the
+        float32 sums (``WeightCopy.fold``), so later micro-batches' do not round them; after
+        the step's ``last`` micro-batch every sum is complete."""
         for c in self.copies.values():
-            if c.copy.grad is not None:
-                c.fold()
+            if c.copy.grad is not None or c.waiting is not None:
+                c.fold(last)
 
     def grads(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The step's gradient of each of ``params`` that has one (a copy's where it has one)."""
@@ -178,7 +187,7 @@ class CachedWeights:
 
     def zero_grad(self) -> None:
         for c in self.copies.values():
-            c.copy.grad, c.grad_sum = None, None
+            c.copy.grad, c.grad_sum, c.waiting = None, None, None
 
 
 def _computes_in_autocast(module: nn.Module, exempt: set[int]) -> bool:

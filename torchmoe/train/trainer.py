@@ -312,9 +312,11 @@ class Trainer:
         batches = [next(self.batches) for _ in range(self.accum_steps)]
         if self.cfg.data.format != "text":  # prompts and user turns are no labels
             self.global_tokens = self._labels_in_step(batches)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             step = self._pipeline_step if self.pipeline else self._forward_backward
             loss_mean += step(*batch.to(self.device))
+            if self.cached_weights is not None and self.accum_steps > 1:
+                self.cached_weights.fold_grads(last=i == len(batches) - 1)
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes
@@ -398,8 +400,6 @@ class Trainer:
                 loss = self.loss_fn(logits, self._local_chunks(labels)) / self.global_tokens
                 del logits  # backward needs the loss's own saved tensors only: free [B, S, V]
                 loss.backward()
-        if cached is not None and self.accum_steps > 1:
-            cached.fold_grads()
         return _full(loss.detach())
 
     def _model_kwargs(
