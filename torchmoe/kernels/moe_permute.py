@@ -9,7 +9,7 @@ first): ``permute_indices``, ``permute`` and ``unpermute`` here are drop-in repl
 CUDA tensors. Everything is deterministic - no atomics - and needs no host sync:
 
 - indices: each chunk of copies ranks its copies among same-expert copies of the chunk (an
-  all-pairs compare) and records its per-expert histogram [C, E]; an exclusive scan of that
+  all-pairs compare) and records its per-expert histogram [E, C]; an exclusive scan of that
   histogram over chunks plus the padded expert starts gives every (chunk, expert) block its
   first row; a second pass writes dest = block start + rank and src[dest] = copy.
 - data: one program per token. ``permute`` writes x[t] to its K rows; ``unpermute`` reads its
@@ -34,8 +34,8 @@ CHUNK = 128  # copies per program of the index kernels (the all-pairs rank is CH
 
 
 @triton.jit
-def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, E, CHUNK: tl.constexpr):
-    """rank[c] = earlier copies of the chunk with c's expert; hist[chunk, e] = copies of e."""
+def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, C, CHUNK: tl.constexpr):
+    """rank[c] = earlier copies of the chunk with c's expert; hist[e, chunk] = copies of e."""
     chunk = tl.program_id(0)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < N
@@ -47,11 +47,11 @@ def _chunk_rank_kernel(expert_ptr, rank_ptr, hist_ptr, N, E, CHUNK: tl.constexpr
     total = tl.sum(same.to(tl.int32), axis=1)
     tl.store(rank_ptr + offs, rank, mask=valid)
     # The last copy of each expert in the chunk writes its count: one writer per entry.
-    tl.store(hist_ptr + chunk * E + expert, total, mask=kept & (rank == total - 1))
+    tl.store(hist_ptr + expert * C + chunk, total, mask=kept & (rank == total - 1))
 
 
 @triton.jit
-def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E, CHUNK: tl.constexpr):
+def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, C, CHUNK: tl.constexpr):
     """dest[c] = first row of (c's chunk, c's expert) + rank[c]; src[dest[c]] = c; dest -1
     for a dropped copy."""
     chunk = tl.program_id(0)
@@ -60,7 +60,7 @@ def _place_kernel(expert_ptr, rank_ptr, start_ptr, dest_ptr, src_ptr, N, E, CHUN
     expert = tl.load(expert_ptr + offs, mask=valid, other=0)
     kept = valid & (expert >= 0)
     rank = tl.load(rank_ptr + offs, mask=kept, other=0)
-    dest = tl.load(start_ptr + chunk * E + expert, mask=kept, other=0) + rank
+    dest = tl.load(start_ptr + expert * C + chunk, mask=kept, other=0) + rank
     tl.store(dest_ptr + offs, tl.where(kept, dest, -1), mask=valid)
     tl.store(src_ptr + dest, offs.to(tl.int64), mask=kept)
 
@@ -78,19 +78,21 @@ def permute_indices(
     expert_N = topk_idx_TK.reshape(N).contiguous()
     C = triton.cdiv(N, CHUNK)
     rank_N = torch.empty(N, dtype=torch.int32, device=device)
-    hist_CE = torch.zeros(C, E, dtype=torch.int64, device=device)
+    # expert-major, so the scan over chunks runs along the inner dimension (torch's scan of an
+    # outer dimension took 64 us here on an H100 for 384 chunks x 64 experts)
+    hist_EC = torch.zeros(E, C, dtype=torch.int64, device=device)
     dest_N = torch.empty(N, dtype=torch.int64, device=device)
     src_M = torch.full((num_rows(N, E, P, group_rows),), -1, dtype=torch.int64, device=device)
     if N > 0:
-        wrap_triton(_chunk_rank_kernel)[(C,)](expert_N, rank_N, hist_CE, N, E, CHUNK=CHUNK)
-    counts_E = hist_CE.sum(0)
+        wrap_triton(_chunk_rank_kernel)[(C,)](expert_N, rank_N, hist_EC, N, C, CHUNK=CHUNK)
+    counts_E = hist_EC.sum(1)
     padded_E = torch.full_like(counts_E, group_rows) if group_rows else (counts_E + P - 1) // P * P
     # First row of each (chunk, expert) block: the expert's padded start plus the copies of
     # that expert in earlier chunks (an exclusive scan over chunks).
-    start_CE = torch.cumsum(hist_CE, 0) - hist_CE + (torch.cumsum(padded_E, 0) - padded_E)
+    start_EC = torch.cumsum(hist_EC, 1) - hist_EC + (torch.cumsum(padded_E, 0) - padded_E)[:, None]
     if N > 0:
         wrap_triton(_place_kernel)[(C,)](
-            expert_N, rank_N, start_CE, dest_N, src_M, N, E, CHUNK=CHUNK
+            expert_N, rank_N, start_EC, dest_N, src_M, N, C, CHUNK=CHUNK
         )
     return dest_N.view(T, K), src_M, padded_E
 

@@ -27,8 +27,8 @@ def check_model_fits(
 ) -> None:
     """Raise a ConfigError when parameters + gradients + AdamW state (two moments of
     ``moment_bytes`` each) + ``extra_bytes`` per parameter (cached weights' float32 gradient
-    sums under accumulation), split over ``shards`` data-parallel ranks, exceed the device's
-    memory. Activations come on top, uncounted."""
+    sums and waiting gradients under accumulation), split over ``shards`` data-parallel ranks,
+    exceed the device's memory. Activations come on top, uncounted."""
     n_params = sum(p.numel() for p in model.parameters())
     need = n_params * (BYTES_PER_PARAM + 2 * moment_bytes + extra_bytes) // shards
     have = device_memory_bytes(device)

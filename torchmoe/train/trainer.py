@@ -156,9 +156,9 @@ class Trainer:
             self.device,
             shards=self.dims.dp * self.dims.cp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
-            # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus the
-            # float32 gradient sums under accumulation
-            extra_bytes=4 if cached and self.accum_steps > 1 else 0,
+            # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus under
+            # accumulation the float32 gradient sums (4) and the gradients waiting for a pair (2)
+            extra_bytes=6 if cached and self.accum_steps > 1 else 0,
         )
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
