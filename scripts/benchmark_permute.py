@@ -1,13 +1,14 @@
 """Speed of the MoE permutation kernels (``torchmoe/kernels/moe_permute.py``) on one GPU, and of
-the combine's gather-sum under each tile width and warp count, against the memory's speed.
+the gather-sum and scatter kernels under each tile width and warp count, against the memory's speed.
 
     python scripts/benchmark_permute.py [--tokens 8192 --dim 2048 --experts 64 --topk 6]
 
 Uniform random top-k routing. Prints one table: microseconds per call and the bytes each kernel
-must move per second (GB/s); the gather-sum rows pick its launch configuration.
+must move per second (GB/s); the sweep rows pick the launch configuration (``moe_permute._tiles``).
 """
 
 import argparse
+import functools
 import sys
 
 import torch
@@ -49,26 +50,33 @@ def main(argv: list[str]) -> None:
         ),
     ]
     block_k = triton.next_power_of_2(K)
-    for block_d in (256, 512, 1024, 2048):
-        if block_d > triton.next_power_of_2(D):
-            continue
-        for warps in (1, 2, 4, 8):
-
-            def launch(block_d=block_d, warps=warps):
-                mp._gather_sum_kernel[(T,)](
-                    y_MD,
-                    dest_TK,
-                    w_TK,
-                    out_TD,
-                    K,
-                    D,
-                    HAS_W=True,
-                    BLOCK_K=block_k,
-                    BLOCK_D=block_d,
-                    num_warps=warps,
-                )
-
-            rows.append((f"gather-sum BLOCK_D={block_d} warps={warps}", do_bench(launch), 1))
+    out_MD, dw_TK = torch.empty_like(y_MD), torch.empty_like(w_TK)
+    kernels = {
+        "gather-sum": lambda **launch: mp._gather_sum_kernel[(T,)](
+            y_MD, dest_TK, w_TK, out_TD, K, D, HAS_W=True, BLOCK_K=block_k, **launch
+        ),
+        "scatter": lambda **launch: mp._scatter_rows_kernel[(T,)](
+            x_TD,
+            dest_TK,
+            w_TK,
+            y_MD,
+            out_MD,
+            dw_TK,
+            K,
+            D,
+            HAS_W=False,
+            WITH_DW=False,
+            BLOCK_K=block_k,
+            **launch,
+        ),
+    }
+    for name, kernel in kernels.items():
+        for block_d in (256, 512, 1024, 2048):
+            if block_d > triton.next_power_of_2(D):
+                continue
+            for warps in (1, 2, 4, 8):
+                ms = do_bench(functools.partial(kernel, BLOCK_D=block_d, num_warps=warps))
+                rows.append((f"{name} BLOCK_D={block_d} warps={warps}", ms, 1))
     print("| kernel | us | GB/s |\n|---|---|---|")
     for name, ms, moves in rows:
         gbs = f"{(rows_bytes + token_bytes) / ms / 1e6:.0f}" if moves else "-"
