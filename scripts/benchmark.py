@@ -106,6 +106,27 @@ VARIANTS = {
         "--moe.pad_to_capacity",
         "true",
     ],
+    # float8 forward and input-gradient GEMMs, bf16 weight gradient (torchmoe's expert GEMM)
+    "compiled+float8_bf16_wgrad": [
+        "--compile.enable",
+        "true",
+        "--quantize.float8_linear",
+        "true",
+        "--quantize.float8_experts",
+        "true",
+        "--quantize.float8_experts_weight_grad",
+        "bfloat16",
+    ],
+    # the routed experts only in float8 (torchao's op, then torchmoe's with cached weights)
+    "compiled+float8_experts": ["--compile.enable", "true", "--quantize.float8_experts", "true"],
+    "compiled+float8_experts_bf16_wgrad": [
+        "--compile.enable",
+        "true",
+        "--quantize.float8_experts",
+        "true",
+        "--quantize.float8_experts_weight_grad",
+        "bfloat16",
+    ],
     "compiled+float8+selective_ac": [
         "--compile.enable",
         "true",

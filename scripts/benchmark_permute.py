@@ -5,7 +5,8 @@ the gather-sum and scatter kernels under each tile width and warp count, against
 
 Uniform random top-k routing. Prints one table: microseconds per call (CUDA-event time; for
 ``permute_indices``, a chain of small launches, that is the host's launch time) and the bytes
-each kernel must move per second (GB/s); the sweep rows pick the launch configuration (``moe_permute._tiles``).
+each kernel must move per second (GB/s); the sweep rows pick the launch configuration
+(``moe_permute._tiles``).
 """
 
 import argparse

@@ -200,8 +200,11 @@ def test_auto_picks_cached_only_where_it_applies(tiny_config):
     assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)  # foreach
     cfg.optimizer.implementation = "torchmoe"
     assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cpu)
-    cfg.quantize.float8_experts = True
+    cfg.quantize.float8_experts = True  # torchao's op wraps the float32 expert weights
     assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+    cfg.quantize.float8_experts_weight_grad = "bfloat16"  # torchmoe's takes the bf16 copies
+    assert wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
+    cfg.quantize.float8_experts_weight_grad = "float8"
     cfg.quantize.float8_experts, cfg.moe.freeze_experts = False, [1]
     assert not wants_cached_weights(cfg, autocast=True, world_size=1, device=cuda)
     cfg.moe.freeze_experts, cfg.training.compute_weights = [], "cast"

@@ -510,8 +510,16 @@ class Quantize:
     )
     float8_experts: bool = opt(
         False,
-        "Train the routed experts' grouped GEMMs in float8 (torchao, rowwise scales; "
-        "needs CUDA sm90+).",
+        "Train the routed experts' grouped GEMMs in float8 (rowwise scales; needs CUDA sm90+).",
+    )
+    float8_experts_weight_grad: str = opt(
+        "float8",
+        "The experts' weight-gradient GEMM under float8_experts: float8 = torchao's float8 "
+        "grouped GEMM for all three GEMMs (per-group column-wise scales for the weight "
+        "gradient); bfloat16 = torchmoe's: forward and input gradient in float8, the weight "
+        "gradient a bf16 grouped GEMM (no per-group scaling pass; weights stay plain tensors, "
+        "so cached weights apply).",
+        choices=("float8", "bfloat16"),
     )
     float8_exclude: list[str] = opt(
         ["output", "router"], "Modules whose name contains one of these stay in high precision."

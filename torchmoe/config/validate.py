@@ -122,7 +122,7 @@ def check_float8(cfg: JobConfig, planning: bool) -> None:
     ):
         raise ConfigError(
             "quantize.float8_experts = true needs a CUDA GPU of compute capability "
-            "9.0+ (torchao's float8 grouped GEMM); turn it off on this machine"
+            "9.0+ (float8 grouped GEMMs); turn it off on this machine"
         )
 
 
@@ -133,8 +133,14 @@ def cached_weights_conflict(cfg: JobConfig, world_size: int = 1) -> str | None:
         return f"{world_size} processes (it runs in one only)"
     if cfg.optimizer.implementation not in ("auto", "torchmoe"):
         return f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
-    if cfg.quantize.float8_linear or cfg.quantize.float8_experts:
-        return "float8 (quantize.float8_linear / float8_experts quantize the float32 weights)"
+    q = cfg.quantize
+    if q.float8_linear:
+        return "quantize.float8_linear (torchao quantizes the float32 weights)"
+    if q.float8_experts and q.float8_experts_weight_grad == "float8":
+        return (
+            "quantize.float8_experts_weight_grad = 'float8' (torchao wraps the float32 expert "
+            "weights; 'bfloat16' computes from the copies)"
+        )
     if cfg.moe.freeze_experts:
         return "moe.freeze_experts"
     if cfg.training.mixed_precision_param == "float32":

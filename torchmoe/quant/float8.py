@@ -5,8 +5,9 @@ from torch import nn
 from torchmoe.config.schema import Quantize
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
+from torchmoe.quant.float8_grouped_mm import float8_grouped_mm
 
-# torchao's float8 grouped GEMM wants every expert's row count padded to a multiple of this.
+# float8 grouped GEMMs want every expert's row count padded to a multiple of this.
 FLOAT8_GROUP_ALIGNMENT = 16
 
 
@@ -31,20 +32,27 @@ def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
 
 
 def apply_float8_experts(model: nn.Module, cfg: Quantize) -> None:
-    """Wrap every routed expert weight in torchao's float8 training tensor, which turns each
-    ``torch._grouped_mm`` on it into a float8 grouped GEMM with rowwise scales (inputs and
-    weights quantized on the fly; master weights and gradients stay in high precision). The
-    dispatcher pads each expert's rows to 16, as that GEMM needs. Touches ``MoE.experts``
-    parameters and ``MoE.dispatcher.pad_multiple``; run it before expert parallelism."""
+    """Run every routed expert's grouped GEMMs in float8 with rowwise scales; master weights
+    and gradients stay in high precision. ``float8_experts_weight_grad``: "float8" wraps the
+    expert weights in torchao's float8 training tensor, which turns each ``torch._grouped_mm``
+    on them into torchao's float8 grouped GEMM; "bfloat16" sets the experts' ``grouped_mm`` to
+    torchmoe's (``float8_grouped_mm.py``: bf16 weight gradient). The dispatcher pads each
+    expert's rows to 16, as both need. Touches ``MoE.experts`` and
+    ``MoE.dispatcher.pad_multiple``; run it before expert parallelism."""
     if not cfg.float8_experts:
         return
-    from torchao.prototype.moe_training.config import Float8TrainingOpConfig
-    from torchao.quantization import quantize_
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if cfg.float8_experts_weight_grad == "bfloat16":
+        for moe in moes:
+            moe.experts.grouped_mm = float8_grouped_mm
+    else:
+        from torchao.prototype.moe_training.config import Float8TrainingOpConfig
+        from torchao.quantization import quantize_
 
-    quantize_(
-        model,
-        Float8TrainingOpConfig(),
-        filter_fn=lambda module, _fqn: isinstance(module, GroupedExperts),
-    )
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        quantize_(
+            model,
+            Float8TrainingOpConfig(),
+            filter_fn=lambda module, _fqn: isinstance(module, GroupedExperts),
+        )
+    for moe in moes:
         moe.dispatcher.pad_multiple = FLOAT8_GROUP_ALIGNMENT

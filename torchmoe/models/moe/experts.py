@@ -16,6 +16,8 @@ from torch import nn
 
 from torchmoe.models.common.init import trunc_normal_
 
+GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 @torch.compiler.assume_constant_result
 def use_grouped_mm(backend: str, device: torch.device) -> bool:
@@ -35,6 +37,9 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        # the grouped GEMM y = x @ w[e].T per group: (x_MK, w_ENK, offsets) -> y_MN; None is
+        # torch._grouped_mm in the compute dtype (quant/float8.py may set a float8 one)
+        self.grouped_mm: GroupedMM | None = None
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_MD: tokens sorted by expert; counts_E: how many rows belong to each expert."""
@@ -53,7 +58,8 @@ class GroupedExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x_MD.device.type)
             x_MD, w1, w2, w3 = (t.to(dtype) for t in (x_MD, w1, w2, w3))
         if use_grouped_mm(self.backend, x_MD.device):
-            return _grouped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
+            mm = self.grouped_mm or _grouped_mm
+            return _grouped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation, mm)
         return _looped_swiglu(x_MD, counts_E, w1, w2, w3, self.activation)
 
     def activation(self, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
@@ -74,16 +80,19 @@ def _grouped_swiglu(
     w2_EDF: torch.Tensor,
     w3_EFD: torch.Tensor,
     act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    mm: GroupedMM,
 ) -> torch.Tensor:
     """Three grouped GEMMs; group e spans rows [offsets[e-1], offsets[e]). No host sync."""
     # cumsum then cast (not cumsum(dtype=int32)): inductor folds the cumsum of fixed group
     # sizes (pad_to_capacity) into an int64 constant otherwise.
     offsets = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    h_MF = act(
-        torch._grouped_mm(x_MD, w1_EFD.transpose(-2, -1), offs=offsets),
-        torch._grouped_mm(x_MD, w3_EFD.transpose(-2, -1), offs=offsets),
-    )
-    return torch._grouped_mm(h_MF, w2_EDF.transpose(-2, -1), offs=offsets)
+    h_MF = act(mm(x_MD, w1_EFD, offsets), mm(x_MD, w3_EFD, offsets))
+    return mm(h_MF, w2_EDF, offsets)
+
+
+def _grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x @ w[e].T for the rows of each group e (w's transpose is the column-major operand)."""
+    return torch._grouped_mm(x_MK, w_ENK.transpose(-2, -1), offs=offsets)
 
 
 def _looped_swiglu(
