@@ -28,6 +28,7 @@ traffic. It adds at most X * (pad_multiple - 1) rows to buffers sized by the rec
 (all-to-all, all-gather: a host sync) or by the static blocks (sync-free).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,11 @@ class ExpertParallelDispatcher(LocalDispatcher):
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
     def dispatch(
-        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        capacity: int = 0,
+        in_flight: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AllToAllState]:
         x_MD, counts_E, local = self.permute(x_TD, topk_idx_TK, self.num_experts, 1)
         recv_counts = torch.empty_like(counts_E)
@@ -78,6 +83,8 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         ).tolist()
         x_sent = x_MD[: sum(send_splits)]  # rows past the kept copies: room left by drops
         x_recv = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
+        if in_flight is not None:  # before the first use of x_recv, which waits on it
+            in_flight()
         # Received blocks are ordered (source, local expert); experts want (local expert,
         # source), padded: a second permutation, one copy per received row, stable in order.
         W, X = recv_WX.shape
@@ -115,7 +122,11 @@ class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
     device."""
 
     def dispatch(
-        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        capacity: int = 0,
+        in_flight: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, SyncFreeState]:
         E, W = self.num_experts, self.ep
         T = topk_idx_TK.shape[0]  # a token sends an expert at most one copy
@@ -124,6 +135,8 @@ class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
         sent_E = expert_copies(topk_idx_TK, E)
         recv_WX = funcol.all_to_all_single(sent_E, None, None, self.group).view(W, -1)
         x_recv = all_to_all_single_autograd(x_MD, None, None, self.group)
+        if in_flight is not None:  # before the first use of either exchange's output
+            in_flight()
         # received rows (source w, local expert x, slot g); slots past the count hold nothing
         X = recv_WX.shape[1]
         slot = torch.arange(block, device=x_TD.device)
@@ -167,10 +180,16 @@ class AllGatherDispatcher(ExpertParallelDispatcher):
         self.first = ep_mesh.get_local_rank() * self.local_experts
 
     def dispatch(
-        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        capacity: int = 0,
+        in_flight: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AllGatherState]:
         x_all = all_gather_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_autograd(topk_idx_TK, gather_dim=0, group=self.group)
+        if in_flight is not None:  # before the first use of the gathered tensors
+            in_flight()
         K = idx_all.shape[1]
         local = idx_all.flatten() - self.first
         X = self.local_experts
@@ -231,10 +250,16 @@ class ExpertTensorParallelDispatcher(nn.Module):
     def pad_multiple(self, value: int) -> None:
         self.inner.pad_multiple = value
 
-    def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0):
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        capacity: int = 0,
+        in_flight: Callable[[], None] | None = None,
+    ):
         x_all = all_gather_autograd(x_TD, gather_dim=0, group=self.group)
         idx_all = all_gather_autograd(topk_idx_TK, gather_dim=0, group=self.group)
-        return self.inner.dispatch(x_all, idx_all, capacity * self.group.size())
+        return self.inner.dispatch(x_all, idx_all, capacity * self.group.size(), in_flight)
 
     def combine(self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state) -> torch.Tensor:
         w_all = all_gather_autograd(topk_weight_TK, gather_dim=0, group=self.group)

@@ -13,6 +13,7 @@ their plain-torch references elsewhere; both keep M static, so nothing here sync
 """
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -50,13 +51,22 @@ class LocalDispatcher(nn.Module):
         self.pad_multiple = pad_multiple
 
     def dispatch(
-        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, capacity: int = 0
+        self,
+        x_TD: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        capacity: int = 0,
+        in_flight: Callable[[], None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
         """Returns tokens grouped by expert [M, D] (padding rows zero), rows per expert [E]
         (padded, int64: the groups the experts see), and the state for ``combine``. Copies
         with expert id -1 (dropped) are not dispatched. ``capacity`` > 0 pads every group to
         exactly the copies an expert may take (times the ranks whose tokens it receives); no
-        expert may have more copies (the MoE layer drops over capacity first)."""
+        expert may have more copies (the MoE layer drops over capacity first). ``in_flight``
+        is work independent of the dispatch (the shared experts): a dispatcher that exchanges
+        tokens between ranks calls it once its exchange is launched and before it waits on
+        it, so the work hides the communication; this one has none and calls it first."""
+        if in_flight is not None:
+            in_flight()
         return self.permute(
             x_TD,
             topk_idx_TK,

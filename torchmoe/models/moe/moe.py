@@ -126,13 +126,19 @@ class MoE(nn.Module):
         if self.training and not is_recomputing():  # eval tokens must not move the bias
             self._record(routing, counts_E, losses, idx_TK)
 
+        shared: list[torch.Tensor] = []  # the shared experts' output, made during dispatch
         x_MD, group_rows_E, state = self.dispatcher.dispatch(
-            x_TD, idx_TK, capacity if a.pad_to_capacity else 0
+            x_TD,
+            idx_TK,
+            capacity if a.pad_to_capacity else 0,
+            in_flight=(lambda: shared.append(self.shared_experts(x_TD)))
+            if self.shared_experts is not None
+            else None,
         )
         y_MD = self.experts(x_MD, group_rows_E)
         out_TD = self.dispatcher.combine(y_MD, routing.topk_weight_TK, state)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        if shared:
+            out_TD = out_TD + shared[0]
         if losses:
             out_TD = attach_aux_loss(out_TD, sum(losses.values()))
         return out_TD.view(B, S, D)

@@ -1,0 +1,52 @@
+"""The shared experts run while the dispatch's exchange is in flight: every expert-parallel
+dispatcher (all-to-all, sync-free, all-gather, and each inside expert tensor parallelism)
+launches its exchange, then the MoE layer's shared experts, then first touches what it
+received. On CUDA the exchange runs on the communicator's stream, so the shared experts hide
+it; on gloo the order is what can be checked. The output is the layer's either way (the
+layout tests compare it with the single process)."""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+
+from tests.distributed.launcher import run_ranks
+from tests.distributed.test_ep_padding import TOKENS_PER_RANK, make_layer, tokens
+from torchmoe.parallel import expert_parallel
+from torchmoe.parallel.expert_parallel import apply_ep
+
+
+def _events(rank: int, dispatcher: str, etp: int) -> list[str]:
+    layer = make_layer()
+    mesh = init_device_mesh("cpu", (2 // etp, etp), mesh_dim_names=("ep", "etp"))
+    apply_ep(layer, mesh, dispatcher)
+    events: list[str] = []
+
+    def recorded(name, fn):
+        def call(*args, **kwargs):
+            events.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in ("all_to_all_single_autograd", "all_gather_autograd"):
+        setattr(expert_parallel, name, recorded("exchange", getattr(expert_parallel, name)))
+    inner = getattr(layer.dispatcher, "inner", layer.dispatcher)
+    inner.permute = recorded("permute", inner.permute)
+    layer.dispatcher.combine = recorded("combine", layer.dispatcher.combine)
+    layer.shared_experts.register_forward_pre_hook(lambda *_: events.append("shared experts"))
+    x = tokens(2)[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK]
+    layer(x.view(1, TOKENS_PER_RANK, -1))
+    return events[: events.index("combine")]  # the dispatch
+
+
+@pytest.mark.parametrize(
+    "dispatcher, etp", [("alltoall", 1), ("sync_free", 1), ("allgather", 1), ("alltoall", 2)]
+)
+def test_shared_experts_run_between_launching_the_exchange_and_using_it(dispatcher, etp):
+    for events in run_ranks(2, _events, dispatcher, etp):
+        shared = events.index("shared experts")
+        assert events.count("shared experts") == 1
+        assert "exchange" in events[:shared], events  # launched before
+        assert "exchange" not in events[shared + 1 :], events
+        if dispatcher != "allgather":  # the received rows are regrouped after, not before
+            assert events[shared + 1 :] == ["permute"], events
