@@ -6,7 +6,6 @@ it; on gloo the order is what can be checked. The output is the layer's either w
 layout tests compare it with the single process)."""
 
 import pytest
-import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from tests.distributed.launcher import run_ranks

@@ -10,6 +10,45 @@ from torchmoe.config.schema import ActivationCheckpoint, JobConfig, Parallelism
 RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "moe_act")
 
 
+# A module of the key's name runs inside one of the value's names' modules.
+_INSIDE = {"moe_act": {"moe"}, "mlp": {"moe"}, "layernorm": {"mla_up_proj"}}
+
+
+def _check_names(key: str, names: list[str]) -> None:
+    for name in names:
+        if name not in RECOMPUTE_MODULES:
+            raise ConfigError(
+                f"activation_checkpoint.{key} = {names}: unknown module {name!r}; choose from "
+                f"{', '.join(RECOMPUTE_MODULES)}"
+            )
+        if names.count(name) > 1:
+            raise ConfigError(f"activation_checkpoint.{key} = {names} lists {name!r} twice")
+
+
+def check_offload_modules(ac: ActivationCheckpoint) -> None:
+    """Offloading hooks what a module saves in forward: a whole-block checkpoint saves nothing
+    inside it to offload, and a module recomputed (or inside one recomputed) would be offloaded
+    again during backward."""
+    offload = ac.offload_modules
+    if not offload:
+        return
+    _check_names("offload_modules", offload)
+    if ac.mode == "full" or (ac.mode == "selective" and not ac.recompute_modules):
+        what = "full" if ac.mode == "full" else "selective with the op-level policy"
+        raise ConfigError(
+            f"activation_checkpoint.offload_modules = {offload} needs mode = 'none' or "
+            f"module recompute (recompute_modules), not {what} checkpointing, which keeps no "
+            "module's saved tensors to offload"
+        )
+    for name in offload:
+        for other in ac.recompute_modules:
+            if other == name or other in _INSIDE.get(name, ()) or name in _INSIDE.get(other, ()):
+                raise ConfigError(
+                    f"activation_checkpoint.offload_modules lists {name!r} and recompute_modules "
+                    f"{other!r}: one runs inside the other; offload or recompute it, not both"
+                )
+
+
 def resolve_dp_shard(p: Parallelism, world_size: int) -> int:
     """The dense FSDP degree, checking that the degrees multiply to the world size.
 
@@ -90,16 +129,8 @@ def check_activation_checkpoint(ac: ActivationCheckpoint) -> None:
             f"activation_checkpoint.recompute_modules = {modules} needs "
             f"activation_checkpoint.mode = 'selective', not {ac.mode!r}"
         )
-    for name in modules:
-        if name not in RECOMPUTE_MODULES:
-            raise ConfigError(
-                f"activation_checkpoint.recompute_modules = {modules}: unknown "
-                f"module {name!r}; choose from {', '.join(RECOMPUTE_MODULES)}"
-            )
-        if modules.count(name) > 1:
-            raise ConfigError(
-                f"activation_checkpoint.recompute_modules = {modules} lists {name!r} twice"
-            )
+    _check_names("recompute_modules", modules)
+    check_offload_modules(ac)
     if ac.mode == "none" and ac.every_n_layers != 1:
         raise ConfigError(
             f"activation_checkpoint.every_n_layers = {ac.every_n_layers} has no "

@@ -493,6 +493,13 @@ class ActivationCheckpoint:
         "mla_up_proj, layernorm, mlp, moe, moe_act). Empty = op-level policy that saves "
         "matmul, attention, top-k and communication outputs and recomputes the rest.",
     )
+    offload_modules: list[str] = opt(
+        [],
+        "Copy what these modules (recompute_modules' names) save for backward to pinned host "
+        "memory on a side stream, and back ahead of backward: memory for PCIe traffic instead "
+        "of recompute. Every block; with mode none or module recompute (not inside a "
+        "recomputed module); the modules run eagerly under compile.",
+    )
 
 
 @dataclass

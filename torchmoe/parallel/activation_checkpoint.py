@@ -81,7 +81,7 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
     ]
     if cfg.mode == "selective" and cfg.recompute_modules:
         for parent, name in chosen:
-            for module, method in _parts_to_recompute(getattr(parent, name), cfg.recompute_modules):
+            for module, method in selected_parts(getattr(parent, name), cfg.recompute_modules):
                 # an instance attribute shadows the class's method; one a plan set before (tensor
                 # parallelism's core_attention) is what gets checkpointed
                 setattr(
@@ -104,25 +104,27 @@ def apply_ac(model: nn.Module, cfg: ActivationCheckpoint) -> None:
 
 
 def check_recompute_modules(model: nn.Module, cfg: ActivationCheckpoint) -> None:
-    """A one-line ConfigError for a ``recompute_modules`` name the whole model (before any
-    pipeline split) has no module for, e.g. mla_up_proj on GQA."""
+    """A one-line ConfigError for a ``recompute_modules`` or ``offload_modules`` name the whole
+    model (before any pipeline split) has no module for, e.g. mla_up_proj on GQA."""
     kinds = {type(m) for block in model.layers.values() for m in block.modules()}
-    names = cfg.recompute_modules
-    for name in names:
-        cls, method = RECOMPUTE_MODULES[name]
-        if not any(issubclass(k, cls) for k in kinds):
-            what = f"{cls.__name__}.{method}" if method else cls.__name__
-            raise ConfigError(
-                f"activation_checkpoint.recompute_modules = {names}: this model has no "
-                f"{name!r} module ({what}); remove {name!r}"
-            )
+    for key in ("recompute_modules", "offload_modules"):
+        names = getattr(cfg, key)
+        for name in names:
+            cls, method = RECOMPUTE_MODULES[name]
+            if not any(issubclass(k, cls) for k in kinds):
+                what = f"{cls.__name__}.{method}" if method else cls.__name__
+                raise ConfigError(
+                    f"activation_checkpoint.{key} = {names}: this model has no "
+                    f"{name!r} module ({what}); remove {name!r}"
+                )
 
 
-def _parts_to_recompute(block: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
-    """(submodule, method name) of ``block`` for each part that ``names`` select, minus those
-    that already run inside another selected one (``moe`` covers ``moe_act`` and the shared
-    experts' ``mlp``, ``mla_up_proj`` covers MLA's norms): checkpointing them again would only add
-    a second recomputation."""
+def selected_parts(block: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
+    """(submodule, method name) of ``block`` for each part that ``names`` (recompute_modules'
+    names) select, minus those that already run inside another selected one (``moe`` covers
+    ``moe_act`` and the shared experts' ``mlp``, ``mla_up_proj`` covers MLA's norms):
+    checkpointing them again would only add a second recomputation. Offloading selects the
+    same way (activation_offload.py)."""
     targets = [RECOMPUTE_MODULES[n] for n in names]
     selected = [
         (fqn, module, method)

@@ -17,6 +17,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.schema import JobConfig
 from torchmoe.models.moe.experts import use_grouped_mm
 from torchmoe.parallel.activation_checkpoint import apply_ac
+from torchmoe.parallel.activation_offload import apply_offload
 from torchmoe.parallel.compile import apply_compile
 from torchmoe.parallel.context_parallel import apply_cp
 from torchmoe.parallel.dims import ParallelDims
@@ -31,8 +32,9 @@ ParallelizeFn = Callable[[nn.Module, ParallelDims, JobConfig], nn.Module]
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Module:
     """float8 (linears, experts) -> context parallel -> tensor parallel -> expert parallel
-    (and the balance losses' count all-reduces) -> activation checkpointing -> compile ->
-    FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or replace."""
+    (and the balance losses' count all-reduces) -> activation checkpointing and offloading ->
+    compile -> FSDP. Each step is a public ``apply_*`` a custom plan can reuse, reorder or
+    replace."""
     apply_float8_linears(model, cfg.quantize)
     apply_float8_experts(model, cfg.quantize)
     if dims.cp > 1:
@@ -44,7 +46,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: JobConfig) -> nn.Modu
     if dims.meshes is not None:
         apply_balance_counts(model, dims.meshes.tokens, dims.meshes.sequence)
     apply_ac(model, cfg.activation_checkpoint)
-    apply_compile(model, cfg.compile, fullgraph=_sync_free_blocks(dims, cfg))
+    apply_offload(model, cfg.activation_checkpoint)
+    apply_compile(model, cfg.compile, fullgraph=_one_graph_blocks(dims, cfg))
     if dims.fsdp_enabled:
         meshes = dims.meshes
         device_type = meshes.dense.device_type
@@ -68,14 +71,16 @@ def _reshard_policy(dims: ParallelDims, cfg: JobConfig) -> str:
     return "never" if policy == "default" and dims.pp_enabled else policy
 
 
-def _sync_free_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:
-    """Blocks trace into one graph when no MoE layer needs its token counts on the host:
-    experts on torch._grouped_mm rather than the loop, and no expert or tensor parallelism,
-    or expert parallelism (no etp, no tp) through the sync-free dispatcher."""
+def _one_graph_blocks(dims: ParallelDims, cfg: JobConfig) -> bool:
+    """Blocks trace into one graph when no MoE layer needs its token counts on the host
+    (experts on torch._grouped_mm rather than the loop, and no expert or tensor parallelism,
+    or expert parallelism (no etp, no tp) through the sync-free dispatcher) and no part runs
+    eagerly for activation offloading."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync_free_ep = cfg.moe.dispatcher == "sync_free" and dims.etp == 1 and dims.tp == 1
     dispatch_free = not dims.experts_split or sync_free_ep
-    return dispatch_free and use_grouped_mm(cfg.moe.grouped_mm, device)
+    offloads = bool(cfg.activation_checkpoint.offload_modules)
+    return dispatch_free and use_grouped_mm(cfg.moe.grouped_mm, device) and not offloads
 
 
 def resolve_dtype(name: str, device_type: str) -> torch.dtype:
