@@ -40,6 +40,13 @@ VARIANTS = {
         "--activation_checkpoint.recompute_modules",
         "moe_act,layernorm",
     ],
+    # what moe_act and the norms save goes to pinned host memory (against recomputing them)
+    "compiled+offload_moe_act,layernorm": [
+        "--compile.enable",
+        "true",
+        "--activation_checkpoint.offload_modules",
+        "moe_act,layernorm",
+    ],
     "compiled+float8": [
         "--compile.enable",
         "true",

@@ -35,7 +35,7 @@ def _train(tiny_config, mode: str, **overrides) -> tuple[trainer_module.Trainer,
     return trainer, [trainer.train_step().loss for _ in range(3)]
 
 
-@pytest.mark.parametrize("accumulation", [1, 2, 3, 4])  # a pair, a pair and one, two pairs
+@pytest.mark.parametrize("accumulation", [1, 2, 3, 4])  # none, a pair, a pair and one, 2 pairs
 def test_cached_weights_train_as_autocast_bit_for_bit(tiny_config, accumulation):
     batch = {"training.global_batch_size": 4 * accumulation}
     cast, cast_losses = _train(tiny_config, "cast", **batch)

@@ -59,6 +59,7 @@ def moe_args(cfg: JobConfig) -> MoEArgs:
         ),
         hidden_dim=e.ffn_hidden_size,
         shared_hidden_dim=e.shared_expert_intermediate_size,
+        shared_expert_overlap=e.shared_expert_overlap,
         balance_coeffs=balance_coeffs(cfg),
         z_loss_coeff=e.z_loss_coeff,
         capacity_factor=e.capacity_factor,

@@ -25,6 +25,19 @@ def _check_names(key: str, names: list[str]) -> None:
             raise ConfigError(f"activation_checkpoint.{key} = {names} lists {name!r} twice")
 
 
+def check_shared_expert_overlap(cfg: JobConfig) -> None:
+    """Op-level selective checkpointing replays a block's ops by count; with the shared experts
+    moved into the dispatch, FSDP's hooks ran a different number of record_function ops in
+    recompute than in forward (FSDP2 x TP2 x EP2 on gloo) and backward failed."""
+    ac = cfg.activation_checkpoint
+    if cfg.moe.shared_expert_overlap and ac.mode == "selective" and not ac.recompute_modules:
+        raise ConfigError(
+            "moe.shared_expert_overlap = true does not work with op-level selective "
+            "checkpointing (activation_checkpoint.mode = 'selective' without "
+            "recompute_modules); name the modules to recompute, or turn the overlap off"
+        )
+
+
 def check_offload_modules(ac: ActivationCheckpoint) -> None:
     """Offloading hooks what a module saves in forward: a whole-block checkpoint saves nothing
     inside it to offload, and a module recomputed (or inside one recomputed) would be offloaded

@@ -94,6 +94,12 @@ class MoE:
     shared_expert_intermediate_size: int = opt(
         128, "Total hidden size of the shared experts (e.g. 2 x 1408); 0 = none.", ge=0
     )
+    shared_expert_overlap: bool = opt(
+        False,
+        "Compute the shared experts while the expert-parallel dispatch's all-to-all (or "
+        "all-gather) is in flight, so they hide it (Megatron's --moe-shared-expert-overlap); "
+        "the same arithmetic. Not with op-level selective checkpointing.",
+    )
     router_score_function: str = opt("sigmoid", "Router scores.", choices=("softmax", "sigmoid"))
     router_pre_softmax: bool = opt(
         True,

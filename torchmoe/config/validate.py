@@ -11,6 +11,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.parallel_checks import (
     check_activation_checkpoint,
     check_parallel_shapes,
+    check_shared_expert_overlap,
     resolve_dp_shard,
 )
 from torchmoe.config.pipeline_keys import V_SHAPED, check_pipeline
@@ -41,6 +42,7 @@ def validate(cfg: JobConfig) -> None:
             "moe.input_jitter_eps = 0"
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
+    check_shared_expert_overlap(cfg)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.checkpoint.initial_load_path and not cfg.checkpoint.enable:
         raise ConfigError(

@@ -205,8 +205,9 @@ def _zero_empty_rows_kernel(out_ptr, src_ptr, M, D, BLOCK_R: tl.constexpr, BLOCK
 
 
 def _tiles(K: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps): a [BLOCK_K, BLOCK_D] tile of at most 8192 elements, at
-    least 128 wide, 64 elements a thread. On an H100 (T = 8192, D = 2048, K = 6) the weighted
+    """(BLOCK_K, BLOCK_D, num_warps): a [BLOCK_K, BLOCK_D] tile of up to 8192 elements (more
+    only where K > 64 or 128 columns do not fit, fewer where D is narrow), 64 elements a
+    thread. On an H100 (T = 8192, D = 2048, K = 6) the weighted
     gather-sum ran 171 us at 32 elements a thread (4096-element tiles, 4 warps) and 87-88 us at
     64 to 256 (scripts/benchmark_permute.py); at 16 it took 605 us."""
     block_k = triton.next_power_of_2(K)

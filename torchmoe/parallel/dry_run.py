@@ -101,7 +101,7 @@ def stage_activations(
             for key, size in zip(part.layers.keys(), per_layer)
         )
         recompute = max(per_layer, default=0)
-    else:  # selective frees little of what this per-token count holds: an upper bound
+    else:  # selective recompute and offloading free part of this per-token count: an upper bound
         stored, recompute = sum(per_layer), 0.0
     if part.output is not None:
         # logits, and the float32 copies of the eager loss (a compiled loss fuses them away)

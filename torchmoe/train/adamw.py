@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -67,11 +68,12 @@ def storage_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_can_address(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """Whether a kernel can take these tensors' data pointers: plain contiguous storage
-    (nn.Parameter included). A wrapper subclass has no data of its own: its pointer is not its
-    values (an illegal memory access on the H100 with torchao's float8 weights)."""
+    """Whether a kernel can take these tensors' data pointers: plain contiguous tensors and
+    parameters of them. A wrapper subclass (a parameter of one has its type) has no data of
+    its own: its pointer is not its values (an illegal memory access on the H100 with
+    torchao's float8 weights)."""
     return all(
-        not isinstance(t, DTensor) and not is_traceable_wrapper_subclass(t) and t.is_contiguous()
+        type(t) in (torch.Tensor, nn.Parameter) and t.is_contiguous()
         for t in tensors
         if t is not None
     )

@@ -157,7 +157,8 @@ class Trainer:
             shards=self.dims.dp * self.dims.cp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
             # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus under
-            # accumulation the float32 gradient sums (4) and the gradients waiting for a pair (2)
+            # accumulation the float32 gradient sums (4) and the gradients waiting for a pair (2):
+            # all three exist while a pair folds (fewer during backward at accumulation 2 or 3)
             extra_bytes=6 if cached and self.accum_steps > 1 else 0,
         )
         flops = flops_per_token(model, t.seq_len)

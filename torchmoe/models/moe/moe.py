@@ -70,6 +70,8 @@ class MoEArgs:
     router: RouterArgs
     hidden_dim: int  # per routed expert
     shared_hidden_dim: int = 0  # 0 = no shared experts
+    # the shared experts run while the dispatch's exchange is in flight (dispatch's in_flight)
+    shared_expert_overlap: bool = False
     balance_coeffs: dict[str, float] = field(default_factory=dict)  # loss type -> weight
     z_loss_coeff: float = 0.0
     capacity_factor: float = 0.0  # 0 = dropless
@@ -127,18 +129,17 @@ class MoE(nn.Module):
             self._record(routing, counts_E, losses, idx_TK)
 
         shared: list[torch.Tensor] = []  # the shared experts' output, made during dispatch
+        overlap = self.shared_experts is not None and a.shared_expert_overlap
         x_MD, group_rows_E, state = self.dispatcher.dispatch(
             x_TD,
             idx_TK,
             capacity if a.pad_to_capacity else 0,
-            in_flight=(lambda: shared.append(self.shared_experts(x_TD)))
-            if self.shared_experts is not None
-            else None,
+            in_flight=(lambda: shared.append(self.shared_experts(x_TD))) if overlap else None,
         )
         y_MD = self.experts(x_MD, group_rows_E)
         out_TD = self.dispatcher.combine(y_MD, routing.topk_weight_TK, state)
-        if shared:
-            out_TD = out_TD + shared[0]
+        if self.shared_experts is not None:
+            out_TD = out_TD + (shared[0] if overlap else self.shared_experts(x_TD))
         if losses:
             out_TD = attach_aux_loss(out_TD, sum(losses.values()))
         return out_TD.view(B, S, D)
