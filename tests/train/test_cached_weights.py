@@ -6,6 +6,7 @@ line."""
 
 import ast
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -244,3 +245,27 @@ def test_cached_weights_on_a_gpu_follow_autocast(tiny_config, compiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for c in cached.cached_weights.copies.values():
         assert torch.equal(c.copy, c.master.bfloat16())
+
+
+@pytest.mark.parametrize("accumulation", [2, 3, 4, 5])
+def test_paired_folds_sum_any_pattern_of_missing_gradients(accumulation):
+    """A weight may get no gradient in some micro-batches (an expert no token reached): every
+    pattern gives the float32 sum of one-at-a-time folds, bit for bit."""
+    from torchmoe.kernels import grad_fold_ref
+    from torchmoe.train.cached_weights import WeightCopy
+
+    g = torch.Generator().manual_seed(accumulation)
+    for pattern in itertools.product([False, True], repeat=accumulation):
+        c = WeightCopy(nn.Parameter(torch.randn(64)), nn.Parameter(torch.empty(64).bfloat16()), [])
+        want = None
+        for i, has_grad in enumerate(pattern):
+            grad = (torch.randn(64, generator=g) * 10.0 ** (i - 2)).bfloat16() if has_grad else None
+            c.copy.grad = grad
+            if grad is not None:
+                want = grad_fold_ref.fold(want, [grad])
+            c.fold(last=i == accumulation - 1)
+        assert c.waiting is None and c.copy.grad is None, pattern
+        if want is None:
+            assert c.grad is None, pattern
+        else:
+            assert c.grad.dtype == torch.float32 and torch.equal(c.grad, want), pattern
