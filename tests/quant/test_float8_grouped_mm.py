@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+from tests.quant.test_float8_experts import _moe_layer
 from torchmoe.config.load import build_config
-from torchmoe.models.moe.moe import MoE, MoEArgs
-from torchmoe.models.moe.router import RouterArgs
+from torchmoe.models.moe.moe import MoE
 from torchmoe.quant.float8 import apply_float8_experts
 from torchmoe.quant.float8_grouped_mm import (
     FLOAT8_MAX,
@@ -78,17 +78,9 @@ def test_forward_and_gradients_against_float64():
     assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, want)
 
 
-def _moe(dim: int = 128, hidden: int = 64, experts: int = 8) -> MoE:
+def _moe() -> MoE:
     torch.manual_seed(0)
-    args = MoEArgs(
-        RouterArgs(dim=dim, num_experts=experts, topk=2),
-        hidden_dim=hidden,
-        shared_hidden_dim=hidden,
-        grouped_mm="grouped_mm",
-    )
-    layer = MoE(args)
-    layer.init_weights(0.02, 0.02)
-    return layer
+    return _moe_layer(dim=128, hidden=64, experts=8)
 
 
 def _bf16_weight_grad() -> object:
