@@ -88,22 +88,27 @@ class Float8GroupedMM(torch.autograd.Function):
     def backward(ctx, grad_MN: torch.Tensor):
         x_MK, w_ENK, offsets = ctx.saved_tensors
         grad_MN = grad_MN.to(torch.bfloat16).contiguous()
-        g_q, g_factor = quantize_rowwise(grad_MN, dim=-1)
-        # dx = grad @ w[e]: one scale per input k of expert e, over its N outputs, laid out
-        # [E, K, N] row-major (the column-major [E, N, K] operand)
-        w_q, w_factor = quantize_rowwise(w_ENK.transpose(-2, -1), dim=-1)
-        grad_x = scaled_grouped_mm(
-            g_q,
-            w_q.contiguous().transpose(-2, -1),
-            g_factor.squeeze(-1),
-            w_factor.squeeze(-1),
-            offsets,
-        )
-        grad_w = torch._grouped_mm(grad_MN.t(), x_MK, offs=offsets)  # [E, N, K], bf16
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g_q, g_factor = quantize_rowwise(grad_MN, dim=-1)
+            # dx = grad @ w[e]: one scale per input k of expert e, over its N outputs, laid out
+            # [E, K, N] row-major (the column-major [E, N, K] operand)
+            w_q, w_factor = quantize_rowwise(w_ENK.transpose(-2, -1), dim=-1)
+            grad_x = scaled_grouped_mm(
+                g_q,
+                w_q.contiguous().transpose(-2, -1),
+                g_factor.squeeze(-1),
+                w_factor.squeeze(-1),
+                offsets,
+            )
+        if ctx.needs_input_grad[1]:  # frozen experts skip it
+            grad_w = torch._grouped_mm(grad_MN.t(), x_MK, offs=offsets)  # [E, N, K], bf16
         return grad_x, grad_w, None
 
 
-def float8_grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor):
+def float8_grouped_mm(
+    x_MK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
     """``torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)`` through ``Float8GroupedMM``.
     Every group's row count must be a multiple of 16 (the dispatcher pads them)."""
     return Float8GroupedMM.apply(x_MK, w_ENK, offsets)
