@@ -108,16 +108,26 @@ def test_the_trainer_offloads_and_trains_as_without(tiny_config, small_tensors_t
     ]
 
 
-def test_parameters_and_small_tensors_stay(monkeypatch):
+def test_weights_their_views_and_small_tensors_stay_a_shared_input_goes_once():
     offloader = ActivationOffloader()
-    weight = torch.nn.Parameter(torch.randn(600, 600))  # 1.4 MB, over MIN_BYTES
+    torch.manual_seed(0)
+    part = torch.nn.ModuleList(torch.nn.Linear(600, 600, bias=False) for _ in range(2))
+    part.stack = torch.nn.Parameter(torch.randn(2, 600, 600))
     small = torch.randn(10, requires_grad=True)
-    big = torch.randn(600, 600, requires_grad=True)
-    with offloader.offloading():
-        out = (big @ weight).sum() + (small * small).sum()
-    assert offloader.offloaded_bytes == big.numel() * 4  # big only: weight and small stay
+    big = torch.randn(600, 600, requires_grad=True)  # 1.4 MB, over MIN_BYTES
+    with offloader.offloading(part):
+        # each linear saves its input and weight.t(), a view of its weight; the last matmul
+        # saves stack[1], a contiguous view of a weight
+        out = part[0](big).sum() + part[1](big).sum() + (small * small).sum()
+        out = out + (big @ part.stack[1]).sum()
+    assert offloader.offloaded_bytes == big.numel() * 4  # big, once
     out.backward()
-    torch.testing.assert_close(weight.grad, big.t() @ torch.ones(600, 600))
+    ones = torch.ones(600, 600)
+    for linear in part:
+        torch.testing.assert_close(linear.weight.grad, ones.t() @ big.detach())
+    torch.testing.assert_close(part.stack.grad[1], big.detach().t() @ ones)
+    w = (part[0].weight + part[1].weight).detach()
+    torch.testing.assert_close(big.grad, ones @ w + ones @ part.stack[1].detach().t())
     torch.testing.assert_close(small.grad, 2 * small.detach())
 
 
@@ -180,7 +190,7 @@ def test_on_a_gpu_saved_tensors_leave_memory_and_come_back_exactly():
             if offloader is None:
                 h = torch.nn.functional.gelu(layer(h))
             else:
-                with offloader.offloading():
+                with offloader.offloading(layer):
                     h = torch.nn.functional.gelu(layer(h))
         return h
 
