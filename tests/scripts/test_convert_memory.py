@@ -12,9 +12,10 @@ def test_import_and_export_hold_a_few_tensors_not_the_model(script, tmp_path: Pa
     for step in ("import above baseline", "export above baseline"):
         # before streaming both needed at least the whole model (import: about twice it)
         assert row[step] < row["model"] / 3, (step, row)
-    # one tensor and a fixed overhead (~30 MiB measured); holding two tensors at once fails
+    # one tensor and a fixed overhead (28-54 MiB measured, the most with the CPUs busy);
+    # holding two tensors at once (+47 MiB here) fails
     for step in ("import above baseline", "export above baseline"):
-        assert row[step] < row["largest tensor"] + 45 * 2**20, (step, row)
+        assert row[step] < row["largest tensor"] + 60 * 2**20, (step, row)
     shards = list((tmp_path / "work" / "out").glob("*.safetensors"))
     assert len(shards) > 8  # sharded, each shard within --max-shard-size (no tensor exceeds it)
     assert all(f.stat().st_size <= 48 * 2**20 + 2**16 for f in shards)  # + the header

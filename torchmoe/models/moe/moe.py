@@ -136,6 +136,11 @@ class MoE(nn.Module):
             capacity if a.pad_to_capacity else 0,
             in_flight=(lambda: shared.append(self.shared_experts(x_TD))) if overlap else None,
         )
+        if overlap and not shared:
+            raise RuntimeError(
+                f"{type(self.dispatcher).__name__}.dispatch did not run its in_flight work "
+                "(moe.shared_expert_overlap): a dispatcher must call it once"
+            )
         y_MD = self.experts(x_MD, group_rows_E)
         out_TD = self.dispatcher.combine(y_MD, routing.topk_weight_TK, state)
         if self.shared_experts is not None:
