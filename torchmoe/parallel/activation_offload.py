@@ -93,8 +93,7 @@ class ActivationOffloader:
     def _pack(self, call: _Call, t: torch.Tensor) -> torch.Tensor | _Saved:
         # DTensors (tensor parallelism), strided views and weights stay where they are
         if (
-            type(t) not in (torch.Tensor, nn.Parameter)
-            or isinstance(t, nn.Parameter)
+            type(t) is not torch.Tensor  # a parameter, a DTensor, a wrapper subclass
             or not t.is_contiguous()
             or t.numel() * t.element_size() < MIN_BYTES
             or _storage(t) in call.weights
