@@ -32,7 +32,7 @@ VARIANTS = {
         "--activation_checkpoint.mode",
         "selective",
     ],
-    "compiled+recompute_moe_act,layernorm": [
+    "compiled+recompute_moe_act+layernorm": [
         "--compile.enable",
         "true",
         "--activation_checkpoint.mode",
@@ -41,7 +41,7 @@ VARIANTS = {
         "moe_act,layernorm",
     ],
     # what moe_act and the norms save goes to pinned host memory (against recomputing them)
-    "compiled+offload_moe_act,layernorm": [
+    "compiled+offload_moe_act+layernorm": [
         "--compile.enable",
         "true",
         "--activation_checkpoint.offload_modules",

@@ -1,4 +1,5 @@
-"""benchmark.py's idle-gap finder: where the GPU waited between kernels, overlaps merged."""
+"""benchmark.py: the idle-gap finder (where the GPU waited between kernels, overlaps merged) and
+the variant names."""
 
 
 def test_gaps_merge_overlapping_kernels_and_rank_the_longest(script) -> None:
@@ -14,3 +15,8 @@ def test_gaps_merge_overlapping_kernels_and_rank_the_longest(script) -> None:
     assert total == (30 - 12) + (40 - 31)
     assert gaps == [(18.0, "b", "c")]
     assert bench.gpu_idle_gaps([], top=3) == (0.0, [])
+
+
+def test_the_default_variants_list_splits_back_into_the_variant_names(script) -> None:
+    bench = script("benchmark")  # --variants defaults to the names joined by commas
+    assert ",".join(bench.VARIANTS).split(",") == list(bench.VARIANTS)
