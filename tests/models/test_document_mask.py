@@ -85,6 +85,7 @@ def test_the_dense_mask_is_causal_within_documents_only() -> None:
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention runs on CUDA here")
 @pytest.mark.parametrize(
     "heads, kv_heads, qk_dim, v_dim", [(16, 16, 192, 128), (8, 2, 128, 128)], ids=["mla", "gqa"]

@@ -108,6 +108,7 @@ def test_routing_options_compile_fullgraph_and_match_eager(options):
     torch.testing.assert_close(_moe(compiled).stats, _moe(eager).stats, rtol=2e-2, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training step on a GPU")
 @pytest.mark.parametrize("ac_mode", ["none", "selective"])
 def test_compiled_training_step_matches_eager_on_gpu(tiny_config, ac_mode):

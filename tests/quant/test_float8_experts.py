@@ -5,16 +5,12 @@ import copy
 import pytest
 import torch
 
+from tests.quant.sm90 import needs_sm90
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs
 from torchmoe.quant.float8 import apply_float8_experts
-
-needs_sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="torchao's float8 grouped GEMM needs a CUDA sm90+ GPU",
-)
 
 
 def _quantize(**overrides: str):

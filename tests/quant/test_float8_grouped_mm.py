@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from tests.quant.sm90 import needs_sm90
 from tests.quant.test_float8_experts import _moe_layer
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
@@ -17,11 +18,6 @@ from torchmoe.quant.float8_grouped_mm import (
     emulated,
     float8_grouped_mm,
     quantize_rowwise,
-)
-
-needs_sm90 = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-    reason="torch._scaled_grouped_mm needs a CUDA sm90+ GPU",
 )
 
 

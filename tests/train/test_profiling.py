@@ -51,6 +51,7 @@ def test_out_of_memory_is_one_line_and_exit_1(tmp_path, data_cache, monkeypatch,
     assert "training.local_batch_size" in err[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory snapshots need CUDA")
 def test_memory_snapshot_at_a_step_on_cuda(tiny_config, tmp_path):
     keys = {
