@@ -163,6 +163,22 @@ LAYOUTS = {
             "model.attn_mask": "block_causal",
         },
     ),
+    # DualPipeV's overlapped steps as two turn-taking threads (experts split over the cp ranks)
+    **{
+        f"pp2_dualpipev_x_cp2_x_ep2_{dispatcher}_overlap": (
+            4,
+            {
+                "parallelism.pp": 2,
+                "parallelism.cp": 2,
+                "parallelism.ep": 2,
+                "parallelism.pp_schedule": "DualPipeV",
+                "parallelism.pp_ep_overlap": "true",
+                "moe.dispatcher": dispatcher,
+                "model.n_layers": 4,
+            },
+        )
+        for dispatcher in ("alltoall", "sync_free")
+    },
     "pp2_interleaved_x_fsdp2_x_ep2": (
         4,
         {

@@ -38,6 +38,32 @@ def check_shared_expert_overlap(cfg: JobConfig) -> None:
         )
 
 
+def check_pp_ep_overlap(cfg: JobConfig) -> None:
+    """parallelism.pp_ep_overlap hands turns over at the token all-to-alls of DualPipeV's
+    overlapped steps (parallel/ep_overlap.py): without those steps or exchanges it would do
+    nothing, and compiled blocks would trace the turn-taking threads."""
+    p = cfg.parallelism
+    if not p.pp_ep_overlap:
+        return
+    needs = [
+        (
+            p.pp > 1 and p.pp_schedule == "DualPipeV",
+            "parallelism.pp > 1 with pp_schedule = "
+            f"'DualPipeV' (have pp = {p.pp}, {p.pp_schedule!r})",
+        ),
+        (p.ep > 1, f"parallelism.ep > 1 (have {p.ep})"),
+        (
+            cfg.moe.dispatcher in ("alltoall", "sync_free"),
+            "moe.dispatcher = 'alltoall' or "
+            f"'sync_free' (have {cfg.moe.dispatcher!r}, which exchanges no all-to-all)",
+        ),
+        (not cfg.compile.enable, "compile.enable = false (the turns are Python threads)"),
+    ]
+    for ok, what in needs:
+        if not ok:
+            raise ConfigError(f"parallelism.pp_ep_overlap = true needs {what}")
+
+
 def check_offload_modules(ac: ActivationCheckpoint) -> None:
     """Offloading hooks what a module saves in forward: a whole-block checkpoint saves nothing
     inside it to offload, and a module recomputed (or inside one recomputed) would be offloaded

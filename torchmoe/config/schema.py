@@ -439,6 +439,13 @@ class Parallelism:
             "DualPipeV",
         ),
     )
+    pp_ep_overlap: bool = opt(
+        False,
+        "DualPipeV only: in its overlapped steps, run one micro-batch's forward and another's "
+        "backward as two threads taking turns at each expert-parallel all-to-all, so each "
+        "exchange runs behind the other micro-batch's compute (needs ep > 1, the alltoall "
+        "or sync_free dispatcher, compile off).",
+    )
     pp_microbatches: int = opt(
         0,
         "Pipeline micro-batches per local batch, which they split evenly; 0 = one per "

@@ -11,6 +11,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.parallel_checks import (
     check_activation_checkpoint,
     check_parallel_shapes,
+    check_pp_ep_overlap,
     check_shared_expert_overlap,
     resolve_dp_shard,
 )
@@ -43,6 +44,7 @@ def validate(cfg: JobConfig) -> None:
         )
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_shared_expert_overlap(cfg)
+    check_pp_ep_overlap(cfg)
     check_float8(cfg, planning=os.environ.get("COMM_MODE") == "fake")
     if cfg.checkpoint.initial_load_path and not cfg.checkpoint.enable:
         raise ConfigError(

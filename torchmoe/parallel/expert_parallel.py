@@ -63,6 +63,8 @@ class ExpertParallelDispatcher(LocalDispatcher):
         super().__init__(num_experts, backend, pad_multiple)
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
+        # the token all-to-all; parallel/ep_overlap.py swaps in one that hands over a turn
+        self.exchange: Callable[..., torch.Tensor] = all_to_all_single_autograd
 
 
 class AllToAllDispatcher(ExpertParallelDispatcher):
@@ -82,7 +84,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
             [counts_E.view(self.ep, -1).sum(1), recv_WX.sum(1)]
         ).tolist()
         x_sent = x_MD[: sum(send_splits)]  # rows past the kept copies: room left by drops
-        x_recv = all_to_all_single_autograd(x_sent, recv_splits, send_splits, self.group)
+        x_recv = self.exchange(x_sent, recv_splits, send_splits, self.group)
         if in_flight is not None:  # before the first use of x_recv, which waits on it
             in_flight()
         # Received blocks are ordered (source, local expert); experts want (local expert,
@@ -102,9 +104,7 @@ class AllToAllDispatcher(ExpertParallelDispatcher):
         self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: AllToAllState
     ) -> torch.Tensor:
         y_recv = self.unpermute(y_MD, None, state.regroup)
-        y_back = all_to_all_single_autograd(
-            y_recv, state.send_splits, state.recv_splits, self.group
-        )
+        y_back = self.exchange(y_recv, state.send_splits, state.recv_splits, self.group)
         # Back to the buffer's full row count (dropped copies left rows unsent at the end).
         missing = state.local.src_M.shape[0] - y_back.shape[0]
         y_back = F.pad(y_back, (0, 0, 0, missing)) if missing else y_back
@@ -134,7 +134,7 @@ class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
         x_MD, _, local = self.permute(x_TD, topk_idx_TK, E, 1, block)  # expert e: block e
         sent_E = expert_copies(topk_idx_TK, E)
         recv_WX = funcol.all_to_all_single(sent_E, None, None, self.group).view(W, -1)
-        x_recv = all_to_all_single_autograd(x_MD, None, None, self.group)
+        x_recv = self.exchange(x_MD, None, None, self.group)
         if in_flight is not None:  # before the first use of either exchange's output
             in_flight()
         # received rows (source w, local expert x, slot g); slots past the count hold nothing
@@ -151,7 +151,7 @@ class SyncFreeAllToAllDispatcher(ExpertParallelDispatcher):
         self, y_MD: torch.Tensor, topk_weight_TK: torch.Tensor, state: SyncFreeState
     ) -> torch.Tensor:
         y_recv = self.unpermute(y_MD, None, state.regroup)  # empty slots come back as zeros
-        y_back = all_to_all_single_autograd(y_recv, None, None, self.group)
+        y_back = self.exchange(y_recv, None, None, self.group)
         return self.unpermute(y_back, topk_weight_TK, state.local)
 
 

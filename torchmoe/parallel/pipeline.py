@@ -20,6 +20,7 @@ from torchmoe.config.errors import ConfigError
 from torchmoe.config.pipeline_keys import SINGLE_STAGE, V_SHAPED, microbatches, stage_ids
 from torchmoe.config.schema import JobConfig
 from torchmoe.parallel.dims import ParallelDims
+from torchmoe.parallel.ep_overlap import apply_ep_overlap
 from torchmoe.parallel.pipeline_layout import describe_layout, stage_layout
 from torchmoe.parallel.pipeline_stage import LocalStages, split_stage
 
@@ -133,4 +134,6 @@ def build_pipeline(
             f"parallelism.pp_schedule = {p.pp_schedule!r} with "
             f"parallelism.pp_microbatches = {microbatches(cfg)}: {e}"
         ) from None
+    if p.pp_ep_overlap:
+        apply_ep_overlap(schedule, parts)
     return Pipeline(schedule, LocalStages(parts), 0 in ids, len(layout) - 1 in ids)
