@@ -1,7 +1,10 @@
 """On a GPU the sync-free dispatcher's MoE layer (dispatch, grouped-GEMM experts, combine, the
 shared experts overlapped with the exchange, and their backward) runs under CUDA's sync debug
 mode "error" over a one-rank NCCL group, and gives the local dispatcher's outputs and
-gradients. The host-sync all-to-all trips the same mode, so the probe is live."""
+gradients. The host-sync all-to-all trips the same mode, so the probe is live. And
+parallelism.pp_ep_overlap's turn-taking exchange: one micro-batch's forward and another's
+backward (run by autograd's CUDA thread) alternate at the exchanges and give the plain run's
+results."""
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from torchmoe.models.moe.moe import MoE, MoEArgs
 from torchmoe.models.moe.router import RouterArgs
+from torchmoe.parallel.ep_overlap import BATON, handing_over_exchange
 from torchmoe.parallel.expert_parallel import DISPATCHERS
 
 pytestmark = [
@@ -83,3 +87,33 @@ def test_host_sync_all_to_all_trips_sync_debug_mode(ep_mesh):
             _run(layer, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_turn_taking_exchange_alternates_forward_and_backward_on_cuda(ep_mesh):
+    x1, x2 = torch.randn(2, 2, 256, 256, device="cuda")
+    plain = _layer(overlap=False)
+    local = plain.dispatcher
+    plain.dispatcher = DISPATCHERS["sync_free"](16, ep_mesh, local.backend, local.pad_multiple)
+    want1, want2 = _run(plain, x1), _run(plain, x2)  # the second's grads include the first's
+    layer = _layer(overlap=False)
+    layer.dispatcher = DISPATCHERS["sync_free"](16, ep_mesh, local.backend, local.pad_multiple)
+    layer.dispatcher.exchange = handing_over_exchange
+    with torch.autocast("cuda", torch.bfloat16):
+        first = layer(x1.detach().requires_grad_())
+    weights = torch.linspace(-1, 1, first.numel(), device="cuda").view_as(first)
+    x2 = x2.detach().requires_grad_()
+    outputs = []
+
+    def forward():
+        with torch.autocast("cuda", torch.bfloat16):
+            outputs.append(layer(x2))
+
+    BATON.turns.clear()
+    BATON.run(forward, lambda: (first.float() * weights).sum().backward())
+    assert BATON.turns[:4] == ["forward", "backward", "forward", "backward"]
+    (outputs[0].float() * weights).sum().backward()
+    got = [first.detach(), outputs[0].detach(), x2.grad]
+    got += [p.grad for p in layer.parameters() if p.grad is not None]
+    want = [want1[0], *want2]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

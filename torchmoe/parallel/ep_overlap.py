@@ -18,21 +18,17 @@ is a no-op.
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
-from torch.distributed.pipelining.schedules import (
-    FORWARD,
-    FULL_BACKWARD,
-    OVERLAP_F_B,
-    _Action,
-    _PipelineContext,
-    _wait_batch_p2p,
-)
 
 from torchmoe.models.moe.moe import MoE
 from torchmoe.parallel.expert_parallel import ExpertParallelDispatcher
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import _Action, _PipelineContext
 
 FORWARD_ROLE, BACKWARD_ROLE = "forward", "backward"
 
@@ -132,7 +128,10 @@ def handing_over_exchange(x, out_splits, in_splits, group) -> torch.Tensor:
 
 def apply_ep_overlap(schedule, parts: list[nn.Module]) -> None:
     """Run ``schedule``'s OVERLAP_F_B actions as two turn-taking threads and make the
-    expert-parallel dispatchers of ``parts`` hand over after each exchange."""
+    expert-parallel dispatchers of ``parts`` hand over after each exchange. torch's runtime
+    internals are imported here, so a torch that moved them fails only runs that ask for it."""
+    from torch.distributed.pipelining.schedules import OVERLAP_F_B
+
     for part in parts:
         for moe in (m for m in part.modules() if isinstance(m, MoE)):
             if isinstance(moe.dispatcher, ExpertParallelDispatcher):
@@ -140,10 +139,12 @@ def apply_ep_overlap(schedule, parts: list[nn.Module]) -> None:
     schedule.register_custom_function(OVERLAP_F_B, _overlapped_forward_backward)
 
 
-def _overlapped_forward_backward(action: _Action, ctx: _PipelineContext) -> None:
+def _overlapped_forward_backward(action: "_Action", ctx: "_PipelineContext") -> None:
     """What torch's runtime does for the action's FORWARD and FULL_BACKWARD sub-actions, in two
     turn-taking threads (torch 2.11-2.13's private runtime: its receives, loss and hand-offs
     between the two stages of one rank)."""
+    from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, _wait_batch_p2p
+
     schedule = ctx.schedule_ref
     stages = {s.stage_index: s for s in schedule._stages}
     fwd, bwd = action.sub_actions
