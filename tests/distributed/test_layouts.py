@@ -19,6 +19,22 @@ from torchmoe.parallel.pipeline import STAGES_TAKE_GRAD_SHAPES
 from torchmoe.train.trainer import Trainer
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 32, 3
+
+
+def dualpipev_overlap(dispatcher: str) -> dict[str, str | int]:
+    """PP2 x CP2 x EP2 (experts over the cp ranks, so each rank keeps 4 micro-batches, which
+    DualPipeV's 4 stages need) with parallelism.pp_ep_overlap."""
+    return {
+        "parallelism.pp": 2,
+        "parallelism.cp": 2,
+        "parallelism.ep": 2,
+        "parallelism.pp_schedule": "DualPipeV",
+        "parallelism.pp_ep_overlap": "true",
+        "moe.dispatcher": dispatcher,
+        "model.n_layers": 4,
+    }
+
+
 LAYOUTS = {
     "fsdp2": (2, {}),
     "fsdp2_reshard_never": (2, {"parallelism.fsdp_reshard_after_forward": "never"}),
@@ -165,18 +181,7 @@ LAYOUTS = {
     ),
     # DualPipeV's overlapped steps as two turn-taking threads (experts split over the cp ranks)
     **{
-        f"pp2_dualpipev_x_cp2_x_ep2_{dispatcher}_overlap": (
-            4,
-            {
-                "parallelism.pp": 2,
-                "parallelism.cp": 2,
-                "parallelism.ep": 2,
-                "parallelism.pp_schedule": "DualPipeV",
-                "parallelism.pp_ep_overlap": "true",
-                "moe.dispatcher": dispatcher,
-                "model.n_layers": 4,
-            },
-        )
+        f"pp2_dualpipev_x_cp2_x_ep2_{dispatcher}_overlap": (4, dualpipev_overlap(dispatcher))
         for dispatcher in ("alltoall", "sync_free")
     },
     "pp2_interleaved_x_fsdp2_x_ep2": (

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.distributed.test_layouts import GLOBAL_BATCH, batches, config, rank_batches
+from tests.distributed.test_layouts import (
+    GLOBAL_BATCH,
+    batches,
+    config,
+    dualpipev_overlap,
+    rank_batches,
+)
 from torchmoe.config.errors import ConfigError
 from torchmoe.parallel.ep_overlap import BATON, Baton
 from torchmoe.train.trainer import Trainer
@@ -59,21 +65,8 @@ def test_an_error_in_either_thread_releases_the_other_and_is_raised():
 
 
 def _turns(rank: int, folder: str, cache: str, dispatcher: str):
-    cfg = config(
-        f"{folder}/{rank}",
-        cache,
-        **{
-            "parallelism.pp": 2,
-            "parallelism.cp": 2,
-            "parallelism.ep": 2,
-            "parallelism.pp_schedule": "DualPipeV",
-            "parallelism.pp_ep_overlap": "true",
-            "moe.dispatcher": dispatcher,
-            "model.n_layers": 4,
-            "training.steps": 1,
-            "checkpoint.enable": "false",
-        },
-    )
+    overrides = dualpipev_overlap(dispatcher) | {"training.steps": 1, "checkpoint.enable": "false"}
+    cfg = config(f"{folder}/{rank}", cache, **overrides)
     trainer = Trainer(cfg, device=torch.device("cpu"))
     trainer.batches = rank_batches(cfg, batches()[:1], slice(0, GLOBAL_BATCH))
     BATON.turns.clear()
