@@ -71,7 +71,8 @@ def _turns(rank: int, folder: str, cache: str, dispatcher: str):
     trainer.batches = rank_batches(cfg, batches()[:1], slice(0, GLOBAL_BATCH))
     BATON.turns.clear()
     trainer.train()
-    return list(BATON.turns)
+    kept = sum(len(s.output_chunks) for s in trainer.pipeline.schedule._stages)
+    return list(BATON.turns), kept
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "sync_free"])
@@ -79,7 +80,9 @@ def test_overlapped_steps_hand_over_at_the_exchanges(tmp_path, data_cache, dispa
     """pp rank 1 holds MoE layers in both its stages: forward and backward alternate, the
     forward first. pp rank 0's first stage is the dense layer: its forward hands over to a
     backward without exchanges, which runs to its end in one turn."""
-    turns = run_ranks(4, _turns, str(tmp_path), data_cache, dispatcher)
+    results = run_ranks(4, _turns, str(tmp_path), data_cache, dispatcher)
+    turns = [t for t, _ in results]
+    assert [kept for _, kept in results] == [0] * 4  # the trainer asks for no outputs
     both = turns[2]
     assert both.count("backward") >= 4 and both == turns[3]
     assert both == ["forward", "backward"] * (len(both) // 2)
@@ -103,6 +106,15 @@ def test_overlapped_steps_hand_over_at_the_exchanges(tmp_path, data_cache, dispa
                 "moe.dispatcher": "allgather",
             },
             "(have 'allgather', which exchanges no all-to-all)",
+        ),
+        (
+            {
+                "parallelism.pp": 2,
+                "parallelism.pp_schedule": "DualPipeV",
+                "parallelism.ep": 2,
+                "parallelism.etp": 2,
+            },
+            "parallelism.etp = 1 (have 2; not supported yet)",
         ),
         (
             {

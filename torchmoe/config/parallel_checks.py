@@ -52,6 +52,7 @@ def check_pp_ep_overlap(cfg: JobConfig) -> None:
             f"'DualPipeV' (have pp = {p.pp}, {p.pp_schedule!r})",
         ),
         (p.ep > 1, f"parallelism.ep > 1 (have {p.ep})"),
+        (p.etp == 1, f"parallelism.etp = 1 (have {p.etp}; not supported yet)"),
         (
             cfg.moe.dispatcher in ("alltoall", "sync_free"),
             "moe.dispatcher = 'alltoall' or "

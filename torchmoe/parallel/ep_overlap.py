@@ -16,7 +16,9 @@ without MoE layers just runs its whole action in one turn. Outside these actions
 is a no-op.
 """
 
+import inspect
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,7 +44,7 @@ class Baton:
         self._turn: str | None = None  # None: no overlapped action is running
         self._finished: set[str] = set()
         self._thread = threading.local()  # .role of the two threads run() starts
-        self.turns: list[str] = []
+        self.turns: deque[str] = deque(maxlen=256)  # the latest hand-overs' roles (tests)
 
     def run(self, forward: Callable[[], None], backward: Callable[[], None]) -> None:
         """``forward`` and ``backward`` in two threads taking turns, ``forward`` first;
@@ -137,6 +139,22 @@ def apply_ep_overlap(schedule, parts: list[nn.Module]) -> None:
             if isinstance(moe.dispatcher, ExpertParallelDispatcher):
                 moe.dispatcher.exchange = handing_over_exchange
     schedule.register_custom_function(OVERLAP_F_B, _overlapped_forward_backward)
+    _record_step_options(schedule)
+
+
+def _record_step_options(schedule) -> None:
+    """Keep the options of the step being run (``return_outputs``, ``loss_kwargs``) where the
+    overlapped actions can read them: torch hands a custom function only the micro-batches."""
+    step = schedule._step_microbatches
+    signature = inspect.signature(step)
+
+    def recording(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        schedule.torchmoe_step_options = dict(bound.arguments)
+        return step(*args, **kwargs)
+
+    schedule._step_microbatches = recording
 
 
 def _overlapped_forward_backward(action: "_Action", ctx: "_PipelineContext") -> None:
@@ -151,13 +169,24 @@ def _overlapped_forward_backward(action: "_Action", ctx: "_PipelineContext") -> 
     if (fwd.computation_type, bwd.computation_type) != (FORWARD, FULL_BACKWARD):
         raise RuntimeError(f"parallelism.pp_ep_overlap: unexpected overlapped action {action}")
 
+    # What this torch's runtime passes on: whether a stage keeps its outputs (the trainer's
+    # return_outputs=False frees the last stage's logits), the loss function's extra arguments.
+    options = schedule.torchmoe_step_options
+    chunk_args = inspect.signature(stages[fwd.stage_index].forward_one_chunk).parameters
+    keep = (
+        {"save_forward_output": options["return_outputs"]}
+        if "save_forward_output" in chunk_args
+        else {}
+    )
+    loss_kwargs = (options["loss_kwargs"],) if "loss_kwargs" in options else ()
+
     def forward() -> None:
         stage, mb = stages[fwd.stage_index], fwd.microbatch_index
         schedule._assert_unsharded(stage)
         if not stage.is_first and fwd.stage_index - 1 not in stages:
             _wait_batch_p2p(schedule.fwd_recv_ops.pop((fwd.stage_index, mb)))
-        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb])
-        schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb)
+        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], **keep)
+        schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb, *loss_kwargs)
         if fwd.stage_index + 1 in stages:
             stages[fwd.stage_index + 1].set_local_fwd_input(output, mb)
 
