@@ -110,7 +110,7 @@ def test_turn_taking_exchange_alternates_forward_and_backward_on_cuda(ep_mesh):
 
     BATON.turns.clear()
     BATON.run(forward, lambda: (first.float() * weights).sum().backward())
-    assert BATON.turns[:4] == ["forward", "backward", "forward", "backward"]
+    assert list(BATON.turns)[:4] == ["forward", "backward", "forward", "backward"]
     (outputs[0].float() * weights).sum().backward()
     got = [first.detach(), outputs[0].detach(), x2.grad]
     got += [p.grad for p in layer.parameters() if p.grad is not None]
