@@ -29,9 +29,10 @@ def _events(rank: int, dispatcher: str, etp: int, overlap: bool = True) -> list[
 
         return call
 
-    for name in ("all_to_all_single_autograd", "all_gather_autograd"):
-        setattr(expert_parallel, name, recorded("exchange", getattr(expert_parallel, name)))
+    expert_parallel.all_gather_autograd = recorded("exchange", expert_parallel.all_gather_autograd)
     inner = getattr(layer.dispatcher, "inner", layer.dispatcher)
+    if hasattr(inner, "exchange"):  # the expert-parallel dispatchers' token all-to-all
+        inner.exchange = recorded("exchange", inner.exchange)
     inner.permute = recorded("permute", inner.permute)
     layer.dispatcher.combine = recorded("combine", layer.dispatcher.combine)
     layer.shared_experts.register_forward_pre_hook(lambda *_: events.append("shared experts"))
