@@ -138,68 +138,67 @@ def apply_ep_overlap(schedule, parts: list[nn.Module]) -> None:
         for moe in (m for m in part.modules() if isinstance(m, MoE)):
             if isinstance(moe.dispatcher, ExpertParallelDispatcher):
                 moe.dispatcher.exchange = handing_over_exchange
-    schedule.register_custom_function(OVERLAP_F_B, _overlapped_forward_backward)
-    _record_step_options(schedule)
+    schedule.register_custom_function(OVERLAP_F_B, _OverlappedSteps(schedule))
 
 
-def _record_step_options(schedule) -> None:
-    """Keep the options of the step being run (``return_outputs``, ``loss_kwargs``) where the
-    overlapped actions can read them: torch hands a custom function only the micro-batches."""
-    step = schedule._step_microbatches
-    signature = inspect.signature(step)
+class _OverlappedSteps:
+    """The OVERLAP_F_B function: what torch's runtime does for the action's FORWARD and
+    FULL_BACKWARD sub-actions (torch 2.11-2.13's private runtime: its receives, loss and
+    hand-offs between the two stages of one rank), in two turn-taking threads. torch hands a
+    custom function only the micro-batches, so it wraps the schedule's step to keep the step's
+    options (``return_outputs``: the trainer's False frees the last stage's logits;
+    ``loss_kwargs``)."""
 
-    def recording(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+    def __init__(self, schedule) -> None:
+        self._step = schedule._step_microbatches
+        self._step_signature = inspect.signature(self._step)
+        chunk_args = inspect.signature(schedule._stages[0].forward_one_chunk).parameters
+        self._takes_save_flag = "save_forward_output" in chunk_args
+        self._options: dict = {}
+        schedule._step_microbatches = self._recording_step
+
+    def _recording_step(self, *args, **kwargs):
+        bound = self._step_signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        schedule.torchmoe_step_options = dict(bound.arguments)
-        return step(*args, **kwargs)
+        self._options = dict(bound.arguments)
+        return self._step(*args, **kwargs)
 
-    schedule._step_microbatches = recording
+    def __call__(self, action: "_Action", ctx: "_PipelineContext") -> None:
+        from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, _wait_batch_p2p
 
+        schedule = ctx.schedule_ref
+        stages = {s.stage_index: s for s in schedule._stages}
+        fwd, bwd = action.sub_actions
+        if (fwd.computation_type, bwd.computation_type) != (FORWARD, FULL_BACKWARD):
+            raise RuntimeError(f"parallelism.pp_ep_overlap: unexpected overlapped action {action}")
+        keep = (
+            {"save_forward_output": self._options["return_outputs"]}
+            if self._takes_save_flag
+            else {}
+        )
+        loss_kwargs = (self._options["loss_kwargs"],) if "loss_kwargs" in self._options else ()
 
-def _overlapped_forward_backward(action: "_Action", ctx: "_PipelineContext") -> None:
-    """What torch's runtime does for the action's FORWARD and FULL_BACKWARD sub-actions, in two
-    turn-taking threads (torch 2.11-2.13's private runtime: its receives, loss and hand-offs
-    between the two stages of one rank)."""
-    from torch.distributed.pipelining.schedules import FORWARD, FULL_BACKWARD, _wait_batch_p2p
+        def forward() -> None:
+            stage, mb = stages[fwd.stage_index], fwd.microbatch_index
+            schedule._assert_unsharded(stage)
+            if not stage.is_first and fwd.stage_index - 1 not in stages:
+                _wait_batch_p2p(schedule.fwd_recv_ops.pop((fwd.stage_index, mb)))
+            output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], **keep)
+            schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb, *loss_kwargs)
+            if fwd.stage_index + 1 in stages:
+                stages[fwd.stage_index + 1].set_local_fwd_input(output, mb)
 
-    schedule = ctx.schedule_ref
-    stages = {s.stage_index: s for s in schedule._stages}
-    fwd, bwd = action.sub_actions
-    if (fwd.computation_type, bwd.computation_type) != (FORWARD, FULL_BACKWARD):
-        raise RuntimeError(f"parallelism.pp_ep_overlap: unexpected overlapped action {action}")
+        def backward() -> None:
+            stage, mb = stages[bwd.stage_index], bwd.microbatch_index
+            schedule._assert_unsharded(stage)
+            if not stage.is_last and bwd.stage_index + 1 not in stages:
+                _wait_batch_p2p(schedule.bwd_recv_ops.pop((bwd.stage_index, mb)))
+            loss = schedule._maybe_get_loss(stage, mb)
+            schedule.backward_counter[bwd.stage_index] += 1
+            last = schedule.backward_counter[bwd.stage_index] == schedule._n_microbatches
+            stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
+            if bwd.stage_index - 1 in stages:
+                previous = stages[bwd.stage_index - 1]
+                previous.set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
 
-    # What this torch's runtime passes on: whether a stage keeps its outputs (the trainer's
-    # return_outputs=False frees the last stage's logits), the loss function's extra arguments.
-    options = schedule.torchmoe_step_options
-    chunk_args = inspect.signature(stages[fwd.stage_index].forward_one_chunk).parameters
-    keep = (
-        {"save_forward_output": options["return_outputs"]}
-        if "save_forward_output" in chunk_args
-        else {}
-    )
-    loss_kwargs = (options["loss_kwargs"],) if "loss_kwargs" in options else ()
-
-    def forward() -> None:
-        stage, mb = stages[fwd.stage_index], fwd.microbatch_index
-        schedule._assert_unsharded(stage)
-        if not stage.is_first and fwd.stage_index - 1 not in stages:
-            _wait_batch_p2p(schedule.fwd_recv_ops.pop((fwd.stage_index, mb)))
-        output = stage.forward_one_chunk(mb, ctx.arg_mbs[mb], ctx.kwarg_mbs[mb], **keep)
-        schedule._maybe_compute_loss(stage, output, ctx.target_mbs, mb, *loss_kwargs)
-        if fwd.stage_index + 1 in stages:
-            stages[fwd.stage_index + 1].set_local_fwd_input(output, mb)
-
-    def backward() -> None:
-        stage, mb = stages[bwd.stage_index], bwd.microbatch_index
-        schedule._assert_unsharded(stage)
-        if not stage.is_last and bwd.stage_index + 1 not in stages:
-            _wait_batch_p2p(schedule.bwd_recv_ops.pop((bwd.stage_index, mb)))
-        loss = schedule._maybe_get_loss(stage, mb)
-        schedule.backward_counter[bwd.stage_index] += 1
-        last = schedule.backward_counter[bwd.stage_index] == schedule._n_microbatches
-        stage.backward_one_chunk(mb, loss=loss, full_backward=True, last_backward=last)
-        if bwd.stage_index - 1 in stages:
-            stages[bwd.stage_index - 1].set_local_bwd_input(stage.get_local_bwd_output(mb), mb)
-
-    BATON.run(forward, backward)
+        BATON.run(forward, backward)
