@@ -100,6 +100,17 @@ VARIANTS = {
         "--optimizer.state_dtype",
         "bfloat16",
     ],
+    # the same, the 4 micro-batches' bfloat16 gradients folded into the float32 sums in one pass
+    "compiled+accum4+bf16_moments+fold4": [
+        "--compile.enable",
+        "true",
+        "--training.global_batch_size",
+        "8",
+        "--optimizer.state_dtype",
+        "bfloat16",
+        "--training.grads_per_fold",
+        "4",
+    ],
     # Packed documents kept apart (flex attention); the cost depends on the documents' lengths.
     "compiled+block_causal": ["--compile.enable", "true", "--model.attn_mask", "block_causal"],
     # Best case of routing: every expert gets the same number of tokens (benchmark only).

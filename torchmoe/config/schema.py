@@ -229,6 +229,15 @@ class Training:
         "AdamW, no float8, no moe.freeze_experts), else cast.",
         choices=("auto", "cached", "cast"),
     )
+    grads_per_fold: int = opt(
+        2,
+        "Under accumulation with cached weights: how many micro-batches' bfloat16 gradients "
+        "wait to be added to the float32 sums in one pass. Each pass reads and writes the sums "
+        "once, so more per pass is less memory traffic; each waiting gradient holds 2 bytes a "
+        "parameter. Set it to the accumulation steps (up to 8) where memory allows.",
+        ge=1,
+        le=8,
+    )
     deterministic: bool = opt(False, "Use deterministic algorithms (slower on GPU).")
 
 

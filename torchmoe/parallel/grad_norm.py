@@ -1,5 +1,7 @@
 """Gradient clipping with one global norm over parameters that live on different meshes."""
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
@@ -36,6 +38,7 @@ def grad_norm_and_clip_coef(
     max_norm: float,
     pp_group: dist.ProcessGroup | None = None,
     device: torch.device | None = None,
+    squares: Sequence[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The total norm of ``grads`` and the factor that clips them to ``max_norm`` (None
     when ``max_norm`` is 0), both device tensors: no host sync, the GPU keeps its queue
@@ -44,9 +47,11 @@ def grad_norm_and_clip_coef(
     Dense parameters (dense mesh), sharded experts (expert mesh) and plain tensors cannot share
     one foreach call, so norms are taken per mesh, completed across ranks with ``full_tensor``,
     and combined as the root of their summed squares; with ``pp_group`` (pipeline stages hold
-    different parameters) the squares are summed over the stages too.
+    different parameters) the squares are summed over the stages too. ``squares``: sums of
+    squares of further gradients, taken already (cached weights' last gradient fold takes
+    them in its pass over the sums).
     """
-    squares = []
+    squares = list(squares)
     for group in _grads_by_mesh(grads).values():
         norm = _norm(group)
         if isinstance(norm, DTensor):

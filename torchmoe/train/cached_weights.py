@@ -20,7 +20,7 @@ on a training model; a master replaced by another tensor is refused at the next 
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -72,7 +72,10 @@ class WeightCopy:
     owners: list[tuple[nn.Module, str]]  # (module, attribute) holding the master
     version: int = -1  # the master's version counter when the copy was last made from it
     grad_sum: torch.Tensor | None = None  # float32 sum of earlier micro-batches' gradients
-    waiting: torch.Tensor | None = None  # a micro-batch's bfloat16 gradient not yet in the sum
+    # micro-batches' bfloat16 gradients not yet in the sum
+    waiting: list[torch.Tensor] = field(default_factory=list)
+    # the float32 sum of the finished sum's squares, when the step's last fold computed it
+    square_sum: torch.Tensor | None = None
 
     @property
     def grad(self) -> torch.Tensor | None:
@@ -80,23 +83,26 @@ class WeightCopy:
         step's last fold), else the copy's own."""
         return self.copy.grad if self.grad_sum is None else self.grad_sum
 
-    def fold(self, last: bool) -> None:
-        """Move the copy's bfloat16 gradient toward the float32 sum, in pairs: the first of a
-        pair waits, the second goes in with it in one pass (which reads and writes the sum
-        once for two micro-batches); the step's last micro-batch folds whatever waits."""
+    def fold(self, last: bool, per_fold: int = 2) -> None:
+        """Move the copy's bfloat16 gradient toward the float32 sum, ``per_fold`` at a time:
+        gradients wait until that many are there, then go in together in one pass (which reads
+        and writes the sum once for all of them); the step's ``last`` micro-batch folds
+        whatever waits and also takes the sum of squares for the gradient norm."""
         g, self.copy.grad = self.copy.grad, None
-        grads = [t for t in (self.waiting, g) if t is not None]
-        self.waiting = None
-        if len(grads) == 1 and not last:
-            self.waiting = grads[0]
-        elif grads:
-            fused = (
-                grad_fold is not None
-                and grads[0].is_cuda
-                and all(t.is_contiguous() for t in grads)
-                and (self.grad_sum is None or self.grad_sum.is_contiguous())
-            )
-            self.grad_sum = (grad_fold if fused else grad_fold_ref).fold(self.grad_sum, grads)
+        if g is not None:
+            self.waiting.append(g)
+        if not self.waiting or (len(self.waiting) < per_fold and not last):
+            return
+        grads, self.waiting = self.waiting, []
+        fused = (
+            grad_fold is not None
+            and grads[0].is_cuda
+            and all(t.is_contiguous() for t in grads)
+            and (self.grad_sum is None or self.grad_sum.is_contiguous())
+        )
+        self.grad_sum, self.square_sum = (grad_fold if fused else grad_fold_ref).fold(
+            self.grad_sum, grads, squares=last
+        )
 
     def mark_current(self) -> None:
         """The optimizer wrote the copy from the updated master."""
@@ -172,22 +178,35 @@ class CachedWeights:
         for module, name, c in slots:
             module._parameters[name] = put(c)
 
-    def fold_grads(self, last: bool) -> None:
+    def fold_grads(self, last: bool, per_fold: int) -> None:
         """After a micro-batch's backward under accumulation: its bfloat16 gradients toward the
         float32 sums (``WeightCopy.fold``), so later micro-batches' do not round them; after
         the step's ``last`` micro-batch every sum is complete."""
         for c in self.copies.values():
-            if c.copy.grad is not None or c.waiting is not None:
-                c.fold(last)
+            if c.copy.grad is not None or c.waiting:
+                c.fold(last, per_fold)
 
     def grads(self, params: list[nn.Parameter]) -> list[torch.Tensor]:
         """The step's gradient of each of ``params`` that has one (a copy's where it has one)."""
         found = (self.copies[p].grad if p in self.copies else p.grad for p in params)
         return [g for g in found if g is not None]
 
+    def norm_parts(
+        self, params: list[nn.Parameter]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the gradients of ``params`` whose squares are still to be summed, the sums of
+        squares the step's last folds already took): together, the gradient norm's inputs."""
+        squares = [
+            self.copies[p].square_sum
+            for p in params
+            if p in self.copies and self.copies[p].square_sum is not None
+        ]
+        rest = [p for p in params if p not in self.copies or self.copies[p].square_sum is None]
+        return self.grads(rest), squares
+
     def zero_grad(self) -> None:
         for c in self.copies.values():
-            c.copy.grad, c.grad_sum, c.waiting = None, None, None
+            c.copy.grad, c.grad_sum, c.waiting, c.square_sum = None, None, [], None
 
 
 def _computes_in_autocast(module: nn.Module, exempt: set[int]) -> bool:

@@ -156,10 +156,7 @@ class Trainer:
             self.device,
             shards=self.dims.dp * self.dims.cp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
-            # a copy (2 bytes) and bfloat16 gradients (2) instead of float32 ones (4), plus under
-            # accumulation the float32 gradient sums (4) and the gradients waiting for a pair (2):
-            # all three exist while a pair folds (fewer during backward at accumulation 2 or 3)
-            extra_bytes=6 if cached and self.accum_steps > 1 else 0,
+            extra_bytes=self._fold_bytes() if cached else 0,
         )
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
@@ -317,7 +314,9 @@ class Trainer:
             step = self._pipeline_step if self.pipeline else self._forward_backward
             loss_mean += step(*batch.to(self.device))
             if self.cached_weights is not None and self.accum_steps > 1:
-                self.cached_weights.fold_grads(last=i == len(batches) - 1)
+                self.cached_weights.fold_grads(
+                    last=i == len(batches) - 1, per_fold=self.cfg.training.grads_per_fold
+                )
         if self.freezer is not None:
             self.freezer.zero_grads()
         meshes = self.dims.meshes
@@ -329,12 +328,14 @@ class Trainer:
         # torchmoe's AdamW clips inside its update: no pass of its own over the gradients
         folds_clip = getattr(self.optimizer, "takes_grad_scale", False)
         if folds_clip:
-            grads = (
-                self.cached_weights.grads(params)
+            grads, squares = (
+                self.cached_weights.norm_parts(params)
                 if self.cached_weights is not None
-                else [p.grad for p in params if p.grad is not None]
+                else ([p.grad for p in params if p.grad is not None], [])
             )
-            grad_norm, clip_coef = grad_norm_and_clip_coef(grads, max_norm, pp_group, self.device)
+            grad_norm, clip_coef = grad_norm_and_clip_coef(
+                grads, max_norm, pp_group, self.device, squares
+            )
         else:
             grad_norm = clip_grad_norm_(params, max_norm, pp_group)
         if meshes:  # the ranks of the last pipeline stage hold the loss, the others add zero
@@ -358,6 +359,15 @@ class Trainer:
             self.freezer.restore()
         self.lr_scheduler.step()
         return StepResult(loss_value, norm_value, lr, self._after_optimizer_step())
+
+    def _fold_bytes(self) -> int:
+        """Bytes per parameter that cached weights' gradient folds add to the memory check:
+        a copy (2 bytes) and bfloat16 gradients (2) replace float32 ones (4); under
+        accumulation add the float32 sums (4) and the gradients waiting for a fold (2 each),
+        all there while a fold runs."""
+        if self.accum_steps == 1:
+            return 0
+        return 4 + 2 * (min(self.cfg.training.grads_per_fold, self.accum_steps) - 1)
 
     def _labels_in_step(self, batches: list[Batch]) -> int:
         """Labels the loss counts in this step on every rank: the loss normaliser, so a
