@@ -91,6 +91,10 @@ def test_help_is_the_resolved_config_with_every_key_explained():
         (["--checkpoint.enable", "maybe"], "checkpoint.enable = 'maybe' is not a valid bool"),
         (["--model.dim", "0"], "model.dim = 0 is out of range; it must be > 0"),
         (["--optimizer.beta1", "1.5"], "optimizer.beta1 = 1.5 is out of range; it must be <= 1"),
+        (
+            ["--training.grads_per_fold", "9"],
+            "training.grads_per_fold = 9 is out of range; it must be <= 8",
+        ),
         (["--moe.router_score_function", "relu"], "choose one of: softmax, sigmoid"),
         (["--model.flavor", "17B"], "model.flavor = '17B' is not a flavor of deepseek_v3"),
         (["--model.name", "gpt"], "model.name = 'gpt' is not a model family"),
