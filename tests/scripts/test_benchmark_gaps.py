@@ -20,3 +20,20 @@ def test_gaps_merge_overlapping_kernels_and_rank_the_longest(script) -> None:
 def test_the_default_variants_list_splits_back_into_the_variant_names(script) -> None:
     bench = script("benchmark")  # --variants defaults to the names joined by commas
     assert ",".join(bench.VARIANTS).split(",") == list(bench.VARIANTS)
+
+
+def test_every_variant_is_a_valid_config(script, monkeypatch) -> None:
+    """A variant's flags on the benchmark's recipe load (a renamed key would fail the GPU run
+    only after minutes of compiling the variants before it). The float8 checks see an H100."""
+    import torch
+
+    from torchmoe.config.load import load_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    bench = script("benchmark")
+    recipe = ["--config", "train_configs/deepseek_v3.toml", "--model.n_layers", "4"]
+    recipe += ["--parallelism.ep", "1"]
+    for name, flags in bench.VARIANTS.items():
+        cfg, _ = load_config(recipe + flags + bench._QUIET)
+        assert cfg.compile.enable == name.startswith("compiled"), name
