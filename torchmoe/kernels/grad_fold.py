@@ -81,7 +81,7 @@ def fold(
         total = torch.empty_like(grads[0], dtype=torch.float32)
     n = total.numel()
     programs = triton.cdiv(n, BLOCK)
-    partials = torch.zeros(programs, dtype=torch.float32, device=total.device) if squares else None
+    partials = torch.empty(programs, dtype=torch.float32, device=total.device) if squares else None
     if n:
         pointers = list(grads) + [grads[0]] * (MAX_GRADS - len(grads))
         _fold_kernel[(programs,)](
