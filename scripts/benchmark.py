@@ -323,6 +323,7 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
         return (torch.nn.functional.silu(x_MD @ w1.T) * (x_MD @ w3.T)) @ w2.T
 
     params = list(layer.parameters())
+    compiled_experts = torch.compile(layer.experts, fullgraph=True)  # as training runs them
 
     def step(fn, *inputs):
         return fwd_bwd(fn, *inputs, params=params)
@@ -331,6 +332,7 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
         ("router", step(lambda x: layer.router(x).topk_weight_TK, x)),
         ("dispatch", step(lambda x: layer.dispatcher.dispatch(x, routing.topk_idx_TK)[0], x)),
         ("experts (grouped GEMM)", step(lambda h: layer.experts(h, counts), x_MD)),
+        ("experts, compiled", step(lambda h: compiled_experts(h, counts), x_MD)),
         (
             "combine",
             step(
@@ -346,6 +348,8 @@ def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
     phases.append(
         (f"dense SwiGLU, same FLOPs ({rows} rows)", fwd_bwd(dense_swiglu, x_MD[:rows], *w))
     )
+    compiled_dense = torch.compile(dense_swiglu, fullgraph=True)
+    phases.append(("dense SwiGLU, compiled", fwd_bwd(compiled_dense, x_MD[:rows], *w)))
     expert_flops = 18 * rows * D * F  # 3 GEMMs of 2*rows*D*F, forward and 2x in backward
     results = [(name, gpu_ms(fn, label=name)) for name, fn in phases]
     return results + [("expert GEMM TFLOP/s", expert_flops / results[2][1] / 1e9)]
@@ -430,7 +434,8 @@ def main(argv: list[str]) -> None:
     print(
         f"\nrouter + dispatch + combine: {100 * overhead / total:.1f}% of the layer; "
         f"grouped experts at {100 * dense / times['experts (grouped GEMM)']:.0f}% of the "
-        "dense SwiGLU's rate"
+        f"dense SwiGLU's rate ("
+        f"{100 * times['dense SwiGLU, compiled'] / times['experts, compiled']:.0f}% compiled)"
     )
 
 

@@ -10,10 +10,10 @@ Table 1 times each GEMM of the SwiGLU experts with ``torch._grouped_mm`` in the 
 autograd hands it (forward, input gradient, weight gradient; a row-major copy of the weight
 gradient's left operand trips a device-side assert in torch 2.11), for the gate projection alone
 (N = F) and for gate and up fused into one GEMM (N = 2F), against ``torch.mm`` of the same M, N,
-K. Table 2 times the whole SwiGLU forward + backward: three grouped GEMMs (torchmoe today, eager
-and compiled), gate and up fused, and the dense SwiGLU of the same FLOPs; ``--autotune`` adds
-both versions compiled with inductor's max-autotune, whose Triton grouped-GEMM templates compete
-with ``_grouped_mm``.
+K. Table 2 times the whole SwiGLU forward + backward: three grouped GEMMs (torchmoe today) and
+gate and up fused, each eager and compiled, and the dense SwiGLU of the same FLOPs;
+``--autotune`` adds both compiled with inductor's max-autotune, whose Triton grouped-GEMM
+templates compete with ``_grouped_mm``.
 """
 
 import argparse
@@ -141,10 +141,17 @@ def main(argv: list[str]) -> None:
         ("gate+up fused (w13, w2)", fwd_bwd(lambda *a: fused_gate_up(*a, offs), x, w13, w2)),
         ("dense SwiGLU, same FLOPs", fwd_bwd(dense_swiglu, x, *dense_w)),
     ]
-    compiled = torch.compile(three_gemms, dynamic=False)
-    cases.append(
-        ("three grouped GEMMs, compiled", fwd_bwd(lambda *a: compiled(*a, offs), x, w1, w3, w2))
-    )
+    for name, fn, weights in (
+        ("three grouped GEMMs", three_gemms, (w1, w3, w2)),
+        ("gate+up fused", fused_gate_up, (w13, w2)),
+    ):
+        compiled = torch.compile(fn, dynamic=False)
+        cases.append(
+            (
+                f"{name}, compiled",
+                fwd_bwd(lambda *a, compiled=compiled: compiled(*a, offs), x, *weights),
+            )
+        )
     if args.autotune:
         for name, fn, weights in (
             ("three grouped GEMMs", three_gemms, (w1, w3, w2)),
