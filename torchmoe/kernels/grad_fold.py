@@ -72,9 +72,7 @@ def _fold_kernel(
 def fold(
     total: torch.Tensor | None, grads: Sequence[torch.Tensor], squares: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(``total`` plus 1 to ``MAX_GRADS`` gradients, in float32 and in that order, written into
-    ``total`` when given, else a new float32 tensor; with ``squares``, the float32 sum of the
-    result's squares as a 0-dim tensor, else None)."""
+    """``grad_fold_ref.fold`` in one pass (the squares summed per program, then in order)."""
     check_count(grads)
     has_total = total is not None
     if not has_total:
