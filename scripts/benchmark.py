@@ -299,7 +299,8 @@ def fwd_bwd(fn, *inputs: torch.Tensor, params: Iterable[torch.Tensor] = ()):
 
 
 def moe_layer_split(recipe: list[str]) -> list[tuple[str, float]]:
-    """(phase, forward + backward ms) for one MoE layer of the recipe, bf16, eager."""
+    """(phase, forward + backward ms) for one MoE layer of the recipe, bf16, eager (the
+    experts, the whole layer and the dense SwiGLU also compiled)."""
     from torchmoe.config.load import load_config
     from torchmoe.config.model_args import moe_args
     from torchmoe.models.moe.moe import MoE

@@ -59,6 +59,8 @@ def compare_kernel_to_reference(device: str, sizes: list[int]) -> None:
             torch.testing.assert_close(got_squares.double(), exact, rtol=1e-5, atol=0, msg=case)
         none = grad_fold.fold(None, _grads(n, 2, device), squares=False)[1]
         assert none is None
+    total, squares = grad_fold.fold(None, _grads(0, 2, device), squares=True)
+    assert total.numel() == 0 and squares.item() == 0.0
 
 
 @pytest.mark.parametrize("count", [0, MAX_GRADS + 1])

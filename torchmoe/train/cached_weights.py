@@ -63,6 +63,26 @@ def wants_cached_weights(
     )
 
 
+def fold_implementation(grads: list[torch.Tensor], total: torch.Tensor | None):
+    """The Triton fold where it runs (CUDA, contiguous tensors), else the torch reference."""
+    fused = (
+        grad_fold is not None
+        and grads[0].is_cuda
+        and all(t.is_contiguous() for t in grads)
+        and (total is None or total.is_contiguous())
+    )
+    return grad_fold if fused else grad_fold_ref
+
+
+def fold_bytes(accum_steps: int, per_fold: int) -> int:
+    """Bytes per parameter that gradient folds add to cached weights' model state at its peak,
+    a fold (a 2-byte copy and 2-byte gradients replace float32 gradients: no change without
+    accumulation): the float32 sums (4) and the gradients waiting for it (2 each)."""
+    if accum_steps == 1:
+        return 0
+    return 4 + 2 * (min(per_fold, accum_steps) - 1)
+
+
 @dataclass
 class WeightCopy:
     """One master's copy, where the model holds the master, and its gradient."""
@@ -87,21 +107,18 @@ class WeightCopy:
         """Move the copy's bfloat16 gradient toward the float32 sum, ``per_fold`` at a time:
         gradients wait until that many are there, then go in together in one pass (which reads
         and writes the sum once for all of them); the step's ``last`` micro-batch folds
-        whatever waits and also takes the sum of squares for the gradient norm."""
+        whatever waits, and the Triton kernel also takes the sum of squares for the norm."""
         g, self.copy.grad = self.copy.grad, None
         if g is not None:
             self.waiting.append(g)
         if not self.waiting or (len(self.waiting) < per_fold and not last):
             return
         grads, self.waiting = self.waiting, []
-        fused = (
-            grad_fold is not None
-            and grads[0].is_cuda
-            and all(t.is_contiguous() for t in grads)
-            and (self.grad_sum is None or self.grad_sum.is_contiguous())
-        )
-        self.grad_sum, self.square_sum = (grad_fold if fused else grad_fold_ref).fold(
-            self.grad_sum, grads, squares=last
+        fold = fold_implementation(grads, self.grad_sum)
+        # the kernel sums the squares in its pass; the reference would need a pass of its own
+        # and a summation order other than the norm's (CPU training stays autocast's exactly)
+        self.grad_sum, self.square_sum = fold.fold(
+            self.grad_sum, grads, squares=last and fold is not grad_fold_ref
         )
 
     def mark_current(self) -> None:

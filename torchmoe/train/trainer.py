@@ -53,7 +53,7 @@ from torchmoe.parallel.grad_norm import clip_grad_norm_, grad_norm_and_clip_coef
 from torchmoe.parallel.named_init import init_by_name
 from torchmoe.parallel.pipeline import Pipeline, build_pipeline
 from torchmoe.parallel.plans import load_plan, resolve_dtype
-from torchmoe.train.cached_weights import CachedWeights, wants_cached_weights
+from torchmoe.train.cached_weights import CachedWeights, fold_bytes, wants_cached_weights
 from torchmoe.train.checkpoint import CheckpointManager, TrainState
 from torchmoe.train.expert_bias import ExpertBiasUpdate
 from torchmoe.train.fingerprint import job_fingerprint
@@ -156,7 +156,7 @@ class Trainer:
             self.device,
             shards=self.dims.dp * self.dims.cp * self.dims.pp,
             moment_bytes=2 if cfg.optimizer.state_dtype == "bfloat16" else 4,
-            extra_bytes=self._fold_bytes() if cached else 0,
+            extra_bytes=fold_bytes(self.accum_steps, t.grads_per_fold) if cached else 0,
         )
         flops = flops_per_token(model, t.seq_len)
         self.n_params = sum(p.numel() for p in model.parameters())  # the whole model's
@@ -359,15 +359,6 @@ class Trainer:
             self.freezer.restore()
         self.lr_scheduler.step()
         return StepResult(loss_value, norm_value, lr, self._after_optimizer_step())
-
-    def _fold_bytes(self) -> int:
-        """Bytes per parameter that cached weights' gradient folds add to the memory check:
-        a copy (2 bytes) and bfloat16 gradients (2) replace float32 ones (4); under
-        accumulation add the float32 sums (4) and the gradients waiting for a fold (2 each),
-        all there while a fold runs."""
-        if self.accum_steps == 1:
-            return 0
-        return 4 + 2 * (min(self.cfg.training.grads_per_fold, self.accum_steps) - 1)
 
     def _labels_in_step(self, batches: list[Batch]) -> int:
         """Labels the loss counts in this step on every rank: the loss normaliser, so a
