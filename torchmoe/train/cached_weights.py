@@ -21,6 +21,7 @@ on a training model; a master replaced by another tensor is refused at the next 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def wants_cached_weights(
     )
 
 
-def fold_implementation(grads: list[torch.Tensor], total: torch.Tensor | None):
+def fold_implementation(grads: list[torch.Tensor], total: torch.Tensor | None) -> ModuleType:
     """The Triton fold where it runs (CUDA, contiguous tensors), else the torch reference."""
     fused = (
         grad_fold is not None
