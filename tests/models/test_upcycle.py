@@ -181,12 +181,13 @@ def test_multi_token_prediction_blocks_are_upcycled():
 def test_layout_of_experts_and_router_rows():
     dense = build(dense_config()).state_dict()
     sd = upcycle_state_dict(dense, moe_config(2, 3, 2), 2)
-    w1, w2 = dense["layers.1.feed_forward.w1.weight"], dense["layers.1.feed_forward.w2.weight"]
+    w1, w2, w3 = (dense[f"layers.1.feed_forward.{w}.weight"] for w in ("w1", "w2", "w3"))
     gate = sd["layers.1.feed_forward.router.gate.weight"]
     for e in range(6):
         r, g = divmod(e, 2)
         rows = slice(g * HIDDEN // 2, (g + 1) * HIDDEN // 2)
-        assert torch.equal(sd["layers.1.feed_forward.experts.w1"][e], w1[rows])
+        assert torch.equal(sd["layers.1.feed_forward.experts.w13"][e, 0], w1[rows])
+        assert torch.equal(sd["layers.1.feed_forward.experts.w13"][e, 1], w3[rows])
         assert torch.equal(sd["layers.1.feed_forward.experts.w2"][e], w2[:, rows])
         assert torch.equal(gate[e], gate[2 * r])
     assert not torch.equal(gate[0], gate[2]) and gate.std() > 0

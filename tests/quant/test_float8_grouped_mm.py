@@ -93,7 +93,7 @@ def test_conversion_keeps_plain_weights_and_sets_the_float8_gemm():
     layer = _moe()
     apply_float8_experts(layer, _bf16_weight_grad())
     assert layer.experts.grouped_mm is float8_grouped_mm
-    for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
+    for w in (layer.experts.w13, layer.experts.w2):
         assert type(w) is torch.nn.Parameter and type(w.data) is torch.Tensor
     assert layer.dispatcher.pad_multiple == 16
 
@@ -108,7 +108,7 @@ def test_a_float8_layer_follows_the_bf16_layer():
     grad = torch.randn_like(out)
     ref.backward(grad)
     out.backward(grad)
-    assert _relative(fp8.experts.w1.grad, bf16.experts.w1.grad) < 0.1
+    assert _relative(fp8.experts.w13.grad, bf16.experts.w13.grad) < 0.1
     assert _relative(fp8.experts.w2.grad, bf16.experts.w2.grad) < 0.1
 
 

@@ -146,8 +146,10 @@ def _upcycle_mlp(
     # one random router row per replica: [r, D]
     router_rows = torch.randn(r, D, generator=generator, dtype=torch.float64) * cfg.model.init_std
     state = {
-        f"{prefix}experts.w1": w1_FD.reshape(g, F // g, D).repeat(r, 1, 1),
-        f"{prefix}experts.w3": w3_FD.reshape(g, F // g, D).repeat(r, 1, 1),
+        f"{prefix}experts.w13": torch.stack([w1_FD, w3_FD])
+        .reshape(2, g, F // g, D)
+        .transpose(0, 1)
+        .repeat(r, 1, 1, 1),
         f"{prefix}experts.w2": w2_DF.reshape(D, g, F // g).transpose(0, 1).repeat(r, 1, 1),
         f"{prefix}router.gate.weight": router_rows.to(w1_FD.dtype).repeat_interleave(g, dim=0),
     }

@@ -273,7 +273,7 @@ class LocalShardExperts(GroupedExperts):
     names - and checkpoints - stay those of the plain model."""
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        local = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        local = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w13, self.w2))
         return self.compute(x_MD, counts_E, *local)
 
 
@@ -288,7 +288,7 @@ def apply_ep(model: nn.Module, expert_mesh: DeviceMesh, dispatcher: str) -> None
     """
     names = [n for n in ("ep", "etp") if expert_mesh[n].size() > 1]
     weight_mesh = expert_mesh[tuple(names)]
-    hidden_dim = {"w1": 1, "w3": 1, "w2": 2}  # F's position in each weight
+    hidden_dim = {"w13": 2, "w2": 2}  # F's position in each weight
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         experts = moe.experts
         for name, param in list(experts.named_parameters(recurse=False)):

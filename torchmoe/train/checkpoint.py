@@ -39,6 +39,12 @@ from torchmoe.train.checkpoint_states import (
 )
 from torchmoe.train.checkpoint_writer import CheckpointWriter, config_error_in, step_numbers
 from torchmoe.train.ranks import barrier, distributed, is_lead
+from torchmoe.train.split_experts import (
+    SplitLoad,
+    holds_split_experts,
+    joined_names,
+    joined_shapes,
+)
 
 logger = logging.getLogger(__name__)
 # What one checkpoint holds per parameter: fp32 weight + AdamW's two fp32 moments.
@@ -88,7 +94,7 @@ def model_weights_metadata(step_dir: Path, option: str) -> dict[str, torch.Tenso
     }
     if not weights:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
-    return weights
+    return joined_names(weights)
 
 
 def load_model_weights(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -97,7 +103,9 @@ def load_model_weights(step_dir: Path, weights: dict[str, torch.Tensor]) -> None
     for name, t in weights.items():
         if t.is_meta:
             weights[name] = torch.empty(t.shape, dtype=t.dtype)
-    safe_dcp.load({"train": {"model": weights}}, step_dir)
+    saved = safe_dcp.read_metadata(step_dir).state_dict_metadata
+    wanted = SplitLoad().split(weights) if holds_split_experts(saved) else weights
+    safe_dcp.load({"train": {"model": wanted}}, step_dir)
 
 
 _MODEL = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
@@ -248,12 +256,15 @@ class CheckpointManager:
                     if key not in self.cfg.exclude_from_loading
                 }
             )
+        train = states.get("train")
         try:
-            if "train" in states and isinstance(states["train"], ModelAndOptimizer):
-                saved = safe_dcp.read_metadata(path).state_dict_metadata
-                self.states["train"].flat = "train.optimizer.param_groups.0.lr" not in saved
+            saved = safe_dcp.read_metadata(path).state_dict_metadata
+            if isinstance(train, ModelAndOptimizer):
+                train.flat = "train.optimizer.param_groups.0.lr" not in saved
                 if "dataloader" in states:
                     self._check_data_position(path, saved)
+            if isinstance(train, ModelOnly) and holds_split_experts(saved):
+                train.split = self._split_load(path, train)
             safe_dcp.load(states, path)
         except OldPickledState as e:
             raise ConfigError(
@@ -270,9 +281,24 @@ class CheckpointManager:
             raise
         except (ValueError, RuntimeError, KeyError) as e:  # mismatches
             raise self._mismatch(path, e) from e
+        finally:
+            if isinstance(train, ModelOnly):
+                train.split = None  # saves write the joined layout
         self.states["train"].flat = True  # new checkpoints in the current format
         if path == self._path(step):
             logger.info("%s %s", "loaded seed weights from" if step == 0 else "resumed from", path)
+
+    @staticmethod
+    def _split_load(path: Path, train: ModelOnly) -> SplitLoad:
+        """Loading for a checkpoint that stores the experts' gate and up apart."""
+        if isinstance(train, ModelAndOptimizer) and not train.flat:
+            raise ConfigError(
+                f"checkpoint {path} predates two changes of torchmoe's format (optimizer "
+                "settings per parameter, joined expert gate and up) and cannot resume; to "
+                "continue from its weights, copy it to step-0 of a new checkpoint.folder (a "
+                "seed: weights only)"
+            )
+        return SplitLoad()
 
     def _check_data_position(self, path: Path, saved: dict) -> None:
         """Every stream this rank reads must be in the checkpoint (loader.py): else one line
@@ -388,6 +414,7 @@ class CheckpointManager:
         the model's shapes."""
         if not self.job:
             return
+        saved = {**saved, "shapes": joined_shapes(saved.get("shapes", {}))}
         refused, changed = fingerprint.compare(saved, self.job)
         if step == 0:  # a seed holds weights only: its shapes are what must fit
             refused = fingerprint.compare({"shapes": saved.get("shapes", {})}, self.job)[0]

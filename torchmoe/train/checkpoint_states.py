@@ -14,40 +14,56 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torchmoe.train.split_experts import SplitLoad
+
 
 class ModelOnly:
+    """Stateful view of the model's weights (a seed). While ``split`` is set, the state dict
+    describes a checkpoint that stores the experts' gate and up apart (split_experts.py)."""
+
     def __init__(self, model: nn.Module):
         self.model = model
+        self.split: SplitLoad | None = None
 
     def state_dict(self) -> dict:
-        return {"model": get_model_state_dict(self.model)}
+        return self._split({"model": get_model_state_dict(self.model)})
 
     def load_state_dict(self, sd: dict) -> None:
-        set_model_state_dict(self.model, sd["model"])
+        set_model_state_dict(self.model, self._joined(sd)["model"])
+
+    def _split(self, sd: dict) -> dict:
+        return sd if self.split is None else self.split.split(sd)
+
+    def _joined(self, sd: dict) -> dict:
+        return sd if self.split is None else self.split.join(sd)
 
 
-class ModelAndOptimizer:
+class ModelAndOptimizer(ModelOnly):
     """Stateful view of model + optimizer, keyed by fully qualified parameter names. The
     optimizer's hyperparameters are flattened per parameter too: pipeline stages each hold
     some of the parameters, and one rank's param_groups would not describe the others'.
     ``flat = False`` reads checkpoints written before that (param_groups by position)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+        super().__init__(model)
+        self.optimizer = optimizer
         self.flat = True
 
     def _options(self) -> StateDictOptions:
         return StateDictOptions(flatten_optimizer_state_dict=self.flat)
 
     def state_dict(self) -> dict:
-        return {
-            "model": get_model_state_dict(self.model),
-            "optimizer": get_optimizer_state_dict(
-                self.model, self.optimizer, options=self._options()
-            ),
-        }
+        return self._split(
+            {
+                "model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(
+                    self.model, self.optimizer, options=self._options()
+                ),
+            }
+        )
 
     def load_state_dict(self, sd: dict) -> None:
+        sd = self._joined(sd)
         set_model_state_dict(self.model, sd["model"])
         set_optimizer_state_dict(
             self.model, self.optimizer, sd["optimizer"], options=self._options()

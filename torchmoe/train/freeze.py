@@ -2,7 +2,7 @@
 ``moe.freeze_experts``).
 
 A router gate is a whole parameter, so ``requires_grad`` freezes it. A frozen expert is one row
-of the 3-D expert weights (``w1, w3 [E, F, D]``, ``w2 [E, D, F]``), which ``requires_grad``
+of the expert weights (``w13 [E, 2, F, D]``, ``w2 [E, D, F]``), which ``requires_grad``
 cannot express: its gradient rows are zeroed before clipping (so they count in neither the
 norm nor Adam's moments) and its values are copied back after the optimizer step (AdamW's
 decoupled weight decay moves weights whose gradient is zero).

@@ -11,7 +11,8 @@ def per_expert_reference(experts: GroupedExperts, x_MD, counts):
     outs, start = [], 0
     for e, n in enumerate(counts):
         x = x_MD[start : start + n]
-        outs.append((F.silu(x @ experts.w1[e].T) * (x @ experts.w3[e].T)) @ experts.w2[e].T)
+        gate, up = experts.w13[e]
+        outs.append((F.silu(x @ gate.T) * (x @ up.T)) @ experts.w2[e].T)
         start += n
     return torch.cat(outs)
 

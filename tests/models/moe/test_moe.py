@@ -45,7 +45,9 @@ def naive_moe(layer: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     outs = []
     for x in x_TD:
         chosen, weights = naive_route(x, layer.router.gate.weight, bias, a)
-        y = sum(w * swiglu(x, ex.w1[e], ex.w2[e], ex.w3[e]) for e, w in zip(chosen, weights))
+        y = sum(
+            w * swiglu(x, ex.w13[e, 0], ex.w2[e], ex.w13[e, 1]) for e, w in zip(chosen, weights)
+        )
         if layer.shared_experts is not None:
             s = layer.shared_experts
             y = y + swiglu(x, s.w1.weight, s.w2.weight, s.w3.weight)

@@ -253,7 +253,7 @@ def test_drop_over_capacity_matches_loop(policy, factor):
 
 def reference_moe_output(layer: MoE, x_TD, idx_TK, weight_TK):
     """Loops: each token sums its kept experts' SwiGLU outputs, weighted (no shared experts)."""
-    w1, w2, w3 = layer.experts.w1, layer.experts.w2, layer.experts.w3
+    (w1, w3), w2 = layer.experts.w13.unbind(1), layer.experts.w2
     rows = []
     for t in range(x_TD.shape[0]):
         out = torch.zeros(x_TD.shape[1], dtype=F64)

@@ -2,8 +2,10 @@
 
 A rule pairs a torchmoe name pattern with a Hugging Face one; ``{layer}`` stands for a block
 index and, on the Hugging Face side only, ``{expert}`` for an expert index: such a rule maps one
-3-D grouped expert tensor [E, ...] to E per-expert 2-D tensors (stacked back in expert order on
-import). A rule may also carry a transform and its inverse (the RoPE channel permutation).
+grouped expert tensor [E, ...] to E per-expert tensors (stacked back in expert order on
+import). An expert rule with a ``part`` maps only index ``part`` of the stack's dim 1: several
+rules fill one torchmoe tensor, as gate and up fill the experts' ``w13`` [E, 2, F, D]. A rule may
+also carry a transform and its inverse (the RoPE channel permutation).
 """
 
 import functools
@@ -29,6 +31,7 @@ class Rule:
     to_hf: Transform = _same  # applied on export (per expert for {expert} rules)
     from_hf: Transform = _same  # its inverse, applied on import
     copy: bool = False  # export-only duplicate (see module docstring)
+    part: int | None = None  # an {expert} rule's index along the stack's dim 1
 
     @property
     def per_expert(self) -> bool:
@@ -65,7 +68,10 @@ def to_hf(
     out = {}
     for name, t in state.items():
         hits = _matches(name, rules, "ours")
-        primary = [h for h in hits if not h[0].copy][:1]
+        own = [h for h in hits if not h[0].copy]
+        # the first rule, or every part of the stack the first rule fills part of
+        primary = [h for h in own if h[0].part is not None and h[0].ours == own[0][0].ours]
+        primary = primary or own[:1]
         if not primary:
             raise ConfigError(
                 f"torchmoe tensor {name} has no Hugging Face name in the {family} "
@@ -74,6 +80,7 @@ def to_hf(
         for rule, groups in primary + [h for h in hits if h[0].copy]:
             if rule.per_expert:
                 for e, t_e in enumerate(t.unbind(0), start=first_expert):
+                    t_e = t_e if rule.part is None else t_e[rule.part]
                     out[rule.hf.format(expert=e, **groups)] = rule.to_hf(t_e)
             else:
                 out[rule.hf.format(**groups)] = rule.to_hf(t)
@@ -89,8 +96,8 @@ def from_hf(
     given. ``state`` may read its tensors on access: each is read once, and an expert stack is
     filled in place one expert at a time, so only the stack and one expert are held. Callers
     check the names first (every key here must match a rule)."""
-    plan, experts = [], {}
-    for name in state:  # names only: how many experts each stack has
+    plan, experts, names = [], {}, {}
+    for name in state:  # names only: which experts (and parts) each stack has
         hits = _matches(name, rules, "hf")[:1]
         if not hits:
             raise ConfigError(f"Hugging Face tensor {name} has no torchmoe counterpart")
@@ -101,11 +108,11 @@ def from_hf(
         ours = rule.ours.format(**groups)
         plan.append((name, rule, ours, None if e is None else int(e)))
         if e is not None:
-            experts.setdefault(ours, set()).add(int(e))
-    for ours, indices in experts.items():
-        if indices != set(range(len(indices))):
-            missing = min(set(range(max(indices) + 1)) - indices)
-            raise ConfigError(f"the experts of {ours} are incomplete: expert {missing} is missing")
+            experts.setdefault(ours, set()).add((int(e), rule.part))
+            names[ours] = (rule.ours, groups)
+    parts = _parts(rules)
+    for ours, found in experts.items():
+        _check_complete(ours, found, rules, *names[ours])
     out: dict[str, torch.Tensor] = {}
     for name, rule, ours, e in plan:
         t = rule.from_hf(state[name])
@@ -113,12 +120,47 @@ def from_hf(
         if e is None:
             out[ours] = t.to(dtype)
             continue
+        stacked = (len({i for i, _ in experts[ours]}),)
+        if rule.part is not None:
+            stacked += (parts[rule.ours],)
         if ours not in out:
-            out[ours] = torch.empty((len(experts[ours]), *t.shape), dtype=dtype)
-        if t.shape != out[ours].shape[1:]:
+            out[ours] = torch.empty((*stacked, *t.shape), dtype=dtype)
+        if t.shape != out[ours].shape[len(stacked) :]:
             raise ConfigError(
                 f"Hugging Face tensor {name} has shape {list(t.shape)}; the other experts of "
-                f"{ours} have {list(out[ours].shape[1:])}"
+                f"{ours} have {list(out[ours].shape[len(stacked) :])}"
             )
-        out[ours][e] = t
+        out[ours][e if rule.part is None else (e, rule.part)] = t
     return out
+
+
+def _parts(rules: list[Rule]) -> dict[str, int]:
+    """How many parts each torchmoe expert stack pattern with part rules has (its dim 1)."""
+    parts: dict[str, int] = {}
+    for r in rules:
+        if r.part is not None and not r.copy:
+            parts[r.ours] = max(parts.get(r.ours, 0), r.part + 1)
+    return parts
+
+
+def _check_complete(
+    ours: str,
+    found: set[tuple[int, int | None]],
+    rules: list[Rule],
+    pattern: str,
+    groups: dict[str, str],
+) -> None:
+    """Stack ``ours`` has every expert 0..E-1, each with every part its rules name (a stack
+    left partly unfilled would hold uninitialised memory)."""
+    indices = {e for e, _ in found}
+    if indices != set(range(len(indices))):
+        missing = min(set(range(max(indices) + 1)) - indices)
+        raise ConfigError(f"the experts of {ours} are incomplete: expert {missing} is missing")
+    fills = [r for r in rules if r.per_expert and not r.copy and r.ours == pattern]
+    for e in sorted(indices):
+        for r in fills:
+            if (e, r.part) not in found:
+                raise ConfigError(
+                    f"the experts of {ours} are incomplete: "
+                    f"{r.hf.format(expert=e, **groups)} is missing"
+                )

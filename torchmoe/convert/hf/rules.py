@@ -2,8 +2,8 @@
 
 torchmoe names (see models/common and models/moe): ``tok_embeddings``, ``layers.{i}.
 {attention_norm, attention, ffn_norm, feed_forward}``, ``norm``, ``output``; MoE layers hold
-``router.gate.weight`` [E, D], ``router.expert_bias`` [E], ``experts.w1/w3`` [E, F, D],
-``experts.w2`` [E, D, F] and ``shared_experts.w1/w2/w3``; MTP depth k holds
+``router.gate.weight`` [E, D], ``router.expert_bias`` [E], ``experts.w13`` [E, 2, F, D]
+(gate, up), ``experts.w2`` [E, D, F] and ``shared_experts.w1/w2/w3``; MTP depth k holds
 ``mtp.{k}.enorm/hnorm/eh_proj/norm`` and a block ``mtp.{k}.block.*``.
 """
 
@@ -111,8 +111,9 @@ def ffn_rules(
             Rule(f"{ours}.router.expert_bias", f"{hf}.gate.e_score_correction_bias"),
         ]
         + [
-            Rule(f"{ours}.experts.{w}", f"{hf}.experts.{{expert}}.{n}.weight")
-            for w, n in zip(("w1", "w3", "w2"), experts)
+            Rule(f"{ours}.experts.w13", f"{hf}.experts.{{expert}}.{n}.weight", part=part)
+            for part, n in enumerate(experts[:2])
         ]
+        + [Rule(f"{ours}.experts.w2", f"{hf}.experts.{{expert}}.{experts[2]}.weight")]
         + swiglu_rules(f"{ours}.shared_experts", f"{hf}.shared_experts")
     )

@@ -1,6 +1,6 @@
 """The init scheme, in one place.
 
-- input projections (attention q/kv, SwiGLU w1/w3, router, routed experts' w1/w3):
+- input projections (attention q/kv, SwiGLU w1/w3, router, routed experts' w13):
   truncated normal, std = ``model.init_std`` (0.02), cut at 3 std;
 - output projections (attention wo, SwiGLU w2, experts' w2): the same with
   std = init_std / sqrt(2 * n_layers), so the residual stream's variance does not grow with depth;
