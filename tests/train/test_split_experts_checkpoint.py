@@ -6,9 +6,12 @@ import functools
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.config.load import to_toml
+from torchmoe.convert.hf.convert import export_hf
 from torchmoe.train import safe_dcp
 from torchmoe.train.checkpoint import read_model_weights
 from torchmoe.train.checkpoint_states import ModelAndOptimizer
@@ -78,8 +81,8 @@ def test_an_older_checkpoint_resumes_exactly_as_a_joined_one(two_runs, monkeypat
     assert any(n.endswith("experts.w13") for n in model_names(folders["split"] / "step-6"))
 
 
-def test_an_older_checkpoint_reads_and_seeds(two_runs, tiny_config, tmp_path):
-    _, folders = two_runs
+def test_an_older_checkpoint_reads_seeds_and_exports(two_runs, tiny_config, tmp_path):
+    cfgs, folders = two_runs
     split = read_model_weights(folders["split"] / "step-4", "--checkpoint")
     joined = read_model_weights(folders["joined"] / "step-4", "--checkpoint")
     assert split.keys() == joined.keys()
@@ -92,6 +95,17 @@ def test_an_older_checkpoint_reads_and_seeds(two_runs, tiny_config, tmp_path):
     assert trainer.checkpoint.load() == 0
     for name, t in get_model_state_dict(trainer.model).items():
         assert torch.equal(t, joined[name]), name
+
+    (tmp_path / "recipe.toml").write_text(to_toml(cfgs["split"](4)))
+    exported = {}
+    for name, folder in folders.items():
+        recipe = ["--config", str(tmp_path / "recipe.toml")]
+        export_hf(folder / "step-4", recipe, tmp_path / f"hf_{name}", 1 << 30, "fp32")
+        exported[name] = load_file(tmp_path / f"hf_{name}" / "model.safetensors")
+    assert any(".experts.0.up_proj." in n for n in exported["joined"])
+    assert exported["split"].keys() == exported["joined"].keys()
+    for name, t in exported["joined"].items():
+        assert torch.equal(exported["split"][name], t), name
 
 
 def test_an_older_optimizer_format_with_split_experts_is_one_line(
