@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from torchmoe.config.errors import ConfigError
+from torchmoe.convert.hf import adapter_for_family
+from torchmoe.convert.hf.convert import _meta_state
 from torchmoe.convert.hf.mapping import from_hf, is_expert_stack, to_hf
 from torchmoe.convert.hf.rules import ffn_rules
 
@@ -58,3 +60,27 @@ def test_a_stack_with_a_part_missing_is_refused(dropped, message):
         del hf[f"{HF}{name}.weight"]
     with pytest.raises(ConfigError, match=message):
         from_hf(hf, RULES)
+
+
+def test_every_family_exports_each_expert_as_gate_up_and_down(tiny_config):
+    """Including the experts of DeepSeek-V3's MTP blocks, whose rules are the block rules
+    moved to other names (a moved rule must keep its part)."""
+    for family, extra in (
+        ("deepseek_v3", {"model.mtp_num_layers": 1}),
+        ("deepseek_v2", {}),
+        ("mixtral", {"moe.shared_expert_intermediate_size": 0}),
+        ("qwen3_moe", {"moe.shared_expert_intermediate_size": 0}),
+    ):
+        cfg = tiny_config(**{"model.name": family, **extra})
+        adapter = adapter_for_family(family)
+        _, meta = _meta_state(cfg)
+        stacks = [n for n in meta if n.endswith("experts.w13")]
+        assert any(n.startswith("mtp.") for n in stacks) == ("mtp_num_layers" in str(extra))
+        state = {n: torch.randn(t.shape) for n, t in meta.items() if n in stacks}
+        hf = to_hf(state, adapter.rules(cfg, {}), family)
+        experts = cfg.moe.num_experts
+        assert len(hf) == 2 * experts * len(stacks), family
+        assert all(t.dim() == 2 for t in hf.values()), family
+        back = from_hf(hf, adapter.rules(cfg, {}))
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[n], t) for n, t in state.items()), family

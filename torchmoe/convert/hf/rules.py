@@ -7,6 +7,8 @@ torchmoe names (see models/common and models/moe): ``tok_embeddings``, ``layers.
 ``mtp.{k}.enorm/hnorm/eh_proj/norm`` and a block ``mtp.{k}.block.*``.
 """
 
+from dataclasses import replace
+
 import torch
 
 from torchmoe.config.schema import JobConfig
@@ -17,11 +19,10 @@ from torchmoe.convert.hf.rope import halves_to_pairs, on_rope_tail, pairs_to_hal
 def relocate(rules: list[Rule], ours: str, hf: str) -> list[Rule]:
     """The block rules (``layers.{layer}.*``) moved under the prefixes ``ours`` and ``hf``."""
     return [
-        Rule(
-            r.ours.replace("layers.{layer}.", ours, 1),
-            r.hf.replace("model.layers.{layer}.", hf, 1),
-            r.to_hf,
-            r.from_hf,
+        replace(
+            r,
+            ours=r.ours.replace("layers.{layer}.", ours, 1),
+            hf=r.hf.replace("model.layers.{layer}.", hf, 1),
         )
         for r in rules
         if r.ours.startswith("layers.{layer}.")
