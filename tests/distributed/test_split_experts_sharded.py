@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_ranks
-from tests.train.test_split_experts_checkpoint import model_names, split_shapes
+from tests.train.test_split_experts_checkpoint import model_names, older_layout, split_shapes
 from torchmoe.train.checkpoint_states import ModelAndOptimizer
-from torchmoe.train.split_experts import SplitLoad
 from torchmoe.train.trainer import Trainer
 
 
@@ -16,7 +15,7 @@ def save_then_resume(rank: int, cfg4, cfg6, split: bool) -> list[float]:
     """Train 4 steps and save (as an older torchmoe did with ``split``), then resume to 6."""
     joined = ModelAndOptimizer.state_dict
     if split:  # a forked rank: the patch dies with it
-        ModelAndOptimizer.state_dict = lambda s: SplitLoad().split(joined(s))
+        ModelAndOptimizer.state_dict = lambda s: older_layout(joined(s))
     trainer = Trainer(cfg4, device=torch.device("cpu"))
     if split:
         trainer.checkpoint.job["shapes"] = split_shapes(trainer.checkpoint.job["shapes"])

@@ -6,16 +6,17 @@ import functools
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from torchmoe.config.errors import ConfigError
 from torchmoe.config.load import to_toml
+from torchmoe.convert.hf.checkpoint_rows import CheckpointRows
 from torchmoe.convert.hf.convert import export_hf
 from torchmoe.train import safe_dcp
 from torchmoe.train.checkpoint import read_model_weights
 from torchmoe.train.checkpoint_states import ModelAndOptimizer
-from torchmoe.train.split_experts import SplitLoad
 from torchmoe.train.trainer import Trainer
 
 Trainer = functools.partial(Trainer, device=torch.device("cpu"))
@@ -34,12 +35,29 @@ def split_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
     return out
 
 
+def older_layout(sd: dict) -> dict:
+    """``sd`` as an older torchmoe saved it: each joined expert tensor as two tensors of their
+    own, gate then up; a joined name's other entries (a step count, a learning rate) once
+    per half. Written independently of split_experts.py, so a swap there shows."""
+    out: dict = {}
+    for key, value in sd.items():
+        if isinstance(value, dict):
+            out[key] = older_layout(value)
+        elif isinstance(key, str) and "experts.w13" in key:
+            whole = isinstance(value, torch.Tensor) and value.dim() >= 2
+            for i, half in enumerate(("experts.w1", "experts.w3")):
+                out[key.replace("experts.w13", half)] = value[:, i].clone() if whole else value
+        else:
+            out[key] = value
+    return out
+
+
 def run(cfg, monkeypatch, split: bool, flat: bool = True) -> list[float]:
     """Train ``cfg``; with ``split`` its checkpoints are written as an older torchmoe did."""
     with monkeypatch.context() as m:
         if split:
             joined = ModelAndOptimizer.state_dict
-            m.setattr(ModelAndOptimizer, "state_dict", lambda s: SplitLoad().split(joined(s)))
+            m.setattr(ModelAndOptimizer, "state_dict", lambda s: older_layout(joined(s)))
         if not flat:
             m.setattr(ModelAndOptimizer, "flat", False, raising=False)
         trainer = Trainer(cfg)
@@ -96,6 +114,11 @@ def test_an_older_checkpoint_reads_seeds_and_exports(two_runs, tiny_config, tmp_
     for name, t in get_model_state_dict(trainer.model).items():
         assert torch.equal(t, joined[name]), name
 
+    rows = CheckpointRows(folders["split"] / "step-4")  # an export reads it an expert at a time
+    stack = next(n for n in joined if n.endswith("experts.w13"))
+    assert rows.readable(stack)
+    assert torch.equal(rows.rows(stack, 1, 3), joined[stack][1:3])
+
     (tmp_path / "recipe.toml").write_text(to_toml(cfgs["split"](4)))
     exported = {}
     for name, folder in folders.items():
@@ -119,3 +142,16 @@ def test_an_older_optimizer_format_with_split_experts_is_one_line(
         ConfigError, match=r"step-4 predates two changes .*\(a seed: weights only\)$"
     ):
         Trainer(cfg(6)).checkpoint.load()
+
+
+def test_a_half_without_its_other_half_is_one_line(tmp_path):
+    dcp.save(
+        {"train": {"model": {"layers.1.feed_forward.experts.w1": torch.randn(3, 4, 5)}}},
+        checkpoint_id=str(tmp_path / "step-4"),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^--checkpoint .*step-4: layers.1.feed_forward.experts.w1 is there but "
+        r"layers.1.feed_forward.experts.w3 is missing$",
+    ):
+        read_model_weights(tmp_path / "step-4", "--checkpoint")

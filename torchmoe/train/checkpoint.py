@@ -94,7 +94,7 @@ def model_weights_metadata(step_dir: Path, option: str) -> dict[str, torch.Tenso
     }
     if not weights:
         raise ConfigError(f"{option} {step_dir}: the checkpoint holds no model weights")
-    return joined_names(weights)
+    return joined_names(weights, f"{option} {step_dir}")
 
 
 def load_model_weights(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from torchmoe.config.errors import ConfigError
+
 _JOINED = re.compile(r"(?<![^.])experts\.w13(?=\.|$)")
 _GATE = re.compile(r"(?<![^.])experts\.w1(?=\.|$)")
 _UP = re.compile(r"(?<![^.])experts\.w3(?=\.|$)")
@@ -36,10 +38,24 @@ def joined_shapes(shapes: dict[str, list[int]]) -> dict[str, list[int]]:
     return out
 
 
-def joined_names(meta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Meta tensors of a saved model with each gate/up pair as one joined meta tensor."""
+def halves(name: str) -> tuple[str, str] | None:
+    """The names an older checkpoint stores joined tensor ``name`` under (gate, up)."""
+    if not _JOINED.search(name):
+        return None
+    return _JOINED.sub("experts.w1", name), _JOINED.sub("experts.w3", name)
+
+
+def joined_names(meta: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Meta tensors of a saved model with each gate/up pair as one joined meta tensor; a half
+    without its other half is a ConfigError (``where`` names the checkpoint)."""
     out = {}
     for name, t in meta.items():
+        gate = _UP.sub("experts.w1", name)
+        up = _GATE.sub("experts.w3", name)
+        if gate != name or up != name:
+            other = up if up != name else gate
+            if other not in meta:
+                raise ConfigError(f"{where}: {name} is there but {other} is missing")
         if _UP.search(name):
             continue
         if _GATE.search(name):

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from torchmoe.config.errors import ConfigError
 from torchmoe.convert.hf.file_reads import read_into
 from torchmoe.train import safe_dcp
+from torchmoe.train.split_experts import halves
 
 _Where = tuple[Path, int, tuple[int, ...], torch.dtype]
 _MODEL = "train.model."  # where CheckpointManager keeps the model, in every checkpoint
@@ -63,7 +64,11 @@ class CheckpointRows:
         self._found: dict[str, _Where] = {}
 
     def readable(self, name: str) -> bool:
-        """Stored as one chunk without a transform: ``rows`` can read it."""
+        """Stored as one chunk without a transform (or, in an older checkpoint, the experts'
+        joined gate and up as two such tensors): ``rows`` can read it."""
+        parts = self._halves(name)
+        if parts is not None:
+            return all(self.readable(part) for part in parts)
         meta = self.metadata.state_dict_metadata.get(_MODEL + name)
         if not isinstance(meta, TensorStorageMetadata) or len(meta.chunks) != 1 or not meta.size:
             return False
@@ -72,6 +77,9 @@ class CheckpointRows:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of model tensor ``name`` (dim 0), read from its file."""
+        parts = self._halves(name)
+        if parts is not None:
+            return torch.stack([self.rows(part, start, stop) for part in parts], dim=1)
         path, data, shape, dtype = self._where(name)
         row = math.prod(shape[1:]) * dtype.itemsize
         out = torch.empty((stop - start, *shape[1:]), dtype=dtype)
@@ -79,6 +87,12 @@ class CheckpointRows:
             f.seek(data + start * row)
             read_into(f, out, path, name)
         return out
+
+    def _halves(self, name: str) -> tuple[str, str] | None:
+        """Where an older checkpoint keeps joined tensor ``name`` (split_experts.py)."""
+        if _MODEL + name in self.metadata.state_dict_metadata:
+            return None
+        return halves(name)
 
     def _where(self, name: str) -> _Where:
         """(file, where the tensor's bytes start, shape, dtype), from its archive's header,
