@@ -81,8 +81,8 @@ class SplitLoad:
         for key, value in sd.items():
             if isinstance(value, dict):
                 out[key] = self.split(value, (*path, key))
-            elif isinstance(key, str) and _JOINED.search(key):
-                gate, up = _JOINED.sub("experts.w1", key), _JOINED.sub("experts.w3", key)
+            elif isinstance(key, str) and (parts := halves(key)) is not None:
+                gate, up = parts
                 if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == 2:
                     out[gate], out[up] = value[:, 0], value[:, 1]
                     self.whole[(*path, gate)] = value
