@@ -17,6 +17,7 @@ from torchmoe.convert.hf.convert import export_hf
 from torchmoe.train import safe_dcp
 from torchmoe.train.checkpoint import read_model_weights
 from torchmoe.train.checkpoint_states import ModelAndOptimizer
+from torchmoe.train.split_experts import holds_split_experts
 from torchmoe.train.trainer import Trainer
 
 Trainer = functools.partial(Trainer, device=torch.device("cpu"))
@@ -155,3 +156,17 @@ def test_a_half_without_its_other_half_is_one_line(tmp_path):
         r"layers.1.feed_forward.experts.w3 is missing$",
     ):
         read_model_weights(tmp_path / "step-4", "--checkpoint")
+
+
+@pytest.mark.parametrize(
+    "name,older",
+    [
+        ("layers.1.feed_forward.experts.w1", True),
+        ("state.layers.1.feed_forward.experts.w1.exp_avg", True),
+        ("layers.1.feed_forward.experts.w13", False),
+        ("layers.1.feed_forward.shared_experts.w1.weight", False),
+        ("layers.1.experts.w1.weight", False),  # a module's linear, not the routed experts
+    ],
+)
+def test_which_names_are_the_older_layout(name, older):
+    assert holds_split_experts([name]) is older

@@ -16,9 +16,11 @@ import torch
 
 from torchmoe.config.errors import ConfigError
 
-_JOINED = re.compile(r"(?<![^.])experts\.w13(?=\.|$)")
-_GATE = re.compile(r"(?<![^.])experts\.w1(?=\.|$)")
-_UP = re.compile(r"(?<![^.])experts\.w3(?=\.|$)")
+# a routed-experts tensor's name, or one of its optimizer entries (not a module's .weight)
+_ENDS = r"(?=$|\.(?!weight$|bias$))"
+_JOINED = re.compile(r"(?<![^.])experts\.w13" + _ENDS)
+_GATE = re.compile(r"(?<![^.])experts\.w1" + _ENDS)
+_UP = re.compile(r"(?<![^.])experts\.w3" + _ENDS)
 
 
 def holds_split_experts(names: Iterable[str]) -> bool:
