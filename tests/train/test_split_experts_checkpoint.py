@@ -145,15 +145,16 @@ def test_an_older_optimizer_format_with_split_experts_is_one_line(
         Trainer(cfg(6)).checkpoint.load()
 
 
-def test_a_half_without_its_other_half_is_one_line(tmp_path):
+@pytest.mark.parametrize("there,missing", [("w1", "w3"), ("w3", "w1")])
+def test_a_half_without_its_other_half_is_one_line(there, missing, tmp_path):
     dcp.save(
-        {"train": {"model": {"layers.1.feed_forward.experts.w1": torch.randn(3, 4, 5)}}},
+        {"train": {"model": {f"layers.1.feed_forward.experts.{there}": torch.randn(3, 4, 5)}}},
         checkpoint_id=str(tmp_path / "step-4"),
     )
     with pytest.raises(
         ConfigError,
-        match=r"^--checkpoint .*step-4: layers.1.feed_forward.experts.w1 is there but "
-        r"layers.1.feed_forward.experts.w3 is missing$",
+        match=rf"^--checkpoint .*step-4: layers.1.feed_forward.experts.{there} is there but "
+        rf"layers.1.feed_forward.experts.{missing} is missing$",
     ):
         read_model_weights(tmp_path / "step-4", "--checkpoint")
 
@@ -166,6 +167,7 @@ def test_a_half_without_its_other_half_is_one_line(tmp_path):
         ("layers.1.feed_forward.experts.w13", False),
         ("layers.1.feed_forward.shared_experts.w1.weight", False),
         ("layers.1.experts.w1.weight", False),  # a module's linear, not the routed experts
+        ("state.layers.1.experts.w1.weight.exp_avg", False),  # and that linear's moments
     ],
 )
 def test_which_names_are_the_older_layout(name, older):

@@ -17,7 +17,7 @@ import torch
 from torchmoe.config.errors import ConfigError
 
 # a routed-experts tensor's name, or one of its optimizer entries (not a module's .weight)
-_ENDS = r"(?=$|\.(?!weight$|bias$))"
+_ENDS = r"(?=$|\.(?!(?:weight|bias)(?:$|\.)))"
 _JOINED = re.compile(r"(?<![^.])experts\.w13" + _ENDS)
 _GATE = re.compile(r"(?<![^.])experts\.w1" + _ENDS)
 _UP = re.compile(r"(?<![^.])experts\.w3" + _ENDS)
