@@ -113,6 +113,7 @@ def from_hf(
     parts = _parts(rules)
     for ours, found in experts.items():
         _check_complete(ours, found, rules, *names[ours])
+    count = {ours: len({e for e, _ in found}) for ours, found in experts.items()}
     out: dict[str, torch.Tensor] = {}
     for name, rule, ours, e in plan:
         t = rule.from_hf(state[name])
@@ -120,7 +121,7 @@ def from_hf(
         if e is None:
             out[ours] = t.to(dtype)
             continue
-        stacked = (len({i for i, _ in experts[ours]}),)
+        stacked = (count[ours],)
         if rule.part is not None:
             stacked += (parts[rule.ours],)
         if ours not in out:
