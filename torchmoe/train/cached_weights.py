@@ -214,12 +214,13 @@ class CachedWeights:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(the gradients of ``params`` whose squares are still to be summed, the sums of
         squares the step's last folds already took): together, the gradient norm's inputs."""
-        squares = [
-            self.copies[p].square_sum
-            for p in params
-            if p in self.copies and self.copies[p].square_sum is not None
-        ]
-        rest = [p for p in params if p not in self.copies or self.copies[p].square_sum is None]
+        squares, rest = [], []
+        for p in params:
+            c = self.copies.get(p)
+            if c is not None and c.square_sum is not None:
+                squares.append(c.square_sum)
+            else:
+                rest.append(p)
         return self.grads(rest), squares
 
     def zero_grad(self) -> None:
