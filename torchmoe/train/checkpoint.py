@@ -97,14 +97,19 @@ def model_weights_metadata(step_dir: Path, option: str) -> dict[str, torch.Tenso
     return joined_names(weights, f"{option} {step_dir}")
 
 
-def load_model_weights(step_dir: Path, weights: dict[str, torch.Tensor]) -> None:
+def load_model_weights(
+    step_dir: Path, weights: dict[str, torch.Tensor], split: bool | None = None
+) -> None:
     """Read the named model weights of ``step_dir`` into ``weights``, in place; meta tensors
-    (``model_weights_metadata``'s) are replaced by loaded CPU tensors."""
+    (``model_weights_metadata``'s) are replaced by loaded CPU tensors. ``split``: whether the
+    checkpoint stores the experts' gate and up apart (split_experts.py), when the caller
+    knows; else its metadata is read to find out."""
     for name, t in weights.items():
         if t.is_meta:
             weights[name] = torch.empty(t.shape, dtype=t.dtype)
-    saved = safe_dcp.read_metadata(step_dir).state_dict_metadata
-    wanted = SplitLoad().split(weights) if holds_split_experts(saved) else weights
+    if split is None:
+        split = holds_split_experts(safe_dcp.read_metadata(step_dir).state_dict_metadata)
+    wanted = SplitLoad().split(weights) if split else weights
     safe_dcp.load({"train": {"model": wanted}}, step_dir)
 
 

@@ -30,6 +30,7 @@ from torchmoe.data.hf_tokenizer import HFTokenizer
 from torchmoe.data.tokenizer import build_tokenizer
 from torchmoe.train.checkpoint import CheckpointManager, TrainState, load_model_weights
 from torchmoe.train.fingerprint import job_fingerprint
+from torchmoe.train.split_experts import holds_split_experts
 from torchmoe.train.tensors_on_demand import TensorsOnDemand
 
 
@@ -295,6 +296,7 @@ def export_hf(
     stored = dcp_model_metadata(step_dir, expected)
     rules = adapter.rules(cfg, hf)
     rows = CheckpointRows(step_dir)
+    split = holds_split_experts(rows.metadata.state_dict_metadata)  # read once, not per piece
     # (name, first expert or None, tensor): an expert stack DCP stored whole is read and
     # written one expert at a time; the rest one tensor at a time
     pieces: list[_Piece] = []
@@ -318,7 +320,7 @@ def export_hf(
             start = first or 0
             return name, first, rows.rows(name, start, start + t.shape[0])
         group = {name: t}
-        load_model_weights(step_dir, group)  # a multi-rank run's shards: through DCP, whole
+        load_model_weights(step_dir, group, split)  # a multi-rank run's shards: through DCP
         return name, first, group[name]
 
     hf["dtype"] = str(EXPORT_DTYPES[dtype]).removeprefix("torch.")
