@@ -69,7 +69,14 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300) -
             if not ready:
                 raise TimeoutError(f"ranks {sorted(waiting)} gave no result within {timeout} s")
             for rank in [r for r, pipe in waiting.items() if pipe in ready]:
-                status, value = waiting.pop(rank).recv()
+                try:
+                    status, value = waiting.pop(rank).recv()
+                except EOFError:  # it died before sending: a signal (crash, OOM killer)
+                    procs[rank].join(timeout=5)
+                    raise RuntimeError(
+                        f"rank {rank} died without a result, exit code {procs[rank].exitcode} "
+                        "(negative: the signal that killed it)"
+                    ) from None
                 if status != "ok":
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
                 results[rank] = pickle.loads(value)

@@ -12,10 +12,12 @@
   in backward. Their outputs stay held by the layers that consume them, as without
   checkpointing, so a part saves what it keeps *inside*: ``core_attn`` the repeated or padded k/v
   copies (and, with the math kernel, the scores), ``layernorm`` only the norm statistics,
-  ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act`` silu(h1); ``mlp`` and
-  ``moe`` everything but their input. The chosen method (or ``forward``) is replaced on the
-  instance rather than the module wrapped, so types and parameter names stay: plans find MoE
-  layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry run).
+  ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act`` silu(gate) (off CUDA:
+  torchmoe's CUDA SwiGLU kernel saves nothing but its input, so there it frees nothing);
+  ``mlp`` and ``moe`` everything but their input. The chosen method (or ``forward``) is
+  replaced on the instance rather than the module wrapped, so types and parameter names stay:
+  plans find MoE layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry
+  run).
 
 ``every_n_layers = n`` chooses the blocks at positions 0, n, 2n, ... of ``model.layers`` and the
 MTP depths after them (position, not layer id, so each pipeline stage starts with a
@@ -56,7 +58,7 @@ RECOMPUTE_MODULES: dict[str, tuple[type[nn.Module], str | None]] = {
     "layernorm": (nn.RMSNorm, None),  # every norm of the block, MLA's q_norm / kv_norm included
     "mlp": (FeedForward, None),  # dense SwiGLU layers and the MoE's shared experts
     "moe": (MoE, None),  # the whole MoE layer
-    "moe_act": (GroupedExperts, "activation"),  # silu(h1) * h3 inside the routed experts
+    "moe_act": (GroupedExperts, "activation"),  # silu(gate) * up inside the routed experts
 }
 
 # Children that a selected method runs although they are its module's children: MLA.up_project

@@ -16,10 +16,15 @@ shard F (dim 2) and keep each rank's gate and up rows together. The out x in lay
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from torchmoe.kernels import swiglu_ref
 from torchmoe.models.common.init import trunc_normal_
+
+try:
+    from torchmoe.kernels import swiglu as swiglu_fused
+except ImportError:  # no Triton on this platform: the torch SwiGLU only
+    swiglu_fused = None
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,10 +66,14 @@ class GroupedExperts(nn.Module):
             return _grouped_swiglu(x_MD, counts_E, w13, w2, self.activation, mm)
         return _looped_swiglu(x_MD, counts_E, w13, w2, self.activation)
 
-    def activation(self, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
-        """silu(h1) * h3. A method of its own so activation checkpointing can recompute it in
-        backward instead of saving silu(h1) (``recompute_modules = ["moe_act"]``)."""
-        return F.silu(h1) * h3
+    def activation(self, h13_MF2: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from the gate-and-up GEMM's output [M, 2F]: torchmoe's Triton
+        kernels on CUDA (``kernels/swiglu.py``), plain torch elsewhere. A method of its own so
+        activation checkpointing can recompute it in backward (``recompute_modules =
+        ["moe_act"]``)."""
+        if h13_MF2.is_cuda and swiglu_fused is not None:
+            return swiglu_fused.swiglu(h13_MF2)
+        return swiglu_ref.swiglu(h13_MF2)
 
     def init_weights(self, std: float, out_std: float) -> None:
         trunc_normal_(self.w13, std)
@@ -76,7 +85,7 @@ def _grouped_swiglu(
     counts_E: torch.Tensor,
     w13_E2FD: torch.Tensor,
     w2_EDF: torch.Tensor,
-    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor],
     mm: GroupedMM,
 ) -> torch.Tensor:
     """Gate and up in one grouped GEMM, then down; group e spans rows [offsets[e-1],
@@ -84,8 +93,8 @@ def _grouped_swiglu(
     # cumsum then cast (not cumsum(dtype=int32)): inductor folds the cumsum of fixed group
     # sizes (pad_to_capacity) into an int64 constant otherwise.
     offsets = torch.cumsum(counts_E, dim=0).to(torch.int32)
-    h1_MF, h3_MF = mm(x_MD, w13_E2FD.flatten(1, 2), offsets).chunk(2, dim=-1)
-    return mm(act(h1_MF, h3_MF), w2_EDF, offsets)
+    h13_MF2 = mm(x_MD, w13_E2FD.flatten(1, 2), offsets)
+    return mm(act(h13_MF2), w2_EDF, offsets)
 
 
 def _grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -98,14 +107,13 @@ def _looped_swiglu(
     counts_E: torch.Tensor,
     w13_E2FD: torch.Tensor,
     w2_EDF: torch.Tensor,
-    act: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Reference path: one dense matmul chain per expert (syncs once for the counts). Rows past
     the last group (a dispatcher's static-size padding) come out as zeros."""
     counts = counts_E.tolist()
     outs = []
     for e, x_mD in enumerate(torch.split(x_MD[: sum(counts)], counts)):
-        h = act(x_mD @ w13_E2FD[e, 0].T, x_mD @ w13_E2FD[e, 1].T)
-        outs.append(h @ w2_EDF[e].T)
+        outs.append(act(x_mD @ w13_E2FD[e].flatten(0, 1).T) @ w2_EDF[e].T)
     outs.append(x_MD.new_zeros(x_MD.shape[0] - sum(counts), w2_EDF.shape[1]))
     return torch.cat(outs)
