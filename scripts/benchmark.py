@@ -124,16 +124,37 @@ VARIANTS = {
         "--moe.pad_to_capacity",
         "true",
     ],
-    # float8 forward and input-gradient GEMMs, bf16 weight gradient (torchmoe's expert GEMM)
+    # float8 forward and input-gradient GEMMs, bf16 weight gradient (torchmoe's float8 GEMMs,
+    # cached weights stay): linears and experts, then linears only, then with the output head
     "compiled+float8_bf16_wgrad": [
         "--compile.enable",
         "true",
         "--quantize.float8_linear",
         "true",
+        "--quantize.float8_linear_weight_grad",
+        "bfloat16",
         "--quantize.float8_experts",
         "true",
         "--quantize.float8_experts_weight_grad",
         "bfloat16",
+    ],
+    "compiled+float8_linear_bf16_wgrad": [
+        "--compile.enable",
+        "true",
+        "--quantize.float8_linear",
+        "true",
+        "--quantize.float8_linear_weight_grad",
+        "bfloat16",
+    ],
+    "compiled+float8_linear_bf16_wgrad+head": [
+        "--compile.enable",
+        "true",
+        "--quantize.float8_linear",
+        "true",
+        "--quantize.float8_linear_weight_grad",
+        "bfloat16",
+        "--quantize.float8_exclude",
+        "router",
     ],
     # the routed experts only in float8 (torchao's op, then torchmoe's with cached weights)
     "compiled+float8_experts": ["--compile.enable", "true", "--quantize.float8_experts", "true"],

@@ -535,7 +535,18 @@ class Quantize:
         False, "Train dense linears in float8 through torchao (needs an sm89+ GPU to be fast)."
     )
     float8_recipe: str = opt(
-        "tensorwise", "torchao float8 scaling recipe.", choices=("tensorwise", "rowwise")
+        "tensorwise",
+        "torchao float8 scaling recipe (float8_linear_weight_grad = float8).",
+        choices=("tensorwise", "rowwise"),
+    )
+    float8_linear_weight_grad: str = opt(
+        "float8",
+        "The dense linears' weight-gradient GEMM under float8_linear: float8 = torchao's "
+        "Float8Linear for all three GEMMs (float8_recipe; it casts the float32 weights, so "
+        "cached weights turn off); bfloat16 = torchmoe's: forward and input gradient in float8 "
+        "with rowwise scales, the weight gradient in bf16 (weights stay plain, so cached "
+        "weights apply).",
+        choices=("float8", "bfloat16"),
     )
     float8_experts: bool = opt(
         False,

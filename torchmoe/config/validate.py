@@ -138,8 +138,11 @@ def cached_weights_conflict(cfg: JobConfig, world_size: int = 1) -> str | None:
     if cfg.optimizer.implementation not in ("auto", "torchmoe"):
         return f"optimizer.implementation = {cfg.optimizer.implementation!r} (torch's AdamW)"
     q = cfg.quantize
-    if q.float8_linear:
-        return "quantize.float8_linear (torchao quantizes the float32 weights)"
+    if q.float8_linear and q.float8_linear_weight_grad == "float8":
+        return (
+            "quantize.float8_linear_weight_grad = 'float8' (torchao quantizes the float32 "
+            "weights; 'bfloat16' computes from the copies)"
+        )
     if q.float8_experts and q.float8_experts_weight_grad == "float8":
         return (
             "quantize.float8_experts_weight_grad = 'float8' (torchao wraps the float32 expert "

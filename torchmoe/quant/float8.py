@@ -1,4 +1,5 @@
-"""Float8 training through torchao: dense linears, and the routed experts' grouped GEMMs."""
+"""Float8 training of the dense linears and the routed experts' grouped GEMMs, through torchao
+or torchmoe's own float8 GEMMs with a bfloat16 weight gradient."""
 
 from torch import nn
 
@@ -6,23 +7,32 @@ from torchmoe.config.schema import Quantize
 from torchmoe.models.moe.experts import GroupedExperts
 from torchmoe.models.moe.moe import MoE
 from torchmoe.quant.float8_grouped_mm import float8_grouped_mm
+from torchmoe.quant.float8_linear import Float8Linear
 
 # float8 grouped GEMMs want every expert's row count padded to a multiple of this.
 FLOAT8_GROUP_ALIGNMENT = 16
 
 
 def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
-    """Swap nn.Linear modules for torchao's Float8Linear, except those whose name contains an
-    entry of ``float8_exclude`` (the output head and router by default) and those whose shapes
-    float8 GEMMs cannot take (dims not divisible by 16)."""
+    """Swap nn.Linear modules for float8 ones - torchao's Float8Linear, or torchmoe's
+    (``float8_linear_weight_grad = "bfloat16"``, ``float8_linear.py``) - except those whose
+    name contains an entry of ``float8_exclude`` (the output head and router by default) and
+    those whose shapes float8 GEMMs cannot take (dims not divisible by 16)."""
     if not cfg.float8_linear:
         return
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def eligible(module: nn.Module, fqn: str) -> bool:
-        if not isinstance(module, nn.Linear) or any(x in fqn for x in cfg.float8_exclude):
+        if type(module) is not nn.Linear or any(x in fqn for x in cfg.float8_exclude):
             return False
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    if cfg.float8_linear_weight_grad == "bfloat16":
+        swaps = [(n, m) for n, m in model.named_modules() if eligible(m, n)]
+        for fqn, linear in swaps:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), name, Float8Linear.from_linear(linear))
+        return
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(
         model,

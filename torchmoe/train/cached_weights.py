@@ -31,6 +31,7 @@ from torchmoe.config.schema import JobConfig
 from torchmoe.config.validate import cached_weights_conflict, check_cached_weights
 from torchmoe.kernels import grad_fold_ref
 from torchmoe.models.moe.experts import GroupedExperts
+from torchmoe.quant.float8_linear import Float8Linear
 from torchmoe.train.optim import resolve_implementation
 
 try:
@@ -230,8 +231,8 @@ class CachedWeights:
 
 def _computes_in_autocast(module: nn.Module, exempt: set[int]) -> bool:
     """Whether autocast casts this module's parameters to its dtype for compute: a plain
-    nn.Linear or the routed experts, not inside a module that turns autocast off (marked
-    ``autocast_exempt``, as the router is)."""
+    nn.Linear (or torchmoe's float8 one, which casts like it) or the routed experts, not inside
+    a module that turns autocast off (marked ``autocast_exempt``, as the router is)."""
     if id(module) in exempt:
         return False
-    return isinstance(module, GroupedExperts) or type(module) is nn.Linear
+    return isinstance(module, GroupedExperts) or type(module) in (nn.Linear, Float8Linear)
