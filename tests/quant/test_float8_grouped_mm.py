@@ -13,12 +13,8 @@ from tests.quant.test_float8_experts import _moe_layer
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
 from torchmoe.quant.float8 import apply_float8_experts
-from torchmoe.quant.float8_grouped_mm import (
-    FLOAT8_MAX,
-    emulated,
-    float8_grouped_mm,
-    quantize_rowwise,
-)
+from torchmoe.quant.float8_grouped_mm import emulated, float8_grouped_mm
+from torchmoe.quant.rowwise import FLOAT8_MAX, quantize_rowwise
 
 
 def _problem(device: str = "cpu", seed: int = 0):

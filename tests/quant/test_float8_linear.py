@@ -13,8 +13,8 @@ from torchmoe.config.load import build_config
 from torchmoe.config.registry import build_model
 from torchmoe.config.validate import cached_weights_conflict
 from torchmoe.quant.float8 import apply_float8_linears
-from torchmoe.quant.float8_grouped_mm import quantize_rowwise
 from torchmoe.quant.float8_linear import Float8Linear, Float8MM, emulated
+from torchmoe.quant.rowwise import quantize_rowwise
 from torchmoe.train.cached_weights import CachedWeights
 
 

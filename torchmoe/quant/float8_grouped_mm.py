@@ -8,7 +8,7 @@ per expert group along the token dimension, and on one H100 the kernel computing
 scales of a row of tokens or of an expert's weight column need no group boundaries), and the
 weight gradient is the plain bf16 grouped GEMM, as in the bf16 model.
 
-Scales are powers of two (exact to apply and invert). Weights stay plain tensors (no wrapper
+Scales are powers of two (``rowwise.py``). Weights stay plain tensors (no wrapper
 subclass), so bfloat16 cached weights and torchmoe's AdamW kernel apply as in bf16 training.
 ``torch._scaled_grouped_mm`` runs on CUDA only; elsewhere the same quantized values are
 multiplied in float32 (``emulated``), which the tests compare against.
@@ -19,18 +19,7 @@ GEMM's input dim, N its output dim.
 
 import torch
 
-FLOAT8 = torch.float8_e4m3fn
-FLOAT8_MAX = torch.finfo(FLOAT8).max
-
-
-def quantize_rowwise(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 values, float32 dequantization factors): ``t`` scaled along ``dim`` by the
-    largest power of two that keeps its largest magnitude within float8's range. The factors
-    keep ``dim`` as a size-1 dimension; values times factors approximate ``t``."""
-    amax = t.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12)
-    scale = torch.exp2(torch.floor(torch.log2(FLOAT8_MAX / amax)))
-    data = (t.float() * scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
-    return data, scale.reciprocal()
+from torchmoe.quant.rowwise import quantize_rowwise
 
 
 def scaled_grouped_mm(

@@ -15,7 +15,7 @@ Legend (torchmoe/__init__.py): M token rows, K the GEMM's input dim, N its outpu
 import torch
 from torch import nn
 
-from torchmoe.quant.float8_grouped_mm import quantize_rowwise
+from torchmoe.quant.rowwise import quantize_rowwise
 
 
 def scaled_mm(
