@@ -20,7 +20,9 @@ def _quantize(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return data, scale.reciprocal()
 
 
-_quantize_compiled = torch.compile(_quantize, fullgraph=True)
+# dynamic: one graph serves every shape (a model's linears have many; static shapes ran into
+# dynamo's recompile limit); past the limit it would run eagerly rather than fail.
+_quantize_compiled = torch.compile(_quantize, dynamic=True)
 
 
 def quantize_rowwise(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
