@@ -22,6 +22,14 @@ from typing import Any
 
 import torch
 
+_FLOAT8_LINEAR_BF16_WGRAD = [
+    "--compile.enable",
+    "true",
+    "--quantize.float8_linear",
+    "true",
+    "--quantize.float8_linear_weight_grad",
+    "bfloat16",
+]
 VARIANTS = {
     "eager": [],
     "compiled": ["--compile.enable", "true"],
@@ -127,32 +135,15 @@ VARIANTS = {
     # float8 forward and input-gradient GEMMs, bf16 weight gradient (torchmoe's float8 GEMMs,
     # cached weights stay): linears and experts, then linears only, then with the output head
     "compiled+float8_bf16_wgrad": [
-        "--compile.enable",
-        "true",
-        "--quantize.float8_linear",
-        "true",
-        "--quantize.float8_linear_weight_grad",
-        "bfloat16",
+        *_FLOAT8_LINEAR_BF16_WGRAD,
         "--quantize.float8_experts",
         "true",
         "--quantize.float8_experts_weight_grad",
         "bfloat16",
     ],
-    "compiled+float8_linear_bf16_wgrad": [
-        "--compile.enable",
-        "true",
-        "--quantize.float8_linear",
-        "true",
-        "--quantize.float8_linear_weight_grad",
-        "bfloat16",
-    ],
+    "compiled+float8_linear_bf16_wgrad": _FLOAT8_LINEAR_BF16_WGRAD,
     "compiled+float8_linear_bf16_wgrad+head": [
-        "--compile.enable",
-        "true",
-        "--quantize.float8_linear",
-        "true",
-        "--quantize.float8_linear_weight_grad",
-        "bfloat16",
+        *_FLOAT8_LINEAR_BF16_WGRAD,
         "--quantize.float8_exclude",
         "router",
     ],

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.quant.sm90 import needs_sm90
+from tests.quant.sm90 import float8_trainer, needs_sm90
 from tests.quant.test_float8_experts import _moe_layer
 from torchmoe.config.load import build_config
 from torchmoe.models.moe.moe import MoE
@@ -125,20 +125,9 @@ def test_the_kernel_matches_the_emulation():
 @needs_sm90
 @pytest.mark.parametrize("compiled", [False, True])
 def test_float8_experts_with_a_bf16_weight_gradient_train(tiny_config, compiled):
-    from torchmoe.train.trainer import Trainer
-
-    cfg = tiny_config(
-        **{
-            "quantize.float8_experts": "true",
-            "quantize.float8_experts_weight_grad": "bfloat16",
-            "compile.enable": str(compiled).lower(),
-            "training.steps": 30,
-            "model.dim": 128,
-            "moe.ffn_hidden_size": 128,
-            "training.seq_len": 64,
-        }
+    trainer = float8_trainer(
+        tiny_config, compiled, float8_experts="true", float8_experts_weight_grad="bfloat16"
     )
-    trainer = Trainer(cfg, device=torch.device("cuda"))
     assert trainer.cached_weights is not None  # plain expert weights: the bf16 copies apply
     losses = trainer.train()
     assert losses[-1] < losses[0] - 1.0, losses

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tests.quant.sm90 import needs_sm90
+from tests.quant.sm90 import float8_trainer, needs_sm90
 from torchmoe.config.load import build_config
 from torchmoe.config.registry import build_model
 from torchmoe.config.validate import cached_weights_conflict
@@ -183,21 +183,13 @@ def test_scaled_mm_matches_the_emulation():
 @needs_sm90
 @pytest.mark.parametrize("compiled", [False, True])
 def test_float8_linears_with_a_bf16_weight_gradient_train(tiny_config, compiled):
-    from torchmoe.train.trainer import Trainer
-
-    cfg = tiny_config(
-        **{
-            "quantize.float8_linear": "true",
-            "quantize.float8_linear_weight_grad": "bfloat16",
-            "quantize.float8_exclude": "router",
-            "compile.enable": str(compiled).lower(),
-            "training.steps": 30,
-            "model.dim": 128,
-            "moe.ffn_hidden_size": 128,
-            "training.seq_len": 64,
-        }
+    trainer = float8_trainer(
+        tiny_config,
+        compiled,
+        float8_linear="true",
+        float8_linear_weight_grad="bfloat16",
+        float8_exclude="router",
     )
-    trainer = Trainer(cfg, device=torch.device("cuda"))
     assert type(trainer.model.output) is Float8Linear
     assert trainer.cached_weights is not None  # plain weights: the bf16 copies apply
     losses = trainer.train()
