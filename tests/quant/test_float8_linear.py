@@ -194,3 +194,17 @@ def test_float8_linears_with_a_bf16_weight_gradient_train(tiny_config, compiled)
     assert trainer.cached_weights is not None  # plain weights: the bf16 copies apply
     losses = trainer.train()
     assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_the_bf16_weight_gradient_linears_are_refused_without_an_sm90_gpu(tiny_config, monkeypatch):
+    from torchmoe.config.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    keys = {"quantize.float8_linear": "true", "quantize.float8_linear_weight_grad": "bfloat16"}
+    with pytest.raises(
+        ConfigError, match=r"float8_linear_weight_grad = 'bfloat16' .*9\.0\+"
+    ) as err:
+        tiny_config(**keys)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("COMM_MODE", "fake")  # a dry run on a CPU may plan a GPU job
+    assert tiny_config(**keys).quantize.float8_linear_weight_grad == "bfloat16"

@@ -107,7 +107,15 @@ def validate(cfg: JobConfig) -> None:
 def check_float8(cfg: JobConfig, planning: bool) -> None:
     """One-line errors for float8 settings this machine or model cannot run (``planning``: a
     dry run on a CPU may plan a GPU job)."""
-    if not cfg.quantize.float8_experts:
+    q = cfg.quantize
+    if q.float8_linear and q.float8_linear_weight_grad == "bfloat16" and not planning:
+        if not _has_sm90():
+            raise ConfigError(
+                "quantize.float8_linear_weight_grad = 'bfloat16' runs rowwise-scaled float8 "
+                "GEMMs, which need a CUDA GPU of compute capability 9.0+; use 'float8' "
+                "(torchao) or turn float8_linear off on this machine"
+            )
+    if not q.float8_experts:
         return
     if cfg.moe.grouped_mm == "loop":
         raise ConfigError(
@@ -121,13 +129,15 @@ def check_float8(cfg: JobConfig, planning: bool) -> None:
             f"the per-rank expert hidden size {hidden} (moe.ffn_hidden_size / "
             "parallelism.etp) to be multiples of 16"
         )
-    if not planning and not (
-        torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-    ):
+    if not planning and not _has_sm90():
         raise ConfigError(
             "quantize.float8_experts = true needs a CUDA GPU of compute capability "
             "9.0+ (float8 grouped GEMMs); turn it off on this machine"
         )
+
+
+def _has_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def cached_weights_conflict(cfg: JobConfig, world_size: int = 1) -> str | None:

@@ -77,6 +77,8 @@ def _grid(M: int, F: int) -> tuple[int, int]:
 @triton_op("torchmoe::swiglu", mutates_args=())
 def swiglu(h13_MF2: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, [..., F], from [..., 2F] (``swiglu_ref.swiglu``)."""
+    if h13_MF2.shape[-1] % 2:
+        raise ValueError(f"swiglu takes gate and up halves: an even last dim, not {h13_MF2.shape}")
     h13 = _rows(h13_MF2)
     M, F = h13.shape[0], h13.shape[1] // 2
     out = torch.empty((M, F), dtype=h13.dtype, device=h13.device)

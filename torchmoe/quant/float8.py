@@ -22,7 +22,9 @@ def apply_float8_linears(model: nn.Module, cfg: Quantize) -> None:
         return
 
     def eligible(module: nn.Module, fqn: str) -> bool:
-        if type(module) is not nn.Linear or any(x in fqn for x in cfg.float8_exclude):
+        if not isinstance(module, nn.Linear) or isinstance(module, Float8Linear):
+            return False
+        if any(x in fqn for x in cfg.float8_exclude):
             return False
         return module.in_features % 16 == 0 and module.out_features % 16 == 0
 

@@ -80,14 +80,15 @@ class Float8GroupedMM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             g_q, g_factor = quantize_rowwise(grad_MN, dim=-1)
-            # dx = grad @ w[e]: one scale per input k of expert e, over its N outputs, laid out
-            # [E, K, N] row-major (the column-major [E, N, K] operand)
-            w_q, w_factor = quantize_rowwise(w_ENK.transpose(-2, -1), dim=-1)
+            # dx = grad @ w[e]: one scale per input k of expert e, over its N outputs
+            # ([E, 1, K]); the values laid out [E, K, N] row-major (the column-major [E, N, K]
+            # operand)
+            w_q, w_factor = quantize_rowwise(w_ENK, dim=-2)
             grad_x = scaled_grouped_mm(
                 g_q,
-                w_q.contiguous().transpose(-2, -1),
+                w_q.transpose(-2, -1).contiguous().transpose(-2, -1),
                 g_factor.squeeze(-1),
-                w_factor.squeeze(-1),
+                w_factor.squeeze(-2),
                 offsets,
             )
         if ctx.needs_input_grad[1]:  # frozen experts skip it

@@ -52,7 +52,7 @@ class Float8MM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        x_MK = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        x_MK = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # row-major a
         w_NK = w_NK.to(torch.bfloat16)
         x_q, x_factor = quantize_rowwise(x_MK, dim=-1)
         w_q, w_factor = quantize_rowwise(w_NK, dim=-1)  # per output n, over K
@@ -69,10 +69,10 @@ class Float8MM(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             g_q, g_factor = quantize_rowwise(grad_MN, dim=-1)
-            # dx = grad @ w: one scale per input k, over its N outputs, laid out [K, N]
-            # row-major (the column-major [N, K] operand)
-            w_q, w_factor = quantize_rowwise(w_NK.t(), dim=-1)
-            grad_x = scaled_mm(g_q, w_q.contiguous().t(), g_factor, w_factor.t(), fast_accum=False)
+            # dx = grad @ w: one scale per input k, over its N outputs ([1, K]); the values
+            # laid out [K, N] row-major (the column-major [N, K] operand)
+            w_q, w_factor = quantize_rowwise(w_NK, dim=0)
+            grad_x = scaled_mm(g_q, w_q.t().contiguous().t(), g_factor, w_factor, fast_accum=False)
             grad_x = grad_x.view(*grad.shape[:-1], x_MK.shape[-1])
         if ctx.needs_input_grad[1]:  # a frozen weight skips it
             grad_w = grad_MN.t() @ x_MK  # [N, K], bf16

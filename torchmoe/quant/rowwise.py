@@ -30,5 +30,8 @@ def quantize_rowwise(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Ten
     largest power of two that keeps its largest magnitude within float8's range. The factors
     keep ``dim`` as a size-1 dimension; values times factors approximate ``t``."""
     if t.is_cuda and not torch.compiler.is_compiling():
-        return _quantize_compiled(t, dim)
+        # detached and outside autocast, so that forward and backward calls look alike to
+        # dynamo's guards (grad and autocast state would each add graphs)
+        with torch.autocast(t.device.type, enabled=False):
+            return _quantize_compiled(t.detach(), dim)
     return _quantize(t, dim)

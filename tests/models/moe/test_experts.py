@@ -55,7 +55,7 @@ def test_grouped_mm_equals_loop_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grouped_mm_equals_loop_on_gpu_bf16():
     """Forward and backward (the Triton SwiGLU between the grouped GEMMs) against the float64
-    loop."""
+    loop (the plain-torch SwiGLU: the kernels take float32 and 16-bit inputs only)."""
     ex, x, counts = make("grouped_mm", torch.bfloat16, "cuda")
     x = x.requires_grad_()
     got = ex(x, torch.tensor(counts, device="cuda"))

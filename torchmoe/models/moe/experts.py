@@ -27,6 +27,7 @@ except ImportError:  # no Triton on this platform: the torch SwiGLU only
     swiglu_fused = None
 
 GroupedMM = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @torch.compiler.assume_constant_result
@@ -71,9 +72,9 @@ class GroupedExperts(nn.Module):
         kernels on CUDA (``kernels/swiglu.py``), plain torch elsewhere. A method of its own so
         activation checkpointing can recompute it in backward (``recompute_modules =
         ["moe_act"]``)."""
-        if h13_MF2.is_cuda and swiglu_fused is not None:
+        if h13_MF2.is_cuda and swiglu_fused is not None and h13_MF2.dtype in _KERNEL_DTYPES:
             return swiglu_fused.swiglu(h13_MF2)
-        return swiglu_ref.swiglu(h13_MF2)
+        return swiglu_ref.swiglu(h13_MF2)  # float64 too: the kernels compute in float32
 
     def init_weights(self, std: float, out_std: float) -> None:
         trunc_normal_(self.w13, std)
