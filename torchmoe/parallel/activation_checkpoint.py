@@ -12,8 +12,8 @@
   in backward. Their outputs stay held by the layers that consume them, as without
   checkpointing, so a part saves what it keeps *inside*: ``core_attn`` the repeated or padded k/v
   copies (and, with the math kernel, the scores), ``layernorm`` only the norm statistics,
-  ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act`` silu(gate) (off CUDA:
-  torchmoe's CUDA SwiGLU kernel saves nothing but its input, so there it frees nothing);
+  ``mla_up_proj`` the norms' outputs and rotary temporaries, ``moe_act`` silu(gate) (off CUDA;
+  torchmoe's CUDA SwiGLU kernel saves only its input, so on CUDA it frees nothing);
   ``mlp`` and ``moe`` everything but their input. The chosen method (or ``forward``) is
   replaced on the instance rather than the module wrapped, so types and parameter names stay:
   plans find MoE layers by type (``isinstance(block.feed_forward, MoE)`` in FSDP and the dry
