@@ -4,33 +4,17 @@ import pytest
 import torch
 from torchao.float8.float8_linear import Float8Linear
 
+from tests.quant.small_model import assert_default_conversion, float8_config, small_model
 from torchmoe.config.load import build_config
 from torchmoe.config.registry import build_model
 from torchmoe.quant.float8 import apply_float8_linears
 
 
 def test_eligible_linears_convert_and_excluded_ones_stay():
-    cfg = build_config(
-        {},
-        [
-            ("model.dim", "64"),
-            ("model.inter_dim", "128"),
-            ("moe.ffn_hidden_size", "32"),
-            ("training.seq_len", "16"),
-            ("model.qk_rope_head_dim", "8"),
-            ("quantize.float8_linear", "true"),
-        ],
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.init_weights(0.02, cfg.model.n_layers)
+    cfg = float8_config("float8")
+    model = small_model(cfg)
     apply_float8_linears(model, cfg.quantize)
-    kinds = {name: type(m) for name, m in model.named_modules()}
-    assert kinds["layers.0.feed_forward.w1"] is Float8Linear
-    assert kinds["layers.0.attention.wq"] is Float8Linear
-    assert kinds["output"] is torch.nn.Linear  # excluded by default
-    assert kinds["layers.1.feed_forward.router.gate"] is torch.nn.Linear
-    assert kinds["layers.0.attention.wkv_a"] is torch.nn.Linear  # 64 -> 72: not a multiple of 16
+    assert_default_conversion(model, Float8Linear)
     tokens = torch.randint(0, 4000, (2, 16))
     model(tokens).float().square().mean().backward()  # float8 casts run (on CPU too)
     assert model.layers["0"].attention.wq.weight.grad.abs().sum() > 0

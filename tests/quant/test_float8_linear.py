@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tests.quant.sm90 import float8_trainer, needs_sm90
-from torchmoe.config.load import build_config
-from torchmoe.config.registry import build_model
+from tests.quant.small_model import assert_default_conversion, float8_config, small_model
 from torchmoe.config.validate import cached_weights_conflict
 from torchmoe.quant.float8 import apply_float8_linears
 from torchmoe.quant.float8_linear import Float8Linear, Float8MM, emulated
@@ -58,40 +57,13 @@ def test_a_frozen_weight_gets_no_gradient_and_the_input_still_does():
     assert w.grad is None and x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def _cfg(weight_grad: str = "bfloat16", exclude: str | None = None):
-    overrides = [
-        ("model.dim", "64"),
-        ("model.inter_dim", "128"),
-        ("moe.ffn_hidden_size", "32"),
-        ("training.seq_len", "16"),
-        ("model.qk_rope_head_dim", "8"),
-        ("quantize.float8_linear", "true"),
-        ("quantize.float8_linear_weight_grad", weight_grad),
-    ]
-    if exclude is not None:
-        overrides.append(("quantize.float8_exclude", exclude))
-    return build_config({}, overrides)
-
-
-def _model(cfg) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.init_weights(0.02, cfg.model.n_layers)
-    return model
-
-
 def test_eligible_linears_convert_keeping_their_parameters():
-    cfg = _cfg()
-    model = _model(cfg)
+    cfg = float8_config("bfloat16")
+    model = small_model(cfg)
     before = dict(model.named_parameters())
     keys = list(model.state_dict())
     apply_float8_linears(model, cfg.quantize)
-    kinds = {name: type(m) for name, m in model.named_modules()}
-    assert kinds["layers.0.feed_forward.w1"] is Float8Linear
-    assert kinds["layers.0.attention.wq"] is Float8Linear
-    assert kinds["output"] is torch.nn.Linear  # excluded by default
-    assert kinds["layers.1.feed_forward.router.gate"] is torch.nn.Linear
-    assert kinds["layers.0.attention.wkv_a"] is torch.nn.Linear  # 64 -> 72: not a multiple of 16
+    assert_default_conversion(model, Float8Linear)
     after = dict(model.named_parameters())
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert list(model.state_dict()) == keys
@@ -100,8 +72,8 @@ def test_eligible_linears_convert_keeping_their_parameters():
 
 
 def test_the_output_head_converts_when_not_excluded():
-    cfg = _cfg(exclude="router")
-    model = _model(cfg)
+    cfg = float8_config("bfloat16", exclude="router")
+    model = small_model(cfg)
     apply_float8_linears(model, cfg.quantize)
     assert type(model.output) is Float8Linear
 
@@ -109,9 +81,9 @@ def test_the_output_head_converts_when_not_excluded():
 def _gradient_errors(weight_grad: str) -> tuple[float, dict[str, float]]:
     """(relative error of the logits, of each parameter's gradient) of a float8 model with
     the output head converted against the same model in bf16 autocast."""
-    cfg = _cfg(weight_grad, exclude="router")
+    cfg = float8_config(weight_grad, exclude="router")
     cfg.quantize.float8_recipe = "rowwise"  # torchao's, when weight_grad is float8
-    bf16 = _model(cfg)
+    bf16 = small_model(cfg)
     fp8 = copy.deepcopy(bf16)
     apply_float8_linears(fp8, cfg.quantize)
     tokens = torch.randint(0, 4000, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -144,21 +116,21 @@ def test_a_float8_model_follows_the_bf16_model_as_closely_as_torchaos_rowwise():
 
 
 def test_float32_compute_keeps_float32_outputs():
-    cfg = _cfg()
-    model = _model(cfg)
+    cfg = float8_config("bfloat16")
+    model = small_model(cfg)
     apply_float8_linears(model, cfg.quantize)
     x = torch.randn(3, 64)
     assert model.layers["0"].attention.wq(x).dtype == torch.float32
 
 
 def test_cached_weights_cover_the_float8_linears_and_torchaos_turn_them_off():
-    cfg = _cfg()
-    model = _model(cfg)
+    cfg = float8_config("bfloat16")
+    model = small_model(cfg)
     plain = len(CachedWeights(model, torch.bfloat16))
     apply_float8_linears(model, cfg.quantize)
     assert len(CachedWeights(model, torch.bfloat16)) == plain
     assert cached_weights_conflict(cfg) is None
-    conflict = cached_weights_conflict(_cfg("float8"))
+    conflict = cached_weights_conflict(float8_config("float8"))
     assert conflict is not None and "float8_linear_weight_grad = 'float8'" in conflict
 
 
